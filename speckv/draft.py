@@ -1,0 +1,315 @@
+"""The demo draft: a shallow model that speckv distils from the demo target.
+
+No smaller model shares SmolLM2's tokenizer, so speckv trains one. Architecture: the target's
+own architecture with ``n_layers`` decoder layers, initialised from the target's first layers,
+sharing the target's (tied) token embeddings and LM head, which stay frozen and are not
+stored. Only the draft's layers and final norm are saved (bf16 safetensors, a few MB), next
+to ``speckv_draft.json`` naming the base model they plug into.
+
+Data: the target's own greedy answers to a pool of prompts of the four task categories
+(:func:`speckv.prompts.distill_pool`, disjoint from the profiling suites), generated in
+batches once, with the target's top-k log-probabilities at every answer position stored
+beside the tokens. Loss: cross-entropy on the target's greedy token plus KL to the stored
+top-k distribution, on answer positions only.
+
+Everything is resumable: data chunks are skipped when present; training saves a checkpoint
+every few minutes and continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from speckv.models import DEMO_TARGET, DRAFT_DIR, cache_dir, converted_gguf_dir, resolve
+from speckv.prompts import chat_ids, distill_pool
+
+log = logging.getLogger(__name__)
+
+TOPK = 8
+
+
+@dataclass
+class DraftSpec:
+    base: str = DEMO_TARGET
+    init_layers: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.init_layers)
+
+
+def _base_dir(base: str) -> Path:
+    where = resolve(base)
+    if isinstance(where, Path) and where.suffix == ".gguf":
+        return converted_gguf_dir(where)
+    return Path(where)
+
+
+def _shared_keys(key: str) -> bool:
+    return key.startswith(("model.embed_tokens.", "lm_head."))
+
+
+def build_draft(spec: DraftSpec, dtype=torch.float32):
+    """A fresh draft initialised from the base model's layers ``spec.init_layers``."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = _base_dir(spec.base)
+    config = AutoConfig.from_pretrained(base)
+    config.num_hidden_layers = spec.n_layers
+    if hasattr(config, "layer_types") and config.layer_types:
+        config.layer_types = config.layer_types[: spec.n_layers]
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = load_file(str(base / "model.safetensors"))
+    own = {}
+    for key, value in state.items():
+        if key.startswith("model.layers."):
+            idx = int(key.split(".")[2])
+            if idx in spec.init_layers:
+                new = spec.init_layers.index(idx)
+                own[key.replace(f"model.layers.{idx}.", f"model.layers.{new}.", 1)] = value
+        else:
+            own[key] = value
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"draft init mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    return model
+
+
+def save_draft(model, spec: DraftSpec, out: Path, card: dict) -> None:
+    """Save only what cannot be taken from the base model, atomically."""
+    from safetensors.torch import save_file
+
+    from speckv.models import _atomic_dir
+
+    own = {k: v.detach().to(torch.bfloat16).contiguous()
+           for k, v in model.state_dict().items() if not _shared_keys(k)}
+    with _atomic_dir(out) as tmp:
+        save_file(own, str(tmp / "draft.safetensors"))
+        (tmp / "speckv_draft.json").write_text(json.dumps({**asdict(spec), **card}, indent=2))
+
+
+def load_draft(path: Path, dtype=torch.bfloat16):
+    """Rebuild a saved draft: base embeddings/head + the draft's own layers."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(path) / "speckv_draft.json").read_text())
+    spec = DraftSpec(base=meta["base"], init_layers=meta["init_layers"])
+    model = build_draft(spec, dtype=torch.float32)
+    own = load_file(str(Path(path) / "draft.safetensors"))
+    model.load_state_dict({k: v.float() for k, v in own.items()}, strict=False)
+    model.tie_weights()
+    model = model.to(dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------ data
+def data_dir() -> Path:
+    return cache_dir() / "distill"
+
+
+@torch.no_grad()
+def generate_data(per_task: int = 400, batch_size: int = 16, max_new_tokens: int = 128,
+                  chunk: int = 64, seed: int = 0, out: Path | None = None) -> Path:
+    """Generate the target's greedy answers (+ top-k log-probs) in resumable chunks."""
+    from tqdm import tqdm
+
+    from speckv.models import load_model
+
+    out = out or data_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    target = load_model(DEMO_TARGET, "fp16", dtype="bfloat16")
+    tok, model = target.tokenizer, target.model
+    pool = distill_pool(per_task, seed=seed)
+    chunks = [pool[i : i + chunk] for i in range(0, len(pool), chunk)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for ci, prompts in enumerate(tqdm(chunks, desc="target answers (chunks)")):
+        path = out / f"chunk-{ci:04d}.pt"
+        if path.exists():
+            continue
+        rows = []
+        for bi in range(0, len(prompts), batch_size):
+            group = prompts[bi : bi + batch_size]
+            ids = [chat_ids(tok, p.text)[-384:] for p in group]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+            gen = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                do_sample=False, output_logits=True, return_dict_in_generate=True,
+                pad_token_id=pad,
+            )
+            new = gen.sequences[:, width:]
+            logits = torch.stack(gen.logits, dim=1).float()  # [B, T, V]
+            top = torch.log_softmax(logits, -1).topk(TOPK, dim=-1)
+            for r, p in enumerate(group):
+                answer = new[r].tolist()
+                if tok.eos_token_id in answer:
+                    answer = answer[: answer.index(tok.eos_token_id) + 1]
+                n = len(answer)
+                rows.append({
+                    "task": p.task, "prompt_id": p.prompt_id, "prompt_ids": ids[r],
+                    "answer_ids": answer,
+                    "top_ids": top.indices[r, :n].to(torch.int32),
+                    "top_logp": top.values[r, :n].to(torch.float16),
+                })
+        tmp = path.with_suffix(".tmp")
+        torch.save(rows, tmp)
+        os.replace(tmp, path)
+    return out
+
+
+def load_data(path: Path | None = None) -> list[dict]:
+    path = path or data_dir()
+    rows = []
+    for f in sorted(Path(path).glob("chunk-*.pt")):
+        rows.extend(torch.load(f, weights_only=False))
+    return rows
+
+
+# -------------------------------------------------------------------------------- training
+def _batch(rows: list[dict], pad: int, max_len: int = 512):
+    seqs, labels, tops, logps = [], [], [], []
+    for r in rows:
+        prompt, answer = r["prompt_ids"], r["answer_ids"]
+        seq = (prompt + answer)[-max_len:]
+        n_ans = min(len(answer), len(seq) - 1)
+        lab = [-100] * (len(seq) - n_ans) + answer[-n_ans:]
+        seqs.append(seq)
+        labels.append(lab)
+        tops.append(r["top_ids"][-n_ans:])
+        logps.append(r["top_logp"][-n_ans:])
+    width = max(map(len, seqs))
+    ids = torch.full((len(rows), width), pad)
+    lab = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    top_ids = torch.zeros((len(rows), width, TOPK), dtype=torch.long)
+    top_lp = torch.full((len(rows), width, TOPK), -1e4)
+    for i, (s, lb, ti, tl) in enumerate(zip(seqs, labels, tops, logps, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(s)] = torch.tensor(lb)
+        mask[i, : len(s)] = 1
+        n = len(ti)
+        # label at position j is predicted from position j-1: shift the targets left by one
+        top_ids[i, len(s) - n - 1 : len(s) - 1] = ti.long()
+        top_lp[i, len(s) - n - 1 : len(s) - 1] = tl.float()
+    return ids, mask, lab, top_ids, top_lp
+
+
+def draft_loss(logits, labels, top_ids, top_lp, kl_weight: float = 1.0):
+    """CE on the target's greedy token + KL(target top-k || draft) on answer positions."""
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    valid = shift_labels != -100
+    logp = torch.log_softmax(shift_logits.float(), -1)
+    ce = F.nll_loss(logp[valid], shift_labels[valid])
+    t_ids, t_lp = top_ids[:, :-1][valid], top_lp[:, :-1][valid]
+    t_p = torch.softmax(t_lp, -1)  # renormalised top-k of the target
+    kl = (t_p * (torch.log(t_p + 1e-9) - logp[valid].gather(-1, t_ids))).sum(-1).mean()
+    agree = (logp[valid].argmax(-1) == shift_labels[valid]).float().mean()
+    return ce + kl_weight * kl, ce.detach(), agree.detach()
+
+
+def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 0,
+          spec: DraftSpec | None = None, out: Path = DRAFT_DIR, heldout: float = 0.05,
+          ckpt_every_s: float = 300.0, threads: int | None = None) -> dict:
+    """Distil the draft on the generated data; resumable from ``cache_dir()/distill-ckpt.pt``."""
+    from tqdm import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    spec = spec or DraftSpec()
+    torch.manual_seed(seed)
+    rows = load_data()
+    if not rows:
+        raise RuntimeError("No distillation data: run `python -m speckv draft data` first.")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    n_held = max(8, int(len(rows) * heldout))
+    held = [rows[i] for i in order[:n_held]]
+    train_rows = [rows[i] for i in order[n_held:]]
+    model = build_draft(spec)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not _shared_keys(name))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    ckpt = cache_dir() / "distill-ckpt.pt"
+    step, history, started = 0, [], time.time()
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, history = state["step"], state["history"]
+        log.info("resumed draft training at step %d", step)
+    pad = 2
+    last_save = time.time()
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc="distil draft")
+    while step < steps:
+        idx = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()
+        ids, mask, lab, tids, tlp = _batch([train_rows[i] for i in idx], pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loss, ce, agree = draft_loss(logits, lab, tids, tlp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(ce=f"{ce:.3f}", agree=f"{agree:.3f}")
+        if step % 100 == 0 or step == steps:
+            held_agree = evaluate_agreement(model, held, pad)
+            history.append({"step": step, "train_ce": float(ce), "train_agree": float(agree),
+                            "heldout_agree": held_agree, "elapsed_s": time.time() - started})
+            log.info("step %d ce %.3f train agree %.3f held-out agree %.3f",
+                     step, ce, agree, held_agree)
+            model.train()
+        if time.time() - last_save > ckpt_every_s or step == steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": {k: v for k, v in model.state_dict().items()
+                                  if not _shared_keys(k)},
+                        "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step, "history": history}, tmp)
+            os.replace(tmp, ckpt)
+            last_save = time.time()
+            card = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
+                    "train_sequences": len(train_rows),
+                    "train_tokens": sum(len(r["answer_ids"]) for r in train_rows),
+                    "heldout_sequences": len(held), "history": history}
+            save_draft(model, spec, out, card)
+    bar.close()
+    return history[-1] if history else {}
+
+
+@torch.no_grad()
+def evaluate_agreement(model, rows: list[dict], pad: int = 2, batch_size: int = 8) -> float:
+    """Top-1 agreement of the draft with the target's greedy token on answer positions."""
+    model.eval()
+    hit = total = 0
+    for i in range(0, len(rows), batch_size):
+        ids, mask, lab, _, _ = _batch(rows[i : i + batch_size], pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        pred, gold = logits[:, :-1].argmax(-1), lab[:, 1:]
+        valid = gold != -100
+        hit += int((pred[valid] == gold[valid]).sum())
+        total += int(valid.sum())
+    return hit / max(total, 1)

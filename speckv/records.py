@@ -1,0 +1,325 @@
+"""Step records: the contract every stage shares (schema, validation, parquet I/O, importers).
+
+One row per speculation step. In ``trace`` mode a "step" starts at every answer position, and
+its outcome holds every candidate γ at once: ``accept_len`` is how many of γmax drafted tokens
+the target accepts, so any γ's accepted count is ``min(accept_len, γ)``. ``accept_cap`` says
+where that observation is cut off (γmax, the tokens left in the answer, the γ a live step
+drafted, or the γ of an imported row): ``accept_len == accept_cap`` means "at least that many".
+
+Column groups (``SCHEMA`` below is the single definition):
+
+- identity: who decoded what, where;
+- decision: the raw decision-time signals that :mod:`speckv.features` turns into the vector;
+- per_position: the draft's entropy/top-1 probability at drafted positions k = 1..γmax;
+- outcome: accepted length, its cap, sampling acceptance probabilities;
+- cost: the run's measured draft cost per token and target cost to verify g drafted tokens;
+- live: what a live step actually did and how long it took;
+- paper: the seed paper's post-drafting statistics (imported rows only; never decision-time).
+"""
+
+from __future__ import annotations
+
+from speckv.errors import SpeckvError
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from speckv.features import COMPRESSIONS, GAMMA_MAX, assemble
+from speckv.prompts import TASKS
+
+MODES: Final = ("trace", "live", "imported")
+PAPER_CSV_COLUMNS: Final = (
+    "compression", "gamma", "task", "step", "accepted", "acceptance_rate", "tokens_produced",
+    "mean_draft_entropy", "mean_draft_confidence", "max_draft_entropy", "min_draft_confidence",
+)
+
+
+class RecordError(SpeckvError, ValueError):
+    """A record file is unusable; the message names the file, the column and the fix."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    group: str
+    nullable: bool = False
+    finite: bool = False  # reject NaN/inf where present
+
+
+_LIST = pa.list_(pa.float32())
+SCHEMA: Final = (
+    Column("run_id", pa.string(), "identity"),
+    Column("draft_model", pa.string(), "identity"),
+    Column("target_model", pa.string(), "identity"),
+    Column("compression", pa.string(), "identity"),
+    Column("compute_dtype", pa.string(), "identity"),
+    Column("task", pa.string(), "identity"),
+    Column("prompt_id", pa.string(), "identity"),
+    Column("step", pa.int32(), "identity"),
+    Column("position", pa.int32(), "identity"),
+    Column("seq_len", pa.int32(), "identity", nullable=True),
+    Column("temperature", pa.float32(), "identity"),
+    Column("mode", pa.string(), "identity"),
+    Column("replayable", pa.bool_(), "identity"),
+    Column("draft_entropy", pa.float32(), "decision", nullable=True, finite=True),
+    Column("draft_top1", pa.float32(), "decision", nullable=True, finite=True),
+    Column("draft_margin", pa.float32(), "decision", nullable=True, finite=True),
+    Column("target_top1_prev", pa.float32(), "decision", nullable=True, finite=True),
+    Column("agree_ema", pa.float32(), "decision", nullable=True, finite=True),
+    Column("agree_run", pa.int32(), "decision", nullable=True),
+    Column("draft_entropy_k", _LIST, "per_position", nullable=True),
+    Column("draft_top1_k", _LIST, "per_position", nullable=True),
+    Column("accept_len", pa.int16(), "outcome"),
+    Column("accept_cap", pa.int16(), "outcome"),
+    Column("accept_prob_k", _LIST, "outcome", nullable=True),
+    Column("cost_draft_s", pa.float32(), "cost", nullable=True, finite=True),
+    Column("cost_verify_s", _LIST, "cost", nullable=True),
+    Column("gamma", pa.int16(), "live", nullable=True),
+    Column("drafted", pa.int16(), "live", nullable=True),
+    Column("t_step_s", pa.float32(), "live", nullable=True),
+    Column("paper_mean_entropy", pa.float32(), "paper", nullable=True, finite=True),
+    Column("paper_mean_confidence", pa.float32(), "paper", nullable=True, finite=True),
+    Column("paper_max_entropy", pa.float32(), "paper", nullable=True, finite=True),
+    Column("paper_min_confidence", pa.float32(), "paper", nullable=True, finite=True),
+)
+COLUMNS: Final = tuple(c.name for c in SCHEMA)
+ARROW_SCHEMA: Final = pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in SCHEMA])
+DECISION_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "decision")
+PAPER_FEATURES: Final = ("paper_mean_entropy", "paper_mean_confidence", "paper_max_entropy",
+                         "paper_min_confidence")
+
+
+def _where(path) -> str:
+    return f"Record file {path}" if path is not None else "The records"
+
+
+# --------------------------------------------------------------------------------- validate
+def validate(df: pd.DataFrame, path: str | Path | None = None) -> pd.DataFrame:
+    """Check a frame against the contract; raise :class:`RecordError` naming column and fix."""
+    where = _where(path)
+    if len(df) == 0:
+        raise RecordError(f"{where} holds no rows. Re-run `speckv profile` to produce records, "
+                          "or drop the file from --data.records.")
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise RecordError(
+            f"{where} lacks required column(s) {', '.join(missing)}. It was not written by this "
+            "version of speckv: re-profile, or import the paper's CSV with `speckv import-paper`."
+        )
+    extra = [c for c in df.columns if c not in COLUMNS]
+    if extra:
+        raise RecordError(
+            f"{where} has column(s) not in the step-record schema: {', '.join(extra)}. Remove "
+            "them (or write them to another file); speckv.records.COLUMNS lists the schema."
+        )
+    for name, allowed in (("compression", COMPRESSIONS), ("task", TASKS), ("mode", MODES)):
+        bad = sorted(set(df[name].dropna().astype(str)) - set(allowed))
+        if bad or df[name].isna().any():
+            shown = bad or ["<missing>"]
+            raise RecordError(
+                f"{where}: column {name!r} has unknown value(s) {', '.join(map(repr, shown))}; "
+                f"allowed: {', '.join(allowed)}. Fix or drop those rows."
+            )
+    for col in SCHEMA:
+        if not col.nullable and df[col.name].isna().any():
+            rows = np.flatnonzero(df[col.name].isna().to_numpy())[:5].tolist()
+            raise RecordError(f"{where}: column {col.name!r} is empty in rows {rows}; it is "
+                              "required for every step. Re-profile those prompts.")
+        if col.finite:
+            values = pd.to_numeric(df[col.name], errors="coerce").to_numpy(dtype=float)
+            present = df[col.name].notna().to_numpy()
+            bad = present & ~np.isfinite(values)
+            if bad.any():
+                rows = np.flatnonzero(bad)[:5].tolist()
+                raise RecordError(
+                    f"{where}: column {col.name!r} holds NaN or infinite values (rows {rows}). "
+                    "Drop those rows or re-profile; features must be finite."
+                )
+    replay = df["replayable"].to_numpy(bool)
+    if replay.any():
+        sub = df.loc[replay]
+        for name in (*DECISION_COLUMNS, "draft_entropy_k", "draft_top1_k", "cost_draft_s",
+                     "cost_verify_s", "seq_len"):
+            if sub[name].isna().any():
+                raise RecordError(f"{where}: replayable rows need column {name!r}, but some "
+                                  "are empty. Mark them replayable=False or re-profile.")
+    if (df["accept_len"] < 0).any() or (df["accept_len"] > df["accept_cap"]).any():
+        raise RecordError(f"{where}: 'accept_len' must lie in 0..accept_cap for every row.")
+    return df
+
+
+# ----------------------------------------------------------------------------------- files
+def write_records(df: pd.DataFrame, path: str | Path, metadata: dict | None = None) -> Path:
+    """Validate and write atomically (temporary file, then rename); never half a file."""
+    path = Path(path)
+    validate(df, path)
+    table = pa.Table.from_pandas(df[list(COLUMNS)], schema=ARROW_SCHEMA, preserve_index=False)
+    if metadata:
+        table = table.replace_schema_metadata({b"speckv": json.dumps(metadata).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"speckv", b"{}"))
+
+
+def read_records(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Read and validate one or more record files into one frame."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    frames = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise RecordError(f"Record file {p} does not exist. Make records with `speckv "
+                              "profile`, or pass existing files (data/records/*.parquet).")
+        try:
+            df = pq.read_table(p).to_pandas()
+        except Exception as exc:  # truncated or not parquet at all
+            raise RecordError(
+                f"Record file {p} cannot be read as parquet ({type(exc).__name__}: {exc}). It "
+                "is truncated or not a record file: re-run the command that wrote it."
+            ) from None
+        frames.append(validate(df, p))
+    if not frames:
+        raise RecordError("No record files given. Pass at least one parquet file.")
+    return pd.concat(frames, ignore_index=True)
+
+
+def merge(paths: Sequence[str | Path], out: str | Path) -> Path:
+    """Join shards into one file (duplicates of the same run/prompt/step are dropped)."""
+    df = read_records(paths)
+    df = df.drop_duplicates(subset=["run_id", "compression", "prompt_id", "step", "mode"])
+    metas = [read_metadata(p) for p in paths]
+    runs = {}
+    for m in metas:
+        runs.update(m.get("runs", {}))
+    return write_records(df.reset_index(drop=True), out, {"runs": runs})
+
+
+# -------------------------------------------------------------------------------- features
+def feature_matrix(df: pd.DataFrame) -> np.ndarray:
+    """``[n, N_FEATURES]`` decision-time features of each row (one definition: features.py)."""
+    out = np.empty((len(df), len(assemble(np.zeros((1, 3)), 0, 0, 0, 0, "fp16")[0])),
+                   np.float32)
+    for comp, idx in df.groupby("compression", observed=True).indices.items():
+        sub = df.iloc[idx]
+        stats = sub[["draft_entropy", "draft_top1", "draft_margin"]].to_numpy(np.float32)
+        out[idx] = assemble(stats, sub["target_top1_prev"].to_numpy(np.float32),
+                            sub["agree_ema"].to_numpy(np.float32),
+                            sub["agree_run"].to_numpy(np.float32),
+                            sub["position"].to_numpy(np.float32), comp)
+    return out
+
+
+def paper_feature_matrix(df: pd.DataFrame) -> np.ndarray:
+    """The seed paper's features (post-drafting statistics, γ, compression) for imported rows."""
+    onehot = np.stack([(df["compression"] == c).to_numpy(np.float32) for c in COMPRESSIONS], -1)
+    stats = df[list(PAPER_FEATURES)].to_numpy(np.float32)
+    gamma = df[["gamma"]].to_numpy(np.float32) / GAMMA_MAX
+    return np.concatenate([stats, gamma, onehot], -1)
+
+
+PAPER_FEATURE_NAMES: Final = (*PAPER_FEATURES, "gamma_over_max",
+                              *(f"compression_{c}" for c in COMPRESSIONS))
+
+
+def sequence_ids(df: pd.DataFrame) -> pd.Series:
+    """A key naming the prompt of each row (the unit that splits must keep whole)."""
+    return df["task"].astype(str) + "/" + df["prompt_id"].astype(str)
+
+
+# ---------------------------------------------------------------------------------- import
+def import_paper(csv: str | Path, out: str | Path | None = None) -> pd.DataFrame:
+    """Import the seed paper's step CSV; rows are kept but marked not replayable.
+
+    The CSV is in generation order and a generation restarts where ``step`` falls back to 0,
+    so sequence ids are inferred from those resets. Its draft statistics are taken over the
+    γ tokens drafted at each step (known only after drafting), so they live in the ``paper_*``
+    columns and never in the decision-time ones.
+    """
+    csv = Path(csv)
+    if not csv.is_file():
+        raise RecordError(f"CSV {csv} does not exist (the paper's file is "
+                          "phase2_step_results.csv).")
+    try:
+        raw = pd.read_csv(csv)
+    except Exception as exc:
+        raise RecordError(f"CSV {csv} cannot be parsed ({exc}).") from None
+    missing = [c for c in PAPER_CSV_COLUMNS if c not in raw.columns]
+    if missing:
+        raise RecordError(f"CSV {csv} lacks column(s) {', '.join(missing)}; expected the "
+                          f"paper's columns: {', '.join(PAPER_CSV_COLUMNS)}.")
+    if raw.empty:
+        raise RecordError(f"CSV {csv} has no rows.")
+    step = raw["step"].to_numpy()
+    new_seq = np.r_[True, step[1:] <= step[:-1]]
+    seq = np.cumsum(new_seq) - 1
+    gamma = raw["gamma"].astype(int).to_numpy()
+    accepted = raw["accepted"].astype(int).to_numpy()
+    if (gamma > GAMMA_MAX).any() or (accepted > gamma).any() or (accepted < 0).any():
+        raise RecordError(f"CSV {csv}: 'accepted' must lie in 0..gamma and gamma in "
+                          f"1..{GAMMA_MAX}.")
+    n = len(raw)
+    nan = np.full(n, np.nan, np.float32)
+    df = pd.DataFrame({
+        "run_id": "paper-" + raw["compression"].astype(str) + "-g" + raw["gamma"].astype(str),
+        "draft_model": "meta-llama/Llama-3.2-1B-Instruct",
+        "target_model": "meta-llama/Llama-3.2-3B-Instruct",
+        "compression": raw["compression"].astype(str),
+        "compute_dtype": raw["compression"].astype(str),
+        "task": raw["task"].astype(str),
+        "prompt_id": [f"paper-{s:04d}" for s in seq],
+        "step": step.astype(np.int32),
+        "position": np.zeros(n, np.int32),
+        "seq_len": pd.array([None] * n, dtype="Int32"),
+        "temperature": np.zeros(n, np.float32),
+        "mode": "imported",
+        "replayable": False,
+        "draft_entropy": nan, "draft_top1": nan, "draft_margin": nan,
+        "target_top1_prev": nan, "agree_ema": nan,
+        "agree_run": pd.array([None] * n, dtype="Int32"),
+        "draft_entropy_k": None, "draft_top1_k": None,
+        "accept_len": accepted.astype(np.int16),
+        "accept_cap": gamma.astype(np.int16),
+        "accept_prob_k": None,
+        "cost_draft_s": nan, "cost_verify_s": None,
+        "gamma": gamma.astype(np.int16),
+        "drafted": gamma.astype(np.int16),
+        "t_step_s": nan,
+        "paper_mean_entropy": raw["mean_draft_entropy"].astype(np.float32),
+        "paper_mean_confidence": raw["mean_draft_confidence"].astype(np.float32),
+        "paper_max_entropy": raw["max_draft_entropy"].astype(np.float32),
+        "paper_min_confidence": raw["min_draft_confidence"].astype(np.float32),
+    })
+    # position: tokens produced before each step within its generation
+    produced = raw["tokens_produced"].astype(int).to_numpy()
+    df["position"] = (pd.Series(produced).groupby(seq).cumsum() - produced).to_numpy(np.int32)
+    validate(df, csv)
+    if out is not None:
+        write_records(df, out, {"source": str(csv.name), "imported": True})
+    return df
+
+
