@@ -77,3 +77,33 @@ class ControllerGraph(nn.Module):
         expected = 1.0 + torch.cumsum(survival, dim=-1).index_select(-1, self.index)
         best = torch.argmax(expected / costs, dim=-1)
         return self.gammas.index_select(0, best), expected, survival
+
+
+def load_checkpoint(path) -> tuple[SurvivalMLP, dict]:
+    """Read a training checkpoint into the plain MLP and speckv's metadata.
+
+    A checkpoint written by :class:`speckv.module.SpeckvModule` carries, under the key
+    ``"speckv"``: ``mlp_config`` ({n_features, gamma_max, hidden}), ``feature_names``,
+    ``gammas``, ``compressions``, ``feature_set``, ``objective``, ``data_fingerprint`` and
+    ``parity_features`` / ``parity_costs`` (held-out rows for the export's parity check).
+    The MLP's weights are the ``state_dict`` entries prefixed ``mlp.``.
+    """
+    from pathlib import Path
+
+    from speckv.errors import SpeckvError
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SpeckvError(f"Cannot read checkpoint {path} ({type(exc).__name__}: {exc}).") from None
+    meta = ckpt.get("speckv") if isinstance(ckpt, dict) else None
+    if not meta:
+        raise SpeckvError(f"{path} is not a speckv checkpoint (no 'speckv' entry). Train one "
+                          "with `python -m speckv.train fit`.")
+    mlp = SurvivalMLP(**meta["mlp_config"])
+    state = {k.removeprefix("mlp."): v for k, v in ckpt["state_dict"].items()
+             if k.startswith("mlp.")}
+    mlp.load_state_dict(state)
+    mlp.eval()
+    return mlp, meta

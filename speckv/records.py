@@ -323,3 +323,48 @@ def import_paper(csv: str | Path, out: str | Path | None = None) -> pd.DataFrame
     return df
 
 
+
+
+# ----------------------------------------------------------------------------------- split
+SPLITS: Final = ("train", "val", "test")
+
+
+def split_prompts(df: pd.DataFrame, val: float = 0.15, test: float = 0.15,
+                  seed: int = 0) -> np.ndarray:
+    """Assign every row to train/val/test by prompt: no prompt is in two splits.
+
+    Prompts are stratified by task and by the set of compression levels they were profiled
+    at (in a bundled profile every prompt is decoded at every level, so each split holds
+    every task x compression). Deterministic for a given seed and set of prompts.
+    """
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise RecordError(f"Split fractions val={val} and test={test} must be in [0, 1) and "
+                          "leave room for training data.")
+    keys = sequence_ids(df)
+    groups = pd.DataFrame({"key": keys, "task": df["task"].astype(str),
+                           "compression": df["compression"].astype(str)})
+    per_key = groups.groupby("key", sort=True).agg(
+        task=("task", "first"), comps=("compression", lambda c: ",".join(sorted(set(c)))))
+    assign: dict[str, str] = {}
+    rng = np.random.default_rng(seed)
+    for _, stratum in per_key.groupby(["task", "comps"], sort=True):
+        names = stratum.index.to_numpy()
+        names = names[rng.permutation(len(names))]
+        n = len(names)
+        n_test = round(test * n) if n >= 3 else 0
+        n_val = round(val * n) if n >= 3 else 0
+        if test > 0 and n >= 3:
+            n_test = max(n_test, 1)
+        if val > 0 and n >= 3:
+            n_val = max(n_val, 1)
+        for i, name in enumerate(names):
+            assign[name] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    out = keys.map(assign).to_numpy()
+    for name, frac in (("train", 1.0), ("val", val), ("test", test)):
+        if frac > 0 and not (out == name).any():
+            raise RecordError(
+                f"The {name!r} split is empty: {per_key.shape[0]} prompt(s) are too few to "
+                f"split {1 - val - test:.0%}/{val:.0%}/{test:.0%} by prompt. Profile more "
+                "prompts, pass more record files, or change the split fractions."
+            )
+    return out
