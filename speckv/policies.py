@@ -17,16 +17,51 @@ plain target forward and no policy method is called.
 Cost of a step that drafts g tokens: ``g * cost_draft_s + cost_verify_s[g]``
 (``cost_verify_s[g]`` is one target forward over g+1 tokens; ``cost_verify_s[0]`` is a plain
 autoregressive step). The same formula is used by replay and by the learned controller.
+
+Policies whose γ depends only on the features and costs of the step (no state, no
+per-token stopping) may also offer ``choose_batch(features [n, F], costs [n, G]) -> [n]``;
+replay then decides every step of a record file in one call. It must agree with ``choose``
+row by row.
+
+This module imports numpy only: the live decoder and the torch-free runtime path use it. The
+torch-backed chooser for training checkpoints imports torch when it is built, not before.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
 
 import numpy as np
 
-from speckv.features import GAMMA_MAX, GAMMAS
+from speckv.errors import SpeckvError
+from speckv.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS
+
+Objective = Literal["tokens_per_s", "tokens_per_step"]
+OBJECTIVES: Final = ("tokens_per_s", "tokens_per_step")
+
+#: γ the +2/−1 heuristic starts from (Hugging Face's ``num_assistant_tokens`` default is 5
+#: with γmax unbounded; 4 is the middle of speckv's 1..8 and the paper's middle candidate).
+HEURISTIC_START: Final = 4
+CONFIDENCE_THRESHOLD: Final = 0.4
+#: Entropy stop, in nats. e^2 ≈ 7.4: past it the draft is as unsure as a uniform choice among
+#: more than seven tokens, and since top-1 ≥ exp(−entropy), every token it keeps drafting
+#: has top-1 ≥ 0.135. Drafts tuned on the target put most agreeing tokens well below 1 nat
+#: and most disagreeing ones above 2, so 2 nats stops on the clearly lost cause, not on
+#: mild doubt (the confidence rule at 0.4 is the stricter of the two).
+ENTROPY_THRESHOLD: Final = 2.0
+EMA_RATE: Final = 0.5
+EMA_START: Final = float(HEURISTIC_START - 1)  # first γ = round(3) + 1 = 4, like the heuristic
+
+SPECS: Final = ("ar", "fixed:K", "heuristic", "confidence:T", "entropy:T", "ema", "oracle",
+                "onnx:PATH", "ckpt:PATH")
+
+
+class PolicyError(SpeckvError, ValueError):
+    """A policy was built or used wrongly; the message says what to pass instead."""
 
 
 @dataclass
@@ -38,6 +73,9 @@ class StepContext:
     position: int  # tokens generated before this step
     max_gamma: int  # most tokens this step may draft (γmax, or fewer near the end)
     costs: np.ndarray  # [len(GAMMAS)] seconds of a step drafting each candidate γ
+    #: the step's true accepted length (of γmax drafted tokens). Only offline replay knows it
+    #: and fills it in; only :class:`Oracle` may read it. ``None`` in the live decoder.
+    oracle_accept_len: int | None = None
 
 
 def step_costs(cost_draft_s: float, cost_verify_s) -> np.ndarray:
@@ -62,17 +100,97 @@ class Policy(Protocol):
         """Outcome of the step just verified."""
 
 
-class FixedGamma:
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise PolicyError(f"Unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}.")
+
+
+class _Stateless:
+    """Defaults for policies that keep no state and never stop drafting early."""
+
+    name: str
+
+    def reset(self) -> None:
+        pass
+
+    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
+        return True
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class FixedGamma(_Stateless):
     """Always draft the same number of tokens."""
 
     def __init__(self, gamma: int) -> None:
         if not 1 <= gamma <= GAMMA_MAX:
-            raise ValueError(f"fixed γ must lie in 1..{GAMMA_MAX}, got {gamma}.")
+            raise PolicyError(f"fixed γ must lie in 1..{GAMMA_MAX}, got {gamma}.")
         self.gamma = gamma
         self.name = f"fixed:{gamma}"
 
+    def choose(self, ctx: StepContext) -> int:
+        return self.gamma
+
+
+class BestFixed(_Stateless):
+    """A fixed γ per compression level, the best one on the training prompts.
+
+    Build it with :meth:`fit` (replays every fixed γ on training records); the constructor
+    takes the already chosen ``{compression: γ}``.
+    """
+
+    def __init__(self, gammas: Mapping[str, int], name: str = "best_fixed") -> None:
+        for comp, g in gammas.items():
+            if comp not in COMPRESSIONS or not 1 <= int(g) <= GAMMA_MAX:
+                raise PolicyError(f"BestFixed needs γ in 1..{GAMMA_MAX} per compression "
+                                  f"({', '.join(COMPRESSIONS)}); got {comp!r}: {g!r}.")
+        self.gammas = {c: int(g) for c, g in gammas.items()}
+        self.name = name
+
+    @classmethod
+    def fit(cls, records: Any, objective: Objective = "tokens_per_s") -> BestFixed:
+        """Replay ``fixed:1..8`` on ``records`` (trace rows: the train split) and keep, per
+        compression, the γ with the most tokens per second (or per step); ties go to the
+        smaller γ. ``records`` is a step-record frame or a prepared :class:`speckv.evaluate.Traces`.
+        """
+        from speckv import evaluate  # pandas-backed; imported only when fitting
+
+        _check_objective(objective)
+        traces = records if isinstance(records, evaluate.Traces) else evaluate.prepare(records)
+        scores = evaluate.fixed_scores(traces, objective)
+        return cls({comp: int(GAMMAS[int(np.argmax(row))]) for comp, row in scores.items()})
+
+    def choose(self, ctx: StepContext) -> int:
+        try:
+            return self.gammas[ctx.compression]
+        except KeyError:
+            raise PolicyError(
+                f"{self.name} has no γ for compression {ctx.compression!r}: it was fitted on "
+                f"{', '.join(sorted(self.gammas)) or 'nothing'}. Fit it on records that include "
+                "that compression level."
+            ) from None
+
+
+class Heuristic:
+    """Hugging Face's "heuristic" schedule: +2 after a fully accepted step, else −1.
+
+    Starts at ``start``; γ grows by 2 when every drafted token was accepted and shrinks by 1
+    otherwise, kept within 1..``cap``.
+    """
+
+    def __init__(self, start: int = HEURISTIC_START, cap: int = GAMMA_MAX) -> None:
+        if not 1 <= start <= cap <= GAMMA_MAX:
+            raise PolicyError(f"heuristic needs 1 <= start <= cap <= {GAMMA_MAX}.")
+        self.start, self.cap = start, cap
+        self.gamma = start
+        self.name = "heuristic"
+
     def reset(self) -> None:
-        pass
+        self.gamma = self.start
 
     def choose(self, ctx: StepContext) -> int:
         return self.gamma
@@ -81,4 +199,239 @@ class FixedGamma:
         return True
 
     def observe(self, drafted: int, accepted: int) -> None:
-        pass
+        if accepted >= drafted:
+            self.gamma = min(self.gamma + 2, self.cap)
+        else:
+            self.gamma = max(self.gamma - 1, 1)
+
+
+class ConfidenceStop(_Stateless):
+    """Draft up to γmax and stop after the first token whose top-1 probability < threshold.
+
+    The low-confidence token itself stays drafted (it is already computed and may be right).
+    """
+
+    def __init__(self, threshold: float = CONFIDENCE_THRESHOLD) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise PolicyError(f"confidence threshold must lie in [0, 1], got {threshold}.")
+        self.threshold = float(threshold)
+        self.name = f"confidence:{threshold:g}"
+
+    def choose(self, ctx: StepContext) -> int:
+        return GAMMA_MAX
+
+    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
+        return top1 >= self.threshold
+
+
+class EntropyStop(_Stateless):
+    """Draft up to γmax and stop after the first token whose entropy (nats) > threshold.
+
+    See ``ENTROPY_THRESHOLD`` for why 2 nats is the default.
+    """
+
+    def __init__(self, threshold: float = ENTROPY_THRESHOLD) -> None:
+        if not threshold > 0 or not math.isfinite(threshold):
+            raise PolicyError(f"entropy threshold must be a positive number of nats, got "
+                              f"{threshold}.")
+        self.threshold = float(threshold)
+        self.name = f"entropy:{threshold:g}"
+
+    def choose(self, ctx: StepContext) -> int:
+        return GAMMA_MAX
+
+    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
+        return entropy <= self.threshold
+
+
+class EmaRule:
+    """γ from an exponential moving average of accepted lengths: clip(round(ema) + 1, 1, 8).
+
+    ``ema <- (1 - rate) * ema + rate * accepted`` after every step; rounding is half up.
+    """
+
+    def __init__(self, rate: float = EMA_RATE, start: float = EMA_START) -> None:
+        if not 0 < rate <= 1:
+            raise PolicyError(f"EMA rate must lie in (0, 1], got {rate}.")
+        self.rate, self.start = float(rate), float(start)
+        self.ema = self.start
+        self.name = "ema"
+
+    def reset(self) -> None:
+        self.ema = self.start
+
+    def choose(self, ctx: StepContext) -> int:
+        return int(min(max(math.floor(self.ema + 0.5) + 1, 1), GAMMA_MAX))
+
+    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
+        return True
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.ema = (1 - self.rate) * self.ema + self.rate * accepted
+
+
+class Oracle(_Stateless):
+    """Per-step upper bound: knows the step's accepted length L (replay only).
+
+    Picks the γ in 1..max_gamma maximising ``(min(L, γ) + 1) / cost(γ)`` (tokens per second)
+    or ``min(L, γ) + 1`` (tokens per step); ties go to the smaller γ.
+    """
+
+    def __init__(self, objective: Objective = "tokens_per_s") -> None:
+        _check_objective(objective)
+        self.objective = objective
+        self.name = "oracle"
+        self._gammas = np.asarray(GAMMAS, dtype=np.float64)
+
+    def choose(self, ctx: StepContext) -> int:
+        if ctx.oracle_accept_len is None:
+            raise PolicyError("The oracle needs each step's true accepted length, which only "
+                              "offline replay of trace records knows (`speckv evaluate`); it "
+                              "cannot drive the live decoder.")
+        m = max(int(ctx.max_gamma), 1)
+        tokens = np.minimum(float(ctx.oracle_accept_len), self._gammas[:m]) + 1.0
+        if self.objective == "tokens_per_s":
+            tokens = tokens / np.asarray(ctx.costs, dtype=np.float64)[:m]
+        return int(np.argmax(tokens)) + 1  # argmax takes the first (smallest γ) of ties
+
+
+class Chooser(Protocol):
+    """What :class:`Learned` needs: the runtime ``Controller`` or :class:`TorchChooser`."""
+
+    def choose(self, features: np.ndarray, costs: np.ndarray) -> int:
+        """γ for one feature vector ``[N_FEATURES]`` and step costs ``[len(GAMMAS)]``."""
+
+
+class Learned(_Stateless):
+    """The learned controller: γ with the most expected tokens per unit of cost.
+
+    ``objective="tokens_per_step"`` passes unit costs, so the controller maximises expected
+    tokens per step alone (the seed paper's objective; it drifts to the largest γ).
+    """
+
+    def __init__(self, chooser: Chooser, objective: Objective = "tokens_per_s",
+                 name: str = "learned") -> None:
+        _check_objective(objective)
+        if not callable(getattr(chooser, "choose", None)):
+            raise PolicyError(f"Learned needs a chooser with choose(features, costs) -> int; "
+                              f"got {type(chooser).__name__}.")
+        self.chooser = chooser
+        self.objective = objective
+        self.name = name
+
+    def _costs(self, costs: np.ndarray) -> np.ndarray:
+        costs = np.asarray(costs, dtype=np.float32)
+        return np.ones_like(costs) if self.objective == "tokens_per_step" else costs
+
+    def choose(self, ctx: StepContext) -> int:
+        return int(self.chooser.choose(np.asarray(ctx.features, np.float32),
+                                       self._costs(ctx.costs)))
+
+    def choose_batch(self, features: np.ndarray, costs: np.ndarray) -> np.ndarray:
+        """γ for many decisions at once (``[n, F]``, ``[n, G]`` -> ``[n]``)."""
+        batch = getattr(self.chooser, "choose_batch", None)
+        costs = self._costs(costs)
+        if batch is not None:
+            return np.asarray(batch(np.asarray(features, np.float32), costs), dtype=np.int64)
+        return np.array([self.chooser.choose(f, c) for f, c in zip(features, costs, strict=True)],
+                        dtype=np.int64)
+
+
+class TorchChooser:
+    """A chooser backed by a training checkpoint (torch; for evaluation before export)."""
+
+    def __init__(self, graph: Any, meta: Mapping[str, Any] | None = None) -> None:
+        import torch  # noqa: F401  (the graph is a torch module)
+
+        self.graph = graph.eval()
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TorchChooser:
+        """Read ``path`` with :func:`speckv.network.load_checkpoint`; check features and γs."""
+        from speckv.network import ControllerGraph, load_checkpoint
+
+        mlp, meta = load_checkpoint(path)
+        names = tuple(meta.get("feature_names", ()))
+        if names != FEATURE_NAMES:
+            raise PolicyError(
+                f"Checkpoint {path} was trained on features {list(names)}, not speckv's "
+                f"decision-time features {list(FEATURE_NAMES)} (a checkpoint on the paper's "
+                "post-drafting features cannot choose γ before drafting). Retrain with the "
+                "default feature set."
+            )
+        gammas = tuple(int(g) for g in meta.get("gammas", ()))
+        if gammas != GAMMAS:
+            raise PolicyError(f"Checkpoint {path} scores γ in {list(gammas)}; speckv replays "
+                              f"γ in {list(GAMMAS)}. Retrain with the default candidates.")
+        return cls(ControllerGraph(mlp, GAMMAS), meta)
+
+    def choose_batch(self, features: np.ndarray, costs: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            gamma, _, _ = self.graph(torch.as_tensor(np.asarray(features, np.float32)),
+                                     torch.as_tensor(np.asarray(costs, np.float32)))
+        return gamma.numpy().astype(np.int64)
+
+    def choose(self, features: np.ndarray, costs: np.ndarray) -> int:
+        return int(self.choose_batch(np.asarray(features)[None], np.asarray(costs)[None])[0])
+
+
+def load_onnx_chooser(path: str | Path) -> Chooser:
+    """The runtime ``Controller`` for an exported ONNX file (numpy + onnxruntime)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(f"Controller {path} does not exist. Export one with `speckv export "
+                          "--ckpt C --out export/speckv.onnx`.")
+    try:
+        from speckv.runtime import Controller
+    except ImportError as exc:
+        raise PolicyError(f"The ONNX runtime controller is unavailable ({exc}); evaluate the "
+                          "training checkpoint instead with --ckpt C.") from None
+    return Controller.load(path)
+
+
+def _number(spec: str, text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise PolicyError(f"Policy {spec!r}: {text!r} is not a{'n integer' if kind is int else ' number'}."
+                          ) from None
+    return value
+
+
+def from_spec(spec: str, *, objective: Objective = "tokens_per_s") -> Policy | None:
+    """Build a policy from its command-line spelling; ``"ar"`` (no speculation) gives None.
+
+    Specs: ``ar``, ``fixed:K``, ``heuristic``, ``confidence:T``, ``entropy:T``, ``ema``,
+    ``oracle`` (replay only), ``onnx:PATH`` (exported controller), ``ckpt:PATH`` (training
+    checkpoint, needs torch). ``objective`` applies to the oracle and the learned ones.
+    """
+    text = spec.strip()
+    kind, sep, arg = text.partition(":")
+    kind = kind.lower()
+    if kind in ("ar", "heuristic", "ema", "oracle") and sep:
+        raise PolicyError(f"Policy {spec!r}: {kind!r} takes no argument.")
+    if kind == "ar":
+        return None
+    if kind == "heuristic":
+        return Heuristic()
+    if kind == "ema":
+        return EmaRule()
+    if kind == "oracle":
+        return Oracle(objective)
+    if kind == "fixed":
+        if not arg:
+            raise PolicyError(f"Policy {spec!r}: write fixed:K with K in 1..{GAMMA_MAX}.")
+        return FixedGamma(_number(spec, arg, int))
+    if kind == "confidence":
+        return ConfidenceStop(_number(spec, arg, float) if arg else CONFIDENCE_THRESHOLD)
+    if kind == "entropy":
+        return EntropyStop(_number(spec, arg, float) if arg else ENTROPY_THRESHOLD)
+    if kind in ("onnx", "ckpt"):
+        if not arg:
+            raise PolicyError(f"Policy {spec!r}: write {kind}:PATH.")
+        chooser = load_onnx_chooser(arg) if kind == "onnx" else TorchChooser.load(arg)
+        return Learned(chooser, objective)
+    raise PolicyError(f"Unknown policy {spec!r}; use one of: {', '.join(SPECS)}.")
