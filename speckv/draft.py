@@ -245,9 +245,10 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
         p.requires_grad_(not _shared_keys(name))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    def warmup_cosine(s: int) -> float:
+        return min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     ckpt = cache_dir() / "distill-ckpt.pt"
     step, history, started = 0, [], time.time()
     if ckpt.exists():

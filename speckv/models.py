@@ -15,8 +15,6 @@ later load reads those in seconds.
 
 from __future__ import annotations
 
-from speckv.errors import SpeckvError
-
 import contextlib
 import importlib.util
 import json
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Final
 
 import torch
+
+from speckv.errors import SpeckvError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,7 @@ Column groups (``SCHEMA`` below is the single definition):
 
 from __future__ import annotations
 
-from speckv.errors import SpeckvError
-
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -35,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from speckv.errors import SpeckvError
 from speckv.features import COMPRESSIONS, GAMMA_MAX, assemble
 from speckv.prompts import TASKS
 

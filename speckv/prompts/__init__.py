@@ -17,8 +17,6 @@ Users pass their own prompts as JSONL, one ``{"task": ..., "prompt": ...}`` per 
 
 from __future__ import annotations
 
-from speckv.errors import SpeckvError
-
 import gzip
 import importlib.util
 import inspect
@@ -29,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from speckv.errors import SpeckvError
 
 TASKS: Final = ("code", "math", "chat", "summarization")
 SUITE_SIZE: Final = 40  # prompts per task in the bundled suites
