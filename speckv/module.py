@@ -172,7 +172,8 @@ class SpeckvModule(L.LightningModule):
             metric.reset()
         rows = self._policy.pop(stage, [])
         if rows:
-            chosen_acc, chosen_cost, acc, costs, comp, gam = (torch.cat(c) for c in zip(*rows, strict=True))
+            parts = (torch.cat(c) for c in zip(*rows, strict=True))
+            chosen_acc, chosen_cost, acc, costs, comp, gam = parts
             tps_policy = chosen_acc.sum() / chosen_cost.sum()
             # the best single fixed γ on these rows, per compression level (an optimistic
             # baseline: chosen on the evaluation rows themselves)

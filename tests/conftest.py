@@ -12,8 +12,8 @@ def tiny_llama(layers: int, seed: int, vocab: int = 96, hidden: int = 32):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, initializer_range=0.5, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0, tie_word_embeddings=True)
+                         max_position_embeddings=512, initializer_range=0.5, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.pad_token_id = 0
     return model
