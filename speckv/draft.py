@@ -208,17 +208,20 @@ def _batch(rows: list[dict], pad: int, max_len: int = 512):
     return ids, mask, lab, top_ids, top_lp
 
 
+def _answer_logits(model, ids, mask, lab):
+    """Logits only where an answer token is predicted (the LM head is most of the cost)."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = lab[:, 1:] != -100  # position p predicts the label at p + 1
+    return model.lm_head(hidden[:, :-1][valid]), valid
+
+
 def draft_loss(logits, labels, top_ids, top_lp, kl_weight: float = 1.0):
-    """CE on the target's greedy token + KL(target top-k || draft) on answer positions."""
-    shift_logits = logits[:, :-1]
-    shift_labels = labels[:, 1:]
-    valid = shift_labels != -100
-    logp = torch.log_softmax(shift_logits.float(), -1)
-    ce = F.nll_loss(logp[valid], shift_labels[valid])
-    t_ids, t_lp = top_ids[:, :-1][valid], top_lp[:, :-1][valid]
-    t_p = torch.softmax(t_lp, -1)  # renormalised top-k of the target
-    kl = (t_p * (torch.log(t_p + 1e-9) - logp[valid].gather(-1, t_ids))).sum(-1).mean()
-    agree = (logp[valid].argmax(-1) == shift_labels[valid]).float().mean()
+    """CE on the target's greedy token + KL(target top-k || draft), one row per answer token."""
+    logp = torch.log_softmax(logits.float(), -1)
+    ce = F.nll_loss(logp, labels)
+    t_p = torch.softmax(top_lp, -1)  # renormalised top-k of the target
+    kl = (t_p * (torch.log(t_p + 1e-9) - logp.gather(-1, top_ids))).sum(-1).mean()
+    agree = (logp.argmax(-1) == labels).float().mean()
     return ce + kl_weight * kl, ce.detach(), agree.detach()
 
 
@@ -266,8 +269,9 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
         idx = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()
         ids, mask, lab, tids, tlp = _batch([train_rows[i] for i in idx], pad)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        loss, ce, agree = draft_loss(logits, lab, tids, tlp)
+            logits, valid = _answer_logits(model, ids, mask, lab)
+        loss, ce, agree = draft_loss(logits, lab[:, 1:][valid], tids[:, :-1][valid],
+                                     tlp[:, :-1][valid])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -308,9 +312,7 @@ def evaluate_agreement(model, rows: list[dict], pad: int = 2, batch_size: int = 
     for i in range(0, len(rows), batch_size):
         ids, mask, lab, _, _ = _batch(rows[i : i + batch_size], pad)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        pred, gold = logits[:, :-1].argmax(-1), lab[:, 1:]
-        valid = gold != -100
-        hit += int((pred[valid] == gold[valid]).sum())
+            logits, valid = _answer_logits(model, ids, mask, lab)
+        hit += int((logits.argmax(-1) == lab[:, 1:][valid]).sum())
         total += int(valid.sum())
     return hit / max(total, 1)

@@ -151,8 +151,12 @@ def validate(df: pd.DataFrame, path: str | Path | None = None) -> pd.DataFrame:
         for name in (*DECISION_COLUMNS, "draft_entropy_k", "draft_top1_k", "cost_draft_s",
                      "cost_verify_s", "seq_len"):
             if sub[name].isna().any():
-                raise RecordError(f"{where}: replayable rows need column {name!r}, but some "
-                                  "are empty. Mark them replayable=False or re-profile.")
+                rows = np.flatnonzero(replay & df[name].isna().to_numpy())[:5].tolist()
+                raise RecordError(
+                    f"{where}: column {name!r} holds NaN or missing values in replayable rows "
+                    f"{rows}. Replay needs every decision-time feature and the cost model: "
+                    "drop those rows, mark them replayable=False, or re-profile."
+                )
     if (df["accept_len"] < 0).any() or (df["accept_len"] > df["accept_cap"]).any():
         raise RecordError(f"{where}: 'accept_len' must lie in 0..accept_cap for every row.")
     return df
