@@ -40,7 +40,7 @@ TOPK = 8
 @dataclass
 class DraftSpec:
     base: str = DEMO_TARGET
-    init_layers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    init_layers: list[int] = field(default_factory=lambda: [0, 1])
 
     @property
     def n_layers(self) -> int:

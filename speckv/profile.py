@@ -339,7 +339,19 @@ def records_main(argv: list[str]) -> int:
     m = sub.add_parser("merge", help="join shards into one file")
     m.add_argument("shards", nargs="+", type=Path)
     m.add_argument("--out", required=True, type=Path)
+    f = sub.add_parser("figures", help="PNG figures and a summary of profiled records")
+    f.add_argument("records", nargs="*", type=Path)
+    f.add_argument("--out", type=Path, default=Path("data/figures"))
+    f.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "figures":
+        from speckv.datamodules import resolve_records
+        from speckv.profile_figures import write_figures
+
+        paths = resolve_records([str(p) for p in args.records] or None)
+        summary = write_figures(read_records(paths), args.out)
+        print(json.dumps(summary, indent=None if args.json else 2))
+        return 0
     if args.out.exists() and args.out in args.shards:
         raise ProfileError(f"--out {args.out} is also an input; write the merge elsewhere.")
     out = merge(args.shards, args.out)
