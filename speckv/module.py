@@ -238,7 +238,8 @@ class SpeckvModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         meta = {
             "mlp_config": {"n_features": self.hparams.n_features,
-                           "gamma_max": max(self.gammas), "hidden": list(self.hparams.hidden)},
+                           "gamma_max": max(self.gammas), "hidden": list(self.hparams.hidden),
+                           "dropout": self.hparams.dropout},
             "feature_names": list(self.hparams.feature_names),
             "gammas": self.gammas,
             "compressions": list(COMPRESSIONS),

@@ -1,0 +1,174 @@
+"""The exported controller's contract: tensor names, metadata keys and the format version.
+
+:mod:`speckv.export` writes files by these definitions and :mod:`speckv.runtime` reads them
+by the same ones, so the two cannot drift apart. Torch-free.
+
+Signature of every speckv controller graph::
+
+    inputs   features         float32 [batch, n_features]   raw features, FEATURE_NAMES order
+             costs            float32 [batch, n_gammas]     cost of a step drafting each γ (> 0)
+    outputs  gamma            int64   [batch]               the chosen γ (one of the candidates)
+             expected_tokens  float32 [batch, n_gammas]     E[tokens | γ] = 1 + sum_{k<=γ} s_k
+             survival         float32 [batch, gamma_max]    s_k = P(accept_len >= k | features)
+
+``FORMAT_VERSION`` changes whenever that signature, the metadata or the meaning of an input or
+output changes; a runtime reads exactly its own format version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from speckv.runtime.errors import ControllerFormatError, IncompatibleVersionError
+
+FORMAT_VERSION: Final = 1
+
+FEATURES: Final = "features"
+COSTS: Final = "costs"
+GAMMA: Final = "gamma"
+EXPECTED_TOKENS: Final = "expected_tokens"
+SURVIVAL: Final = "survival"
+INPUT_NAMES: Final = (FEATURES, COSTS)
+OUTPUT_NAMES: Final = (GAMMA, EXPECTED_TOKENS, SURVIVAL)
+
+KEY_FORMAT_VERSION: Final = "speckv.format_version"
+KEY_SPECKV_VERSION: Final = "speckv.version"
+KEY_FEATURE_NAMES: Final = "speckv.feature_names"  # JSON list, in input order
+KEY_GAMMAS: Final = "speckv.gammas"  # JSON list of ints, in expected_tokens order
+KEY_COMPRESSIONS: Final = "speckv.compressions"  # JSON list
+KEY_FEATURE_SET: Final = "speckv.feature_set"
+KEY_OBJECTIVE: Final = "speckv.objective"
+KEY_DATA_FINGERPRINT: Final = "speckv.data_fingerprint"
+KEY_PREFIX: Final = "speckv."
+REQUIRED_KEYS: Final = (KEY_FORMAT_VERSION, KEY_SPECKV_VERSION, KEY_FEATURE_NAMES, KEY_GAMMAS,
+                        KEY_COMPRESSIONS, KEY_FEATURE_SET, KEY_OBJECTIVE, KEY_DATA_FINGERPRINT)
+
+
+@dataclass(frozen=True)
+class ControllerInfo:
+    """What a controller file says about itself (its ``speckv.*`` metadata)."""
+
+    feature_names: tuple[str, ...]
+    gammas: tuple[int, ...]
+    compressions: tuple[str, ...]
+    feature_set: str
+    objective: str
+    data_fingerprint: str
+    speckv_version: str
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def gamma_max(self) -> int:
+        return max(self.gammas)
+
+    def to_metadata(self) -> dict[str, str]:
+        """The ONNX ``metadata_props`` entries (all strings; lists as JSON)."""
+        return {
+            KEY_FORMAT_VERSION: str(self.format_version),
+            KEY_SPECKV_VERSION: self.speckv_version,
+            KEY_FEATURE_NAMES: json.dumps(list(self.feature_names)),
+            KEY_GAMMAS: json.dumps(list(self.gammas)),
+            KEY_COMPRESSIONS: json.dumps(list(self.compressions)),
+            KEY_FEATURE_SET: self.feature_set,
+            KEY_OBJECTIVE: self.objective,
+            KEY_DATA_FINGERPRINT: self.data_fingerprint,
+        }
+
+    @classmethod
+    def from_metadata(cls, props: Mapping[str, str], *, source: str) -> ControllerInfo:
+        """Parse and check ``metadata_props``; ``source`` names the file in messages.
+
+        Raises :class:`ControllerFormatError` when the entries are absent or malformed and
+        :class:`IncompatibleVersionError` when the format version is not this runtime's.
+        """
+        if not any(key.startswith(KEY_PREFIX) for key in props):
+            raise ControllerFormatError(
+                f"{source} is an ONNX model but not a speckv controller: it has no speckv.* "
+                "metadata. Export one with `python -m speckv export --ckpt CHECKPOINT`.")
+        _check_format_version(props.get(KEY_FORMAT_VERSION), props.get(KEY_SPECKV_VERSION),
+                              source)
+        missing = [key for key in REQUIRED_KEYS if key not in props]
+        if missing:
+            raise ControllerFormatError(
+                f"{source} lacks the metadata {', '.join(missing)}; the file is damaged or was "
+                "edited. Re-export it with `python -m speckv export`.")
+        names = _json_list(props, KEY_FEATURE_NAMES, str, source)
+        gammas = _json_list(props, KEY_GAMMAS, int, source)
+        if not names or not gammas:
+            raise ControllerFormatError(f"{source} lists no features or no candidate γ in its "
+                                        "metadata. Re-export it with `python -m speckv export`.")
+        if len(set(names)) != len(names):
+            raise ControllerFormatError(f"{source} repeats a feature name in {names}. "
+                                        "Re-export it with `python -m speckv export`.")
+        if min(gammas) < 1 or list(gammas) != sorted(set(gammas)):
+            raise ControllerFormatError(f"{source}: candidate γs {gammas} are not increasing "
+                                        "positive integers. Re-export it.")
+        return cls(
+            feature_names=tuple(names),
+            gammas=tuple(gammas),
+            compressions=tuple(_json_list(props, KEY_COMPRESSIONS, str, source)),
+            feature_set=props[KEY_FEATURE_SET],
+            objective=props[KEY_OBJECTIVE],
+            data_fingerprint=props[KEY_DATA_FINGERPRINT],
+            speckv_version=props[KEY_SPECKV_VERSION],
+            format_version=FORMAT_VERSION,
+        )
+
+
+def _check_format_version(text: str | None, written_by: str | None, source: str) -> None:
+    try:
+        version = int(text) if text is not None else None
+    except ValueError:
+        version = None
+    if version is None:
+        raise ControllerFormatError(
+            f"{source} has no valid {KEY_FORMAT_VERSION} (found {text!r}); it is damaged or was "
+            "not written by `speckv export`. Re-export it.")
+    if version == FORMAT_VERSION:
+        return
+    by = f" (written by speckv {written_by})" if written_by else ""
+    if version > FORMAT_VERSION:
+        todo = ("upgrade speckv in this environment (pip install -U speckv), or re-export the "
+                "controller with the speckv you run here")
+    else:
+        todo = ("re-export the controller from its checkpoint with this speckv: "
+                "`python -m speckv export --ckpt CHECKPOINT`")
+    raise IncompatibleVersionError(
+        f"{source} uses controller format {version}{by}; this runtime reads format "
+        f"{FORMAT_VERSION}: {todo}.")
+
+
+def _json_list(props: Mapping[str, str], key: str, kind: type, source: str) -> list:
+    try:
+        value = json.loads(props[key])
+    except json.JSONDecodeError:
+        value = None
+    ok = isinstance(value, list) and all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ControllerFormatError(
+            f"{source}: metadata {key} must be a JSON list of {kind.__name__}, found "
+            f"{props[key]!r}. Re-export the controller with `python -m speckv export`.")
+    return value
+
+
+def describe_difference(found: Sequence[object], expected: Sequence[object]) -> str:
+    """Say how two name lists differ: missing, extra, or the same names in another order."""
+    found, expected = list(found), list(expected)
+    missing = [x for x in expected if x not in found]
+    extra = [x for x in found if x not in expected]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing}")
+    if extra:
+        parts.append(f"not expected {extra}")
+    if not parts and len(found) != len(expected):
+        parts.append(f"{len(found)} names instead of {len(expected)}")
+    if not parts:
+        first = next(i for i, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
+        parts.append(f"same names in another order, first at position {first} "
+                     f"(file: {found[first]!r}, expected: {expected[first]!r})")
+    return "; ".join(parts)
