@@ -43,15 +43,18 @@ from speckv.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS
 Objective = Literal["tokens_per_s", "tokens_per_step"]
 OBJECTIVES: Final = ("tokens_per_s", "tokens_per_step")
 
-#: γ the +2/−1 heuristic starts from (Hugging Face's ``num_assistant_tokens`` default is 5
-#: with γmax unbounded; 4 is the middle of speckv's 1..8 and the paper's middle candidate).
+#: γ the +2/−1 heuristic starts from. Hugging Face starts at ``num_assistant_tokens`` (20 by
+#: default in transformers 5) and never caps it; speckv's candidates stop at γmax = 8, and 4
+#: is their middle and the paper's fixed-γ baseline.
 HEURISTIC_START: Final = 4
 CONFIDENCE_THRESHOLD: Final = 0.4
-#: Entropy stop, in nats. e^2 ≈ 7.4: past it the draft is as unsure as a uniform choice among
-#: more than seven tokens, and since top-1 ≥ exp(−entropy), every token it keeps drafting
-#: has top-1 ≥ 0.135. Drafts tuned on the target put most agreeing tokens well below 1 nat
-#: and most disagreeing ones above 2, so 2 nats stops on the clearly lost cause, not on
-#: mild doubt (the confidence rule at 0.4 is the stricter of the two).
+#: Entropy stop, in nats. Perplexity e^2 ≈ 7.4: past 2 nats the draft is as unsure as a
+#: uniform pick among more than seven tokens, a token it is unlikely to share with the
+#: target. It is a scale-free reading of "lost": it does not depend on the vocabulary size
+#: (a uniform distribution over 49k tokens has 10.8 nats), and since top-1 ≥ exp(−entropy)
+#: the rule keeps drafting only while top-1 ≥ e^-2 ≈ 0.14, so it stops later than the 0.4
+#: confidence rule: the two bracket "mild doubt" and "lost cause". A starting point, not a
+#: tuned value: compare thresholds on real records with ``speckv evaluate --policy entropy:T``.
 ENTROPY_THRESHOLD: Final = 2.0
 EMA_RATE: Final = 0.5
 EMA_START: Final = float(HEURISTIC_START - 1)  # first γ = round(3) + 1 = 4, like the heuristic
@@ -73,8 +76,11 @@ class StepContext:
     position: int  # tokens generated before this step
     max_gamma: int  # most tokens this step may draft (γmax, or fewer near the end)
     costs: np.ndarray  # [len(GAMMAS)] seconds of a step drafting each candidate γ
-    #: the step's true accepted length (of γmax drafted tokens). Only offline replay knows it
-    #: and fills it in; only :class:`Oracle` may read it. ``None`` in the live decoder.
+    #: the step's true accepted length (of γmax drafted tokens), less one when it runs to the
+    #: answer's end (an accepted EOS ends the answer without a bonus token, so those drafted
+    #: tokens gain nothing over the target's own): the step makes min(L, γ) + 1 tokens. Only
+    #: offline replay knows it and fills it in; only :class:`Oracle` may read it. ``None``
+    #: in the live decoder.
     oracle_accept_len: int | None = None
 
 
@@ -106,7 +112,7 @@ def _check_objective(objective: str) -> None:
 
 
 class _Stateless:
-    """Defaults for policies that keep no state and never stop drafting early."""
+    """Defaults for policies that keep no state (and, unless overridden, never stop early)."""
 
     name: str
 
@@ -178,8 +184,9 @@ class BestFixed(_Stateless):
 class Heuristic:
     """Hugging Face's "heuristic" schedule: +2 after a fully accepted step, else −1.
 
-    Starts at ``start``; γ grows by 2 when every drafted token was accepted and shrinks by 1
-    otherwise, kept within 1..``cap``.
+    Starts at ``start``; γ grows by 2 when every drafted token was accepted (as in HF, the
+    tokens actually drafted, which near the end of an answer can be fewer than γ) and shrinks
+    by 1 otherwise, kept within 1..``cap``.
     """
 
     def __init__(self, start: int = HEURISTIC_START, cap: int = GAMMA_MAX) -> None:
@@ -341,16 +348,24 @@ class TorchChooser:
     """A chooser backed by a training checkpoint (torch; for evaluation before export)."""
 
     def __init__(self, graph: Any, meta: Mapping[str, Any] | None = None) -> None:
-        import torch  # noqa: F401  (the graph is a torch module)
-
         self.graph = graph.eval()
         self.meta = dict(meta or {})
 
     @classmethod
     def load(cls, path: str | Path) -> TorchChooser:
-        """Read ``path`` with :func:`speckv.network.load_checkpoint`; check features and γs."""
+        """Read ``path`` with :func:`speckv.network.load_checkpoint`; check features and γs.
+
+        A directory stands for the newest ``*.ckpt`` file under it (a training run's folder).
+        """
         from speckv.network import ControllerGraph, load_checkpoint
 
+        path = Path(path)
+        if path.is_dir():
+            found = sorted(path.rglob("*.ckpt"), key=lambda f: f.stat().st_mtime)
+            if not found:
+                raise PolicyError(f"{path} holds no *.ckpt file. Train with `python -m "
+                                  "speckv.train fit`, or pass the checkpoint file itself.")
+            path = found[-1]
         mlp, meta = load_checkpoint(path)
         names = tuple(meta.get("feature_names", ()))
         if names != FEATURE_NAMES:
@@ -394,11 +409,10 @@ def load_onnx_chooser(path: str | Path) -> Chooser:
 
 def _number(spec: str, text: str, kind: type) -> Any:
     try:
-        value = kind(text)
+        return kind(text)
     except ValueError:
-        raise PolicyError(f"Policy {spec!r}: {text!r} is not a{'n integer' if kind is int else ' number'}."
-                          ) from None
-    return value
+        what = "an integer" if kind is int else "a number"
+        raise PolicyError(f"Policy {spec!r}: {text!r} is not {what}.") from None
 
 
 def from_spec(spec: str, *, objective: Objective = "tokens_per_s") -> Policy | None:
@@ -408,6 +422,15 @@ def from_spec(spec: str, *, objective: Objective = "tokens_per_s") -> Policy | N
     ``oracle`` (replay only), ``onnx:PATH`` (exported controller), ``ckpt:PATH`` (training
     checkpoint, needs torch). ``objective`` applies to the oracle and the learned ones.
     """
+    try:
+        return _build(spec, objective)
+    except PolicyError as exc:
+        text = str(exc)
+        raise PolicyError(text if text.startswith("Policy ") else f"Policy {spec!r}: {text}"
+                          ) from None
+
+
+def _build(spec: str, objective: Objective) -> Policy | None:
     text = spec.strip()
     kind, sep, arg = text.partition(":")
     kind = kind.lower()
@@ -434,4 +457,4 @@ def from_spec(spec: str, *, objective: Objective = "tokens_per_s") -> Policy | N
             raise PolicyError(f"Policy {spec!r}: write {kind}:PATH.")
         chooser = load_onnx_chooser(arg) if kind == "onnx" else TorchChooser.load(arg)
         return Learned(chooser, objective)
-    raise PolicyError(f"Unknown policy {spec!r}; use one of: {', '.join(SPECS)}.")
+    raise PolicyError(f"Policy {spec!r} is unknown; use one of: {', '.join(SPECS)}.")
