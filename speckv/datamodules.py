@@ -130,8 +130,15 @@ class SpeckvDataModule(L.LightningDataModule):
         if self._splits is not None:
             return
         df = read_records(self.paths)
+        # split the full frame, as `speckv evaluate` does, so both see the same test prompts
+        split = split_prompts(df, self.hparams.val_fraction, self.hparams.test_fraction,
+                              self.hparams.seed)
         if self.feature_set == "decision":
-            df = df[df["mode"] != "imported"].reset_index(drop=True)
+            keep = (df["mode"] != "imported").to_numpy()
+        else:
+            keep = (df["mode"] == "imported").to_numpy()
+        df, split = df[keep].reset_index(drop=True), split[keep]
+        if self.feature_set == "decision":
             if df.empty:
                 raise RecordError(
                     f"{', '.join(map(str, self.paths))}: no profiled rows, only imported ones. "
@@ -139,15 +146,12 @@ class SpeckvDataModule(L.LightningDataModule):
                 )
             x = feature_matrix(df)
         else:
-            df = df[df["mode"] == "imported"].reset_index(drop=True)
             if df.empty:
                 raise RecordError("feature_set=paper needs imported rows (speckv import-paper).")
             x = paper_feature_matrix(df)
         if not np.isfinite(x).all():
             bad = np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()
             raise RecordError(f"Features of rows {bad} are not finite; re-profile those prompts.")
-        split = split_prompts(df, self.hparams.val_fraction, self.hparams.test_fraction,
-                              self.hparams.seed)
         costs = np.ones((len(df), len(GAMMAS)), np.float32)
         has_cost = df["cost_draft_s"].notna().to_numpy()
         for i in np.flatnonzero(has_cost):

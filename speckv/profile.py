@@ -75,6 +75,7 @@ class TraceResult:
     """Arrays describing one greedy answer, position by position (length n)."""
 
     answer: np.ndarray  # [n] target tokens
+    max_new_tokens: int  # the answer budget M (n < M when the answer ended with EOS)
     target_top1: np.ndarray  # [n] target prob of each answer token
     stats: np.ndarray  # [n, 3] draft entropy/top1/margin, teacher-forced
     agree: np.ndarray  # [n] bool
@@ -98,7 +99,7 @@ def _target_answer(target, prompt_ids: list[int], max_new_tokens: int, eos: int 
     ids = torch.tensor([prompt_ids])
     out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                           max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, pad_token_id=eos)
+                          return_dict_in_generate=True, pad_token_id=eos, eos_token_id=eos)
     answer = out.sequences[0, len(prompt_ids):].tolist()
     if eos is not None and eos in answer:
         answer = answer[: answer.index(eos) + 1]
@@ -109,8 +110,14 @@ def _target_answer(target, prompt_ids: list[int], max_new_tokens: int, eos: int 
 
 
 def _off_track(draft, contexts: list[list[int]], steps: int, pad: int, batch_size: int = 32):
-    """Greedy draft continuations of each context: ``[len(contexts), steps, 2]`` (ent, top1)."""
+    """Greedy draft continuations of each context: ``[len(contexts), steps, 2]`` (ent, top1).
+
+    A plain batched greedy loop (left padding, explicit positions, KV cache). HF ``generate``
+    is not used: it stops rows at EOS and its min-length rule masks EOS, and a live decoder's
+    draft does neither.
+    """
     import torch
+    from transformers import DynamicCache
 
     out = np.full((len(contexts), steps, 2), np.nan, np.float32)
     order = np.argsort([len(c) for c in contexts])  # similar lengths batch together
@@ -120,12 +127,16 @@ def _off_track(draft, contexts: list[list[int]], steps: int, pad: int, batch_siz
         width = max(map(len, rows))
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        gen = draft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
-                             min_new_tokens=steps, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=pad)
-        logits = torch.stack(gen.logits, 1).float().numpy()  # [b, steps, V]
-        stats = token_stats(logits)
-        out[idx] = stats[..., :2]
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        with torch.inference_mode():
+            for step in range(steps):
+                logits = draft(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               cache=cache, use_cache=True).logits[:, -1].float()
+                out[idx, step] = token_stats(logits.numpy())[:, :2]
+                ids = logits.argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(ids)], -1)
+                pos = pos[:, -1:] + 1
     return out
 
 
@@ -143,28 +154,42 @@ def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int,
     proposal = logits.argmax(-1)
     agree = proposal == answer
     run = agreement_runs(agree)
-    cap = np.minimum(GAMMA_MAX, n - 1 - np.arange(n))
+    # a live decoder may draft past the answer's end when it ended with EOS (it cannot know);
+    # the run of agreements then stops at the EOS token, which ends the answer when accepted
+    left = max_new_tokens - 1 - np.arange(n)
+    cap = np.minimum(np.minimum(GAMMA_MAX, left), n - np.arange(n))
     accept_len = np.minimum(run, cap)
 
-    # off-track continuations after each disagreement m that some step can draft past
-    need = [m for m in range(n) if not agree[m] and m <= n - 3]
-    off = {}
-    if need:
-        contexts = [list(prompt_ids) + answer[:m].tolist() + [int(proposal[m])] for m in need]
-        cont = _off_track(draft, contexts, GAMMA_MAX - 1, pad)
-        off = {m: cont[r] for r, m in enumerate(need)}
+    # What a live step starting at i drafts: up to kmax[i] tokens (it cannot know where an
+    # EOS-ended answer stops). Drafted token k sees the true prefix while k - 1 <= run[i];
+    # past the first disagreement m = i + run[i] it sees y[:m] + d(m) + its own tokens
+    # ("off-track", shared by every step reaching m); past an EOS that the draft agreed with,
+    # it sees the whole answer + its own tokens (the "tail").
+    kmax = np.minimum(GAMMA_MAX, left)
+    on_path = (run == n - np.arange(n))  # agrees all the way through the answer's end
+    need = sorted({int(i + run[i]) for i in range(n) if not on_path[i] and kmax[i] >= run[i] + 2})
+    contexts = [list(prompt_ids) + answer[:m].tolist() + [int(proposal[m])] for m in need]
+    tail_needed = bool(n < max_new_tokens and (on_path & (kmax > n - np.arange(n))).any())
+    if tail_needed:
+        contexts.append(list(prompt_ids) + answer.tolist())
+    cont = _off_track(draft, contexts, GAMMA_MAX, pad) if contexts else None
+    off = {m: cont[r] for r, m in enumerate(need)}
+    tail = cont[-1] if tail_needed else None
 
     ent_k = np.full((n, GAMMA_MAX), np.nan, np.float32)
     top1_k = np.full((n, GAMMA_MAX), np.nan, np.float32)
     for i in range(n):
-        for k in range(1, int(cap[i]) + 1):
-            if k - 1 <= run[i]:  # drafted on the true prefix: teacher-forced statistics
-                j = i + k - 1
+        r = int(run[i])
+        for k in range(1, int(kmax[i]) + 1):
+            j = i + k - 1
+            if j < n and k - 1 <= r:  # drafted on the true prefix: teacher-forced statistics
                 ent_k[i, k - 1], top1_k[i, k - 1] = stats[j, 0], stats[j, 1]
-            else:  # past the first disagreement at m = i + run[i]
-                m = i + int(run[i])
-                ent_k[i, k - 1], top1_k[i, k - 1] = off[m][k - int(run[i]) - 2]
-    return TraceResult(answer, target_top1, stats, agree, accept_len, cap, ent_k, top1_k)
+            elif on_path[i]:  # past the answer's EOS
+                ent_k[i, k - 1], top1_k[i, k - 1] = tail[j - n]
+            else:  # past the first disagreement
+                ent_k[i, k - 1], top1_k[i, k - 1] = off[i + r][k - r - 2]
+    return TraceResult(answer, max_new_tokens, target_top1, stats, agree, accept_len, cap,
+                       ent_k, top1_k)
 
 
 def trace_rows(tr: TraceResult, ident: dict, costs: dict) -> pd.DataFrame:
@@ -176,6 +201,7 @@ def trace_rows(tr: TraceResult, ident: dict, costs: dict) -> pd.DataFrame:
         "step": np.arange(n, dtype=np.int32),
         "position": np.arange(n, dtype=np.int32),
         "seq_len": np.full(n, n, np.int32),
+        "max_new_tokens": np.full(n, tr.max_new_tokens, np.int32),
         "temperature": np.zeros(n, np.float32),
         "mode": "trace",
         "replayable": True,

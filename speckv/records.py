@@ -6,6 +6,12 @@ the target accepts, so any γ's accepted count is ``min(accept_len, γ)``. ``acc
 where that observation is cut off (γmax, the tokens left in the answer, the γ a live step
 drafted, or the γ of an imported row): ``accept_len == accept_cap`` means "at least that many".
 
+``seq_len`` is the answer's length ``n`` and ``max_new_tokens`` the decoder's budget ``M``. An
+answer that ended with EOS has ``n <= M``, and a live decoder, which cannot know that EOS is
+coming, may still draft up to ``min(γmax, M - p - 1)`` tokens at position ``p``; a drafted EOS
+that the target accepts ends the answer with no bonus token. So at position ``i`` a trace
+row's cap is ``min(γmax, M - i - 1, n - i)`` and replay moves ``min(accepted + 1, n - p)``.
+
 Column groups (``SCHEMA`` below is the single definition):
 
 - identity: who decoded what, where;
@@ -68,6 +74,7 @@ SCHEMA: Final = (
     Column("step", pa.int32(), "identity"),
     Column("position", pa.int32(), "identity"),
     Column("seq_len", pa.int32(), "identity", nullable=True),
+    Column("max_new_tokens", pa.int32(), "identity", nullable=True),
     Column("temperature", pa.float32(), "identity"),
     Column("mode", pa.string(), "identity"),
     Column("replayable", pa.bool_(), "identity"),
@@ -149,7 +156,7 @@ def validate(df: pd.DataFrame, path: str | Path | None = None) -> pd.DataFrame:
     if replay.any():
         sub = df.loc[replay]
         for name in (*DECISION_COLUMNS, "draft_entropy_k", "draft_top1_k", "cost_draft_s",
-                     "cost_verify_s", "seq_len"):
+                     "cost_verify_s", "seq_len", "max_new_tokens"):
             if sub[name].isna().any():
                 rows = np.flatnonzero(replay & df[name].isna().to_numpy())[:5].tolist()
                 raise RecordError(
@@ -297,6 +304,7 @@ def import_paper(csv: str | Path, out: str | Path | None = None) -> pd.DataFrame
         "step": step.astype(np.int32),
         "position": np.zeros(n, np.int32),
         "seq_len": pd.array([None] * n, dtype="Int32"),
+        "max_new_tokens": pd.array([None] * n, dtype="Int32"),
         "temperature": np.zeros(n, np.float32),
         "mode": "imported",
         "replayable": False,

@@ -22,7 +22,7 @@ def _brute_force(draft, prefix: list[int], answer: list[int], i: int, cap: int):
         ent.append(e)
         top1.append(t)
         tok = int(logits.argmax())
-        if still and tok == answer[i + k]:
+        if still and i + k < len(answer) and tok == answer[i + k]:
             accepted += 1
         else:
             still = False
@@ -35,22 +35,27 @@ def test_agreement_runs_counts_consecutive_agreements():
     assert runs.tolist() == [2, 1, 0, 3, 2, 1, 0]
 
 
-def test_trace_matches_brute_force_drafting(tiny_pair):
+@pytest.mark.parametrize("prompt, eos, ends_with_eos", [
+    ([1, 5, 17, 33, 8], None, False),  # the answer runs to max_new_tokens
+    ([1, 40, 41, 7], 2, True),  # the answer ends with EOS (token 2) after 3 tokens
+])
+def test_trace_matches_brute_force_drafting(tiny_pair, prompt, eos, ends_with_eos):
     draft, target = tiny_pair
-    prompt = [1, 5, 17, 33, 8]
-    tr = trace_prompt(draft, target, prompt, max_new_tokens=24, eos=None, pad=0)
+    budget = 24
+    tr = trace_prompt(draft, target, prompt, max_new_tokens=budget, eos=eos, pad=0)
     n = len(tr.answer)
-    assert n == 24
-    assert 0 < tr.agree.mean() < 1, "the fixture should give a mix of agreements"
+    assert (n < budget) == ends_with_eos
+    assert 0 < tr.agree.mean() < 1 or n < 5, "the fixture should give a mix of agreements"
     answer = tr.answer.tolist()
     for i in range(n):
+        kmax = min(GAMMA_MAX, budget - i - 1)  # what a live step may draft here
         cap = int(tr.accept_cap[i])
-        assert cap == min(GAMMA_MAX, n - i - 1)
-        acc, ent, top1 = _brute_force(draft, prompt, answer, i, cap)
-        assert tr.accept_len[i] == acc, f"position {i}"
-        np.testing.assert_allclose(tr.top1_k[i, :cap], top1, atol=2e-5)
-        np.testing.assert_allclose(tr.ent_k[i, :cap], ent, atol=2e-4)
-        assert np.isnan(tr.top1_k[i, cap:]).all()
+        assert cap == min(kmax, n - i)
+        acc, ent, top1 = _brute_force(draft, prompt, answer, i, kmax)
+        assert tr.accept_len[i] == min(acc, cap), f"position {i}"
+        np.testing.assert_allclose(tr.top1_k[i, :kmax], top1, atol=2e-5)
+        np.testing.assert_allclose(tr.ent_k[i, :kmax], ent, atol=2e-4)
+        assert np.isnan(tr.top1_k[i, kmax:]).all()
 
 
 def test_trace_rows_validate_against_schema(tiny_pair):
