@@ -90,3 +90,26 @@ def test_fit_on_bad_records_exits_2_with_a_message(tmp_path, records, match):
     )
     assert proc.returncode == 2
     assert match in proc.stderr and "Traceback" not in proc.stderr
+
+
+PAPER_CSV = Path(__file__).resolve().parents[2] / "shared" / "paper" / "phase2_step_results.csv"
+
+
+@pytest.mark.skipif(not PAPER_CSV.is_file(), reason="the seed paper's CSV is not beside the repo")
+def test_imported_paper_rows_train_an_acceptance_predictor(tmp_path):
+    from speckv.records import PAPER_FEATURE_NAMES, import_paper
+
+    path = tmp_path / "paper.parquet"
+    import_paper(PAPER_CSV, path)
+    dm = SpeckvDataModule(records=str(path))
+    dm.setup("fit")
+    assert dm.feature_set == "paper" and dm.feature_names == list(PAPER_FEATURE_NAMES)
+    # generations, not rows, are split: 240 generations, none in two splits
+    assert sum(dm.split_sizes.values()) == 5112
+    root = tmp_path / "runs"
+    assert train_main(["fit", "--data.records", str(path), "--trainer.max_epochs", "2",
+                       "--trainer.default_root_dir", str(root),
+                       "--trainer.enable_progress_bar", "false"]) == 0
+    ckpt = next((root / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    _, meta = load_checkpoint(ckpt)
+    assert meta["feature_set"] == "paper"
