@@ -1,0 +1,135 @@
+"""The live benchmark runs every method on tiny models and checks the greedy outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import noisy_copy, save_with_tokenizer, tiny_llama
+
+import speckv.bench as bench
+from speckv.bench import first_difference, interleaved, logit_gap
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def saved_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-pair")
+    target = tiny_llama(2, seed=0)
+    draft = noisy_copy(target, 0.08, seed=1)
+    return save_with_tokenizer(draft, root / "draft"), save_with_tokenizer(target, root / "t")
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"task": "code", "prompt": "w5 w17 w33", "id": "a"}\n'
+                    '{"task": "math", "prompt": "w9 w4 w70", "id": "b"}\n'
+                    '{"task": "chat", "prompt": "w11 w12", "id": "c"}\n')
+    return path
+
+
+def _bench(capsys, argv):
+    from speckv.__main__ import main
+
+    code = main(["bench", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _argv(saved_pair, prompts, *extra):
+    draft_dir, target_dir = saved_pair
+    return ["--prompts", str(prompts), "--target", str(target_dir), "--draft", str(draft_dir),
+            "--dtype", "float64", "--max-new-tokens", "12", *extra]
+
+
+def test_bench_json_runs_every_method_and_checks_greedy_outputs(capsys, saved_pair, prompts):
+    code, out, err = _bench(capsys, _argv(saved_pair, prompts, "--json", "--repeats", "2"))
+    assert code == 0
+    result = json.loads(out)
+    names = {"ar", "hf:ar", "hf:constant", "hf:heuristic", "hf:confidence", "speckv:fixed:4",
+             "speckv:heuristic"}
+    assert names <= set(result["methods"])
+    for name in names:
+        row = result["methods"][name]
+        assert row["tokens_per_s"]["fp16"] > 0
+        assert row["ratio_to_hf_best"]["fp16"] > 0
+    assert result["methods"]["ar"]["ratio_to_ar"]["fp16"] == pytest.approx(1.0)
+    assert result["methods"]["speckv:fixed:4"]["mean_accepted"]["fp16"] > 0
+    block = result["by_compression"]["fp16"]
+    assert block["hf_best"] in {"hf:constant", "hf:heuristic", "hf:confidence"}
+    assert block["methods"][block["hf_best"]]["ratio_to_hf_best"] == pytest.approx(1.0)
+    assert result["identical_greedy"] is True and block["mismatches"] == []
+    assert block["methods"]["ar"]["tokens"] == 2 * 3 * 12
+    assert "bench" in err  # the progress bar goes to stderr
+
+
+def test_bench_reports_a_differing_output(capsys, saved_pair, prompts, monkeypatch):
+    real = bench._speckv_runner
+
+    def broken(decoder):
+        run = real(decoder)
+        if decoder.name != "fixed:4":
+            return run
+
+        def wrong(ids, n):
+            out = run(ids, n)
+            out.token_ids[3] = (out.token_ids[3] + 1) % 100 + 3
+            return out
+
+        return wrong
+
+    monkeypatch.setattr(bench, "_speckv_runner", broken)
+    code, out, _ = _bench(capsys, _argv(saved_pair, prompts, "--json", "--methods",
+                                        "ar,speckv:fixed:4"))
+    assert code == 0
+    result = json.loads(out)
+    assert result["identical_greedy"] is False
+    diffs = result["by_compression"]["fp16"]["mismatches"]
+    assert {d["prompt_id"] for d in diffs} == {"a", "b", "c"}
+    assert all(d["method"] == "speckv:fixed:4" and d["first_diff"] == 3 for d in diffs)
+    assert all(d["logit_gap"] > 0 and not d["near_tie"] for d in diffs)
+
+
+def test_bench_table(capsys, saved_pair, prompts):
+    code, out, _ = _bench(capsys, _argv(saved_pair, prompts, "--methods",
+                                        "hf:constant,speckv:fixed:2"))
+    assert code == 0
+    assert "speckv:fixed:2" in out and "every greedy output equals the target's" in out
+
+
+def test_bench_refuses_unknown_methods_and_levels(capsys, saved_pair, prompts):
+    code, _, err = _bench(capsys, _argv(saved_pair, prompts, "--methods", "magic"))
+    assert code == 2 and "Unknown method" in err
+    code, _, err = _bench(capsys, _argv(saved_pair, prompts, "--compression", "fp8"))
+    assert code == 2 and "fp8" in err
+
+
+def test_interleaved_order_rotates_and_keeps_every_method():
+    methods = ["a", "b", "c"]
+    orders = [interleaved(methods, i) for i in range(4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_logit_gap_is_relative_to_the_top_logit():
+    model = tiny_llama(1, seed=3)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([[4, 5]])).logits[0, -1]
+    top2 = logits.topk(2).indices.tolist()
+    gap, rel = logit_gap(model, [4, 5], *top2)
+    assert gap == pytest.approx(float(logits[top2[0]] - logits[top2[1]]))
+    assert rel == pytest.approx(gap / float(logits.abs().max()))
