@@ -122,6 +122,9 @@ def _atomic_dir(final: Path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             yield tmp
+            tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+            for f in tmp.rglob("*"):
+                f.chmod(0o755 if f.is_dir() else 0o644)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

@@ -246,10 +246,11 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
     jobs = [(c, p) for c in compressions for p in prompts]
     jobs = jobs[shard[0] :: shard[1]]
     drafter = load_model(draft, "fp16", dtype=dtype)
+    # one metadata file per shard: shards may run at the same time in the same folder
+    meta_path = parts / f"runs.{shard[0]}of{shard[1]}.json"
     run_meta = {}
-    meta_path = parts / "runs.json"
-    if meta_path.exists():
-        run_meta = json.loads(meta_path.read_text())
+    for f in parts.glob("runs.*.json"):
+        run_meta.update(json.loads(f.read_text()))
     for compression in compressions:
         todo = [p for c, p in jobs if c == compression and not (parts / _part_name(c, p)).exists()]
         if not todo:
@@ -266,10 +267,11 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
             "compute_dtype": tgt.compute_dtype, "mode": mode, "machine": platform.machine(),
             "processor": platform.processor(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d"), "cost": cost.to_json(),
-            "max_new_tokens": max_new_tokens, "load_s": tgt.load_s,
+            "max_new_tokens": max_new_tokens, "load_s": tgt.load_s, "shard": list(shard),
         }
+        mine = {k: v for k, v in run_meta.items() if v.get("shard") == list(shard)}
         tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(run_meta, indent=2))
+        tmp.write_text(json.dumps(mine, indent=2))
         os.replace(tmp, meta_path)
         ident = {"run_id": run_id, "draft_model": draft, "target_model": target,
                  "compression": compression, "compute_dtype": tgt.compute_dtype}
