@@ -132,7 +132,8 @@ def _off_track(draft, contexts: list[list[int]], steps: int, pad: int, batch_siz
         with torch.inference_mode():
             for step in range(steps):
                 logits = draft(input_ids=ids, attention_mask=mask, position_ids=pos,
-                               cache=cache, use_cache=True).logits[:, -1].float()
+                               cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                logits = logits.float()
                 out[idx, step] = token_stats(logits.numpy())[:, :2]
                 ids = logits.argmax(-1, keepdim=True)
                 mask = torch.cat([mask, torch.ones_like(ids)], -1)
@@ -148,8 +149,8 @@ def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int,
     answer, target_top1 = _target_answer(target, prompt_ids, max_new_tokens, eos)
     n = len(answer)
     seq = torch.tensor([list(prompt_ids) + answer.tolist()])
-    with torch.inference_mode():
-        logits = draft(input_ids=seq).logits[0, len(prompt_ids) - 1 : -1].float().numpy()
+    with torch.inference_mode():  # logits only where an answer token is predicted
+        logits = draft(input_ids=seq, logits_to_keep=n + 1).logits[0, :-1].float().numpy()
     stats = token_stats(logits)
     proposal = logits.argmax(-1)
     agree = proposal == answer
