@@ -232,7 +232,8 @@ def _part_name(compression: str, prompt: Prompt) -> str:
 def run_profile(*, draft: str, target: str, compressions: list[str], prompts: list[Prompt],
                 out: Path, mode: str = "trace", max_new_tokens: int = 96,
                 shard: tuple[int, int] = (0, 1), dtype: str = "bfloat16",
-                policy: str = "fixed:4", threads: int | None = None) -> Path:
+                policy: str = "fixed:4", threads: int | None = None,
+                temperature: float = 0.0, seed: int = 0) -> Path:
     """Profile prompts x compressions; returns the merged record file (or the shard's)."""
     import torch
     from tqdm import tqdm
@@ -242,6 +243,10 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
 
     if threads:
         torch.set_num_threads(threads)
+    if mode == "trace" and temperature > 0:
+        raise ProfileError("Trace mode profiles greedy decoding (its outcome for every γ rests "
+                           "on greedy decoding being lossless). Profile sampling with --mode "
+                           "live, which records per-position acceptance probabilities.")
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     jobs = [(c, p) for c in compressions for p in prompts]
@@ -277,6 +282,7 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         ident = {"run_id": run_id, "draft_model": draft, "target_model": target,
                  "compression": compression, "compute_dtype": tgt.compute_dtype}
         costs = {"cost_draft_s": cost.cost_draft_s, "cost_verify_s": cost.cost_verify_s}
+        rows_done, busy_s = 0, 0.0
         for prompt in tqdm(todo, desc=f"{mode} {compression}", unit="prompt"):
             ids = chat_ids(tok, prompt.text)
             started = time.perf_counter()
@@ -285,10 +291,13 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
                 df = trace_rows(tr, {**ident, "task": prompt.task,
                                      "prompt_id": prompt.prompt_id}, costs)
             else:
-                df = _live_rows(drafter, tgt, ids, prompt, ident, cost, policy, max_new_tokens)
-            log.debug("%s %s: %d rows in %.1fs", compression, prompt.prompt_id, len(df),
-                      time.perf_counter() - started)
+                df = _live_rows(drafter, tgt, ids, prompt, ident, cost, policy, max_new_tokens,
+                                temperature, seed)
+            busy_s += time.perf_counter() - started
+            rows_done += len(df)
             write_records(df, parts / _part_name(compression, prompt))
+        log.info("%s %s: %d records from %d prompts in %.0f s (%.1f records/s)", mode,
+                 compression, rows_done, len(todo), busy_s, rows_done / max(busy_s, 1e-9))
         del tgt
     files = sorted(parts.glob("*.parquet"))
     wanted = {_part_name(c, p) for c, p in jobs}
@@ -305,15 +314,22 @@ def _merge_parts(files: list[Path], out: Path, run_meta: dict) -> Path:
     return write_records(df, out, {"runs": {k: v for k, v in run_meta.items() if k in used}})
 
 
-def _live_rows(drafter, tgt, ids, prompt, ident, cost, policy_spec, max_new_tokens):
-    from speckv.decode import SpeculativeDecoder
+def _live_rows(drafter, tgt, ids, prompt, ident, cost, policy_spec, max_new_tokens,
+               temperature: float = 0.0, seed: int = 0):
+    """Step records of one live run of the real decoder (mode=live)."""
+    from speckv.decode import SpeculativeDecoder, records_frame
     from speckv.policies import from_spec
 
-    decoder = SpeculativeDecoder(drafter, tgt, from_spec(policy_spec), costs=cost)
-    result = decoder.generate(ids, max_new_tokens=max_new_tokens)
-    df = pd.DataFrame(result.steps)
-    for k, v in {**ident, "task": prompt.task, "prompt_id": prompt.prompt_id}.items():
-        df[k] = v
+    policy = from_spec(policy_spec)
+    if policy is None:
+        raise ProfileError("--policy ar decodes without a draft: profile a drafting policy "
+                           "(fixed:K, heuristic, confidence:T, onnx:PATH).")
+    decoder = SpeculativeDecoder(drafter, tgt, policy, costs=cost, run_id=ident["run_id"])
+    result = decoder.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed, task=prompt.task, prompt_id=prompt.prompt_id)
+    df = records_frame(result.steps)
+    for key, value in ident.items():
+        df[key] = value
     return df
 
 
@@ -341,6 +357,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--per-task", type=int, default=40, help="prompts per task from the suites")
     ap.add_argument("--mode", choices=("trace", "live"), default="trace")
     ap.add_argument("--policy", default="fixed:4", help="live mode: the γ policy")
+    ap.add_argument("--temperature", type=float, default=0.0, help="live mode: sampling")
+    ap.add_argument("--seed", type=int, default=0, help="live mode: sampling seed")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype of unquantized weights")
     ap.add_argument("--shard", help="i/n or auto (RANK/WORLD_SIZE)")
@@ -356,7 +374,8 @@ def main(argv: list[str]) -> int:
     out = run_profile(draft=args.draft, target=args.target, compressions=comps,
                       prompts=_prompts(args), out=args.out, mode=args.mode,
                       max_new_tokens=args.max_new_tokens, shard=parse_shard(args.shard),
-                      dtype=args.dtype, policy=args.policy, threads=args.threads)
+                      dtype=args.dtype, policy=args.policy, threads=args.threads,
+                      temperature=args.temperature, seed=args.seed)
     df = read_records(out)
     print(f"wrote {len(df)} step records to {out}")
     return 0

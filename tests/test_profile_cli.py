@@ -60,3 +60,21 @@ def test_bad_arguments_exit_2(pair_dirs, tmp_path, capsys):
     assert "write records to a .parquet file" in capsys.readouterr().err
     assert _profile(pair_dirs, tmp_path / "r.parquet", "--shard", "3/2") == 2
     assert "0 <= i < n" in capsys.readouterr().err
+
+
+def test_live_mode_agrees_with_replay_of_trace_records(pair_dirs, tmp_path):
+    from speckv.evaluate import prepare, replay
+    from speckv.policies import FixedGamma
+
+    trace, live = tmp_path / "trace.parquet", tmp_path / "live.parquet"
+    assert _profile(pair_dirs, trace) == 0
+    assert _profile(pair_dirs, live, "--mode", "live", "--policy", "fixed:3") == 0
+    t, lv = read_records(trace), read_records(live)
+    assert (lv["mode"] == "live").all() and (lv["gamma"].dropna() <= 3).all()
+    traces = prepare(t)
+    result = replay(traces, FixedGamma(3))
+    for s in range(traces.n_sequences):
+        task, prompt_id = str(traces.task[s]), str(traces.prompt[s]).split("/", 1)[1]
+        steps = lv[(lv["task"] == task) & (lv["prompt_id"] == prompt_id)]
+        assert len(steps) == int(result.steps[s])
+        assert int(steps["accept_len"].sum()) == int(result.accepted[s])
