@@ -6,17 +6,13 @@ import pytest
 import torch
 
 
-def tiny_llama(layers: int, seed: int, vocab: int = 96, hidden: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, initializer_range=0.5, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = 0
-    return model
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and the machine is shared); restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +20,7 @@ def tiny_pair():
     """(draft, target): the draft is a noisy copy of the target, so they agree often.
 
     A large init range keeps random models from repeating one token forever."""
-    target = tiny_llama(2, seed=0)
-    draft = tiny_llama(2, seed=0)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(0.05 * p.std() * torch.randn_like(p))
-    return draft, target
+    from tiny_models import noisy_copy, tiny_llama
+
+    target = tiny_llama(2, seed=0, dtype=torch.float32)
+    return noisy_copy(target, 0.05, seed=1), target

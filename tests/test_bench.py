@@ -12,14 +12,6 @@ import speckv.bench as bench
 from speckv.bench import first_difference, interleaved, logit_gap
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-pair")

@@ -21,14 +21,6 @@ from speckv.records import read_records, validate, write_records
 PROMPT = [1, 5, 17, 33, 8, 90]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def target():

@@ -37,7 +37,7 @@ def test_agreement_runs_counts_consecutive_agreements():
 
 @pytest.mark.parametrize("prompt, eos, ends_with_eos", [
     ([1, 5, 17, 33, 8], None, False),  # the answer runs to max_new_tokens
-    ([1, 40, 41, 7], 2, True),  # the answer ends with EOS (token 2) after 3 tokens
+    ([1, 3, 40], 2, True),  # the answer ends with EOS (token 2) after 12 tokens
 ])
 def test_trace_matches_brute_force_drafting(tiny_pair, prompt, eos, ends_with_eos):
     draft, target = tiny_pair

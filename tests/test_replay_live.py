@@ -18,7 +18,7 @@ from speckv.profile import trace_prompt, trace_rows
 IDENT = {"run_id": "r", "draft_model": "d", "target_model": "t", "compression": "fp16",
          "compute_dtype": "float32", "task": "chat", "prompt_id": "p"}
 COSTS = {"cost_draft_s": 0.01, "cost_verify_s": [0.03 + 0.002 * g for g in range(9)]}
-PROMPTS = ([1, 5, 17, 33, 8], [1, 40, 41, 7], [1, 77, 3, 3, 12, 60], [1, 9, 4])
+PROMPTS = ([1, 5, 17, 33, 8], [1, 3, 40], [1, 19, 9], [1, 77, 3, 3, 12, 60])
 
 
 def _replay_steps(rows, policy):

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Rebuild everything speckv ships from the demo pair, in order. Each step's command is the
+# one the README quotes; figures land in runs/bundle/ (git-ignored) for the notes.
+#   1. profile (trace, all suites x fp16/int8/nf4; two shards side by side, one thread each)
+#   2. merge, figures, train (seed 0), export, evaluate (both objectives), controller latency
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+REC=data/records/smollm2-demo.parquet
+OUT=runs/bundle
+mkdir -p "$OUT"
+if [ ! -f "$REC" ]; then
+  for i in 0 1; do
+    $PY -m speckv profile --compression fp16,int8,nf4 --mode trace --per-task 30 \
+      --max-new-tokens 96 --threads 1 --shard $i/2 --out "$REC" &
+  done
+  wait
+  $PY -m speckv records merge data/records/smollm2-demo.shard0of2.parquet \
+    data/records/smollm2-demo.shard1of2.parquet --out "$REC"
+  rm -rf data/records/smollm2-demo.shard*.parquet "$REC.parts"
+fi
+$PY -m speckv records figures "$REC" --out data/figures --json > "$OUT/figures.json"
+start=$(date +%s%N)
+$PY -m speckv.train fit --trainer.enable_progress_bar false 2> "$OUT/fit.log"
+echo "fit wall ms: $(( ($(date +%s%N) - start) / 1000000 ))" | tee "$OUT/fit_time.txt"
+CKPT=$(ls -t lightning_logs/version_*/checkpoints/*.ckpt | head -1)
+$PY -m speckv.train test --ckpt_path "$CKPT" --trainer.enable_progress_bar false \
+  > "$OUT/test.txt" 2> "$OUT/test.log"
+$PY -m speckv export --ckpt "$CKPT" --out export/speckv.onnx --json > "$OUT/export.json"
+$PY -m speckv evaluate --controller export/speckv.onnx --report "$OUT/report" --json \
+  > "$OUT/evaluate.json"
+$PY -m speckv evaluate --controller export/speckv.onnx --objective tokens_per_step \
+  --report "$OUT/report-tokens-per-step" --json > "$OUT/evaluate_tokens_per_step.json"
+$PY -m speckv bench-controller --controller export/speckv.onnx --json > "$OUT/bench_controller.json"
+echo "done: $OUT"
