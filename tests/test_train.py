@@ -71,6 +71,7 @@ def test_fit_then_test_writes_checkpoint_config_and_tensorboard(record_file, tmp
     tags = acc.Tags()
     assert {"val/loss", "val/tokens_per_s", "val/auroc_s1", "train/loss"} <= set(tags["scalars"])
     assert "val/calibration" in tags["images"]
+    assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
     assert acc.Scalars("val/auroc_s1")[-1].value > 0.6, "the controller learned nothing"
 
     test_args = ["test", "--data.records", str(record_file), "--ckpt_path", str(ckpts[0]),
