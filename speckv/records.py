@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from speckv.errors import SpeckvError
-from speckv.features import COMPRESSIONS, GAMMA_MAX, assemble
+from speckv.features import COMPRESSIONS, GAMMA_MAX, N_FEATURES, assemble
 from speckv.prompts import TASKS
 
 MODES: Final = ("trace", "live", "imported")
@@ -231,8 +231,7 @@ def merge(paths: Sequence[str | Path], out: str | Path) -> Path:
 # -------------------------------------------------------------------------------- features
 def feature_matrix(df: pd.DataFrame) -> np.ndarray:
     """``[n, N_FEATURES]`` decision-time features of each row (one definition: features.py)."""
-    out = np.empty((len(df), len(assemble(np.zeros((1, 3)), 0, 0, 0, 0, "fp16")[0])),
-                   np.float32)
+    out = np.empty((len(df), N_FEATURES), np.float32)
     for comp, idx in df.groupby("compression", observed=True).indices.items():
         sub = df.iloc[idx]
         stats = sub[["draft_entropy", "draft_top1", "draft_margin"]].to_numpy(np.float32)
