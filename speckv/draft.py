@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from speckv.atomic import atomic_write
 from speckv.models import DEMO_TARGET, DRAFT_DIR, cache_dir, converted_gguf_dir, resolve
 from speckv.prompts import chat_ids, distill_pool
 
@@ -165,9 +165,7 @@ def generate_data(per_task: int = 400, batch_size: int = 16, max_new_tokens: int
                     "top_ids": top.indices[r, :n].to(torch.int32),
                     "top_logp": top.values[r, :n].to(torch.float16),
                 })
-        tmp = path.with_suffix(".tmp")
-        torch.save(rows, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp, rows=rows: torch.save(rows, tmp))
     return out
 
 
@@ -288,12 +286,11 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
                      step, ce, agree, held_agree)
             model.train()
         if time.time() - last_save > ckpt_every_s or step == steps:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": {k: v for k, v in model.state_dict().items()
-                                  if not _shared_keys(k)},
-                        "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "history": history}, tmp)
-            os.replace(tmp, ckpt)
+            state = {"model": {k: v for k, v in model.state_dict().items()
+                               if not _shared_keys(k)},
+                     "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "step": step, "history": history}
+            atomic_write(ckpt, lambda tmp, state=state: torch.save(state, tmp))
             last_save = time.time()
             card = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
                     "train_sequences": len(train_rows),

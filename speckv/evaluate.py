@@ -31,11 +31,9 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -44,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from speckv import __version__
+from speckv.atomic import atomic_write
 from speckv.errors import SpeckvError
 from speckv.features import COMPRESSIONS, GAMMA_MAX, GAMMAS
 from speckv.policies import (
@@ -642,20 +641,6 @@ def run(records: pd.DataFrame, learned: Policy | None = None, *,
 
 
 # ------------------------------------------------------------------------------- output
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write via a temporary file in the same folder, then rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -786,7 +771,7 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
                f"policy beats it ({result['oracle_beaten_on_sequences']}, policy: sequences). "
                "The exact bound row is the best any policy could do.", ""]
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    report = _atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(md)))
+    report = atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(md)))
     return [report, *plots]
 
 
@@ -859,7 +844,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 # ---------------------------------------------------------------------------------- CLI

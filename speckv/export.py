@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 import speckv
+from speckv.atomic import atomic_write
 from speckv.errors import SpeckvError
 from speckv.features import COMPRESSIONS
 from speckv.runtime.contract import (
@@ -522,23 +522,21 @@ def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.P
     nodes = audit(model, info)
     data = model.SerializeToString()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    checks: dict[str, Any] = {}
+
+    def write_and_check(tmp: Path) -> None:
+        """The file is renamed into place only if every check on it passes."""
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _new_file_mode())  # mkstemp makes it 0600; a plain open() would not
-        parity = check_parity(graph, tmp, features, costs, info)
-        parity["source"] = parity_source
-        latency = (decision_latency(tmp, features, costs, info, latency_calls)
-                   if latency_calls else None)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        checks["parity"] = {**check_parity(graph, tmp, features, costs, info),
+                            "source": parity_source}
+        checks["latency"] = (decision_latency(tmp, features, costs, info, latency_calls)
+                             if latency_calls else None)
+
+    atomic_write(out, write_and_check)
+    parity, latency = checks["parity"], checks["latency"]
     return {
         "out": str(out),
         "bytes": len(data),
@@ -550,13 +548,6 @@ def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.P
         "latency": latency,
         "metadata": info.to_metadata(),
     }
-
-
-def _new_file_mode() -> int:
-    """The permissions ``open(path, "w")`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from speckv.atomic import atomic_write
 from speckv.errors import SpeckvError
 from speckv.features import GAMMA_MAX, history_arrays, token_stats
 from speckv.prompts import TASKS, Prompt, chat_ids, load_jsonl, suites
@@ -276,9 +277,7 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
             "max_new_tokens": max_new_tokens, "load_s": tgt.load_s, "shard": list(shard),
         }
         mine = {k: v for k, v in run_meta.items() if v.get("shard") == list(shard)}
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(mine, indent=2))
-        os.replace(tmp, meta_path)
+        atomic_write(meta_path, lambda tmp, mine=mine: tmp.write_text(json.dumps(mine, indent=2)))
         ident = {"run_id": run_id, "draft_model": draft, "target_model": target,
                  "compression": compression, "compute_dtype": tgt.compute_dtype}
         costs = {"cost_draft_s": cost.cost_draft_s, "cost_verify_s": cost.cost_verify_s}

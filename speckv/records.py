@@ -26,8 +26,6 @@ Column groups (``SCHEMA`` below is the single definition):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from speckv.atomic import atomic_write
 from speckv.errors import SpeckvError
 from speckv.features import COMPRESSIONS, GAMMA_MAX, N_FEATURES, assemble
 from speckv.prompts import TASKS
@@ -177,16 +176,7 @@ def write_records(df: pd.DataFrame, path: str | Path, metadata: dict | None = No
     table = pa.Table.from_pandas(df[list(COLUMNS)], schema=ARROW_SCHEMA, preserve_index=False)
     if metadata:
         table = table.replace_schema_metadata({b"speckv": json.dumps(metadata).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def read_metadata(path: str | Path) -> dict:
