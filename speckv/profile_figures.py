@@ -94,9 +94,9 @@ def write_figures(df: pd.DataFrame, out: Path) -> dict:
     comps = [c for c in COMPRESSIONS if c in best]
     grid = np.array([[best[c].get(t, {}).get("best_gamma", np.nan) for t in TASKS] for c in comps],
                     float)
-    fig, ax = plt.subplots(figsize=(6, 2.8))
-    im = ax.imshow(grid, cmap="viridis", vmin=min(GAMMAS), vmax=max(GAMMAS))
-    ax.set_xticks(range(len(TASKS)), TASKS)
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    im = ax.imshow(grid, cmap="viridis", vmin=min(GAMMAS), vmax=max(GAMMAS), aspect="auto")
+    ax.set_xticks(range(len(TASKS)), TASKS, rotation=15)
     ax.set_yticks(range(len(comps)), comps)
     for i in range(len(comps)):
         for j in range(len(TASKS)):
