@@ -154,8 +154,10 @@ class SpeckvDataModule(L.LightningDataModule):
             raise RecordError(f"Features of rows {bad} are not finite; re-profile those prompts.")
         costs = np.ones((len(df), len(GAMMAS)), np.float32)
         has_cost = df["cost_draft_s"].notna().to_numpy()
-        for i in np.flatnonzero(has_cost):
-            costs[i] = step_costs(df["cost_draft_s"].iat[i], df["cost_verify_s"].iat[i])
+        if has_cost.any():
+            measured = df.loc[has_cost]
+            costs[has_cost] = step_costs(measured["cost_draft_s"].to_numpy(),
+                                         np.stack(measured["cost_verify_s"].to_numpy()))
         ref = df["gamma"].fillna(REFERENCE_GAMMA).to_numpy(np.int64)
         comp = df["compression"].map({c: i for i, c in enumerate(COMPRESSIONS)}).to_numpy()
         tensors = {

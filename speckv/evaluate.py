@@ -61,6 +61,7 @@ from speckv.policies import (
     TorchChooser,
     from_spec,
     load_onnx_chooser,
+    step_costs,
 )
 from speckv.records import feature_matrix, read_records, sequence_ids, split_prompts
 
@@ -198,15 +199,14 @@ def prepare(df: pd.DataFrame) -> Traces:
                             "position)); re-profile them.")
     verify = _stack(df["cost_verify_s"], GAMMA_MAX + 1, "cost_verify_s")
     draft = df["cost_draft_s"].to_numpy(np.float64)
-    g = np.asarray(GAMMAS, np.float64)
-    costs = g[None, :] * draft[:, None] + verify[:, 1:]
+    costs = step_costs(draft, verify)
     if not (np.isfinite(verify).all() and (verify > 0).all() and (draft >= 0).all()):
         raise EvaluateError("cost_draft_s / cost_verify_s must be finite and positive; the "
                             "profile's cost measurement failed, re-profile.")
     first = df.iloc[starts]
     return Traces(
         features=feature_matrix(df),
-        costs=costs.astype(np.float32),
+        costs=costs,
         verify0=verify[:, 0],
         accept=accept,
         top1_k=_stack(df["draft_top1_k"], GAMMA_MAX, "draft_top1_k"),

@@ -84,10 +84,16 @@ class StepContext:
     oracle_accept_len: int | None = None
 
 
-def step_costs(cost_draft_s: float, cost_verify_s) -> np.ndarray:
-    """Seconds of a step that drafts each candidate γ in ``GAMMAS``."""
+def step_costs(cost_draft_s, cost_verify_s) -> np.ndarray:
+    """Seconds of a step that drafts each candidate γ in ``GAMMAS``: ``g·draft + verify[g]``.
+
+    Scalar draft and ``[GAMMA_MAX + 1]`` verify give ``[len(GAMMAS)]``; a column of rows
+    (draft ``[n]``, verify ``[n, GAMMA_MAX + 1]``) gives ``[n, len(GAMMAS)]``.
+    """
     verify = np.asarray(cost_verify_s, dtype=np.float64)
-    return np.array([g * cost_draft_s + verify[g] for g in GAMMAS], dtype=np.float32)
+    draft = np.asarray(cost_draft_s, dtype=np.float64)[..., None]
+    gammas = np.asarray(GAMMAS)
+    return (gammas * draft + verify[..., gammas]).astype(np.float32)
 
 
 class Policy(Protocol):
