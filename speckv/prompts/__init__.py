@@ -19,19 +19,36 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import inspect
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from speckv.errors import SpeckvError
+from speckv.prompts.sources import (
+    CHAT_FORMS,
+    CHAT_POOL_TOPICS,
+    CHAT_QUESTIONS,
+    CHAT_TOPICS,
+    CODE_FORMS,
+    CODE_TASKS,
+    MATH_ITEMS,
+    MATH_NAMES,
+    MATH_POOL_TEMPLATES,
+    MATH_SUITE_TEMPLATES,
+    api_functions,
+    api_prompt,
+    family,
+    module_docs,
+)
 
 TASKS: Final = ("code", "math", "chat", "summarization")
-SUITE_SIZE: Final = 40  # prompts per task in the bundled suites
+SUITE_SIZE: Final = 40  # prompts per task that commands profile by default
+SUITE_MAX: Final = 120  # prompts per task in the full suites
 
 
 class PromptError(SpeckvError, ValueError):
@@ -62,108 +79,17 @@ def _code_prompt(problem: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------- math
-_NAMES: Final = ("Ana", "Ben", "Chloe", "Dev", "Elif", "Farid", "Greta", "Hiro", "Ines", "Jonas",
-                 "Kemi", "Luca", "Mira", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara")
-_ITEMS: Final = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps",
-                 "shells", "cards", "balloons", "oranges", "tickets", "coins", "plants")
-_MATH_TEMPLATES: Final = (
-    "{a} has {x} {item}. {b} gives {a} {y} more, and then {a} gives away {z}. "
-    "How many {item} does {a} have now? Explain step by step.",
-    "A shop sells {item} at {p} dollars each. {a} buys {x} of them and pays with a "
-    "{bill}-dollar bill. How much change does {a} get? Show your work.",
-    "{a} reads {x} pages every day. The book has {n} pages. How many days does {a} need to "
-    "finish it? Explain your reasoning.",
-    "A train travels at {s} kilometres per hour for {h} hours, then at {t} kilometres per hour "
-    "for {k} more hours. How far does it travel in total? Solve step by step.",
-    "{a} and {b} share {n} {item} in the ratio {r1}:{r2}. How many {item} does each get? "
-    "Show each step.",
-    "A rectangle is {x} cm long and {y} cm wide. What are its area and its perimeter? "
-    "Explain the calculation.",
-    "{a} saves {p} dollars each week. How many weeks will it take to save {n} dollars? "
-    "Work it out step by step.",
-    "There are {x} students in a class and {q} percent of them like math. How many students "
-    "like math? Show your reasoning.",
-    "{a} bakes {x} trays of {item} with {y} on each tray and sells {z} of them. How many are "
-    "left? Solve it step by step.",
-    "What is {x} multiplied by {y}, minus {z}? Explain each step of the calculation.",
-)
-
-
-def _math_prompt(rng: random.Random) -> str:
-    a, b = rng.sample(_NAMES, 2)
+def _math_prompt(rng: random.Random, templates: tuple[str, ...] = MATH_SUITE_TEMPLATES) -> str:
+    a, b = rng.sample(MATH_NAMES, 2)
     x, y = rng.randint(3, 60), rng.randint(2, 40)
     values = {
-        "a": a, "b": b, "item": rng.choice(_ITEMS), "x": x, "y": y,
+        "a": a, "b": b, "item": rng.choice(MATH_ITEMS), "x": x, "y": y,
         "z": rng.randint(1, x + y - 1), "p": rng.randint(2, 15), "bill": rng.choice((50, 100)),
         "n": rng.randint(100, 600), "s": rng.randint(40, 120), "t": rng.randint(40, 120),
         "h": rng.randint(1, 5), "k": rng.randint(1, 4), "r1": rng.randint(1, 5),
         "r2": rng.randint(1, 5), "q": rng.choice((10, 20, 25, 40, 50, 60, 75)),
     }
-    return rng.choice(_MATH_TEMPLATES).format(**values)
-
-
-# --------------------------------------------------------------------------------------- chat
-_CHAT_SUITE: Final = (
-    "What are some good ways to fall asleep faster?",
-    "Can you suggest a simple weekly meal plan for a busy student?",
-    "How do I politely decline a meeting invitation from my manager?",
-    "What is the difference between weather and climate?",
-    "Give me three ideas for a rainy-day activity with kids.",
-    "How can I start learning to play the guitar as an adult?",
-    "Why is the sky blue? Explain it simply.",
-    "Write a short thank-you note to a neighbour who watered my plants.",
-    "What should I pack for a three-day hiking trip?",
-    "How do vaccines help the body fight disease?",
-    "Suggest a name for a small bakery that sells sourdough bread.",
-    "What are the benefits of drinking enough water every day?",
-    "How do I make a good first impression at a job interview?",
-    "Explain what a budget is and how to make one.",
-    "What is a good routine for studying for exams?",
-    "Can you recommend some tips for keeping houseplants alive?",
-    "How does recycling help the environment?",
-    "Write a friendly message inviting my friends to a picnic on Saturday.",
-    "What are some easy exercises I can do at home without equipment?",
-    "How do I deal with stress before a big presentation?",
-    "What is the difference between a virus and a bacterium?",
-    "Give me some advice for learning a new language.",
-    "How can I save money on groceries?",
-    "Describe the water cycle in a few sentences.",
-    "What makes a good password, and how can I remember it?",
-    "How do I write a polite complaint email to a company?",
-    "What are some fun facts about octopuses?",
-    "How can I be more productive when working from home?",
-    "Why do leaves change colour in autumn?",
-    "Suggest a few questions to ask when adopting a dog.",
-    "What is the best way to learn touch typing?",
-    "How do solar panels produce electricity?",
-    "Give me a simple recipe for pancakes.",
-    "How should I prepare for a long flight?",
-    "What is the difference between a crocodile and an alligator?",
-    "How can I help a friend who is feeling lonely?",
-    "What are the main causes of traffic jams in cities?",
-    "Explain what inflation is in simple words.",
-    "How do I choose a good book to read next?",
-    "What are some tips for taking better photos with a phone?",
-    "How do bees make honey?",
-    "What should I do if I lock myself out of my house?",
-)
-_CHAT_FORMS: Final = (
-    "What are some tips for {t}?", "Can you explain {t} to a beginner?",
-    "Why is {t} important?", "Give me a short plan for {t}.",
-    "What are common mistakes people make with {t}?", "How do I get better at {t}?",
-)
-_CHAT_TOPICS: Final = (
-    "public speaking", "gardening", "running a first marathon", "cooking rice", "saving energy at "
-    "home", "writing a CV", "time management", "learning to swim", "caring for a cat",
-    "planning a birthday party", "reading more books", "keeping a journal", "meditation",
-    "moving to a new city", "painting with watercolours", "cycling to work", "making friends",
-    "negotiating a salary", "baking bread", "choosing a laptop", "learning chess",
-    "organizing a closet", "staying focused", "eating more vegetables", "traveling on a budget",
-    "writing poetry", "teaching a child to ride a bike", "composting", "night photography",
-    "sleeping well", "learning to draw", "building a habit", "hosting a dinner", "camping",
-    "birdwatching", "volunteering", "decluttering", "learning to knit", "stretching",
-    "car maintenance", "brewing tea", "studying history", "keeping fish", "playing piano",
-)
+    return rng.choice(templates).format(**values)
 
 
 # ------------------------------------------------------------------------------ summarization
@@ -187,33 +113,10 @@ def _pydoc_passages() -> list[str]:
     return [p for key in sorted(topics) for p in _paragraphs(topics[key])]
 
 
-_DOC_MODULES: Final = (
-    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime",
-    "decimal", "difflib", "email", "enum", "fractions", "functools", "heapq", "http.client",
-    "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random", "re", "sched",
-    "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap",
-    "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile", "zlib", "abc", "bisect",
-    "calendar", "codecs", "configparser", "copy", "fnmatch", "glob", "gzip", "hashlib", "io",
-)
-
-
 def _module_passages() -> list[str]:
-    import importlib
-
-    out = []
-    for name in _DOC_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        docs = [inspect.getdoc(module) or ""]
-        for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
-            if not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)):
-                docs.append(inspect.getdoc(obj) or "")
-        for doc in docs:
-            out.extend(_paragraphs(doc))
-    return out
+    seen: set[str] = set()
+    return [p for doc in module_docs() for p in _paragraphs(doc)
+            if not (p in seen or seen.add(p))]
 
 
 def _summarize(passage: str) -> str:
@@ -221,21 +124,62 @@ def _summarize(passage: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ suites
+#: how many prompts of each task the first suites held; ``suite(task, n)[:FIRST_SUITE]`` is
+#: the same whatever ``n``, so records profiled on the first suites stay valid.
+FIRST_SUITE: Final = 40
+
+
+def _spread(items: list, n: int) -> list:
+    """``n`` items spread evenly over ``items`` (all of them when there are fewer)."""
+    step = max(1, len(items) // n) if n else 1
+    return items[::step][:n]
+
+
+def _interleave(*groups: list[Prompt]) -> list[Prompt]:
+    out = []
+    for i in range(max(map(len, groups))):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
+
+
+def _code_suite() -> list[Prompt]:
+    problems = [Prompt("code", p["task_id"].replace("/", "-"), _code_prompt(p))
+                for p in _humaneval()[::4]]  # every 4th problem; the others train the draft
+    tasks = [Prompt("code", f"codetask-{i:03d}", CODE_FORMS[i % len(CODE_FORMS)].format(t=t))
+             for i, t in enumerate(CODE_TASKS) if i >= 30 and family(t) == "suite"]
+    apis = [Prompt("code", f"api-{qual}", api_prompt(sig, doc))
+            for qual, sig, doc in api_functions() if family(qual) == "suite"]
+    return problems[:FIRST_SUITE] + _interleave(problems[FIRST_SUITE:], tasks, apis)
+
+
+def _chat_suite() -> list[Prompt]:
+    asked = [Prompt("chat", f"chat-{i:03d}", t) for i, t in enumerate(CHAT_QUESTIONS)]
+    topics = [t for t in CHAT_TOPICS if family(t) == "suite"]
+    formed = [Prompt("chat", f"chattopic-{i:03d}-{j}", CHAT_FORMS[(i + 2 * j) % len(CHAT_FORMS)]
+                     .format(t=t)) for j in range(3) for i, t in enumerate(topics)]
+    return asked + formed
+
+
+def _summarization_suite() -> list[Prompt]:
+    passages = _pydoc_passages()
+    first = passages[:: max(1, len(passages) // FIRST_SUITE)][:FIRST_SUITE]
+    taken = set(first)
+    rest = [p for p in passages if not (p in taken or taken.add(p))]  # pydoc repeats some
+    return [Prompt("summarization", f"sum-{i:03d}", _summarize(p))
+            for i, p in enumerate(first + _spread(rest, SUITE_MAX - FIRST_SUITE))]
+
+
 def suite(task: str, n: int = SUITE_SIZE) -> list[Prompt]:
-    """The bundled suite of one task category (deterministic)."""
+    """The first ``n`` prompts of one task's suite (deterministic; a prefix for any ``n``)."""
     if task == "code":
-        problems = _humaneval()[::4][:n]  # every 4th problem; the others train the draft
-        return [Prompt("code", p["task_id"].replace("/", "-"), _code_prompt(p)) for p in problems]
+        return _code_suite()[:n]
     if task == "math":
         rng = random.Random(20261130)
         return [Prompt("math", f"math-{i:03d}", _math_prompt(rng)) for i in range(n)]
     if task == "chat":
-        return [Prompt("chat", f"chat-{i:03d}", t) for i, t in enumerate(_CHAT_SUITE[:n])]
+        return _chat_suite()[:n]
     if task == "summarization":
-        passages = _pydoc_passages()
-        step = max(1, len(passages) // n)
-        return [Prompt("summarization", f"sum-{i:03d}", _summarize(p))
-                for i, p in enumerate(passages[::step][:n])]
+        return _summarization_suite()[:n]
     raise PromptError(f"Unknown task {task!r}: use one of {', '.join(TASKS)}.")
 
 
@@ -243,42 +187,87 @@ def suites(tasks: Iterable[str] = TASKS, n: int = SUITE_SIZE) -> list[Prompt]:
     return [p for task in tasks for p in suite(task, n)]
 
 
+# ---------------------------------------------------------------------------- the draft's pool
 def distill_pool(per_task: int, seed: int = 0) -> list[Prompt]:
-    """Training prompts for the draft, disjoint from every suite prompt (checked)."""
+    """Up to ``per_task`` training prompts per task for the draft, from the pool family of every
+    source (:mod:`speckv.prompts.sources`): never a suite prompt, nor one that differs from a
+    suite prompt only by its numbers, names or phrasing (:func:`overlap` checks it)."""
     rng = random.Random(seed + 7919)
     problems = [p for i, p in enumerate(_humaneval()) if i % 4 != 0]
     code = [Prompt("code", f"dcode-{i}", _code_prompt(p)) for i, p in enumerate(problems)]
-    funcs = [
-        "reverses the words in a sentence", "counts vowels in a string", "merges two sorted "
-        "lists", "checks if a string is a palindrome", "computes the factorial of n",
-        "flattens a nested list", "returns the n-th Fibonacci number", "removes duplicates "
-        "from a list while keeping order", "finds the most common element in a list",
-        "converts Celsius to Fahrenheit", "parses a date string in ISO format",
-        "reads a CSV file into a list of dictionaries", "groups words by their first letter",
-        "computes the median of a list of numbers", "validates an email address with a regex",
-        "implements binary search", "rotates a matrix by 90 degrees", "checks balanced "
-        "parentheses", "computes the greatest common divisor", "implements a stack class",
-        "sorts a list of tuples by the second item", "counts word frequencies in a text",
-        "transposes a matrix", "generates all permutations of a string", "chunks a list into "
-        "pieces of size n", "implements bubble sort", "finds prime numbers below n",
-        "capitalizes every word in a sentence", "sums the digits of an integer",
-        "implements a simple LRU cache",
-    ]
-    code += [Prompt("code", f"dfunc-{i}", f"Write a Python function that {f}. Include a "
-                    "docstring and a short example.") for i, f in enumerate(funcs)]
-    math = [Prompt("math", f"dmath-{i}", _math_prompt(rng)) for i in range(per_task)]
+    code += [Prompt("code", f"dtask-{i}-{j}", form.format(t=t))
+             for i, t in enumerate(CODE_TASKS) if i < 30 or family(t) == "pool"
+             for j, form in enumerate(CODE_FORMS)]
+    code += [Prompt("code", f"dapi-{qual}", api_prompt(sig, doc))
+             for qual, sig, doc in api_functions() if family(qual) == "pool"]
+    math = [Prompt("math", f"dmath-{i}", _math_prompt(rng, MATH_POOL_TEMPLATES))
+            for i in range(per_task)]
+    topics = [*CHAT_POOL_TOPICS, *(t for t in CHAT_TOPICS if family(t) == "pool")]
     chat = [Prompt("chat", f"dchat-{i}-{j}", form.format(t=topic))
-            for i, topic in enumerate(_CHAT_TOPICS) for j, form in enumerate(_CHAT_FORMS)]
+            for i, topic in enumerate(topics) for j, form in enumerate(CHAT_FORMS)]
     summ = [Prompt("summarization", f"dsum-{i}", _summarize(p))
             for i, p in enumerate(_module_passages())]
+    everything = [*code, *math, *chat, *summ]
+    # what the families cannot see (a module's docstring quoting a function's) is dropped here
+    clash = {pid for pid, _ in overlap(everything, suites(n=SUITE_MAX))}
     pool = []
     for group in (code, math, chat, summ):
         rng.shuffle(group)
-        pool.extend(group[:per_task])
-    suite_texts = {p.text for p in suites()}
-    pool = [p for p in pool if p.text not in suite_texts]
+        pool.extend([p for p in group if p.prompt_id not in clash][:per_task])
     rng.shuffle(pool)
     return pool
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_WORD = re.compile(r"[a-z#@]+")
+_MASKED = re.compile(r"\b(" + "|".join(w.lower() for w in (*MATH_NAMES, *MATH_ITEMS)) + r")\b")
+
+
+def template_key(text: str) -> str:
+    """The text with numbers, names and items masked: equal keys = one template's instances."""
+    masked = _MASKED.sub("@", _NUMBER.sub("#", text.lower()))
+    return " ".join(masked.split())
+
+
+def _shingles(text: str, k: int = 5) -> set[tuple[str, ...]]:
+    words = _WORD.findall(template_key(text))
+    return {tuple(words[i : i + k]) for i in range(max(1, len(words) - k + 1))}
+
+
+def overlap(pool: Iterable[Prompt], held_out: Iterable[Prompt], threshold: float = 0.5,
+            frame: int = 5) -> list[tuple[str, str]]:
+    """Pairs ``(pool id, held-out id)`` that are the same prompt or near-duplicates: the same
+    template with other numbers or names, or sharing ``threshold`` of the smaller prompt's
+    word 5-grams (numbers and names masked). 5-grams found in ``frame`` or more held-out
+    prompts are the wording around a task ("Write a Python function that ...") and do not
+    count; the task, topic or passage inside is what makes two prompts the same."""
+    pool, held = list(pool), list(held_out)
+    keys = {template_key(p.text): p.prompt_id for p in held}
+    pool_grams = [_shingles(p.text) for p in pool]
+    grams = [_shingles(p.text) for p in held]
+    seen_in = Counter(s for g in grams for s in g)  # held-out only: a pool's subset checks alike
+    common = {s for s, n in seen_in.items() if n >= frame}
+    grams = [g - common for g in grams]
+    index: dict[tuple[str, ...], list[int]] = {}
+    for i, g in enumerate(grams):
+        for s in g:
+            index.setdefault(s, []).append(i)
+    out = []
+    for p, mine in zip(pool, pool_grams, strict=True):
+        key = template_key(p.text)
+        if key in keys:
+            out.append((p.prompt_id, keys[key]))
+            continue
+        mine = mine - common
+        counts: dict[int, int] = {}
+        for s in mine:
+            for i in index.get(s, ()):
+                counts[i] = counts.get(i, 0) + 1
+        for i, shared in counts.items():
+            if shared >= max(1.0, threshold * min(len(mine), len(grams[i]))):
+                out.append((p.prompt_id, held[i].prompt_id))
+                break
+    return out
 
 
 # ------------------------------------------------------------------------------------- files
