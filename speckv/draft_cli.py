@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from speckv.draft import ANSWER_TOKENS, POOL_PER_TASK
 from speckv.models import COMPRESSIONS, DEMO_DRAFT, DEMO_TARGET
 
 
@@ -86,10 +87,12 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="speckv draft", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="generate the target's answers to the training pool")
-    d.add_argument("--per-task", type=int, default=400)
+    d.add_argument("--per-task", type=int, default=POOL_PER_TASK,
+                   help=f"pool prompts per task (default {POOL_PER_TASK})")
     d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--max-new-tokens", type=int, default=ANSWER_TOKENS)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     t = sub.add_parser("distill", help="train the draft (resumable)")
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--batch-size", type=int, default=8)
@@ -111,7 +114,8 @@ def main(argv: list[str]) -> int:
         from speckv.draft import generate_data
 
         out = generate_data(per_task=args.per_task, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+                            max_new_tokens=args.max_new_tokens, seed=args.seed,
+                            threads=args.threads)
         print(f"distillation data in {out}")
     elif args.cmd == "distill":
         from speckv.draft import train
