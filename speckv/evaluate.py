@@ -9,7 +9,9 @@ for what a step is). Replay of one answer of length n decoded with a budget of M
     while p < n:
         max_gamma = min(8, M - p - 1)
         if max_gamma == 0: plain target step (cost_verify_s[0], one token)
-        γ = min(policy.choose(ctx), max_gamma)
+        γ = policy.choose(ctx)
+        if γ == 0: plain target step (cost_verify_s[0], one token); continue
+        γ = min(γ, max_gamma)
         drafted = first k < γ where not keep_drafting(k, top1_k, entropy_k), else γ
         accepted = min(accept_len[p], drafted)         # accept_len <= n - p
         time += drafted * cost_draft_s + cost_verify_s[drafted]
@@ -47,7 +49,9 @@ from speckv.errors import SpeckvError
 from speckv.features import COMPRESSIONS, GAMMA_MAX, GAMMAS
 from speckv.policies import (
     OBJECTIVES,
+    PLAIN,
     BestFixed,
+    BestStatic,
     ConfidenceStop,
     EmaRule,
     EntropyStop,
@@ -56,6 +60,7 @@ from speckv.policies import (
     Learned,
     Objective,
     Oracle,
+    Plain,
     Policy,
     StepContext,
     TorchChooser,
@@ -77,9 +82,13 @@ SPLIT_SEED: Final = 0
 METRICS: Final = ("tokens_per_s", "tokens_per_step", "acceptance_rate", "speedup")
 LEARNED: Final = "learned"
 BEST_FIXED: Final = "best_fixed"
+BEST_STATIC: Final = "best_static"
 ORACLE: Final = "oracle"
 #: the exact best any policy could do on a trace (dynamic programme; not a policy).
 BOUND: Final = "upper_bound"
+#: the same programme restricted to steps that draft (γ >= 1): the best of the policies that
+#: always speculate; it does not bound a policy that takes plain steps (best_static may beat it).
+BOUND_DRAFTING: Final = "upper_bound_drafting"
 FIXED4: Final = "fixed:4"
 #: sums kept per sequence and policy; every metric is a ratio of two of them.
 _PARTS: Final = ("tokens", "steps", "drafted", "accepted", "time_s", "target_time_s")
@@ -231,7 +240,8 @@ class Replay:
     drafted: np.ndarray
     accepted: np.ndarray
     time_s: np.ndarray
-    chosen: np.ndarray  # [S, GAMMA_MAX + 1]: how often the policy chose each γ (index = γ)
+    chosen: np.ndarray  # [S, GAMMA_MAX + 1]: how often the policy chose each γ (index = γ;
+    #                     index 0 = a plain target step the policy chose)
 
     def parts(self, target_time: np.ndarray) -> np.ndarray:
         """``[S, len(_PARTS)]`` sums in ``_PARTS`` order."""
@@ -248,14 +258,18 @@ def _gain(accept_len: int, left: int) -> int:
 
 def _checked(name: str, gamma: Any) -> int:
     g = int(gamma)
-    if not 1 <= g <= GAMMA_MAX:
+    if not PLAIN <= g <= GAMMA_MAX:
         raise EvaluateError(f"Policy {name!r} chose γ={gamma}; choose() must return 1.."
-                            f"{GAMMA_MAX}.")
+                            f"{GAMMA_MAX}, or {PLAIN} for a plain target step.")
     return g
 
 
 def replay(traces: Traces, policy: Policy) -> Replay:
-    """Replay ``policy`` on every sequence of ``traces`` (see the module docstring)."""
+    """Replay ``policy`` on every sequence of ``traces`` (see the module docstring).
+
+    A choice of ``PLAIN`` (0) is a plain target step: one token at ``cost_verify_s[0]``, no
+    drafting, no ``keep_drafting`` or ``observe`` call (see :mod:`speckv.policies`).
+    """
     S = traces.n_sequences
     lists = traces.as_lists()
     accept, top1, entropy = lists["accept"], lists["top1"], lists["entropy"]
@@ -268,7 +282,7 @@ def replay(traces: Traces, policy: Policy) -> Replay:
         if len(pre_arr) != traces.n_rows:
             raise EvaluateError(f"Policy {policy.name!r}: choose_batch returned {len(pre_arr)} "
                                 f"choices for {traces.n_rows} rows.")
-        bad = (pre_arr < 1) | (pre_arr > GAMMA_MAX)
+        bad = (pre_arr < PLAIN) | (pre_arr > GAMMA_MAX)
         if bad.any():
             _checked(policy.name, pre_arr[np.flatnonzero(bad)[0]])
         pre = pre_arr.astype(np.int64).tolist()
@@ -299,6 +313,12 @@ def replay(traces: Traces, policy: Policy) -> Replay:
             else:
                 g = pre[r]
             counts[g] += 1
+            if g == PLAIN:  # no speculation this step: the target decodes one token
+                t += verify0[r]
+                tokens += 1
+                steps += 1
+                p += 1
+                continue
             if g > max_gamma:
                 g = max_gamma
             d = g
@@ -323,7 +343,8 @@ def replay(traces: Traces, policy: Policy) -> Replay:
     return Replay(policy.name, *out, chosen=chosen)
 
 
-def replay_bound(traces: Traces, objective: Objective = "tokens_per_s") -> Replay:
+def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
+                 plain_steps: bool = True) -> Replay:
     """The exact best any policy could do on each sequence (an upper bound, not a policy).
 
     The per-step :class:`~speckv.policies.Oracle` is greedy: after a step capped at γmax it
@@ -332,8 +353,12 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s") -> Repla
     positions finds the least total time (or, for ``tokens_per_step``, the fewest steps) of
     any sequence of drafted lengths d in 1..max_gamma, which covers every up-front-γ and
     stop-per-token policy: ``T[p] = min_d cost(d) + T[p + min(min(L_p, d) + 1, n - p)]``.
-    Drafting more than L_p tokens only costs more, so only d <= max(L_p, 1) is tried; ties go
-    to the smaller d.
+    A plain target step (d = 0: one token at ``cost_verify_s[0]``, what :class:`BestStatic`
+    and the target alone do) is a candidate too, so the bound covers policies that skip
+    speculation. Drafting more than L_p tokens only costs more, so only d <= max(L_p, 1) is
+    tried; ties go to the smaller d (plain first). With ``plain_steps=False`` only d >= 1 is
+    tried (the budget's last token stays a plain step): the best of the policies that always
+    speculate, named ``BOUND_DRAFTING``; that is no bound for a policy taking plain steps.
     """
     S = traces.n_sequences
     lists = traces.as_lists()
@@ -353,6 +378,8 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s") -> Repla
                 continue
             row = costs[r]
             value, choice = math.inf, 1
+            if plain_steps:
+                value, choice = (verify0[r] if by_time else 1.0) + best[p + 1], 0
             for d in range(1, max(accept[r], 1) + 1):
                 a = accept[r] if accept[r] < d else d
                 v = (row[d - 1] if by_time else 1.0) + best[p + min(a + 1, n - p)]
@@ -366,6 +393,8 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s") -> Repla
             steps += 1
             d = pick[p]
             if d == 0:
+                if budget - p - 1 > 0:
+                    chosen[s, 0] += 1  # a plain step by choice, not the budget's last token
                 t += verify0[r]
                 p += 1
                 continue
@@ -376,7 +405,7 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s") -> Repla
             accepted_sum += a
             p += min(a + 1, n - p)
         out[:, s] = (n, steps, drafted_sum, accepted_sum, t)
-    return Replay(BOUND, *out, chosen=chosen)
+    return Replay(BOUND if plain_steps else BOUND_DRAFTING, *out, chosen=chosen)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -393,6 +422,20 @@ def metrics(parts: np.ndarray) -> dict[str, np.ndarray]:
         "acceptance_rate": _ratio(accepted, drafted),
         "speedup": _ratio(target, t),
     }
+
+
+def static_scores(traces: Traces, objective: Objective = "tokens_per_s"
+                  ) -> dict[str, np.ndarray]:
+    """Objective of plain decoding and every fixed γ per compression, by replay:
+    ``{compression: [plain, fixed:1, ..., fixed:8]}`` (index = the choice, 0 = plain)."""
+    target = traces.target_time()
+    scores: dict[str, list[float]] = {c: [] for c in sorted(set(traces.compression))}
+    for pol in [Plain(), *(FixedGamma(g) for g in GAMMAS)]:
+        parts = replay(traces, pol).parts(target)
+        for comp in scores:
+            m = metrics(parts[traces.compression == comp].sum(0))
+            scores[comp].append(float(m[objective]))
+    return {c: np.asarray(v) for c, v in scores.items()}
 
 
 def fixed_scores(traces: Traces, objective: Objective = "tokens_per_s") -> dict[str, np.ndarray]:
@@ -531,7 +574,7 @@ def summarize(traces: Traces, replays: dict[str, Replay], objective: Objective,
                 p_values[f"per_{group.kind}"][group.name] = pv
     gamma_hist = {}
     for name in names:
-        if name == BOUND:
+        if name in (BOUND, BOUND_DRAFTING):
             continue
         gamma_hist[name] = {
             c: replays[name].chosen[traces.compression == c, 1:].sum(0).tolist()
@@ -541,15 +584,18 @@ def summarize(traces: Traces, replays: dict[str, Replay], objective: Objective,
     beaten: dict[str, dict[str, int]] = {}
     for ref in (ORACLE, BOUND):
         if ref in names:
-            beaten[ref] = {n: k for n in names if n not in (ORACLE, BOUND)
+            beaten[ref] = {n: k for n in names if n not in (ORACLE, BOUND, BOUND_DRAFTING)
                            and (k := int((tps[ref] < tps[n] * (1 - 1e-9)).sum()))}
-    if BOUND in names and ORACLE in names:  # the oracle is a policy the bound must beat too
-        k = int((tps[BOUND] < tps[ORACLE] * (1 - 1e-9)).sum())
-        beaten[BOUND].update({ORACLE: k} if k else {})
+    if BOUND in names:  # the oracle and the drafting-only bound are policies it must beat too
+        for other in (ORACLE, BOUND_DRAFTING):
+            if other in names and (k := int((tps[BOUND] < tps[other] * (1 - 1e-9)).sum())):
+                beaten[BOUND][other] = k
     bound = policies.pop(BOUND, None)
+    bound_drafting = policies.pop(BOUND_DRAFTING, None)
     return {
         "policies": policies,
         "upper_bound": bound,
+        "upper_bound_drafting": bound_drafting,
         "target_alone": target_alone,
         "p_value_vs_fixed4": p_values["overall"].get("vs_fixed4"),
         "p_value_vs_best_fixed": p_values["overall"].get("vs_best_fixed"),
@@ -569,11 +615,12 @@ def summarize(traces: Traces, replays: dict[str, Replay], objective: Objective,
 # ----------------------------------------------------------------------------- pipeline
 def baseline_policies(train: Traces | None, objective: Objective,
                       extra: Sequence[str] = ()) -> list[Policy]:
-    """best_fixed (fitted on ``train``), fixed:1..8, heuristic, confidence, entropy, ema,
-    oracle, and any extra specs."""
+    """best_static and best_fixed (both fitted on ``train``), fixed:1..8, heuristic,
+    confidence, entropy, ema, oracle, and any extra specs."""
     policies: list[Policy] = []
     if train is not None:
-        policies.append(BestFixed.fit(train, objective))
+        scores = static_scores(train, objective)  # one replay serves both fits
+        policies += [BestStatic.from_scores(scores), BestFixed.from_scores(scores)]
     policies += [FixedGamma(g) for g in GAMMAS]
     policies += [Heuristic(), ConfidenceStop(), EntropyStop(), EmaRule(), Oracle(objective)]
     for spec in extra:
@@ -591,7 +638,8 @@ def run(records: pd.DataFrame, learned: Policy | None = None, *,
         resamples: int = RESAMPLES, extra: Sequence[str] = (),
         split_fractions: tuple[float, float, int] = (SPLIT_VAL, SPLIT_TEST, SPLIT_SEED),
         ) -> tuple[dict[str, Any], Traces, dict[str, Replay]]:
-    """Split by prompt, fit best_fixed on train, replay every policy on ``split``, summarize."""
+    """Split by prompt, fit best_static and best_fixed on train, replay every policy on
+    ``split``, summarize."""
     if objective not in OBJECTIVES:
         raise EvaluateError(f"--objective must be one of {', '.join(OBJECTIVES)}.")
     if resamples < 1:
@@ -614,13 +662,15 @@ def run(records: pd.DataFrame, learned: Policy | None = None, *,
         replays[pol.name] = replay(evaluated, pol)
         log.debug("replayed %s in %.2fs", pol.name, time.perf_counter() - t0)
     replays[BOUND] = replay_bound(evaluated, objective)
+    replays[BOUND_DRAFTING] = replay_bound(evaluated, objective, plain_steps=False)
     replay_s = time.perf_counter() - started
-    log.info("replayed %d policies on %d %s sequences (%d rows) and fitted best_fixed on %d "
-             "train sequences in %.1fs", len(policies), evaluated.n_sequences, split,
-             evaluated.n_rows, train.n_sequences, replay_s)
+    log.info("replayed %d policies on %d %s sequences (%d rows) and fitted the static "
+             "baselines on %d train sequences in %.1fs", len(policies), evaluated.n_sequences,
+             split, evaluated.n_rows, train.n_sequences, replay_s)
     t0 = time.perf_counter()
     result = summarize(evaluated, replays, objective, resamples, seed)
     best = next(p for p in policies if isinstance(p, BestFixed))
+    static = next(p for p in policies if isinstance(p, BestStatic))
     keys = sequence_ids(records)
     result.update({
         "objective": objective,
@@ -629,6 +679,7 @@ def run(records: pd.DataFrame, learned: Policy | None = None, *,
                   "prompts": {s: int(keys[assign == s].nunique())
                               for s in ("train", "val", "test")}},
         "best_fixed_gamma": best.gammas,
+        "best_static_choice": static.choices,  # 0 = plain decoding (the target alone)
         "learned": {"status": "evaluated" if learned is not None else "skipped"},
         "replay_seconds": round(replay_s, 3),
         "bootstrap_seconds": round(time.perf_counter() - t0, 3),
@@ -653,11 +704,20 @@ def _fmt_p(p: float | None) -> str:
     return "–" if p is None else f"{p:.4f}"
 
 
+#: how the table and the report label the rows that are not plain policies.
+ORACLE_LABEL: Final = "oracle (per step; not a bound)"
+BOUND_LABEL: Final = "upper bound (exact DP)"
+BOUND_DRAFTING_LABEL: Final = "best if every step drafts (exact DP)"
+
+
 def _rows_of(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Every policy's entry, then the exact bound's (labelled as such)."""
-    rows = list(result["policies"].items())
+    """Every policy's entry, then the exact bound's; the oracle and the bound labelled as
+    what they are (only the DP is an upper bound)."""
+    rows = [(ORACLE_LABEL if n == ORACLE else n, e) for n, e in result["policies"].items()]
+    if result.get("upper_bound_drafting"):
+        rows.append((BOUND_DRAFTING_LABEL, result["upper_bound_drafting"]))
     if result.get("upper_bound"):
-        rows.append(("(exact bound)", result["upper_bound"]))
+        rows.append((BOUND_LABEL, result["upper_bound"]))
     return rows
 
 
@@ -697,8 +757,9 @@ def print_table(result: dict[str, Any], file: Any) -> None:
     console.print(table)
     alone = result["target_alone"]
     console.print(f"target alone: {_fmt(alone['tokens_per_s'])} tokens/s "
-                  f"{_fmt_ci(alone['ci95'])}; best fixed γ per compression: "
-                  f"{result['best_fixed_gamma']} (fitted on train)")
+                  f"{_fmt_ci(alone['ci95'])}; fitted on train per compression: best fixed γ "
+                  f"{result['best_fixed_gamma']}, best static {result['best_static_choice']} "
+                  "(0 = plain decoding)")
     if result["learned"]["status"] == "evaluated":
         console.print(f"learned vs fixed:4  p = {_fmt_p(result['p_value_vs_fixed4'])};  "
                       f"learned vs best_fixed  p = {_fmt_p(result['p_value_vs_best_fixed'])}  "
@@ -725,8 +786,9 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
     md += [f"- records: {', '.join(result.get('records', [])) or '(in memory)'}",
            f"- prompts: {result['n_prompts']}, sequences: {result['n_sequences']}, rows: "
            f"{result['n_rows']} (split by prompt: {result['split']['prompts']})",
-           f"- objective: `{result['objective']}`; best fixed γ fitted on the train prompts: "
-           f"{result['best_fixed_gamma']}",
+           f"- objective: `{result['objective']}`; fitted on the train prompts per "
+           f"compression: best fixed γ {result['best_fixed_gamma']}, best static (plain "
+           f"decoding or a fixed γ) {result['best_static_choice']} (0 = plain)",
            f"- 95% CIs: percentile bootstrap over prompts (stratified by task), "
            f"{result['resamples']} resamples, seed {result['seed']}; paired across policies",
            f"- learned policy: {result['learned']['status']}"
@@ -735,9 +797,16 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
            ""]
     md += ["## Overall", "", _md_table(_headers(result), _table_rows(result)), "",
            f"Target alone: {_fmt(result['target_alone']['tokens_per_s'])} tokens/s "
-           f"{_fmt_ci(result['target_alone']['ci95'])}. Regret is 1 − tokens/s ÷ the per-step "
-           "oracle's. The exact bound is the best any policy could do on these traces (a "
-           "dynamic programme over each answer; the greedy per-step oracle can miss it).", ""]
+           f"{_fmt_ci(result['target_alone']['ci95'])}. The `{BOUND_LABEL}` row is the only "
+           "upper bound: the best any policy could do on these traces, plain steps included "
+           "(a dynamic programme over each answer). The same programme restricted to steps "
+           f"that draft gives `{BOUND_DRAFTING_LABEL}`, the best of the policies that always "
+           "speculate; the gap between the two is what a per-step \"speculate at all?\" "
+           "decision could add at most (replay does not price the draft's longer catch-up "
+           "after plain steps, so that gap is optimistic). The per-step oracle knows each "
+           "step's accepted length but chooses greedily, step by step: it is not an upper bound "
+           "(another policy can beat it on a sequence). Regret is 1 − tokens/s ÷ the per-step "
+           "oracle's, so it can be negative.", ""]
     if result["learned"]["status"] == "evaluated":
         md += ["## Is the learned policy better?", "",
                f"One-sided paired bootstrap p-values on `{result['p_value_metric']}` "
@@ -769,7 +838,7 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
     if result["oracle_beaten_on_sequences"]:
         md += ["The per-step oracle is greedy, not an exact bound: on a few sequences another "
                f"policy beats it ({result['oracle_beaten_on_sequences']}, policy: sequences). "
-               "The exact bound row is the best any policy could do.", ""]
+               f"The `{BOUND_LABEL}` row is the best any policy could do.", ""]
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     report = atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(md)))
     return [report, *plots]

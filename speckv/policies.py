@@ -14,6 +14,18 @@ A step of speculative decoding, as both :mod:`speckv.evaluate` (replay) and
 When ``ctx.max_gamma == 0`` (one token left to produce) there is no decision: the step is a
 plain target forward and no policy method is called.
 
+``choose`` may also return ``PLAIN`` (0): no speculation this step, the target decodes one
+token alone (cost ``cost_verify_s[0]``); ``keep_drafting`` and ``observe`` are not called
+for it (nothing was drafted, there is no outcome to learn from). That decision belongs
+before the draft runs (the design's first decision), so a policy returning 0 must not rely
+on the step's draft statistics; :class:`BestStatic` reads only the compression level. Replay
+prices a plain step at the target's own step time, and the next speculative step at the
+trace's draft cost: after several plain steps a live draft would catch up on more tokens
+in that first forward, which the trace does not price, so replay is exact for a policy that
+either never or always speculates at a compression (as :class:`BestStatic` does) and
+slightly optimistic for one that mixes plain and speculative steps. The live decoder
+(:mod:`speckv.decode`) runs ``policy=None`` as plain steps throughout.
+
 Cost of a step that drafts g tokens: ``g * cost_draft_s + cost_verify_s[g]``
 (``cost_verify_s[g]`` is one target forward over g+1 tokens; ``cost_verify_s[0]`` is a plain
 autoregressive step). The same formula is used by replay and by the learned controller.
@@ -59,6 +71,9 @@ ENTROPY_THRESHOLD: Final = 2.0
 EMA_RATE: Final = 0.5
 EMA_START: Final = float(HEURISTIC_START - 1)  # first γ = round(3) + 1 = 4, like the heuristic
 
+#: what ``choose`` returns for a plain target step (no speculation this step).
+PLAIN: Final = 0
+
 SPECS: Final = ("ar", "fixed:K", "heuristic", "confidence:T", "entropy:T", "ema", "oracle",
                 "onnx:PATH", "ckpt:PATH")
 
@@ -103,7 +118,8 @@ class Policy(Protocol):
         """Start of a new sequence."""
 
     def choose(self, ctx: StepContext) -> int:
-        """How many tokens to draft at most (1..GAMMA_MAX), decided before drafting."""
+        """How many tokens to draft at most (1..GAMMA_MAX), decided before drafting; or
+        ``PLAIN`` (0): a plain target step, replay only (see the module docstring)."""
 
     def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
         """After drafting token k (1-based) with these draft statistics: draft token k+1?"""
@@ -166,15 +182,30 @@ class BestFixed(_Stateless):
     @classmethod
     def fit(cls, records: Any, objective: Objective = "tokens_per_s") -> BestFixed:
         """Replay ``fixed:1..8`` on ``records`` (trace rows: the train split) and keep, per
-        compression, the γ with the most tokens per second (or per step); ties go to the
+        compression, the γ with the most tokens per second (or per step); near-ties go to the
         smaller γ. ``records`` is a step-record frame or a prepared :class:`speckv.evaluate.Traces`.
         """
         from speckv import evaluate  # pandas-backed; imported only when fitting
 
         _check_objective(objective)
         traces = records if isinstance(records, evaluate.Traces) else evaluate.prepare(records)
-        scores = evaluate.fixed_scores(traces, objective)
-        return cls({comp: int(GAMMAS[int(np.argmax(row))]) for comp, row in scores.items()})
+        return cls.from_scores(evaluate.fixed_scores(traces, objective))
+
+    @classmethod
+    def from_scores(cls, scores: Mapping[str, Any]) -> BestFixed:
+        """From ``{compression: [fixed:1, ..., fixed:8]}`` objective values, or the
+        ``[plain, fixed:1..8]`` rows of :func:`speckv.evaluate.static_scores` (plain is then
+        ignored); near-ties go to the smaller γ."""
+        out = {}
+        for comp, row in scores.items():
+            row = np.asarray(row, np.float64)
+            if row.shape == (GAMMA_MAX + 1,):
+                row = row[1:]
+            if row.shape != (len(GAMMAS),):
+                raise PolicyError(f"BestFixed.from_scores needs {len(GAMMAS)} scores per "
+                                  f"compression; got {row.shape} for {comp!r}.")
+            out[comp] = _best_choice(row, GAMMAS[0])
+        return cls(out)
 
     def choose(self, ctx: StepContext) -> int:
         try:
@@ -184,6 +215,83 @@ class BestFixed(_Stateless):
                 f"{self.name} has no γ for compression {ctx.compression!r}: it was fitted on "
                 f"{', '.join(sorted(self.gammas)) or 'nothing'}. Fit it on records that include "
                 "that compression level."
+            ) from None
+
+
+class Plain(_Stateless):
+    """Plain decoding: every step is the target alone (``choose`` returns ``PLAIN``).
+
+    In replay this is the target-alone baseline (its time is ``seq_len * cost_verify_s[0]``);
+    the live decoder spells it ``policy=None`` (spec ``ar``).
+    """
+
+    name = "plain"
+
+    def choose(self, ctx: StepContext) -> int:
+        return PLAIN
+
+
+def _best_choice(scores: np.ndarray, first: int) -> int:
+    """Index (offset by ``first``) of the best score; a near-tie (relative 1e-9, i.e. float
+    noise) goes to the earlier, cheaper candidate (plain, then the smaller γ)."""
+    scores = np.asarray(scores, np.float64)
+    finite = np.where(np.isfinite(scores), scores, -np.inf)
+    best = float(finite.max())
+    return first + int(np.flatnonzero(finite >= best - 1e-9 * abs(best))[0])
+
+
+class BestStatic(_Stateless):
+    """Per compression, the best of plain decoding and fixed γ = 1..8 on the training prompts.
+
+    The strongest baseline that needs no per-step decision: where speculation does not pay
+    at all (a fast target, a weak draft) it decodes plainly. ``choose`` returns the fitted
+    choice of the step's compression: ``PLAIN`` (0) for a plain target step, else γ. Build
+    it with :meth:`fit`; the constructor takes the already made ``{compression: 0..8}``.
+    """
+
+    def __init__(self, choices: Mapping[str, int], name: str = "best_static") -> None:
+        for comp, g in choices.items():
+            if comp not in COMPRESSIONS or not PLAIN <= int(g) <= GAMMA_MAX:
+                raise PolicyError(f"BestStatic needs 0 (plain) or γ in 1..{GAMMA_MAX} per "
+                                  f"compression ({', '.join(COMPRESSIONS)}); got {comp!r}: "
+                                  f"{g!r}.")
+        self.choices = {c: int(g) for c, g in choices.items()}
+        self.name = name
+
+    @classmethod
+    def from_scores(cls, scores: Mapping[str, Any]) -> BestStatic:
+        """From ``{compression: [plain, fixed:1, ..., fixed:8]}`` objective values (as
+        :func:`speckv.evaluate.static_scores` gives); near-ties go to plain, then smaller γ."""
+        out = {}
+        for comp, row in scores.items():
+            row = np.asarray(row, np.float64)
+            if row.shape != (GAMMA_MAX + 1,):
+                raise PolicyError(f"BestStatic.from_scores needs {GAMMA_MAX + 1} scores (plain, "
+                                  f"γ=1..{GAMMA_MAX}) per compression; got {row.shape} for "
+                                  f"{comp!r}.")
+            out[comp] = _best_choice(row, PLAIN)
+        return cls(out)
+
+    @classmethod
+    def fit(cls, records: Any, objective: Objective = "tokens_per_s") -> BestStatic:
+        """Replay plain decoding and ``fixed:1..8`` on ``records`` (trace rows: the train
+        split) and keep, per compression, the one with the most tokens per second (or per
+        step). ``records`` is a step-record frame or a prepared :class:`speckv.evaluate.Traces`.
+        """
+        from speckv import evaluate  # pandas-backed; imported only when fitting
+
+        _check_objective(objective)
+        traces = records if isinstance(records, evaluate.Traces) else evaluate.prepare(records)
+        return cls.from_scores(evaluate.static_scores(traces, objective))
+
+    def choose(self, ctx: StepContext) -> int:
+        try:
+            return self.choices[ctx.compression]
+        except KeyError:
+            raise PolicyError(
+                f"{self.name} has no choice for compression {ctx.compression!r}: it was fitted "
+                f"on {', '.join(sorted(self.choices)) or 'nothing'}. Fit it on records that "
+                "include that compression level."
             ) from None
 
 

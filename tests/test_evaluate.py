@@ -13,6 +13,8 @@ from synthetic import fit_survival_mlp, make_records, save_checkpoint, sequence_
 from speckv.__main__ import main as speckv_main
 from speckv.evaluate import (
     BEST_FIXED,
+    BEST_STATIC,
+    BOUND_DRAFTING,
     EvaluateError,
     baseline_policies,
     bootstrap_weights,
@@ -23,15 +25,19 @@ from speckv.evaluate import (
     replay,
     replay_bound,
     run,
+    static_scores,
 )
 from speckv.features import GAMMA_MAX, GAMMAS
 from speckv.policies import (
+    PLAIN,
     BestFixed,
+    BestStatic,
     ConfidenceStop,
     FixedGamma,
     Heuristic,
     Learned,
     Oracle,
+    Plain,
     StepContext,
     TorchChooser,
 )
@@ -39,7 +45,7 @@ from speckv.records import split_prompts, validate, write_records
 
 PAPER_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "paper" / \
     "phase2_step_results.csv"
-REQUIRED = ["learned", "best_fixed", *(f"fixed:{g}" for g in GAMMAS), "heuristic",
+REQUIRED = ["learned", "best_static", "best_fixed", *(f"fixed:{g}" for g in GAMMAS), "heuristic",
             "confidence:0.4", "entropy:2", "ema", "oracle"]
 
 
@@ -159,6 +165,60 @@ def test_last_token_is_a_plain_target_step_without_a_decision():
     assert spy.max_gammas == [2, 1]
 
 
+class PlainFirst:
+    """Plain steps before position ``until``, then fixed γ; records what it observes."""
+
+    name = "plain_first"
+
+    def __init__(self, until: int, gamma: int) -> None:
+        self.until, self.gamma = until, gamma
+        self.observed: list[tuple[int, int]] = []
+
+    def reset(self) -> None:
+        pass
+
+    def choose(self, ctx: StepContext) -> int:
+        return PLAIN if ctx.position < self.until else self.gamma
+
+    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
+        return True
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.observed.append((drafted, accepted))
+
+
+def test_replay_plain_steps_by_hand():
+    pol = PlainFirst(until=3, gamma=2)
+    # p0, p1, p2 plain (10 s each); p3 γ=2 acc 2 (+3, 14 s) -> p6 γ=2 acc 1 (+2, 14 s) -> p8
+    # one left to draft: γ=1 acc 1 (+2, 12 s)
+    assert totals(hand_trace(AGREE), pol) == (10, 6, 5, 4, 30 + 14 + 14 + 12)
+    assert pol.observed == [(2, 2), (2, 1), (1, 1)]  # plain steps are not observed
+    rep = replay(prepare(hand_trace(AGREE)), PlainFirst(until=3, gamma=2))
+    assert rep.chosen[0].tolist() == [3, 0, 3, 0, 0, 0, 0, 0, 0]
+
+
+def test_replay_of_plain_is_the_target_alone(traces):
+    rep = replay(traces, Plain())
+    np.testing.assert_array_equal(rep.tokens, traces.lengths)
+    np.testing.assert_array_equal(rep.steps, traces.lengths)
+    assert rep.drafted.sum() == 0 and rep.accepted.sum() == 0
+    np.testing.assert_allclose(rep.time_s, traces.target_time(), rtol=1e-9)
+    # every step is a plain choice, but for the budget's last token (no decision there)
+    np.testing.assert_array_equal(rep.chosen[:, 0],
+                                  traces.lengths - (traces.lengths == traces.budgets))
+
+
+def test_replay_refuses_a_choice_outside_plain_and_gamma_max():
+    class Bad(PlainFirst):
+        name = "bad"
+
+        def choose(self, ctx):
+            return -1
+
+    with pytest.raises(EvaluateError, match="plain target step"):
+        replay(prepare(hand_trace(AGREE)), Bad(0, 1))
+
+
 class RandomPolicy:
     """Random γ and random early stops: a stress test for the bounds."""
 
@@ -190,8 +250,17 @@ def traces(synthetic):
     return prepare(synthetic)
 
 
+class RandomPlainPolicy(RandomPolicy):
+    """Random γ, random early stops, and a plain step one time in three."""
+
+    name = "random_plain"
+
+    def choose(self, ctx: StepContext) -> int:
+        return PLAIN if self.rng.random() < 1 / 3 else super().choose(ctx)
+
+
 def all_policies(traces):
-    return [*baseline_policies(traces, "tokens_per_s"), RandomPolicy()]
+    return [*baseline_policies(traces, "tokens_per_s"), RandomPolicy(), RandomPlainPolicy()]
 
 
 def test_policies_never_draft_more_than_max_gamma(traces):
@@ -207,10 +276,35 @@ def test_exact_bound_beats_every_policy_on_every_sequence(traces):
     bound = replay_bound(traces)
     assert (bound.tokens == traces.lengths).all()
     bound_tps = bound.tokens / bound.time_s
-    for pol in [*all_policies(traces), Oracle()]:
+    for pol in [*all_policies(traces), Oracle(), Plain()]:
         rep = replay(traces, pol)
         worst = np.max((rep.tokens / rep.time_s) / bound_tps)
         assert worst <= 1 + 1e-9, f"{pol.name} beats the bound by {worst - 1:.2%}"
+    drafting = replay_bound(traces, plain_steps=False)
+    assert drafting.name == BOUND_DRAFTING
+    assert (drafting.time_s >= bound.time_s * (1 - 1e-12)).all()
+    assert drafting.chosen[:, 0].sum() == 0  # never a plain step by choice
+    drafting_tps = drafting.tokens / drafting.time_s
+    for pol in [FixedGamma(g) for g in GAMMAS] + [Heuristic(), Oracle(), RandomPolicy()]:
+        rep = replay(traces, pol)
+        assert np.max((rep.tokens / rep.time_s) / drafting_tps) <= 1 + 1e-9, pol.name
+
+
+def test_bound_takes_plain_steps_where_the_draft_is_wrong():
+    # the draft never agrees: a plain step (10 s) beats any drafting step (12 s or more)
+    df = hand_trace([0] * 6)
+    assert float(replay_bound(prepare(df)).time_s[0]) == 60
+    assert float(replay_bound(prepare(df), plain_steps=False).time_s[0]) == 5 * 12 + 10
+    # here the best steps never land on a mistake: p0 d=2 (14 s), p3 d=4 (18 s), p8 d=1
+    assert float(replay_bound(prepare(hand_trace(AGREE))).time_s[0]) == 14 + 18 + 12
+    # accept_len [2, 1, 0, 0, 1, 0]: p0 d=2 (+3, 14 s), p3 plain (10 s) where the draft is
+    # wrong, p4 d=1 (its accepted token ends the answer, 12 s): 36 s; drafting at p3 instead
+    # costs 12 s, so the drafting-only bound is 38 s
+    trace = prepare(hand_trace([1, 1, 0, 0, 1, 1]))
+    bound = replay_bound(trace)
+    assert float(bound.time_s[0]) == 14 + 10 + 12
+    assert bound.chosen[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert float(replay_bound(trace, plain_steps=False).time_s[0]) == 14 + 12 + 12
 
 
 def test_per_step_oracle_is_exact_unless_a_step_is_capped_at_gamma_max():
@@ -223,7 +317,8 @@ def test_per_step_oracle_is_exact_unless_a_step_is_capped_at_gamma_max():
             continue  # a capped run: the greedy oracle may land on the draft's mistake
         checked += 1
         oracle = totals(df, Oracle())
-        assert oracle[4] == pytest.approx(float(replay_bound(prepare(df)).time_s[0]))
+        drafting = replay_bound(prepare(df), plain_steps=False)  # the oracle always drafts
+        assert oracle[4] == pytest.approx(float(drafting.time_s[0]))
         for pol in [FixedGamma(g) for g in GAMMAS] + [Heuristic(), ConfidenceStop(0.95)]:
             assert oracle[4] <= totals(df, pol)[4] + 1e-9, pol.name
     assert checked >= 20
@@ -258,10 +353,48 @@ def test_best_fixed_matches_a_brute_force_search(synthetic, traces):
     assert set(fixed_scores(traces)) == {"fp16", "int8", "nf4"}
 
 
+def test_best_static_takes_plain_where_speculation_never_pays():
+    always = hand_trace([1] * 36, "a", "fp16")
+    never = hand_trace([0] * 30, "b", "nf4")  # plain: 10 s a token, γ=1: 12 s a token
+    both = pd.concat([always, never], ignore_index=True)
+    assert BestStatic.fit(both).choices == {"fp16": 8, "nf4": PLAIN}
+    assert BestFixed.fit(both).gammas == {"fp16": 8, "nf4": 1}
+    # tokens per step: a plain step and a failed γ=1 step both make one token: the tie goes
+    # to plain
+    assert BestStatic.fit(both, "tokens_per_step").choices == {"fp16": 8, "nf4": PLAIN}
+
+
+def test_best_static_matches_a_brute_force_search(synthetic, traces):
+    best = BestStatic.fit(synthetic)
+    scores = static_scores(traces)
+    for comp, choice in best.choices.items():
+        mask = traces.compression == comp
+        found = []
+        for pol in [Plain(), *(FixedGamma(g) for g in GAMMAS)]:
+            rep = replay(traces, pol)
+            found.append(rep.tokens[mask].sum() / rep.time_s[mask].sum())
+        np.testing.assert_allclose(scores[comp], found)
+        assert choice == int(np.argmax(found))
+        assert found[0] == pytest.approx(traces.lengths[mask].sum()
+                                         / traces.target_time()[mask].sum())
+        np.testing.assert_allclose(fixed_scores(traces)[comp], found[1:])
+
+
+def test_best_static_is_never_worse_than_best_fixed_on_the_data_it_was_fitted_on(synthetic,
+                                                                                traces):
+    static, fixed = BestStatic.fit(traces), BestFixed.fit(traces)
+    a, b = replay(traces, static), replay(traces, fixed)
+    for comp in ("fp16", "int8", "nf4"):
+        mask = traces.compression == comp
+        assert a.tokens[mask].sum() / a.time_s[mask].sum() >= \
+            b.tokens[mask].sum() / b.time_s[mask].sum() * (1 - 1e-12)
+
+
 def test_run_fits_best_fixed_on_the_train_split_only(synthetic):
     result, _, _ = run(synthetic, resamples=50)
     assign = split_prompts(synthetic)
     assert result["best_fixed_gamma"] == BestFixed.fit(synthetic[assign == "train"]).gammas
+    assert result["best_static_choice"] == BestStatic.fit(synthetic[assign == "train"]).choices
     assert result["split"]["name"] == "test"
     assert result["n_prompts"] == result["split"]["prompts"]["test"]
 
@@ -389,6 +522,7 @@ def test_cli_json_prints_one_object_and_writes_the_report(records_file, tmp_path
     assert "skipped" in err
     bound = result["upper_bound"]["tokens_per_s"]
     assert all(e["tokens_per_s"] <= bound * (1 + 1e-9) for e in result["policies"].values())
+    assert result["upper_bound_drafting"]["tokens_per_s"] <= bound * (1 + 1e-9)
     assert result["bound_beaten_on_sequences"] == {}
     report = tmp_path / "report"
     assert "# speckv evaluation" in (report / "report.md").read_text()
@@ -409,6 +543,9 @@ def test_cli_with_a_checkpoint_reports_learned_and_p_values(records_file, tiny_m
     for key in ("p_value_vs_fixed4", "p_value_vs_best_fixed"):
         assert 1 / 1001 <= result[key] <= 1
     assert set(result["p_values"]["per_compression"]) == {"fp16", "int8", "nf4"}
+    assert set(result["best_static_choice"]) == {"fp16", "int8", "nf4"}
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "upper bound (exact DP)" in report and "not an upper bound" in report
     hist = result["gamma_chosen"]["learned"]
     assert sum(map(sum, hist.values())) > 0
     # a controller fitted on these data beats drafting 4 tokens blindly
@@ -447,7 +584,7 @@ def test_incomplete_traces_are_refused(synthetic):
 
 def test_run_marks_best_fixed_and_reports_target_alone(synthetic):
     result, traces, replays = run(synthetic, resamples=100)
-    assert BEST_FIXED in replays
+    assert BEST_FIXED in replays and BEST_STATIC in replays
     alone = result["target_alone"]["tokens_per_s"]
     tokens = traces.lengths.sum()
     assert alone == pytest.approx(tokens / traces.target_time().sum())

@@ -11,7 +11,9 @@ import pytest
 from speckv.errors import SpeckvError
 from speckv.features import FEATURE_NAMES, GAMMA_MAX, GAMMAS, N_FEATURES
 from speckv.policies import (
+    PLAIN,
     BestFixed,
+    BestStatic,
     ConfidenceStop,
     EmaRule,
     EntropyStop,
@@ -19,6 +21,7 @@ from speckv.policies import (
     Heuristic,
     Learned,
     Oracle,
+    Plain,
     PolicyError,
     StepContext,
     TorchChooser,
@@ -232,3 +235,47 @@ def test_best_fixed_uses_the_gamma_of_the_step_compression():
         pol.choose(ctx(compression="nf4"))
     with pytest.raises(PolicyError):
         BestFixed({"fp16": 9})
+
+
+def test_best_fixed_from_scores_breaks_near_ties_to_the_smaller_gamma():
+    scores = np.array([10.0, 12.0, 12.0 * (1 + 1e-12), 11.0, 9, 8, 7, 6])
+    assert BestFixed.from_scores({"fp16": scores}).gammas == {"fp16": 2}
+    assert BestFixed.from_scores({"fp16": np.r_[99.0, scores]}).gammas == {"fp16": 2}  # plain
+    assert BestFixed.from_scores({"int8": np.arange(8.0)}).gammas == {"int8": 8}
+    with pytest.raises(PolicyError):
+        BestFixed.from_scores({"fp16": np.ones(5)})
+
+
+def test_plain_always_chooses_a_plain_step():
+    assert PLAIN == 0
+    assert Plain().choose(ctx()) == PLAIN
+    assert Plain().choose(ctx(max_gamma=1, compression="nf4")) == PLAIN
+
+
+def test_best_static_chooses_plain_or_gamma_by_compression():
+    pol = BestStatic({"fp16": 3, "nf4": PLAIN})
+    assert pol.name == "best_static"
+    assert pol.choose(ctx(compression="fp16")) == 3
+    assert pol.choose(ctx(compression="nf4")) == PLAIN
+    with pytest.raises(PolicyError, match="int8"):
+        pol.choose(ctx(compression="int8"))
+    for bad in ({"fp16": 9}, {"fp16": -1}, {"fp32": 1}):
+        with pytest.raises(PolicyError):
+            BestStatic(bad)
+
+
+def test_best_static_from_scores_takes_the_best_and_breaks_ties_to_the_simpler():
+    clear = np.array([10.0, 11.0, 12.5, 12.0, 9, 8, 7, 6, 5])  # γ=2 wins
+    plain_wins = np.array([25.0, 23.0, 20, 18, 15, 13, 12, 11, 10])
+    tie_plain = np.array([14.0, 14.0, 13, 12, 11, 10, 9, 8, 7])  # plain ties γ=1
+    tie_gammas = np.array([13.0, 14.0, 14.0 * (1 + 1e-12), 12, 11, 10, 9, 8, 7])
+    best = BestStatic.from_scores({"fp16": clear, "int8": tie_plain, "nf4": plain_wins})
+    assert best.choices == {"fp16": 2, "int8": PLAIN, "nf4": PLAIN}
+    assert BestStatic.from_scores({"fp16": tie_gammas}).choices == {"fp16": 1}
+    # a real (if small) lead is not a tie: plain loses to a γ 0.1% faster
+    assert BestStatic.from_scores({"fp16": np.r_[14.0, 14.014, np.zeros(7)]}).choices == \
+        {"fp16": 1}
+    assert BestStatic.from_scores({"fp16": np.r_[np.nan, 1.0, np.zeros(7)]}).choices == \
+        {"fp16": 1}
+    with pytest.raises(PolicyError, match="9 scores"):
+        BestStatic.from_scores({"fp16": np.ones(8)})
