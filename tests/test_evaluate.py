@@ -15,12 +15,14 @@ from speckv.evaluate import (
     BEST_FIXED,
     BEST_STATIC,
     BOUND_DRAFTING,
+    COMPARISONS,
+    LEARNED,
     EvaluateError,
     baseline_policies,
     bootstrap_weights,
+    compare,
     fixed_scores,
     metrics,
-    paired_p_value,
     prepare,
     replay,
     replay_bound,
@@ -42,6 +44,7 @@ from speckv.policies import (
     TorchChooser,
 )
 from speckv.records import split_prompts, validate, write_records
+from speckv.statistics import MIN_DRAWS, sign_flip_test
 
 PAPER_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "paper" / \
     "phase2_step_results.csv"
@@ -466,32 +469,74 @@ def test_bootstrap_weights_resample_within_strata():
     assert not np.array_equal(w, bootstrap_weights(np.arange(5), strata, 500, seed=2))
 
 
-def _boot_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return weights @ values / weights.sum(1)
+@pytest.fixture(scope="module")
+def compared(synthetic):
+    """A run with a stand-in "learned" policy (the heuristic), on the train prompts (16)."""
+    return run(synthetic, Heuristic(), split="train", resamples=200)
 
 
-def test_paired_p_value_is_small_when_one_policy_is_clearly_better():
+def _per_prompt_time(traces, rep, mask):
+    prompts, idx = np.unique(traces.prompt[mask], return_inverse=True)
+    return np.bincount(idx, weights=rep.time_s[mask], minlength=len(prompts))
+
+
+def test_p_values_are_sign_flip_tests_of_the_seconds_saved_per_prompt(compared):
+    result, traces, replays = compared
+    groups = [("overall", None, np.ones(traces.n_sequences, bool))]
+    groups += [("per_compression", c, traces.compression == c) for c in ("fp16", "nf4")]
+    groups += [("per_task", "code", traces.task == "code"),
+               ("per_compression_task", "int8/math",
+                (traces.compression == "int8") & (traces.task == "math"))]
+    for kind, name, mask in groups:
+        entries = result["p_values"][kind] if name is None else result["p_values"][kind][name]
+        assert set(entries) == {key for key, _ in COMPARISONS}
+        for key, base in COMPARISONS:
+            saved = (_per_prompt_time(traces, replays[base], mask)
+                     - _per_prompt_time(traces, replays[LEARNED], mask))
+            expected = sign_flip_test(saved)
+            entry = entries[key]
+            assert entry["p"] == pytest.approx(expected.p), (kind, name, key)
+            assert entry["n_prompts"] == len(saved) == len(np.unique(traces.prompt[mask]))
+            assert entry["method"] == f"exact sign-flip, 2^{len(saved)} patterns"
+            assert entry["resolution"] == pytest.approx(2.0 ** -len(saved))
+            assert entry["resolution"] <= entry["p"] <= 1
+            # the statistic's sign is the pooled ratio's: learned ÷ baseline > 1
+            assert (entry["statistic"] > 0) == (entry["ratio"] > 1), (kind, name, key)
+            lo, hi = entry["ratio_ci95"]
+            assert lo <= hi
+    assert result["p_value_vs_best_static"] == result["p_values"]["overall"]["vs_best_static"]
+    assert result["p_values"]["overall"]["vs_best_static"]["n_prompts"] == 16
+
+
+def test_p_values_use_steps_for_the_tokens_per_step_objective(synthetic):
+    result, traces, replays = run(synthetic, Heuristic(), objective="tokens_per_step",
+                                  split="train", resamples=50)
+    steps = np.bincount(np.unique(traces.prompt, return_inverse=True)[1],
+                        weights=replays[FIXED4_NAME].steps - replays[LEARNED].steps)
+    assert result["p_values"]["overall"]["vs_fixed4"]["p"] == \
+        pytest.approx(sign_flip_test(steps).p)
+    assert "steps saved" in result["p_value_test"]
+
+
+FIXED4_NAME = "fixed:4"
+
+
+def test_compare_falls_back_to_monte_carlo_above_sixteen_prompts():
     rng = np.random.default_rng(0)
-    base = rng.normal(20, 3, 24)  # per-prompt tokens/s, prompts vary a lot
-    better = base + 1.0 + rng.normal(0, 0.3, 24)  # consistently a little faster
-    w = bootstrap_weights(np.arange(24), None, 10_000, seed=0)
-    p = paired_p_value(_boot_means(better, w), _boot_means(base, w))
-    assert p < 0.001
-    assert paired_p_value(_boot_means(base, w), _boot_means(better, w)) > 0.999
-    assert paired_p_value(_boot_means(base, w), _boot_means(base, w)) == 1.0
-
-
-def test_paired_p_value_is_calibrated_when_policies_are_equal():
-    rng = np.random.default_rng(0)
-    w = bootstrap_weights(np.arange(30), None, 1_000, seed=0)
-    ps = []
-    for _ in range(300):
-        base = rng.normal(20, 3, 30)
-        other = base + rng.normal(0, 1.0, 30)  # same mean: the null is true
-        ps.append(paired_p_value(_boot_means(other, w), _boot_means(base, w)))
-    ps = np.array(ps)
-    assert 0.4 < ps.mean() < 0.6
-    assert (ps < 0.05).mean() < 0.1  # about 5% false positives, not more
+    n = 40  # a random pattern reaches the all-positive sum with chance 2^-40 per draw
+    tokens = rng.integers(50, 100, n).astype(float)
+    parts = np.zeros((n, 2, 6))
+    parts[:, :, 0] = tokens[:, None]
+    parts[:, 0, 4] = tokens / 20 * rng.uniform(0.9, 1.0, n)  # policy 0: a little faster
+    parts[:, 1, 4] = tokens / 20
+    entry = compare(parts, 0, 1, "tokens_per_s", seed=1)
+    assert entry["method"].startswith("Monte Carlo")
+    assert entry["draws"] == MIN_DRAWS
+    assert entry["resolution"] == pytest.approx(1 / (MIN_DRAWS + 1))
+    assert entry["p"] == pytest.approx(1 / (MIN_DRAWS + 1))  # faster on every prompt
+    parts[3, 0, 0] += 1  # different tokens: replay is broken, refuse to compare
+    with pytest.raises(EvaluateError, match="tokens"):
+        compare(parts, 0, 1, "tokens_per_s")
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -513,6 +558,7 @@ def test_cli_json_prints_one_object_and_writes_the_report(records_file, tmp_path
     assert "learned" not in result["policies"]
     assert result["learned"]["status"] == "skipped"
     assert result["p_value_vs_fixed4"] is None
+    assert result["p_value_vs_best_static"] is None
     for name, entry in result["policies"].items():
         lo, hi = entry["ci95"]
         assert lo <= entry["tokens_per_s"] <= hi, name
@@ -540,11 +586,16 @@ def test_cli_with_a_checkpoint_reports_learned_and_p_values(records_file, tiny_m
     result = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert set(REQUIRED) <= set(result["policies"])
-    for key in ("p_value_vs_fixed4", "p_value_vs_best_fixed"):
-        assert 1 / 1001 <= result[key] <= 1
+    for key in ("p_value_vs_fixed4", "p_value_vs_best_fixed", "p_value_vs_best_static"):
+        entry = result[key]
+        assert {"p", "method", "resolution", "n_prompts"} <= set(entry)
+        assert entry["resolution"] == pytest.approx(2.0 ** -result["n_prompts"])
+        assert entry["resolution"] <= entry["p"] <= 1
     assert set(result["p_values"]["per_compression"]) == {"fp16", "int8", "nf4"}
+    assert all("vs_best_static" in v for v in result["p_values"]["per_compression_task"].values())
     assert set(result["best_static_choice"]) == {"fp16", "int8", "nf4"}
     report = (tmp_path / "rep" / "report.md").read_text()
+    assert "vs best_static" in report and "sign-flip" in report
     assert "upper bound (exact DP)" in report and "not an upper bound" in report
     hist = result["gamma_chosen"]["learned"]
     assert sum(map(sum, hist.values())) > 0
