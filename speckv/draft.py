@@ -39,12 +39,50 @@ TOPK = 8
 
 @dataclass
 class DraftSpec:
+    """What a draft is made of: the base model it plugs into, the base layers its own layers
+    start from, and the size of its reduced vocabulary (``None``: the base's full head)."""
+
     base: str = DEMO_TARGET
     init_layers: list[int] = field(default_factory=lambda: [0, 1])
+    draft_vocab: int | None = None
 
     @property
     def n_layers(self) -> int:
         return len(self.init_layers)
+
+
+class ReducedHead(torch.nn.Module):
+    """An LM head over the ``N`` tokens a draft may propose (FR-Spec's frequency-ranked head,
+    EAGLE-3's ``draft_vocab_size`` with its d2t map).
+
+    ``small(hidden)`` gives the ``[.., N]`` logits; calling the head gives full-vocabulary
+    logits with every other token at the dtype's lowest value, so every consumer of a
+    causal LM's logits (the decoder, the trace profiler, Hugging Face's assisted generation)
+    works unchanged: the argmax is always one of the ``N`` tokens, and softmax statistics
+    (entropy, top-1, margin) equal those of the ``N`` logits exactly, since the others get
+    probability 0. Verification stays over the target's full vocabulary, so a token outside
+    the head costs a rejection and never changes the output.
+    """
+
+    def __init__(self, weight: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().clone())
+        self.register_buffer("token_ids", token_ids.to(torch.long).clone())
+        self.vocab_size = int(vocab_size)
+
+    def small(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        small = self.small(hidden)
+        full = small.new_full((*small.shape[:-1], self.vocab_size), torch.finfo(small.dtype).min)
+        return full.index_copy_(-1, self.token_ids, small)
+
+    def to_reduced(self) -> torch.Tensor:
+        """``t2d``: index of every vocabulary token in the head, -1 where it has none."""
+        t2d = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        t2d[self.token_ids] = torch.arange(len(self.token_ids))
+        return t2d
 
 
 def _base_dir(base: str) -> Path:
@@ -54,12 +92,17 @@ def _base_dir(base: str) -> Path:
     return Path(where)
 
 
-def _shared_keys(key: str) -> bool:
-    return key.startswith(("model.embed_tokens.", "lm_head."))
+def _shared_keys(key: str, reduced: bool = False) -> bool:
+    """Weights taken from the base model, never stored with the draft."""
+    return key.startswith("model.embed_tokens.") or (not reduced and key.startswith("lm_head."))
 
 
-def build_draft(spec: DraftSpec, dtype=torch.float32):
-    """A fresh draft initialised from the base model's layers ``spec.init_layers``."""
+def build_draft(spec: DraftSpec, dtype=torch.float32, token_ids: torch.Tensor | None = None):
+    """A fresh draft initialised from the base model's layers ``spec.init_layers``.
+
+    With ``spec.draft_vocab``, its head is a :class:`ReducedHead` over ``token_ids`` (the
+    base's output embeddings of those tokens; a placeholder range when loading, since the
+    saved head replaces it)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,7 +127,15 @@ def build_draft(spec: DraftSpec, dtype=torch.float32):
     if missing or unexpected:
         raise RuntimeError(f"draft init mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
-    return model
+    if spec.draft_vocab:
+        if token_ids is None:
+            token_ids = torch.arange(spec.draft_vocab)
+        if len(token_ids) != spec.draft_vocab:
+            raise ValueError(f"draft_vocab {spec.draft_vocab} but {len(token_ids)} token ids")
+        full = model.get_output_embeddings().weight
+        model.lm_head = ReducedHead(full[token_ids], token_ids, full.shape[0])
+        model.config.tie_word_embeddings = False
+    return model.to(dtype)
 
 
 def save_draft(model, spec: DraftSpec, out: Path, card: dict) -> None:
@@ -93,8 +144,9 @@ def save_draft(model, spec: DraftSpec, out: Path, card: dict) -> None:
 
     from speckv.models import _atomic_dir
 
-    own = {k: v.detach().to(torch.bfloat16).contiguous()
-           for k, v in model.state_dict().items() if not _shared_keys(k)}
+    reduced = isinstance(model.lm_head, ReducedHead)
+    own = {k: (v if k.endswith("token_ids") else v.detach().to(torch.bfloat16)).contiguous()
+           for k, v in model.state_dict().items() if not _shared_keys(k, reduced)}
     with _atomic_dir(out) as tmp:
         save_file(own, str(tmp / "draft.safetensors"))
         (tmp / "speckv_draft.json").write_text(json.dumps({**asdict(spec), **card}, indent=2))
@@ -105,11 +157,14 @@ def load_draft(path: Path, dtype=torch.bfloat16):
     from safetensors.torch import load_file
 
     meta = json.loads((Path(path) / "speckv_draft.json").read_text())
-    spec = DraftSpec(base=meta["base"], init_layers=meta["init_layers"])
-    model = build_draft(spec, dtype=torch.float32)
+    spec = DraftSpec(base=meta["base"], init_layers=meta["init_layers"],
+                     draft_vocab=meta.get("draft_vocab"))
     own = load_file(str(Path(path) / "draft.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in own.items()}, strict=False)
-    model.tie_weights()
+    model = build_draft(spec, dtype=torch.float32, token_ids=own.get("lm_head.token_ids"))
+    model.load_state_dict({k: v if k.endswith("token_ids") else v.float()
+                           for k, v in own.items()}, strict=False)
+    if not spec.draft_vocab:
+        model.tie_weights()
     model = model.to(dtype).eval()
     model.requires_grad_(False)
     return model
@@ -239,17 +294,20 @@ def load_data(path: Path | None = None) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------- training
-def _batch(rows: list[dict], pad: int, max_len: int = 512):
+#: prompt tokens the draft sees in training (the end of the prompt: the question, or the
+#: passage a summary copies from); answers are kept whole.
+PROMPT_CONTEXT = 256
+
+
+def _batch(rows: list[dict], pad: int, prompt_context: int = PROMPT_CONTEXT):
     seqs, labels, tops, logps = [], [], [], []
     for r in rows:
-        prompt, answer = r["prompt_ids"], r["answer_ids"]
-        seq = (prompt + answer)[-max_len:]
-        n_ans = min(len(answer), len(seq) - 1)
-        lab = [-100] * (len(seq) - n_ans) + answer[-n_ans:]
+        prompt, answer = r["prompt_ids"][-prompt_context:], r["answer_ids"]
+        seq = prompt + answer
+        labels.append([-100] * len(prompt) + answer)
         seqs.append(seq)
-        labels.append(lab)
-        tops.append(r["top_ids"][-n_ans:])
-        logps.append(r["top_logp"][-n_ans:])
+        tops.append(r["top_ids"])
+        logps.append(r["top_logp"])
     width = max(map(len, seqs))
     ids = torch.full((len(rows), width), pad)
     lab = torch.full((len(rows), width), -100)
@@ -268,59 +326,124 @@ def _batch(rows: list[dict], pad: int, max_len: int = 512):
 
 
 def _answer_logits(model, ids, mask, lab):
-    """Logits only where an answer token is predicted (the LM head is most of the cost)."""
+    """Logits only where an answer token is predicted (the LM head is most of the cost);
+    a reduced head gives its ``N`` logits."""
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     valid = lab[:, 1:] != -100  # position p predicts the label at p + 1
-    return model.lm_head(hidden[:, :-1][valid]), valid
+    head = model.lm_head
+    rows = hidden[:, :-1][valid]
+    return (head.small(rows) if isinstance(head, ReducedHead) else head(rows)), valid
 
 
-def draft_loss(logits, labels, top_ids, top_lp, kl_weight: float = 1.0):
-    """CE on the target's greedy token + KL(target top-k || draft), one row per answer token."""
+def draft_loss(logits, labels, top_ids, top_lp, kl_weight: float = 1.0,
+               t2d: torch.Tensor | None = None):
+    """CE on the target's greedy token + KL(target top-k || draft), one row per answer token.
+
+    With a reduced head (``t2d`` maps vocabulary ids to head indices, -1 outside), CE counts
+    the rows whose token the head holds, KL the target's top-k renormalised over the tokens it
+    holds; agreement counts every row (a token outside the head is a miss, as when decoding).
+    """
+    if t2d is not None:
+        labels, top_ids = t2d[labels], t2d[top_ids]
+        inside = top_ids >= 0
+        top_lp = top_lp.masked_fill(~inside, -1e4)
+        top_ids = top_ids.clamp(min=0)
+        has_top = inside.any(-1)
+    else:
+        has_top = torch.ones(len(labels), dtype=torch.bool)
     logp = torch.log_softmax(logits.float(), -1)
-    ce = F.nll_loss(logp, labels)
+    ok = labels >= 0
+    ce = F.nll_loss(logp[ok], labels[ok]) if ok.any() else logp.sum() * 0
     t_p = torch.softmax(top_lp, -1)  # renormalised top-k of the target
-    kl = (t_p * (torch.log(t_p + 1e-9) - logp.gather(-1, top_ids))).sum(-1).mean()
+    kl_rows = (t_p * (torch.log(t_p + 1e-9) - logp.gather(-1, top_ids))).sum(-1)
+    kl = kl_rows[has_top].mean() if has_top.any() else logp.sum() * 0
     agree = (logp.argmax(-1) == labels).float().mean()
     return ce + kl_weight * kl, ce.detach(), agree.detach()
 
 
+def frequent_tokens(rows: list[dict], n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` most frequent tokens of the target's answers in ``rows`` (most frequent
+    first; ties by token id)."""
+    counts = torch.bincount(torch.tensor([t for r in rows for t in r["answer_ids"]]),
+                            minlength=vocab_size).double()
+    order = torch.argsort(-counts + torch.arange(vocab_size) / (2.0 * vocab_size))
+    return order[:n]
+
+
+def coverage(rows: list[dict], token_ids: torch.Tensor) -> float:
+    """Share of the answer tokens of ``rows`` that a head over ``token_ids`` could propose."""
+    keep = set(token_ids.tolist())
+    total = sum(len(r["answer_ids"]) for r in rows)
+    return sum(t in keep for r in rows for t in r["answer_ids"]) / max(total, 1)
+
+
+def split_rows(rows: list[dict], heldout: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Held-out answers (whole prompts) and training answers, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    n_held = max(8, int(len(rows) * heldout))
+    return [rows[i] for i in order[n_held:]], [rows[i] for i in order[:n_held]]
+
+
+def checkpoint_path() -> Path:
+    return cache_dir() / "distill-v2-ckpt.pt"
+
+
 def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 0,
-          spec: DraftSpec | None = None, out: Path = DRAFT_DIR, heldout: float = 0.05,
-          ckpt_every_s: float = 300.0, threads: int | None = None) -> dict:
-    """Distil the draft on the generated data; resumable from ``cache_dir()/distill-ckpt.pt``."""
+          spec: DraftSpec | None = None, out: Path = DRAFT_DIR, heldout: float = 0.03,
+          ckpt_every_s: float = 300.0, threads: int | None = None, eval_every: int = 100,
+          data: Path | None = None, ckpt: Path | None = None) -> dict:
+    """Distil the draft on the generated data; resumable from :func:`checkpoint_path`."""
     from tqdm import tqdm
 
     if threads:
         torch.set_num_threads(threads)
     spec = spec or DraftSpec()
     torch.manual_seed(seed)
-    rows = load_data()
+    rows = load_data(data)
     if not rows:
         raise RuntimeError("No distillation data: run `python -m speckv draft data` first.")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(rows), generator=g).tolist()
-    n_held = max(8, int(len(rows) * heldout))
-    held = [rows[i] for i in order[:n_held]]
-    train_rows = [rows[i] for i in order[n_held:]]
-    model = build_draft(spec)
+    train_rows, held = split_rows(rows, heldout, seed)
+    ckpt = ckpt or checkpoint_path()
+    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is not None and state.get("spec") != asdict(spec):
+        raise RuntimeError(f"{ckpt} trains another draft ({state.get('spec')}); move it away to "
+                           f"start {asdict(spec)}, or pass the same layers and vocabulary.")
+    token_ids = None
+    if spec.draft_vocab:
+        token_ids = (state["model"]["lm_head.token_ids"] if state is not None else
+                     frequent_tokens(train_rows, spec.draft_vocab,
+                                     _vocab_size(spec)))
+    model = build_draft(spec, token_ids=token_ids)
+    t2d = model.lm_head.to_reduced() if spec.draft_vocab else None
+    reduced = t2d is not None
     for name, p in model.named_parameters():
-        p.requires_grad_(not _shared_keys(name))
+        p.requires_grad_(not _shared_keys(name, reduced))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
     def warmup_cosine(s: int) -> float:
         return min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
-    ckpt = cache_dir() / "distill-ckpt.pt"
     step, history, started = 0, [], time.time()
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, history = state["step"], state["history"]
         log.info("resumed draft training at step %d", step)
+    card = {"batch_size": batch_size, "lr": lr, "seed": seed, "steps_planned": steps,
+            "train_sequences": len(train_rows),
+            "train_tokens": sum(len(r["answer_ids"]) for r in train_rows),
+            "heldout_sequences": len(held)}
+    if token_ids is not None:
+        card["coverage_train"] = coverage(train_rows, token_ids)
+        card["coverage_heldout"] = coverage(held, token_ids)
+        log.info("draft vocabulary %d covers %.3f of training and %.3f of held-out answer tokens",
+                 spec.draft_vocab, card["coverage_train"], card["coverage_heldout"])
     pad = 2
+    g = torch.Generator().manual_seed(seed + step)
     last_save = time.time()
     model.train()
     bar = tqdm(total=steps, initial=step, desc="distil draft")
@@ -330,7 +453,7 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, valid = _answer_logits(model, ids, mask, lab)
         loss, ce, agree = draft_loss(logits, lab[:, 1:][valid], tids[:, :-1][valid],
-                                     tlp[:, :-1][valid])
+                                     tlp[:, :-1][valid], t2d=t2d)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -339,7 +462,7 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
         step += 1
         bar.update(1)
         bar.set_postfix(ce=f"{ce:.3f}", agree=f"{agree:.3f}")
-        if step % 100 == 0 or step == steps:
+        if step % eval_every == 0 or step == steps:
             held_agree = evaluate_agreement(model, held, pad)
             history.append({"step": step, "train_ce": float(ce), "train_agree": float(agree),
                             "heldout_agree": held_agree, "elapsed_s": time.time() - started})
@@ -348,29 +471,35 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
             model.train()
         if time.time() - last_save > ckpt_every_s or step == steps:
             state = {"model": {k: v for k, v in model.state_dict().items()
-                               if not _shared_keys(k)},
+                               if not _shared_keys(k, reduced)},
                      "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "step": step, "history": history}
+                     "step": step, "history": history, "spec": asdict(spec)}
             atomic_write(ckpt, lambda tmp, state=state: torch.save(state, tmp))
             last_save = time.time()
-            card = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
-                    "train_sequences": len(train_rows),
-                    "train_tokens": sum(len(r["answer_ids"]) for r in train_rows),
-                    "heldout_sequences": len(held), "history": history}
-            save_draft(model, spec, out, card)
+            save_draft(model, spec, out, {**card, "steps": step, "history": history})
     bar.close()
     return history[-1] if history else {}
+
+
+def _vocab_size(spec: DraftSpec) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(_base_dir(spec.base)).vocab_size)
 
 
 @torch.no_grad()
 def evaluate_agreement(model, rows: list[dict], pad: int = 2, batch_size: int = 8) -> float:
     """Top-1 agreement of the draft with the target's greedy token on answer positions."""
     model.eval()
+    head = model.lm_head
     hit = total = 0
     for i in range(0, len(rows), batch_size):
         ids, mask, lab, _, _ = _batch(rows[i : i + batch_size], pad)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, valid = _answer_logits(model, ids, mask, lab)
-        hit += int((logits.argmax(-1) == lab[:, 1:][valid]).sum())
+        best = logits.argmax(-1)
+        if isinstance(head, ReducedHead):
+            best = head.token_ids[best]
+        hit += int((best == lab[:, 1:][valid]).sum())
         total += int(valid.sum())
     return hit / max(total, 1)

@@ -99,6 +99,13 @@ def main(argv: list[str]) -> int:
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int)
+    t.add_argument("--layers", default="0,1",
+                   help="target layers the draft's layers start from (default 0,1)")
+    t.add_argument("--draft-vocab", type=int, default=None,
+                   help="tokens in the draft's reduced head, the most frequent of the target's "
+                        "answers (default: the full vocabulary)")
+    t.add_argument("--eval-every", type=int, default=100,
+                   help="steps between held-out agreement checks")
     e = sub.add_parser("evaluate", help="agreement and costs on held-out prompts")
     e.add_argument("--draft", default=DEMO_DRAFT)
     e.add_argument("--target", default=DEMO_TARGET)
@@ -118,11 +125,18 @@ def main(argv: list[str]) -> int:
                             threads=args.threads)
         print(f"distillation data in {out}")
     elif args.cmd == "distill":
-        from speckv.draft import train
+        from speckv.draft import DraftSpec, train
 
+        try:
+            layers = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            print(f"speckv draft distill: error: --layers {args.layers!r}: write target layer "
+                  "indices, e.g. 0,1,2,3.", file=sys.stderr)
+            return 2
+        spec = DraftSpec(init_layers=layers, draft_vocab=args.draft_vocab)
         started = time.time()
         last = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     threads=args.threads)
+                     threads=args.threads, spec=spec, eval_every=args.eval_every)
         print(json.dumps({**last, "wall_s": time.time() - started}))
     else:
         report = _evaluate(args)
