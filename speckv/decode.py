@@ -27,13 +27,22 @@ were computed while drafting); the bonus token after a fully accepted step is se
 next step's catch-up forward, which computes the draft's logits for that position. So the
 features at every decision equal those of a trace at the same position (:mod:`speckv.profile`).
 
-Numerics: greedy output equals one-token decoding exactly when the target gives a position
-the same logits alone and inside a chunk of tokens (float32 did in our runs on a CPU; nothing
-guarantees it). bfloat16 (also nf4's compute dtype) does not: a position inside a chunk of
-g+1 tokens may get logits one bfloat16 step (0.125-0.25 at typical sizes) away from a
-one-token forward's, so at a near-tie the greedy output can part from one-token decoding.
-Hugging Face's assisted generation parts at the same places; ``speckv bench`` reports each
-such case with its logit gap.
+Greedy losslessness, exactly: every emitted token is the argmax of the target's logits in the
+forward that verified it. :attr:`DecodeResult.target_forwards` logs every target forward
+(:class:`TargetForward`), and :func:`greedy_invariant` recomputes them from a fresh cache with
+the same chunking and checks that. It holds on any machine, whatever the dtype.
+
+Equality with one-token decoding is a different matter: it holds only where the target gives
+a position the same logits alone and inside a chunk of tokens, which nothing guarantees on a
+CPU. Kernels pick their blocking and reduction order by shape and by instruction set (AVX2,
+AVX-512, AMX), so float32 logits may differ by a few ulps between a one-token and a
+multi-token forward; bfloat16 (also nf4's compute dtype) by a bfloat16 step (0.125-0.25 at
+typical sizes); LLM.int8 picks its outlier columns per forward, so its numerics depend on which
+tokens share the forward. At a near-tie the greedy output can then part from one-token
+decoding (Hugging Face's assisted generation parts at the same places).
+:func:`explain_difference` shows, at the first such position, that the target's own one-token
+forward gives the one-token token and its chunked forward the emitted one: the difference is
+the target's numerics, not the decoder.
 """
 
 from __future__ import annotations
@@ -78,6 +87,24 @@ class DecodeError(SpeckvError, ValueError):
     """Bad decoding input; the message says what to pass instead."""
 
 
+@dataclass(frozen=True)
+class TargetForward:
+    """One target forward of a :meth:`SpeculativeDecoder.generate` call, as a replay needs it.
+
+    The target's cache held ``start`` tokens before it (cropped back to that length), the
+    forward fed ``ids`` with ``logits_to_keep=keep``, and the first ``emitted`` of the kept
+    logit rows gave emitted tokens (row ``r`` scores the position after ``ids[len(ids) - keep
+    + r]``). The prefill over ``prompt[:-1]`` emits nothing; a plain step feeds one id and
+    emits one token; a verification feeds ``[last token, drafted...]`` and emits the accepted
+    drafted tokens and the target's next token (fewer when an EOS ends the answer).
+    """
+
+    start: int
+    ids: tuple[int, ...]
+    keep: int
+    emitted: int
+
+
 @dataclass
 class DecodeResult:
     """One generated answer with its per-step records (``speckv.records.SCHEMA`` columns)."""
@@ -87,6 +114,9 @@ class DecodeResult:
     steps: list[dict[str, Any]]
     seconds: float  # wall clock of the whole call: prefill + every step
     stop: str  # "eos" or "length"
+    #: every target forward in order, prefill first (see :func:`greedy_invariant`)
+    target_forwards: list[TargetForward] = field(default_factory=list)
+    temperature: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -175,6 +205,7 @@ class _Sequence:
     draft_seen: int
     history: History
     pending_top1: float | None = None  # target prob. of a bonus token not yet settled
+    forwards: list[TargetForward] = field(default_factory=list)  # the target's, in order
 
     @property
     def produced(self) -> int:
@@ -323,25 +354,30 @@ class SpeculativeDecoder:
         for record in steps:
             record["seq_len"] = seq.produced
         return DecodeResult(prompt_ids, seq.tokens[seq.n_prompt :], steps,
-                            time.perf_counter() - started, stop)
+                            time.perf_counter() - started, stop, seq.forwards,
+                            float(temperature))
 
     # -------------------------------------------------------------------------- the steps
     def _prefill(self, prompt_ids: list[int]) -> _Sequence:
         """Caches over the prompt but its last token, which the first step feeds."""
         t_cache = new_cache(self.target)
         d_cache = new_cache(self.draft) if self.draft is not None else None
+        forwards = []
         if len(prompt_ids) > 1:
             lm_forward(self.target, prompt_ids[:-1], t_cache)
+            forwards.append(TargetForward(0, tuple(prompt_ids[:-1]), 1, 0))
             if d_cache is not None:
                 lm_forward(self.draft, prompt_ids[:-1], d_cache)
         return _Sequence(list(prompt_ids), len(prompt_ids), t_cache, d_cache,
-                         len(prompt_ids) - 1, History())
+                         len(prompt_ids) - 1, History(), forwards=forwards)
 
     def _plain_step(self, seq: _Sequence, sampler: _Sampler | None,
                     ) -> tuple[list[int], dict[str, Any]]:
         """One target forward, one token (policy "ar", or one token left to produce)."""
+        start = seq.t_cache.get_seq_length()
         logits = lm_forward(self.target, seq.tokens[-1:], seq.t_cache)[0]
         token = int(logits.float().argmax()) if sampler is None else sampler.sample(logits)
+        seq.forwards.append(TargetForward(start, (seq.tokens[-1],), 1, 1))
         return [token], dict(_PLAIN_RECORD)
 
     def _speculative_step(self, seq: _Sequence, max_gamma: int, sampler: _Sampler | None,
@@ -369,8 +405,9 @@ class SpeculativeDecoder:
                            sampler)
         k = len(prop.tokens)
         # 3. verification: ONE target forward over [last emitted token, drafted tokens]
-        t_logits = lm_forward(self.target, [seq.tokens[-1], *prop.tokens], seq.t_cache,
-                              keep=k + 1)
+        start = seq.t_cache.get_seq_length()
+        verify_ids = (seq.tokens[-1], *prop.tokens)
+        t_logits = lm_forward(self.target, list(verify_ids), seq.t_cache, keep=k + 1)
         t_logits = t_logits.float()
         if sampler is None:
             best = t_logits.argmax(-1).tolist()
@@ -384,6 +421,7 @@ class SpeculativeDecoder:
         p_emit = torch.softmax(t_logits[: accepted + 1], -1).gather(
             1, torch.tensor(emitted)[:, None])[:, 0].tolist()
         emitted = self._cut_at_eos(emitted)
+        seq.forwards.append(TargetForward(start, verify_ids, k + 1, len(emitted)))
         from_draft = min(accepted, len(emitted))
         # 4. history in position order; a bonus token waits for the next catch-up forward
         for i, token in enumerate(emitted):
@@ -441,6 +479,211 @@ def records_frame(steps: list[dict[str, Any]]) -> pd.DataFrame:
                         ("seq_len", "Int32"), ("max_new_tokens", "Int32")):
         df[name] = df[name].astype(dtype)
     return validate(df)
+
+
+# ------------------------------------------------------------------------ greedy checks
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where two outputs differ (None when identical)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A breach of the greedy invariant found by :func:`greedy_invariant`.
+
+    ``position`` indexes the answer (``None`` when the forward log itself is inconsistent);
+    ``emitted`` is the token there and ``argmax`` the replayed row's argmax, when known.
+    """
+
+    position: int | None
+    emitted: int | None
+    argmax: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"token {self.position}" if self.position is not None else "forward log"
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Where a greedy output first parts from one-token decoding, and what the target says.
+
+    ``one_token_argmax``: the argmax of the target's one-token forward there (recomputed from
+    a fresh cache, one token per forward after the prefill, as one-token decoding runs);
+    ``chunked_argmax``: the argmax of the row that emitted the token in the replay of the
+    decoder's own forwards (same chunks, same crops). Gaps are logit differences, positive
+    when each forward prefers its own token: ``one_token_gap = l[reference] - l[emitted]`` in
+    the one-token forward, ``chunked_gap = l[emitted] - l[reference]`` in the chunked one.
+    A length difference (one output ends where the other goes on) has ``None`` tokens.
+    """
+
+    position: int
+    reference: int | None
+    emitted: int | None
+    one_token_argmax: int | None = None
+    chunked_argmax: int | None = None
+    one_token_gap: float | None = None
+    chunked_gap: float | None = None
+
+    @property
+    def explained(self) -> bool:
+        """The target's one-token forward gives the reference token and its chunked forward
+        the emitted one: the difference lies in the target's numerics, not the decoder."""
+        return (self.reference is not None and self.emitted is not None
+                and self.one_token_argmax == self.reference
+                and self.chunked_argmax == self.emitted)
+
+
+def _forward(module: torch.nn.Module, ids: list[int] | tuple[int, ...], cache: Any,
+             keep: int) -> torch.Tensor:
+    """One HF forward (not through speckv's lm_forward): float32 logits of the last ``keep``."""
+    out = module(input_ids=torch.tensor([list(ids)]), cache=cache, use_cache=True,
+                 logits_to_keep=keep)
+    return out.logits[0].float()
+
+
+def _fresh_cache(module: torch.nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=module.config)
+
+
+def _replay(module: torch.nn.Module, forwards: Iterable[TargetForward],
+            ) -> Iterable[tuple[int, TargetForward, torch.Tensor, list[int]]]:
+    """Recompute logged forwards from a fresh cache: ``(index, forward, kept rows, context)``.
+
+    ``context`` lists the ids the replayed cache holds after the forward. Stops early (the
+    caller notices the missing rows) when a forward starts past what the cache holds.
+    """
+    cache = _fresh_cache(module)
+    context: list[int] = []
+    for i, fwd in enumerate(forwards):
+        if fwd.start > len(context):
+            return
+        if len(context) > fwd.start:
+            cache.crop(fwd.start - len(context))
+            del context[fwd.start :]
+        logits = _forward(module, fwd.ids, cache, fwd.keep)
+        context.extend(fwd.ids)
+        yield i, fwd, logits, context
+
+
+@torch.inference_mode()
+def greedy_invariant(target: torch.nn.Module | LoadedModel, prompt_ids: list[int],
+                     result: DecodeResult) -> list[Violation]:
+    """Check that every emitted token is the argmax of the target's logits in the forward that
+    verified it; returns the violations (none: the invariant holds).
+
+    Recomputes ``result.target_forwards`` independently, from a fresh cache and calling the
+    HF model directly, with the decoder's chunking: the same ids per forward, the same
+    ``logits_to_keep``, the same crops. Also checks that every answer position was emitted
+    exactly once, by a row whose context was the true prefix (prompt + answer before it).
+    This holds exactly on any machine (the replay repeats the decoder's computation), unlike
+    equality with one-token decoding, which depends on the target's numerics
+    (:func:`explain_difference`). Greedy results only.
+    """
+    if result.temperature > 0:
+        raise DecodeError("greedy_invariant checks greedy decoding; this result was sampled "
+                          f"at temperature {result.temperature}.")
+    module = _module(target)
+    prompt = [int(t) for t in prompt_ids]
+    answer = [int(t) for t in result.token_ids]
+    full = prompt + answer
+    n_prompt = len(prompt)
+    emitted_by: list[int | None] = [None] * len(answer)
+    out: list[Violation] = []
+    good = 0  # the replayed context agrees with ``full`` on its first ``good`` ids
+    replayed = 0
+    for i, fwd, logits, context in _replay(module, result.target_forwards):
+        replayed += 1
+        good = min(good, fwd.start)
+        while good < min(len(context), len(full)) and context[good] == full[good]:
+            good += 1
+        lead = len(fwd.ids) - fwd.keep
+        if fwd.emitted > fwd.keep or lead < 0:
+            out.append(Violation(None, None, None, f"forward {i} emits {fwd.emitted} rows of "
+                                 f"{fwd.keep} kept over {len(fwd.ids)} ids"))
+            continue
+        best = logits[: fwd.emitted].argmax(-1).tolist()
+        for r in range(fwd.emitted):
+            at = fwd.start + lead + r + 1  # index into ``full`` of the token row r emitted
+            pos = at - n_prompt
+            if not 0 <= pos < len(answer):
+                out.append(Violation(None, None, int(best[r]), f"forward {i} row {r} scores "
+                                     f"sequence position {at}, outside the answer"))
+                continue
+            if emitted_by[pos] is not None:
+                out.append(Violation(pos, answer[pos], int(best[r]), f"emitted again by "
+                                     f"forward {i} (first by forward {emitted_by[pos]})"))
+                continue
+            emitted_by[pos] = i
+            if good < at:
+                out.append(Violation(pos, answer[pos], int(best[r]), f"forward {i} verified "
+                                     f"it after a context that is not the true prefix (first "
+                                     f"wrong id at sequence position {good})"))
+            elif best[r] != answer[pos]:
+                out.append(Violation(pos, answer[pos], int(best[r]), f"emitted {answer[pos]}, "
+                                     f"but the argmax of forward {i} row {r} is {best[r]}"))
+    if replayed < len(result.target_forwards):
+        fwd = result.target_forwards[replayed]
+        out.append(Violation(None, None, None, f"forward {replayed} starts at {fwd.start}, "
+                             "past what the cache holds"))
+    out.extend(Violation(pos, answer[pos], None, "no target forward emitted it")
+               for pos, by in enumerate(emitted_by) if by is None)
+    return out
+
+
+@torch.inference_mode()
+def one_token_logits(target: torch.nn.Module | LoadedModel, prompt_ids: list[int],
+                     answer: list[int]) -> torch.Tensor:
+    """The target's float32 logits for the token after ``prompt_ids + answer`` by one-token
+    decoding: a fresh cache, the prefill over ``prompt[:-1]``, then one token per forward
+    (the chunking of ``SpeculativeDecoder(None, target, None)``, recomputed independently)."""
+    module = _module(target)
+    cache = _fresh_cache(module)
+    prompt = [int(t) for t in prompt_ids]
+    if len(prompt) > 1:
+        _forward(module, prompt[:-1], cache, 1)
+    logits = None
+    for token in [prompt[-1], *answer]:
+        logits = _forward(module, [int(token)], cache, 1)[0]
+    return logits
+
+
+@torch.inference_mode()
+def explain_difference(target: torch.nn.Module | LoadedModel, prompt_ids: list[int],
+                       result: DecodeResult, reference: list[int]) -> Difference | None:
+    """Where ``result`` first parts from ``reference`` (one-token greedy decoding of the same
+    prompt), the target's own verdicts there: its one-token forward and the chunked forward
+    that emitted the token (:class:`Difference`). ``None`` when the outputs are identical."""
+    answer = [int(t) for t in result.token_ids]
+    reference = [int(t) for t in reference]
+    at = first_difference(reference, answer)
+    if at is None:
+        return None
+    ref_tok = reference[at] if at < len(reference) else None
+    out_tok = answer[at] if at < len(answer) else None
+    if ref_tok is None or out_tok is None:
+        return Difference(at, ref_tok, out_tok)
+    one = one_token_logits(target, prompt_ids, reference[:at])
+    target_pos = len(prompt_ids) + at  # index into prompt + answer
+    chunked = None
+    with torch.inference_mode():
+        for _, fwd, logits, _ in _replay(_module(target), result.target_forwards):
+            lead = len(fwd.ids) - fwd.keep
+            r = target_pos - 1 - fwd.start - lead
+            if 0 <= r < fwd.emitted:
+                chunked = logits[r]
+                break
+    return Difference(
+        at, ref_tok, out_tok, int(one.argmax()),
+        int(chunked.argmax()) if chunked is not None else None,
+        float(one[ref_tok] - one[out_tok]),
+        float(chunked[out_tok] - chunked[ref_tok]) if chunked is not None else None)
 
 
 # ------------------------------------------------------------------------------- loading
