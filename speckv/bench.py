@@ -17,11 +17,18 @@ Methods:
   (``HF_CONFIDENCE``: up to γmax tokens, stop below the threshold);
 - ``speckv:fixed:4``, ``speckv:heuristic`` and, when a controller exists, ``speckv:onnx``.
 
-Greedy speculative decoding is lossless, so every output must equal the target's own (the
-``ar`` output). ``identical_greedy`` says whether they all do; each difference is reported
-with the target's logit gap between the two tokens where the outputs part, because a
-bfloat16 target is not batch-invariant: a chunked verification forward can order two
-near-tied logits differently from a one-token forward (``near_tie``).
+Greedy speculative decoding is lossless: every token speckv emits is the argmax of the
+target's logits in the forward that verified it. ``identical_greedy`` says whether that holds
+for every speckv output (``ar`` included), checked exactly by replaying each output's target
+forwards (:func:`speckv.decode.greedy_invariant`); ``invariant_violations`` lists any breach.
+Equality with the ``ar`` output is information, not a verdict: a target is not
+batch-invariant on a CPU (bfloat16, LLM.int8 and even float32 kernels can round a position's
+logits differently in a chunked forward than in a one-token one), so at a near-tie the outputs
+may part. ``differences`` gives, per method and prompt, the first token where an output
+parts from ``ar``, the target's logit gap there (one full forward), and for speckv methods
+whether the target's own forwards explain it (:func:`speckv.decode.explain_difference`: its
+one-token forward gives the ``ar`` token, the chunked forward that verified it the emitted
+one). Hugging Face's outputs keep no forward log, so they get the gap only.
 """
 
 from __future__ import annotations
@@ -37,11 +44,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
+from speckv.decode import first_difference
 from speckv.errors import SpeckvError
 from speckv.features import GAMMA_MAX
 
 if TYPE_CHECKING:
-    from speckv.decode import SpeculativeDecoder
+    from speckv.decode import DecodeResult, SpeculativeDecoder
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +57,6 @@ HF_CONSTANT_TOKENS: Final = 4  # the same γ as speckv:fixed:4
 HF_HEURISTIC_START: Final = 4  # speckv's Heuristic starts there too
 HF_CONFIDENCE: Final = (GAMMA_MAX, 0.4)  # (num_assistant_tokens, threshold): HF's threshold
 HF_SCHEDULES: Final = ("hf:constant", "hf:heuristic", "hf:confidence")
-#: a logit gap below this fraction of the top logit counts as a numerical near-tie
-#: (2^-6: a few bfloat16 units in the last place at the logits' magnitude).
-NEAR_TIE_REL: Final = 2.0**-6
 WARMUP_TOKENS: Final = 8
 
 
@@ -80,6 +85,7 @@ class Run:
     token_ids: list[int]
     seconds: float
     accepted: list[int] = field(default_factory=list)  # speckv: accepted tokens per step
+    result: DecodeResult | None = None  # speckv: the whole result, with its forward log
 
 
 Runner = Callable[[list[int], int], Run]
@@ -128,7 +134,7 @@ def _speckv_runner(decoder: SpeculativeDecoder) -> Runner:
     def run(ids: list[int], max_new_tokens: int) -> Run:
         result = decoder.generate(ids, max_new_tokens)
         return Run(result.token_ids, result.seconds,
-                   [s["accept_len"] for s in result.steps if s["drafted"]])
+                   [s["accept_len"] for s in result.steps if s["drafted"]], result)
 
     return run
 
@@ -137,14 +143,6 @@ def interleaved(methods: list[str], i: int) -> list[str]:
     """The order of the methods for prompt ``i``: rotated to start at method ``i mod m``."""
     shift = i % len(methods)
     return methods[shift:] + methods[:shift]
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    """Index of the first position where two outputs differ (None when identical)."""
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 @torch.inference_mode()
@@ -163,7 +161,7 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
     Each prompt is decoded ``repeats`` times by every method (greedy outputs repeat, so the
     first decoding is the one checked); the order rotates with every round.
     """
-    from speckv.decode import SpeculativeDecoder, eos_ids
+    from speckv.decode import SpeculativeDecoder, eos_ids, explain_difference, greedy_invariant
     from speckv.policies import from_spec
     from speckv.prompts import chat_ids
 
@@ -213,7 +211,16 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
     for row in table.values():
         row["ratio_to_ar"] = row["tokens_per_s"] / ar if ar else None
         row["ratio_to_hf_best"] = row["tokens_per_s"] / hf_best if hf_best else None
-    mismatches = []
+    violations = []
+    for method in methods:
+        for prompt, prompt_ids, run in zip(prompts, ids, outputs[method], strict=True):
+            if run.result is None:
+                continue
+            violations.extend({"method": short_name(method), "prompt_id": prompt.prompt_id,
+                               "task": prompt.task, "position": v.position,
+                               "emitted": v.emitted, "argmax": v.argmax, "reason": v.reason}
+                              for v in greedy_invariant(target.model, prompt_ids, run.result))
+    differences = []
     if "ar" in outputs:
         for method in methods:
             if method == "ar":
@@ -225,13 +232,16 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
                     continue
                 diff = {"method": short_name(method), "prompt_id": prompt.prompt_id,
                         "task": prompt.task, "first_diff": at, "logit_gap": None,
-                        "near_tie": False}
+                        "explained": None}
                 if at < min(len(ref.token_ids), len(run.token_ids)):
-                    gap, rel = logit_gap(target.model, prompt_ids + ref.token_ids[:at],
-                                         ref.token_ids[at], run.token_ids[at])
-                    diff.update(logit_gap=gap, near_tie=rel < NEAR_TIE_REL)
-                mismatches.append(diff)
-    return {"methods": table, "identical_greedy": not mismatches, "mismatches": mismatches,
+                    diff["logit_gap"], _ = logit_gap(target.model, prompt_ids + ref.token_ids[:at],
+                                                     ref.token_ids[at], run.token_ids[at])
+                if run.result is not None:
+                    why = explain_difference(target.model, prompt_ids, run.result, ref.token_ids)
+                    diff["explained"] = why is not None and why.explained
+                differences.append(diff)
+    return {"methods": table, "identical_greedy": not violations,
+            "invariant_violations": violations, "differences": differences,
             "hf_best": max((m for m in HF_SCHEDULES if m in table),
                            key=lambda m: table[m]["tokens_per_s"], default=None),
             "compute_dtype": target.compute_dtype,
@@ -272,12 +282,17 @@ def _format(result: dict[str, Any]) -> str:
                          f"{num(row['ratio_to_hf_best'], '.2f'):>11}"
                          f"{num(row['mean_accepted'], '.2f'):>10}")
         if block["identical_greedy"]:
-            lines.append("  every greedy output equals the target's")
-        for m in block["mismatches"]:
-            gap = f"logit gap {m['logit_gap']:.3g}" if m["logit_gap"] is not None else "length"
-            kind = "near-tie" if m["near_tie"] else "MISMATCH"
-            lines.append(f"  {kind}: {m['method']} on {m['prompt_id']} differs from token "
-                         f"{m['first_diff']} ({gap})")
+            lines.append("  every speckv token is the target's argmax in the forward that "
+                         "verified it")
+        for v in block["invariant_violations"]:
+            lines.append(f"  INVARIANT BROKEN: {v['method']} on {v['prompt_id']}: "
+                         f"{v['reason']}")
+        for d in block["differences"]:
+            gap = f"logit gap {d['logit_gap']:.3g}" if d["logit_gap"] is not None else "length"
+            why = {True: "; the target's one-token and chunked forwards disagree there",
+                   False: "; NOT explained by the target's forwards", None: ""}[d["explained"]]
+            lines.append(f"  {d['method']} on {d['prompt_id']} parts from ar at token "
+                         f"{d['first_diff']} ({gap}{why})")
     return "\n".join(lines)
 
 
@@ -315,7 +330,7 @@ def main(argv: list[str]) -> int:
     methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
                else default_methods())
     if "ar" not in methods:
-        methods.insert(0, "ar")  # the reference every greedy output is checked against
+        methods.insert(0, "ar")  # the one-token reference differences are reported against
     prompts = load_jsonl(args.prompts) if args.prompts else suites(n=args.per_task)
     needs_draft = any(m != "ar" and m != "hf:ar" for m in methods)
     by_comp: dict[str, Any] = {}
