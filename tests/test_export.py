@@ -114,15 +114,27 @@ def test_metadata(exported):
     assert props["speckv.data_fingerprint"] == "sha256:test"
 
 
-def test_graph_is_valid_minimal_and_float32(exported):
+def _consumers(model, name: str) -> list[str]:
+    return [n.op_type for n in model.graph.node if name in n.input]
+
+
+def test_graph_is_valid_and_float32(exported):
+    """What a runtime relies on. The exact op list is not pinned: it is the exporter's
+    (torch.onnx, onnxscript, onnx), and an upgrade of any of them may reorder or swap ops."""
     _, out, report = exported
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain: o.version for o in model.opset_import}[""] >= 17
     ops = [n.op_type for n in model.graph.node]
-    assert ops[0] == "Gemm"  # scaling folded into the first layer
-    assert "Reshape" not in ops and ops.count("Gather") == 1  # only γ = gammas[argmax]
-    assert "Dropout" not in ops and "Constant" not in ops
+    assert "Dropout" not in ops
+    # scaling folded: the raw features go straight into the first layer
+    assert _consumers(model, "features") == ["Gemm"]
+    assert report["rewrites"]["scaling"] == "folded into the first Gemm"
+    # the simplification left nothing it would rewrite (whatever the exporter emitted)
+    again = onnx.ModelProto()
+    again.CopyFrom(model)
+    assert export_mod.drop_identity_ops(again) == []
+    assert export_mod.fold_scaling(again).startswith("not applied")
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
     types = {v.type.tensor_type.elem_type
              for v in (*inferred.input, *inferred.output, *inferred.value_info)}
@@ -132,7 +144,26 @@ def test_graph_is_valid_minimal_and_float32(exported):
         assert value.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     assert [v.name for v in model.graph.input] == ["features", "costs"]
     assert [v.name for v in model.graph.output] == ["gamma", "expected_tokens", "survival"]
-    assert report["rewrites"]["scaling"] == "folded into the first Gemm"
+
+
+def test_gamma_is_picked_in_the_graph(exported):
+    """The ``gamma`` output is an integer candidate computed by the graph itself: the argmax
+    of its own expected tokens per unit cost, whatever costs come in."""
+    import onnxruntime as ort
+
+    _, out, _ = exported
+    model = onnx.load(out)
+    gamma_out = next(v for v in model.graph.output if v.name == "gamma")
+    assert gamma_out.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    features, costs = rows(11, 200)
+    chosen = []
+    for cost in (costs, costs[:, ::-1].copy(), np.ones_like(costs)):
+        gamma, expected, _ = session.run(None, {"features": features, "costs": cost})
+        assert set(gamma.tolist()) <= set(GAMMAS)
+        np.testing.assert_array_equal(gamma, np.asarray(GAMMAS)[np.argmax(expected / cost, 1)])
+        chosen.append(gamma)
+    assert not np.array_equal(chosen[0], chosen[1]), "the costs input should move γ"
 
 
 def test_exported_file_has_ordinary_permissions(exported):
@@ -163,7 +194,10 @@ def test_degenerate_scaling_keeps_the_mean_out_of_the_bias(tmp_path):
     meta["parity_features"][:, -1] = 1.0  # as in training: the feature never moves
     report = export_controller(mlp, meta, tmp_path / "c.onnx", latency_calls=0)
     assert report["rewrites"]["scaling"].startswith("std folded")
-    assert onnx.load(tmp_path / "c.onnx").graph.node[0].op_type == "Sub"
+    model = onnx.load(tmp_path / "c.onnx")
+    assert _consumers(model, "features") == ["Sub"]
+    sub = next(n for n in model.graph.node if "features" in n.input)
+    assert _consumers(model, sub.output[0]) == ["Gemm"]  # the Div is folded all the same
     assert report["parity"]["max_abs_diff_expected_tokens"] < 1e-4
 
 
@@ -308,15 +342,46 @@ def test_cli_without_any_checkpoint(tmp_path, capsys, monkeypatch):
     assert "no *.ckpt" in capsys.readouterr().err
 
 
+# How far a float32 value of the controller graph may move between CPUs. Kernels for AVX2,
+# AVX-512 and AMX order reductions differently, and each float32 rounding may then land up to
+# eps/2 (relative) elsewhere. Expected tokens are reached through about DEPTH = 66 roundings in
+# sequence: three Gemm reductions of 10, 16 and 16 terms plus a bias each (11 + 17 + 17),
+# log-sigmoid (3), a cumulative sum of 8 log-survivals (8), exp (1), a cumulative sum of 8
+# survivals (8) and the +1 (1). Counting each as eps relative to the final value (to first
+# order: the survivals are positive and at most 1, so the last sums do not cancel; the Gemm
+# terms could, so this is an estimate, not a proof) gives |Δ| <= DEPTH * eps * |value|:
+# 7.9e-6 relative, 4.6e-5 at the largest expected tokens (5.8). An AVX2 machine moved 102 of
+# the 512 values by up to 9.5e-7 (two ulps); a changed controller moves them by far more.
+F32_EPS = float(np.finfo(np.float32).eps)
+DEPTH = 11 + 17 + 17 + 3 + 8 + 1 + 8 + 1
+RTOL_EXPECTED = DEPTH * F32_EPS
+
+
+def decided_rows(expected: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Rows whose best and second-best tokens per second lie further apart than float32 can
+    move them: each objective is off by at most (DEPTH + 1) eps relative (the division adds
+    one rounding), so two of them cannot swap unless they differ by twice that."""
+    objective = np.sort(expected.astype(np.float64) / costs, axis=1)
+    margin = (objective[:, -1] - objective[:, -2]) / objective[:, -1]
+    return margin > 2 * (DEPTH + 1) * F32_EPS
+
+
 def test_the_committed_runtime_fixture_is_current(tmp_path):
-    """The fixture script, rerun, reproduces the committed golden outputs."""
+    """The fixture script, rerun, reproduces the committed golden outputs (to float32
+    rounding on this CPU; the γ exactly wherever float32 cannot decide it otherwise)."""
     script = runpy.run_path(str(ROOT / "scripts" / "make_runtime_fixture.py"))
     onnx_path, expected_path = script["make_fixture"](tmp_path)
     fresh, committed = np.load(expected_path), np.load(ROOT / "tests/fixtures" /
                                                        expected_path.name)
-    for key in ("features", "costs", "gamma"):
-        np.testing.assert_array_equal(fresh[key], committed[key])
-    np.testing.assert_allclose(fresh["expected_tokens"], committed["expected_tokens"], atol=1e-6)
+    np.testing.assert_array_equal(fresh["costs"], committed["costs"])  # numpy arithmetic only
+    # log1p(position) comes from numpy's libm or SIMD routine, which may round differently on
+    # another CPU (in float64, nearly always hidden by the cast to float32)
+    np.testing.assert_array_max_ulp(fresh["features"], committed["features"], maxulp=1)
+    np.testing.assert_allclose(fresh["expected_tokens"], committed["expected_tokens"],
+                               rtol=RTOL_EXPECTED, atol=0)
+    decided = decided_rows(committed["expected_tokens"], committed["costs"])
+    assert decided.mean() >= 0.9, "most rows should decide γ by more than float32 rounding"
+    np.testing.assert_array_equal(fresh["gamma"][decided], committed["gamma"][decided])
     old = Controller.load(ROOT / "tests/fixtures" / onnx_path.name)
-    np.testing.assert_array_equal(old.choose_batch(fresh["features"], fresh["costs"]),
-                                  fresh["gamma"])
+    np.testing.assert_array_equal(
+        old.choose_batch(fresh["features"], fresh["costs"])[decided], fresh["gamma"][decided])
