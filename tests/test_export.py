@@ -161,7 +161,12 @@ def test_gamma_is_picked_in_the_graph(exported):
     for cost in (costs, costs[:, ::-1].copy(), np.ones_like(costs)):
         gamma, expected, _ = session.run(None, {"features": features, "costs": cost})
         assert set(gamma.tolist()) <= set(GAMMAS)
-        np.testing.assert_array_equal(gamma, np.asarray(GAMMAS)[np.argmax(expected / cost, 1)])
+        # the graph may divide differently (a reciprocal, another order): compare on the rows
+        # that float32 rounding cannot tip
+        decided = decided_rows(expected, cost)
+        assert decided.mean() >= 0.9
+        best = np.asarray(GAMMAS)[np.argmax(expected.astype(np.float64) / cost, 1)]
+        np.testing.assert_array_equal(gamma[decided], best[decided])
         chosen.append(gamma)
     assert not np.array_equal(chosen[0], chosen[1]), "the costs input should move γ"
 
