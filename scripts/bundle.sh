@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-REC=data/records/smollm2-demo.parquet
+REC=datamodules/smollm2-demo/smollm2-demo.parquet
 OUT=runs/bundle
 mkdir -p "$OUT"
 if [ ! -f "$REC" ]; then
@@ -15,11 +15,11 @@ if [ ! -f "$REC" ]; then
       --max-new-tokens 96 --threads 1 --shard $i/2 --out "$REC" &
   done
   wait
-  $PY -m speckv records merge data/records/smollm2-demo.shard0of2.parquet \
-    data/records/smollm2-demo.shard1of2.parquet --out "$REC"
-  rm -rf data/records/smollm2-demo.shard*.parquet "$REC.parts"
+  $PY -m speckv records merge datamodules/smollm2-demo/smollm2-demo.shard0of2.parquet \
+    datamodules/smollm2-demo/smollm2-demo.shard1of2.parquet --out "$REC"
+  rm -rf datamodules/smollm2-demo/smollm2-demo.shard*.parquet "$REC.parts"
 fi
-$PY -m speckv records figures "$REC" --out data/figures --json > "$OUT/figures.json"
+$PY -m speckv records figures "$REC" --out datamodules/smollm2-demo/figures --json > "$OUT/figures.json"
 start=$(date +%s%N)
 $PY -m speckv.train fit --trainer.enable_progress_bar false 2> "$OUT/fit.log"
 echo "fit wall ms: $(( ($(date +%s%N) - start) / 1000000 ))" | tee "$OUT/fit_time.txt"

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/make_runtime_fixture.py [--out tests/fixtures]
 
 writes ``controller_tiny.onnx`` (a seeded 10 -> 16 -> 16 -> 8 survival MLP exported by
-``speckv.export.export_controller``, a few kilobytes) and ``controller_tiny_expected.npz``
+``speckv.export.graph.export_controller``, a few kilobytes) and ``controller_tiny_expected.npz``
 (features, costs and PyTorch's γ, expected tokens and survival for them: the golden outputs
 the runtime must reproduce). The weights are scaled up and the last bias raised so that the
 untrained MLP is confident enough, and its choices varied enough over the rows, for tests of
@@ -19,10 +19,10 @@ from typing import Final
 import numpy as np
 import torch
 
-from speckv.export import controller_info, export_controller, torch_graph
-from speckv.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS, N_FEATURES
-from speckv.network import SurvivalMLP
-from speckv.policies import step_costs
+from speckv.export.graph import controller_info, export_controller, torch_graph
+from speckv.runtime.costs import step_costs
+from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS, N_FEATURES
+from speckv.train.network import SurvivalMLP
 
 SEED: Final = 0
 HIDDEN: Final = (16, 16)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from speckv.evaluate import prepare, replay
+from speckv.evaluate.replay import prepare, replay
 from speckv.policies import FixedGamma, Heuristic, Learned
 from speckv.prompts import TASKS, suite
 from speckv.records import read_records
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    df = read_records(ROOT / "data/records/smollm2-demo.parquet")
+    df = read_records(ROOT / "datamodules/smollm2-demo/smollm2-demo.parquet")
     ids = [suite(t)[0].prompt_id for t in TASKS]
     for comp in ("fp16", "int8", "nf4"):
         bench = ROOT / f"runs/bundle/bench_{comp}.json"

@@ -15,16 +15,16 @@ from typing import Final
 from speckv.errors import SpeckvError
 
 COMMANDS: Final = {
-    "profile": ("speckv.profile:main", "profile real speculative decoding into step records"),
-    "records": ("speckv.profile:records_main", "records merge SHARD... --out FILE"),
-    "import-paper": ("speckv.profile:import_paper_main", "import the seed paper's step CSV"),
-    "draft": ("speckv.draft_cli:main", "draft data|distill|evaluate: the demo draft"),
-    "train": ("speckv.train:main", "python -m speckv.train (LightningCLI)"),
-    "evaluate": ("speckv.evaluate:main", "replay every policy on held-out prompts"),
-    "export": ("speckv.export:main", "checkpoint -> ONNX controller (+ parity, latency)"),
-    "bench-controller": ("speckv.bench_controller:main", "controller latency per decision"),
-    "generate": ("speckv.decode:main", "speculative decoding with any policy"),
-    "bench": ("speckv.bench:main", "live tokens/s: target alone, HF assisted, speckv"),
+    "profile": ("speckv.cli.profile:main", "profile real speculative decoding into step records"),
+    "records": ("speckv.cli.profile:records_main", "records merge SHARD... --out FILE"),
+    "import-paper": ("speckv.cli.profile:import_paper_main", "import the seed paper's step CSV"),
+    "draft": ("speckv.cli.draft:main", "draft data|distill|evaluate: the demo draft"),
+    "train": ("speckv.train.cli:main", "python -m speckv.train (LightningCLI)"),
+    "evaluate": ("speckv.cli.evaluate:main", "replay every policy on held-out prompts"),
+    "export": ("speckv.cli.export:main", "checkpoint -> ONNX controller (+ parity, latency)"),
+    "bench-controller": ("speckv.cli.bench_controller:main", "controller latency per decision"),
+    "generate": ("speckv.decode.decoder:main", "speculative decoding with any policy"),
+    "bench": ("speckv.decode.bench:main", "live tokens/s: target alone, HF assisted, speckv"),
 }
 
 

@@ -1,10 +1,10 @@
 """Speculation-length policies: one interface for offline replay and the live decoder.
 
-A step of speculative decoding, as both :mod:`speckv.evaluate` (replay) and
-:mod:`speckv.decode` (live) run it:
+A step of speculative decoding, as both :mod:`speckv.evaluate.replay` (replay) and
+:mod:`speckv.decode.decoder` (live) run it:
 
 1. the draft's first forward of the step (catch-up on the new tokens + first proposal)
-   yields the decision-time features (:mod:`speckv.features`);
+   yields the decision-time features (:mod:`speckv.runtime.features`);
 2. ``gamma = min(policy.choose(ctx), ctx.max_gamma)`` is decided, before any more drafting;
 3. the draft proposes tokens k = 1..gamma; after token k, ``policy.keep_drafting(k, top1,
    entropy)`` may end drafting early (per-token stopping rules); ``drafted`` <= gamma;
@@ -24,7 +24,7 @@ trace's draft cost: after several plain steps a live draft would catch up on mor
 in that first forward, which the trace does not price, so replay is exact for a policy that
 either never or always speculates at a compression (as :class:`BestStatic` does) and
 slightly optimistic for one that mixes plain and speculative steps. The live decoder
-(:mod:`speckv.decode`) runs ``policy=None`` as plain steps throughout.
+(:mod:`speckv.decode.decoder`) runs ``policy=None`` as plain steps throughout.
 
 Cost of a step that drafts g tokens: ``g * cost_draft_s + cost_verify_s[g]``
 (``cost_verify_s[g]`` is one target forward over g+1 tokens; ``cost_verify_s[0]`` is a plain
@@ -42,7 +42,7 @@ torch-backed chooser for training checkpoints imports torch when it is built, no
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -50,7 +50,7 @@ from typing import Any, Final, Literal, Protocol
 import numpy as np
 
 from speckv.errors import SpeckvError
-from speckv.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS
+from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, GAMMAS
 
 Objective = Literal["tokens_per_s", "tokens_per_step"]
 OBJECTIVES: Final = ("tokens_per_s", "tokens_per_step")
@@ -86,7 +86,7 @@ class PolicyError(SpeckvError, ValueError):
 class StepContext:
     """What a policy may look at when it chooses γ (all known before drafting)."""
 
-    features: np.ndarray  # [N_FEATURES], speckv.features.FEATURE_NAMES order
+    features: np.ndarray  # [N_FEATURES], speckv.runtime.features.FEATURE_NAMES order
     compression: str
     position: int  # tokens generated before this step
     max_gamma: int  # most tokens this step may draft (γmax, or fewer near the end)
@@ -97,18 +97,6 @@ class StepContext:
     #: offline replay knows it and fills it in; only :class:`Oracle` may read it. ``None``
     #: in the live decoder.
     oracle_accept_len: int | None = None
-
-
-def step_costs(cost_draft_s, cost_verify_s) -> np.ndarray:
-    """Seconds of a step that drafts each candidate γ in ``GAMMAS``: ``g·draft + verify[g]``.
-
-    Scalar draft and ``[GAMMA_MAX + 1]`` verify give ``[len(GAMMAS)]``; a column of rows
-    (draft ``[n]``, verify ``[n, GAMMA_MAX + 1]``) gives ``[n, len(GAMMAS)]``.
-    """
-    verify = np.asarray(cost_verify_s, dtype=np.float64)
-    draft = np.asarray(cost_draft_s, dtype=np.float64)[..., None]
-    gammas = np.asarray(GAMMAS)
-    return (gammas * draft + verify[..., gammas]).astype(np.float32)
 
 
 class Policy(Protocol):
@@ -167,8 +155,8 @@ class FixedGamma(_Stateless):
 class BestFixed(_Stateless):
     """A fixed γ per compression level, the best one on the training prompts.
 
-    Build it with :meth:`fit` (replays every fixed γ on training records); the constructor
-    takes the already chosen ``{compression: γ}``.
+    Fitted on training records by :func:`speckv.evaluate.baselines.fit_best_fixed`; the
+    constructor takes the already chosen ``{compression: γ}``.
     """
 
     def __init__(self, gammas: Mapping[str, int], name: str = "best_fixed") -> None:
@@ -180,21 +168,9 @@ class BestFixed(_Stateless):
         self.name = name
 
     @classmethod
-    def fit(cls, records: Any, objective: Objective = "tokens_per_s") -> BestFixed:
-        """Replay ``fixed:1..8`` on ``records`` (trace rows: the train split) and keep, per
-        compression, the γ with the most tokens per second (or per step); near-ties go to the
-        smaller γ. ``records`` is a step-record frame or a prepared :class:`speckv.evaluate.Traces`.
-        """
-        from speckv import evaluate  # pandas-backed; imported only when fitting
-
-        _check_objective(objective)
-        traces = records if isinstance(records, evaluate.Traces) else evaluate.prepare(records)
-        return cls.from_scores(evaluate.fixed_scores(traces, objective))
-
-    @classmethod
     def from_scores(cls, scores: Mapping[str, Any]) -> BestFixed:
         """From ``{compression: [fixed:1, ..., fixed:8]}`` objective values, or the
-        ``[plain, fixed:1..8]`` rows of :func:`speckv.evaluate.static_scores` (plain is then
+        ``[plain, fixed:1..8]`` rows of :func:`speckv.evaluate.replay.static_scores` (plain is then
         ignored); near-ties go to the smaller γ."""
         out = {}
         for comp, row in scores.items():
@@ -245,8 +221,9 @@ class BestStatic(_Stateless):
 
     The strongest baseline that needs no per-step decision: where speculation does not pay
     at all (a fast target, a weak draft) it decodes plainly. ``choose`` returns the fitted
-    choice of the step's compression: ``PLAIN`` (0) for a plain target step, else γ. Build
-    it with :meth:`fit`; the constructor takes the already made ``{compression: 0..8}``.
+    choice of the step's compression: ``PLAIN`` (0) for a plain target step, else γ. Fitted
+    by :func:`speckv.evaluate.baselines.fit_best_static`; the constructor takes the already
+    made ``{compression: 0..8}``.
     """
 
     def __init__(self, choices: Mapping[str, int], name: str = "best_static") -> None:
@@ -261,7 +238,7 @@ class BestStatic(_Stateless):
     @classmethod
     def from_scores(cls, scores: Mapping[str, Any]) -> BestStatic:
         """From ``{compression: [plain, fixed:1, ..., fixed:8]}`` objective values (as
-        :func:`speckv.evaluate.static_scores` gives); near-ties go to plain, then smaller γ."""
+        :func:`speckv.evaluate.replay.static_scores` gives); near-ties go to plain, then smaller γ."""
         out = {}
         for comp, row in scores.items():
             row = np.asarray(row, np.float64)
@@ -271,18 +248,6 @@ class BestStatic(_Stateless):
                                   f"{comp!r}.")
             out[comp] = _best_choice(row, PLAIN)
         return cls(out)
-
-    @classmethod
-    def fit(cls, records: Any, objective: Objective = "tokens_per_s") -> BestStatic:
-        """Replay plain decoding and ``fixed:1..8`` on ``records`` (trace rows: the train
-        split) and keep, per compression, the one with the most tokens per second (or per
-        step). ``records`` is a step-record frame or a prepared :class:`speckv.evaluate.Traces`.
-        """
-        from speckv import evaluate  # pandas-backed; imported only when fitting
-
-        _check_objective(objective)
-        traces = records if isinstance(records, evaluate.Traces) else evaluate.prepare(records)
-        return cls.from_scores(evaluate.static_scores(traces, objective))
 
     def choose(self, ctx: StepContext) -> int:
         try:
@@ -417,7 +382,8 @@ class Oracle(_Stateless):
 
 
 class Chooser(Protocol):
-    """What :class:`Learned` needs: the runtime ``Controller`` or :class:`TorchChooser`."""
+    """What :class:`Learned` needs: the runtime ``Controller`` or a training checkpoint's
+    :class:`speckv.train.chooser.TorchChooser`."""
 
     def choose(self, features: np.ndarray, costs: np.ndarray) -> int:
         """γ for one feature vector ``[N_FEATURES]`` and step costs ``[len(GAMMAS)]``."""
@@ -458,55 +424,6 @@ class Learned(_Stateless):
                         dtype=np.int64)
 
 
-class TorchChooser:
-    """A chooser backed by a training checkpoint (torch; for evaluation before export)."""
-
-    def __init__(self, graph: Any, meta: Mapping[str, Any] | None = None) -> None:
-        self.graph = graph.eval()
-        self.meta = dict(meta or {})
-
-    @classmethod
-    def load(cls, path: str | Path) -> TorchChooser:
-        """Read ``path`` with :func:`speckv.network.load_checkpoint`; check features and γs.
-
-        A directory stands for the newest ``*.ckpt`` file under it (a training run's folder).
-        """
-        from speckv.network import ControllerGraph, load_checkpoint
-
-        path = Path(path)
-        if path.is_dir():
-            found = sorted(path.rglob("*.ckpt"), key=lambda f: f.stat().st_mtime)
-            if not found:
-                raise PolicyError(f"{path} holds no *.ckpt file. Train with `python -m "
-                                  "speckv.train fit`, or pass the checkpoint file itself.")
-            path = found[-1]
-        mlp, meta = load_checkpoint(path)
-        names = tuple(meta.get("feature_names", ()))
-        if names != FEATURE_NAMES:
-            raise PolicyError(
-                f"Checkpoint {path} was trained on features {list(names)}, not speckv's "
-                f"decision-time features {list(FEATURE_NAMES)} (a checkpoint on the paper's "
-                "post-drafting features cannot choose γ before drafting). Retrain with the "
-                "default feature set."
-            )
-        gammas = tuple(int(g) for g in meta.get("gammas", ()))
-        if gammas != GAMMAS:
-            raise PolicyError(f"Checkpoint {path} scores γ in {list(gammas)}; speckv replays "
-                              f"γ in {list(GAMMAS)}. Retrain with the default candidates.")
-        return cls(ControllerGraph(mlp, GAMMAS), meta)
-
-    def choose_batch(self, features: np.ndarray, costs: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            gamma, _, _ = self.graph(torch.as_tensor(np.asarray(features, np.float32)),
-                                     torch.as_tensor(np.asarray(costs, np.float32)))
-        return gamma.numpy().astype(np.int64)
-
-    def choose(self, features: np.ndarray, costs: np.ndarray) -> int:
-        return int(self.choose_batch(np.asarray(features)[None], np.asarray(costs)[None])[0])
-
-
 def load_onnx_chooser(path: str | Path) -> Chooser:
     """The runtime ``Controller`` for an exported ONNX file (numpy + onnxruntime)."""
     path = Path(path)
@@ -529,22 +446,26 @@ def _number(spec: str, text: str, kind: type) -> Any:
         raise PolicyError(f"Policy {spec!r}: {text!r} is not {what}.") from None
 
 
-def from_spec(spec: str, *, objective: Objective = "tokens_per_s") -> Policy | None:
+def from_spec(spec: str, *, objective: Objective = "tokens_per_s",
+              load_checkpoint: Callable[[str], Chooser] | None = None) -> Policy | None:
     """Build a policy from its command-line spelling; ``"ar"`` (no speculation) gives None.
 
     Specs: ``ar``, ``fixed:K``, ``heuristic``, ``confidence:T``, ``entropy:T``, ``ema``,
     ``oracle`` (replay only), ``onnx:PATH`` (exported controller), ``ckpt:PATH`` (training
-    checkpoint, needs torch). ``objective`` applies to the oracle and the learned ones.
+    checkpoint: needs ``load_checkpoint``, which the training stage provides as
+    :func:`speckv.train.chooser.policy_from_spec`). ``objective`` applies to the oracle and
+    the learned ones.
     """
     try:
-        return _build(spec, objective)
+        return _build(spec, objective, load_checkpoint)
     except PolicyError as exc:
         text = str(exc)
         raise PolicyError(text if text.startswith("Policy ") else f"Policy {spec!r}: {text}"
                           ) from None
 
 
-def _build(spec: str, objective: Objective) -> Policy | None:
+def _build(spec: str, objective: Objective,
+           load_checkpoint: Callable[[str], Chooser] | None) -> Policy | None:
     text = spec.strip()
     kind, sep, arg = text.partition(":")
     kind = kind.lower()
@@ -569,6 +490,10 @@ def _build(spec: str, objective: Objective) -> Policy | None:
     if kind in ("onnx", "ckpt"):
         if not arg:
             raise PolicyError(f"Policy {spec!r}: write {kind}:PATH.")
-        chooser = load_onnx_chooser(arg) if kind == "onnx" else TorchChooser.load(arg)
+        if kind == "ckpt" and load_checkpoint is None:
+            raise PolicyError("a training checkpoint needs the training stage: use "
+                              "speckv.train.chooser.policy_from_spec, or export it first "
+                              "(`speckv export`) and pass onnx:PATH.")
+        chooser = load_onnx_chooser(arg) if kind == "onnx" else load_checkpoint(arg)
         return Learned(chooser, objective)
     raise PolicyError(f"Policy {spec!r} is unknown; use one of: {', '.join(SPECS)}.")

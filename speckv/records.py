@@ -15,7 +15,7 @@ row's cap is ``min(γmax, M - i - 1, n - i)`` and replay moves ``min(accepted + 
 Column groups (``SCHEMA`` below is the single definition):
 
 - identity: who decoded what, where;
-- decision: the raw decision-time signals that :mod:`speckv.features` turns into the vector;
+- decision: the raw decision-time signals that :mod:`speckv.runtime.features` turns into the vector;
 - per_position: the draft's entropy/top-1 probability at drafted positions k = 1..γmax;
 - outcome: accepted length, its cap, sampling acceptance probabilities;
 - cost: the run's measured draft cost per token and target cost to verify g drafted tokens;
@@ -36,10 +36,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from speckv import paths
 from speckv.atomic import atomic_write
 from speckv.errors import SpeckvError
-from speckv.features import COMPRESSIONS, GAMMA_MAX, N_FEATURES, assemble
 from speckv.prompts import TASKS
+from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, N_FEATURES, assemble
 
 MODES: Final = ("trace", "live", "imported")
 PAPER_CSV_COLUMNS: Final = (
@@ -184,6 +185,31 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(meta.get(b"speckv", b"{}"))
 
 
+def resolve_records(records: str | list[str] | None) -> list[Path]:
+    """Expand globs (relative to the cwd, then to the checkout); fail with what to do.
+
+    ``None`` stands for every bundled record set (:data:`speckv.paths.DEFAULT_RECORDS`)."""
+    patterns = [records] if isinstance(records, str) else (records or [paths.DEFAULT_RECORDS])
+    found: list[Path] = []
+    for pattern in patterns:
+        hits = paths.find(pattern)
+        if not hits:
+            if not any(c in pattern for c in "*?["):
+                raise RecordError(f"Record file {pattern} does not exist. Make records with "
+                                  "`python -m speckv profile ... --out datamodules/NAME/NAME.parquet` "
+                                  "or pass existing ones with --data.records.")
+            continue
+        found.extend(hits)
+    if not found:
+        raise RecordError(
+            f"No step records match {patterns}. The bundled records live in datamodules/*/; "
+            "make new ones with `python -m speckv profile --out datamodules/NAME/NAME.parquet`, import "
+            "the paper's with `python -m speckv import-paper CSV --out R.parquet`, and pass "
+            "them with --data.records R.parquet."
+        )
+    return found
+
+
 def read_records(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Read and validate one or more record files into one frame."""
     if isinstance(paths, (str, Path)):
@@ -193,7 +219,7 @@ def read_records(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         p = Path(p)
         if not p.is_file():
             raise RecordError(f"Record file {p} does not exist. Make records with `speckv "
-                              "profile`, or pass existing files (data/records/*.parquet).")
+                              "profile`, or pass existing files (datamodules/*/*.parquet).")
         try:
             df = pq.read_table(p).to_pandas()
         except Exception as exc:  # truncated or not parquet at all

@@ -5,11 +5,11 @@ chain whose mix depends on the task). At every answer position j the draft's top
 probability is drawn from the stretch's distribution, and the draft agrees with the target
 with a probability that rises with that top-1 probability (and falls with the target's
 compression: a quantized target drifts from the draft). Most answers end with EOS before the
-budget of M new tokens, the rest run into it. As in a real trace (:mod:`speckv.profile`),
+budget of M new tokens, the rest run into it. As in a real trace (:mod:`speckv.profile.profiler`),
 ``accept_len`` at position i is the run of agreements starting at i, capped at
 ``min(8, M - i - 1, n - i)``; the per-position signals of a step are the teacher-forced ones
 up to the first disagreement and "off-track" ones after it; history features come from
-:func:`speckv.features.history_arrays`. So a policy that reads ``draft_top1`` and the agreement
+:func:`speckv.runtime.features.history_arrays`. So a policy that reads ``draft_top1`` and the agreement
 history can beat every fixed γ, and the per-step oracle is a true upper bound.
 
 Costs resemble this 2-core CPU: ~9 ms per draft token; a target forward over g+1 tokens
@@ -26,8 +26,8 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
-from speckv.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS, history_arrays
 from speckv.prompts import TASKS
+from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS, history_arrays
 
 DRAFT_S: Final = 0.009
 VERIFY_S: Final = {"fp16": (0.035, 0.001), "int8": (0.060, 0.001), "nf4": (0.034, 0.001)}
@@ -157,7 +157,7 @@ def make_records(prompts_per_task: int = 10, tasks: Sequence[str] = TASKS,
 # ---------------------------------------------------------------------- a tiny controller
 def fit_survival_mlp(df: pd.DataFrame, steps: int = 300, hidden: Sequence[int] = (16, 16),
                      seed: int = 0):
-    """Fit a :class:`speckv.network.SurvivalMLP` to trace rows by censored hazard likelihood.
+    """Fit a :class:`speckv.train.network.SurvivalMLP` to trace rows by censored hazard likelihood.
 
     Continuation k (1..8) is observed as 1 for k <= accept_len, as 0 at k = accept_len + 1
     when accept_len < accept_cap, and not at all beyond (censored).
@@ -176,8 +176,8 @@ def _fit(df: pd.DataFrame, steps: int, hidden: Sequence[int], seed: int):
     import torch
     from torch.nn import functional as F
 
-    from speckv.network import SurvivalMLP
     from speckv.records import feature_matrix
+    from speckv.train.network import SurvivalMLP
 
     torch.manual_seed(seed)
     x = torch.as_tensor(feature_matrix(df))
@@ -199,7 +199,7 @@ def _fit(df: pd.DataFrame, steps: int, hidden: Sequence[int], seed: int):
 
 
 def save_checkpoint(mlp, path: str | Path, hidden: Sequence[int] = (16, 16)) -> Path:
-    """Write ``mlp`` in the checkpoint layout :func:`speckv.network.load_checkpoint` reads."""
+    """Write ``mlp`` in the checkpoint layout :func:`speckv.train.network.load_checkpoint` reads."""
     import torch
 
     path = Path(path)

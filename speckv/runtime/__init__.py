@@ -18,18 +18,9 @@ calling the file from C or C++).
 
 from __future__ import annotations
 
-from speckv.features import (
-    COMPRESSIONS,
-    FEATURE_NAMES,
-    GAMMAS,
-    N_FEATURES,
-    History,
-    step_features,
-    token_stats,
-)
-from speckv.policies import step_costs as costs_from
 from speckv.runtime.contract import FORMAT_VERSION, ControllerInfo
 from speckv.runtime.controller import DEFAULT_THREADS, Controller, Prediction, session_options
+from speckv.runtime.costs import step_costs as costs_from
 from speckv.runtime.errors import (
     BadInputError,
     CandidateMismatchError,
@@ -38,6 +29,15 @@ from speckv.runtime.errors import (
     ControllerNotFoundError,
     FeatureMismatchError,
     IncompatibleVersionError,
+)
+from speckv.runtime.features import (
+    COMPRESSIONS,
+    FEATURE_NAMES,
+    GAMMAS,
+    N_FEATURES,
+    History,
+    step_features,
+    token_stats,
 )
 from speckv.runtime.reference import NumpyController
 

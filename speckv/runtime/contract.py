@@ -1,6 +1,6 @@
 """The exported controller's contract: tensor names, metadata keys and the format version.
 
-:mod:`speckv.export` writes files by these definitions and :mod:`speckv.runtime` reads them
+:mod:`speckv.export.graph` writes files by these definitions and :mod:`speckv.runtime` reads them
 by the same ones, so the two cannot drift apart. Torch-free.
 
 Signature of every speckv controller graph::

@@ -25,8 +25,7 @@ from typing import Final
 import numpy as np
 import onnxruntime as ort
 
-from speckv.features import FEATURE_NAMES, GAMMAS
-from speckv.runtime import _proto
+from speckv.runtime import onnx_proto
 from speckv.runtime.contract import (
     COSTS,
     EXPECTED_TOKENS,
@@ -45,6 +44,7 @@ from speckv.runtime.errors import (
     ControllerNotFoundError,
     FeatureMismatchError,
 )
+from speckv.runtime.features import FEATURE_NAMES, GAMMAS
 
 DEFAULT_THREADS: Final = 1
 PROVIDERS: Final = ("CPUExecutionProvider",)
@@ -53,7 +53,7 @@ MAX_CONTROLLER_BYTES: Final = 64 * 2**20
 _FLOAT: Final = "tensor(float)"
 _isfinite: Final = np.isfinite
 _INT64: Final = "tensor(int64)"
-_FIX_FEATURES: Final = ("Build the vector with speckv.features.step_features (or History + "
+_FIX_FEATURES: Final = ("Build the vector with speckv.runtime.features.step_features (or History + "
                         "token_stats) from the draft's first-proposal logits.")
 _FIX_COSTS: Final = ("Pass the seconds of a step drafting each candidate γ, measured on this "
                      "machine: speckv.runtime.costs_from(cost_draft_s, cost_verify_s).")
@@ -98,8 +98,8 @@ def read_controller_bytes(path: str | os.PathLike[str]) -> tuple[Path, bytes]:
 def read_info(data: bytes, source: str) -> ControllerInfo:
     """Parse the metadata of a serialized controller (no onnxruntime involved)."""
     try:
-        header = _proto.parse_model(data, graph=False)
-    except _proto.ProtoError as exc:
+        header = onnx_proto.parse_model(data, graph=False)
+    except onnx_proto.ProtoError as exc:
         raise ControllerFormatError(
             f"{source} is not an ONNX model ({exc}). Pass a controller written by "
             "`python -m speckv export` (an .onnx file).") from None
@@ -283,8 +283,8 @@ class Controller:
         """Open an exported controller and check it against what the caller will pass.
 
         ``expected_features``: the feature names, in order, the caller builds (default:
-        :data:`speckv.features.FEATURE_NAMES`); ``expected_gammas``: the candidate γs the
-        costs are given for (default :data:`speckv.features.GAMMAS`). None skips a check.
+        :data:`speckv.runtime.features.FEATURE_NAMES`); ``expected_gammas``: the candidate γs the
+        costs are given for (default :data:`speckv.runtime.features.GAMMAS`). None skips a check.
         ``threads``: onnxruntime intra-op threads (1 is fastest for this tiny graph).
         """
         path, data = read_controller_bytes(path)

@@ -8,7 +8,7 @@ then the fixed head
 
     s = exp(cumsum(logsigmoid(z))),  E[γ] = 1 + cumsum(s)[γ - 1],  γ* = argmax_γ E[γ] / cost[γ]
 
-(the head's nodes are checked by type; its meaning is :class:`speckv.network.ControllerGraph`'s).
+(the head's nodes are checked by type; its meaning is :class:`speckv.train.network.ControllerGraph`'s).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from typing import Final
 
 import numpy as np
 
-from speckv.features import FEATURE_NAMES, GAMMAS
-from speckv.runtime import _proto
+from speckv.runtime import onnx_proto
 from speckv.runtime.contract import FEATURES, ControllerInfo
 from speckv.runtime.controller import (
     InputRow,
@@ -33,6 +32,7 @@ from speckv.runtime.controller import (
     read_controller_bytes,
 )
 from speckv.runtime.errors import ControllerFormatError
+from speckv.runtime.features import FEATURE_NAMES, GAMMAS
 
 #: node types the head may contain (the survival curve, expected tokens and the argmax).
 HEAD_OPS: Final = frozenset({"Sigmoid", "Log", "CumSum", "Exp", "Gather", "Add", "Div",
@@ -74,7 +74,7 @@ class Dense:
 class NumpyController:
     """A speckv controller evaluated with numpy: same interface as the onnxruntime one."""
 
-    def __init__(self, model: _proto.Model, info: ControllerInfo,
+    def __init__(self, model: onnx_proto.Model, info: ControllerInfo,
                  source: str = "<controller>") -> None:
         self.info = info
         self.source = source
@@ -91,8 +91,8 @@ class NumpyController:
         path, data = read_controller_bytes(path)
         source = str(path)
         try:
-            model = _proto.parse_model(data)
-        except _proto.ProtoError as exc:
+            model = onnx_proto.parse_model(data)
+        except onnx_proto.ProtoError as exc:
             raise ControllerFormatError(
                 f"{source} is not an ONNX model ({exc}). Pass a controller written by "
                 "`python -m speckv export`.") from None
@@ -142,11 +142,11 @@ class NumpyController:
         return Prediction(*self.forward(f, c))
 
 
-def _read_layers(model: _proto.Model, info: ControllerInfo, source: str
+def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str
                  ) -> tuple[np.ndarray | None, np.ndarray | None, list[Dense]]:
     """Walk the graph from ``features`` through scaling and dense layers to the logits."""
     inits = model.initializers
-    users: dict[str, list[_proto.Node]] = defaultdict(list)
+    users: dict[str, list[onnx_proto.Node]] = defaultdict(list)
     for node in model.nodes:
         for name in node.inputs:
             users[name].append(node)
@@ -155,7 +155,7 @@ def _read_layers(model: _proto.Model, info: ControllerInfo, source: str
         return ControllerFormatError(f"{source}: the numpy reference cannot read this graph "
                                      f"({why}); it reads graphs written by `speckv export`.")
 
-    def const(node: _proto.Node, i: int) -> np.ndarray:
+    def const(node: onnx_proto.Node, i: int) -> np.ndarray:
         if len(node.inputs) <= i or node.inputs[i] not in inits:
             raise fail(f"{node.op_type} input {i} is not a constant")
         return inits[node.inputs[i]].astype(np.float32)

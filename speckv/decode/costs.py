@@ -1,0 +1,195 @@
+"""The cost model of a speculation step: measured draft and verify forward times.
+
+A step that drafts ``g`` tokens costs ``g * cost_draft_s + cost_verify_s[g]`` seconds
+(:func:`speckv.policies.step_costs`): ``g`` one-token draft forwards with a KV cache and one
+target forward over ``g + 1`` tokens (the last emitted token plus the drafted ones). Both are
+measured here with :func:`lm_forward`, the very call the decoder (:mod:`speckv.decode.decoder`) makes,
+at a realistic context length, per compression level and machine.
+
+The numbers are machine facts, not tuned values: the learned controller takes them as an
+input, the replay evaluator prices policies with them, and profiles store them per run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import torch
+
+from speckv.errors import SpeckvError
+from speckv.runtime.costs import step_costs
+from speckv.runtime.features import GAMMA_MAX
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+    from speckv.llm.load import LoadedModel
+
+#: context length of the timing runs: the middle of a typical prompt plus answer.
+CONTEXT_LEN: Final = 200
+REPEATS: Final = 7
+WARMUP: Final = 2
+
+
+class CostError(SpeckvError, ValueError):
+    """A cost file or cost model is unusable; the message says how to get a valid one."""
+
+
+def lm_forward(model: torch.nn.Module, ids: list[int], cache: DynamicCache,
+               keep: int = 1) -> torch.Tensor:
+    """One causal-LM forward over ``ids`` appended to ``cache``; logits of the last ``keep``.
+
+    This is the only forward call speculative decoding makes (draft catch-up and proposals,
+    target verification, plain target steps), so the cost model times exactly it. Returns
+    ``[keep, vocab]`` in the model's compute dtype; the cache grows by ``len(ids)``.
+    """
+    out = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[0]
+
+
+def new_cache(model: torch.nn.Module) -> DynamicCache:
+    """An empty KV cache for ``model`` (croppable: every layer is full attention)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@dataclass
+class CostModel:
+    """Seconds per forward on this machine, for one draft/target pair at one compression.
+
+    ``cost_verify_s[g]`` is one target forward over ``g + 1`` tokens (``g`` drafted tokens
+    plus the last emitted one), ``g = 0..GAMMA_MAX``; ``cost_verify_s[0]`` is a plain
+    autoregressive target step. ``cost_draft_s`` is one draft forward of one token.
+    """
+
+    cost_draft_s: float
+    cost_verify_s: list[float]
+    compression: str
+    compute_dtype: str
+    context_len: int = CONTEXT_LEN
+    draft_model: str = ""
+    target_model: str = ""
+    threads: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        verify = [float(v) for v in self.cost_verify_s]
+        if len(verify) != GAMMA_MAX + 1:
+            raise CostError(f"cost_verify_s needs {GAMMA_MAX + 1} values (g = 0..{GAMMA_MAX}), "
+                            f"got {len(verify)}. Re-measure with speckv.decode.costs.measure_costs.")
+        values = [float(self.cost_draft_s), *verify]
+        if not all(np.isfinite(v) and v > 0 for v in values):
+            raise CostError(f"costs must be positive seconds, got draft {self.cost_draft_s} and "
+                            f"verify {verify}. Re-measure with speckv.decode.costs.measure_costs.")
+        self.cost_draft_s = float(self.cost_draft_s)
+        self.cost_verify_s = verify
+
+    def step_costs(self) -> np.ndarray:
+        """Seconds of a step drafting each candidate γ (``[GAMMA_MAX]``, float32)."""
+        return step_costs(self.cost_draft_s, self.cost_verify_s)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (``json.dumps`` it, or nest it in run metadata)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> CostModel:
+        """Rebuild from :meth:`to_json`'s dict (or its ``json.dumps`` string)."""
+        if isinstance(data, str):
+            data = json.loads(data)
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise CostError(f"Not a speckv cost model ({exc}); write one with "
+                            "`CostModel.save` or `speckv generate --save-costs`.") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        path = Path(path)
+        if not path.is_file():
+            raise CostError(f"Cost file {path} does not exist; measure one with "
+                            "`speckv generate --save-costs PATH` (or omit --costs to measure).")
+        try:
+            return cls.from_json(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CostError(f"Cost file {path} is not JSON ({exc.msg}).") from None
+
+
+def _module(model: torch.nn.Module | LoadedModel) -> torch.nn.Module:
+    return model if isinstance(model, torch.nn.Module) else model.model
+
+
+def _seconds(fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
+def measure_costs(draft: torch.nn.Module | LoadedModel, target: torch.nn.Module | LoadedModel,
+                  context_len: int = CONTEXT_LEN, repeats: int = REPEATS,
+                  warmup: int = WARMUP, compression: str | None = None,
+                  compute_dtype: str | None = None) -> CostModel:
+    """Time the decoder's forward calls; the median of ``repeats`` after ``warmup`` runs.
+
+    Both caches are filled with ``context_len`` tokens first. Each timed call is followed by
+    a crop back to ``context_len`` (not timed), as the decoder's rollback would do. The
+    candidate sizes are timed round-robin, so a burst of background load spreads over all of
+    them instead of inflating one. ``draft``/``target`` are :class:`~speckv.llm.load.LoadedModel`
+    (compression and dtype are read from them) or bare modules (pass ``compression``).
+    """
+    d_model, t_model = _module(draft), _module(target)
+    compression = compression or getattr(target, "compression", None) or "fp16"
+    compute_dtype = compute_dtype or getattr(target, "compute_dtype", None) or str(
+        next(t_model.parameters()).dtype).removeprefix("torch.")
+    vocab = min(int(d_model.config.vocab_size), int(t_model.config.vocab_size))
+    rng = np.random.default_rng(0)
+    context = rng.integers(3, vocab, size=context_len).tolist()
+    probe = rng.integers(3, vocab, size=GAMMA_MAX + 1).tolist()
+
+    d_cache, t_cache = new_cache(d_model), new_cache(t_model)
+    lm_forward(d_model, context, d_cache)
+    lm_forward(t_model, context, t_cache)
+
+    def draft_call() -> None:
+        lm_forward(d_model, probe[:1], d_cache)
+        d_cache.crop(-1)
+
+    def verify_call(g: int) -> None:
+        lm_forward(t_model, probe[: g + 1], t_cache, keep=g + 1)
+        t_cache.crop(-(g + 1))
+
+    for _ in range(warmup):
+        draft_call()
+        for g in range(GAMMA_MAX + 1):
+            verify_call(g)
+    draft_times: list[float] = []
+    verify_times: list[list[float]] = [[] for _ in range(GAMMA_MAX + 1)]
+    for _ in range(repeats):
+        for g in range(GAMMA_MAX + 1):
+            draft_times.append(_seconds(draft_call))
+            verify_times[g].append(_seconds(lambda g=g: verify_call(g)))
+    return CostModel(
+        cost_draft_s=statistics.median(draft_times),
+        cost_verify_s=[statistics.median(v) for v in verify_times],
+        compression=compression,
+        compute_dtype=compute_dtype,
+        context_len=context_len,
+        draft_model=getattr(draft, "name", type(d_model).__name__),
+        target_model=getattr(target, "name", type(t_model).__name__),
+        threads=torch.get_num_threads(),
+    )

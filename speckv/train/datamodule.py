@@ -1,0 +1,183 @@
+"""LightningDataModule over step records: grouped splits, train-only scaling, tensors.
+
+Each row becomes one example: the decision-time feature vector (or, for the seed paper's
+imported rows, the paper's own post-drafting features), the observed accepted length with its
+cap (a censored observation), and the measured cost of each candidate γ (for the policy
+value logged during validation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Final, Literal
+
+import lightning as L
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from speckv.errors import SpeckvError
+from speckv.records import (
+    PAPER_FEATURE_NAMES,
+    RecordError,
+    feature_matrix,
+    paper_feature_matrix,
+    read_records,
+    resolve_records,
+    split_prompts,
+)
+from speckv.runtime.costs import step_costs
+from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS
+
+REFERENCE_GAMMA: Final = 4  # γ at which trace rows are scored for acceptance-rate metrics
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """A short hash of the record files' bytes (names excluded): identifies training data."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _detect_feature_set(paths: list[Path]) -> str:
+    modes = set()
+    for p in paths:
+        try:
+            modes |= set(pq.read_table(p, columns=["mode"]).column(0).to_pylist())
+        except Exception:  # unreadable: read_records reports it properly in setup()
+            continue
+    return "paper" if modes == {"imported"} else "decision"
+
+
+class SpeckvDataModule(L.LightningDataModule):
+    """Step records -> (features, accepted length, cap, costs) batches, split by prompt."""
+
+    def __init__(
+        self,
+        records: str | list[str] | None = None,
+        feature_set: Literal["auto", "decision", "paper"] = "auto",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        batch_size: int = 1024,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            records: parquet file(s) or glob(s) of step records (default: the bundled
+                ``datamodules/*/*.parquet``); one path, or a list ``[a.parquet, b.parquet]``.
+            feature_set: ``decision`` (decision-time features, the controller's input),
+                ``paper`` (the seed paper's post-drafting statistics; imported rows only), or
+                ``auto`` (``paper`` when every row is imported, else ``decision``).
+            val_fraction: share of prompts held out for validation (per task x compression).
+            test_fraction: share of prompts held out for testing.
+            seed: seed of the prompt split.
+            batch_size: rows per batch.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.paths = resolve_records(records)
+        self.feature_set = (_detect_feature_set(self.paths) if feature_set == "auto"
+                            else feature_set)
+        self.fingerprint = fingerprint(self.paths)
+        self._splits: dict[str, TensorDataset] | None = None
+        self.mean = self.std = None
+        self.parity_rows: tuple[np.ndarray, np.ndarray] | None = None
+
+    # values the model needs (linked by the CLI, never typed twice)
+    @property
+    def feature_names(self) -> list[str]:
+        return list(FEATURE_NAMES if self.feature_set == "decision" else PAPER_FEATURE_NAMES)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def gammas(self) -> list[int]:
+        return list(GAMMAS)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        df = read_records(self.paths)
+        # split the full frame, as `speckv evaluate` does, so both see the same test prompts
+        split = split_prompts(df, self.hparams.val_fraction, self.hparams.test_fraction,
+                              self.hparams.seed)
+        if self.feature_set == "decision":
+            keep = (df["mode"] != "imported").to_numpy()
+        else:
+            keep = (df["mode"] == "imported").to_numpy()
+        df, split = df[keep].reset_index(drop=True), split[keep]
+        if self.feature_set == "decision":
+            if df.empty:
+                raise RecordError(
+                    f"{', '.join(map(str, self.paths))}: no profiled rows, only imported ones. "
+                    "Use --data.feature_set paper to train on the paper's statistics."
+                )
+            x = feature_matrix(df)
+        else:
+            if df.empty:
+                raise RecordError("feature_set=paper needs imported rows (speckv import-paper).")
+            x = paper_feature_matrix(df)
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()
+            raise RecordError(f"Features of rows {bad} are not finite; re-profile those prompts.")
+        costs = np.ones((len(df), len(GAMMAS)), np.float32)
+        has_cost = df["cost_draft_s"].notna().to_numpy()
+        if has_cost.any():
+            measured = df.loc[has_cost]
+            costs[has_cost] = step_costs(measured["cost_draft_s"].to_numpy(),
+                                         np.stack(measured["cost_verify_s"].to_numpy()))
+        ref = df["gamma"].fillna(REFERENCE_GAMMA).to_numpy(np.int64)
+        comp = df["compression"].map({c: i for i, c in enumerate(COMPRESSIONS)}).to_numpy()
+        tensors = {
+            "x": torch.from_numpy(x),
+            "accept_len": torch.from_numpy(df["accept_len"].to_numpy(np.int64)),
+            "accept_cap": torch.from_numpy(df["accept_cap"].to_numpy(np.int64)),
+            "costs": torch.from_numpy(costs),
+            "has_cost": torch.from_numpy(has_cost.copy()),
+            "ref_gamma": torch.from_numpy(np.minimum(ref, GAMMA_MAX)),
+            "compression": torch.from_numpy(comp.astype(np.int64)),
+        }
+        self.columns = list(tensors)
+        train = split == "train"
+        self.mean = x[train].mean(0)
+        self.std = x[train].std(0) + 1e-6
+        self._splits = {
+            name: TensorDataset(*(t[torch.from_numpy(split == name)] for t in tensors.values()))
+            for name in ("train", "val", "test")
+        }
+        for name, ds in self._splits.items():
+            if len(ds) == 0:
+                raise RecordError(f"The {name!r} split of {', '.join(map(str, self.paths))} is "
+                                  "empty: profile more prompts or change the split fractions.")
+        held = np.flatnonzero(split == "val")[:512]
+        self.parity_rows = (x[held], costs[held])
+        self.split_sizes = {k: len(v) for k, v in self._splits.items()}
+
+    def batch_dict(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(zip(self.columns, batch, strict=True))
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if self._splits is None:
+            raise SpeckvError("SpeckvDataModule.setup() must run before asking for data.")
+        return DataLoader(self._splits[name], batch_size=self.hparams.batch_size,
+                          shuffle=shuffle, num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,392 @@
+"""``speckv export``: a small SurvivalMLP in tmp_path -> ONNX, checked against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from locations import ROOT
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+import speckv  # noqa: E402
+from speckv.export import graph as export_mod  # noqa: E402
+from speckv.export.graph import ExportError, export_controller, find_checkpoint  # noqa: E402
+from speckv.runtime import Controller, NumpyController  # noqa: E402
+from speckv.runtime.contract import FORMAT_VERSION  # noqa: E402
+from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS  # noqa: E402
+from speckv.train.network import ControllerGraph, SurvivalMLP  # noqa: E402
+
+N, G = len(FEATURE_NAMES), len(GAMMAS)
+
+
+def small_mlp(seed: int = 0, mean: np.ndarray | None = None,
+              std: np.ndarray | None = None) -> SurvivalMLP:
+    torch.manual_seed(seed)
+    mlp = SurvivalMLP(N, GAMMA_MAX, hidden=(16, 16), dropout=0.1)
+    with torch.no_grad():
+        mlp.net[-1].bias.add_(1.5)
+    rng = np.random.default_rng(seed)
+    mlp.set_scaling(torch.as_tensor(rng.uniform(0, 3, N) if mean is None else mean),
+                    torch.as_tensor(rng.uniform(0.2, 2, N) if std is None else std))
+    return mlp
+
+
+def rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(1.0, 1.5, (n, N)).astype(np.float32)
+    draft = rng.uniform(0.002, 0.05, (n, 1))
+    costs = (0.08 + draft * np.arange(1, G + 1)).astype(np.float32)
+    return features, costs
+
+
+def small_meta(n_rows: int = 128) -> dict:
+    features, costs = rows(1, n_rows)
+    return {"feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS),
+            "compressions": list(COMPRESSIONS), "feature_set": "decision",
+            "objective": "tokens_per_s", "data_fingerprint": "sha256:test",
+            "parity_features": features, "parity_costs": costs}
+
+
+def torch_outputs(mlp: SurvivalMLP, features: np.ndarray, costs: np.ndarray):
+    graph = ControllerGraph(mlp.eval(), GAMMAS).eval()
+    with torch.inference_mode():
+        return [t.numpy() for t in graph(torch.from_numpy(features), torch.from_numpy(costs))]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "nested" / "speckv.onnx"
+    mlp = small_mlp()
+    report = export_controller(mlp, small_meta(), out, latency_calls=200)
+    return mlp, out, report
+
+
+# ---------------------------------------------------------------------------------- graph
+def test_report_says_parity_holds(exported):
+    _, out, report = exported
+    parity = report["parity"]
+    assert parity["rows"] == 128 and parity["source"] == "checkpoint"
+    assert parity["gamma_mismatches"] == 0
+    assert parity["max_abs_diff_expected_tokens"] < 1e-4
+    assert parity["max_abs_diff_survival"] < 1e-4
+    assert report["latency"]["p50_us"] > 0
+    assert report["bytes"] == out.stat().st_size
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_dynamic_batch_matches_torch(exported, batch):
+    mlp, out, _ = exported
+    features, costs = rows(100 + batch, batch)
+    controller = Controller.load(out)
+    pred = controller.predict(features, costs)
+    gamma, expected, survival = torch_outputs(mlp, features, costs)
+    assert pred.gamma.shape == (batch,)
+    np.testing.assert_array_equal(pred.gamma, gamma)
+    np.testing.assert_allclose(pred.expected_tokens, expected, atol=1e-5)
+    np.testing.assert_allclose(pred.survival, survival, atol=1e-5)
+    assert [controller.choose(f, c) for f, c in zip(features, costs, strict=True)] == \
+        gamma.tolist()
+
+
+def test_gammas_vary_on_the_test_rows(exported):
+    """Otherwise the γ parity above would prove little."""
+    mlp, _, _ = exported
+    features, costs = rows(5, 200)
+    assert len(np.unique(torch_outputs(mlp, features, costs)[0])) >= 3
+
+
+def test_metadata(exported):
+    _, out, _ = exported
+    props = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert props["speckv.format_version"] == str(FORMAT_VERSION)
+    assert props["speckv.version"] == speckv.__version__
+    assert json.loads(props["speckv.feature_names"]) == list(FEATURE_NAMES)
+    assert json.loads(props["speckv.gammas"]) == list(GAMMAS)
+    assert json.loads(props["speckv.compressions"]) == list(COMPRESSIONS)
+    assert props["speckv.feature_set"] == "decision"
+    assert props["speckv.objective"] == "tokens_per_s"
+    assert props["speckv.data_fingerprint"] == "sha256:test"
+
+
+def _consumers(model, name: str) -> list[str]:
+    return [n.op_type for n in model.graph.node if name in n.input]
+
+
+def test_graph_is_valid_and_float32(exported):
+    """What a runtime relies on. The exact op list is not pinned: it is the exporter's
+    (torch.onnx, onnxscript, onnx), and an upgrade of any of them may reorder or swap ops."""
+    _, out, report = exported
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.domain: o.version for o in model.opset_import}[""] >= 17
+    ops = [n.op_type for n in model.graph.node]
+    assert "Dropout" not in ops
+    # scaling folded: the raw features go straight into the first layer
+    assert _consumers(model, "features") == ["Gemm"]
+    assert report["rewrites"]["scaling"] == "folded into the first Gemm"
+    # the simplification left nothing it would rewrite (whatever the exporter emitted)
+    again = onnx.ModelProto()
+    again.CopyFrom(model)
+    assert export_mod.drop_identity_ops(again) == []
+    assert export_mod.fold_scaling(again).startswith("not applied")
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+    types = {v.type.tensor_type.elem_type
+             for v in (*inferred.input, *inferred.output, *inferred.value_info)}
+    types |= {t.data_type for t in inferred.initializer}
+    assert onnx.TensorProto.DOUBLE not in types
+    for value in (*model.graph.input, *model.graph.output):
+        assert value.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert [v.name for v in model.graph.input] == ["features", "costs"]
+    assert [v.name for v in model.graph.output] == ["gamma", "expected_tokens", "survival"]
+
+
+def test_gamma_is_picked_in_the_graph(exported):
+    """The ``gamma`` output is an integer candidate computed by the graph itself: the argmax
+    of its own expected tokens per unit cost, whatever costs come in."""
+    import onnxruntime as ort
+
+    _, out, _ = exported
+    model = onnx.load(out)
+    gamma_out = next(v for v in model.graph.output if v.name == "gamma")
+    assert gamma_out.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    features, costs = rows(11, 200)
+    chosen = []
+    for cost in (costs, costs[:, ::-1].copy(), np.ones_like(costs)):
+        gamma, expected, _ = session.run(None, {"features": features, "costs": cost})
+        assert set(gamma.tolist()) <= set(GAMMAS)
+        # the graph may divide differently (a reciprocal, another order): compare on the rows
+        # that float32 rounding cannot tip
+        decided = decided_rows(expected, cost)
+        assert decided.mean() >= 0.9
+        best = np.asarray(GAMMAS)[np.argmax(expected.astype(np.float64) / cost, 1)]
+        np.testing.assert_array_equal(gamma[decided], best[decided])
+        chosen.append(gamma)
+    assert not np.array_equal(chosen[0], chosen[1]), "the costs input should move γ"
+
+
+def test_exported_file_has_ordinary_permissions(exported):
+    _, out, _ = exported
+    plain = out.parent / "plain"
+    plain.write_bytes(b"")
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_export_leaves_the_torch_module_alone(tmp_path):
+    mlp = small_mlp(seed=3).train()
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    export_controller(mlp, small_meta(16), tmp_path / "x.onnx", latency_calls=0)
+    assert mlp.training
+    for key, value in mlp.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_degenerate_scaling_keeps_the_mean_out_of_the_bias(tmp_path):
+    """A feature constant in training (std clamped to 1e-6, mean 1) must not be folded into
+    the bias, where float32 cancellation would cost accuracy."""
+    mean = np.linspace(0, 2, N)
+    mean[-1] = 1.0
+    std = np.ones(N)
+    std[-1] = 1e-6
+    mlp = small_mlp(seed=4, mean=mean, std=std)
+    meta = small_meta(64)
+    meta["parity_features"][:, -1] = 1.0  # as in training: the feature never moves
+    report = export_controller(mlp, meta, tmp_path / "c.onnx", latency_calls=0)
+    assert report["rewrites"]["scaling"].startswith("std folded")
+    model = onnx.load(tmp_path / "c.onnx")
+    assert _consumers(model, "features") == ["Sub"]
+    sub = next(n for n in model.graph.node if "features" in n.input)
+    assert _consumers(model, sub.output[0]) == ["Gemm"]  # the Div is folded all the same
+    assert report["parity"]["max_abs_diff_expected_tokens"] < 1e-4
+
+
+def test_synthetic_parity_rows_without_checkpoint_rows(tmp_path):
+    meta = {"feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS)}
+    report = export_controller(small_mlp(seed=5), meta, tmp_path / "c.onnx", latency_calls=0)
+    assert report["parity"]["source"] == "synthetic"
+    assert report["metadata"]["speckv.data_fingerprint"] == "unknown"
+
+
+def test_numpy_reference_reads_the_exported_graph(exported):
+    mlp, out, _ = exported
+    features, costs = rows(9, 50)
+    ref = NumpyController.load(out).predict(features, costs)
+    gamma, expected, _ = torch_outputs(mlp, features, costs)
+    np.testing.assert_array_equal(ref.gamma, gamma)
+    np.testing.assert_allclose(ref.expected_tokens, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"feature_names": list(FEATURE_NAMES[:-1])}, "9 feature names"),
+    ({"gammas": [0, 1, 2]}, "increasing integers in 1..8"),
+    ({"gammas": list(range(1, 10))}, "increasing integers in 1..8"),
+    ({"parity_costs": np.ones((3, G), np.float32)}, "parity rows have shapes"),
+])
+def test_inconsistent_metadata_is_refused(tmp_path, change, pattern):
+    meta = {**small_meta(16), **change}
+    with pytest.raises(ExportError, match=pattern):
+        export_controller(small_mlp(), meta, tmp_path / "c.onnx", latency_calls=0)
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- atomic write
+def _corrupting_simplify(model):
+    """The real simplification, then a silent bug: the first layer's weights doubled."""
+    report = real_simplify(model)
+    first = next(n for n in model.graph.node if n.op_type == "Gemm")
+    from onnx import numpy_helper
+
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name == first.input[1]:
+            model.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(2 * numpy_helper.to_array(tensor), tensor.name))
+    return report
+
+
+real_simplify = export_mod.simplify
+
+
+def test_a_wrong_graph_fails_parity_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    out = tmp_path / "speckv.onnx"
+    export_controller(small_mlp(), small_meta(64), out, latency_calls=0)
+    good = out.read_bytes()
+    monkeypatch.setattr(export_mod, "simplify", _corrupting_simplify)
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        export_controller(small_mlp(seed=1), small_meta(64), out, latency_calls=0)
+    assert out.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["speckv.onnx"]  # no temporary left
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    out = tmp_path / "speckv.onnx"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_mod.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        export_controller(small_mlp(), small_meta(16), out, latency_calls=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _checkpoint(path: Path, mlp: SurvivalMLP, meta: dict) -> Path:
+    """A file shaped like a Lightning checkpoint of speckv.train.module.SpeckvModule."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
+    meta = {**meta, "mlp_config": {"n_features": N, "gamma_max": GAMMA_MAX, "hidden": [16, 16],
+                                   "dropout": 0.1}}
+    torch.save({"state_dict": state, "speckv": meta}, path)
+    return path
+
+
+def test_cli_exports_the_newest_checkpoint(tmp_path, capsys, monkeypatch):
+    from speckv.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    old = _checkpoint(tmp_path / "lightning_logs/version_0/checkpoints/a.ckpt",
+                      small_mlp(seed=7), small_meta(32))
+    new = _checkpoint(tmp_path / "lightning_logs/version_1/checkpoints/b.ckpt",
+                      small_mlp(seed=8), small_meta(32))
+    stamp = old.stat().st_mtime
+    os.utime(new, (stamp + 10, stamp + 10))
+    assert find_checkpoint(None) == Path("lightning_logs/version_1/checkpoints/b.ckpt")
+    assert main(["export", "--out", "out/c.onnx", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checkpoint"].endswith("b.ckpt")
+    assert report["parity"]["gamma_mismatches"] == 0
+    features, costs = rows(3, 20)
+    got = Controller.load(tmp_path / "out/c.onnx").choose_batch(features, costs)
+    np.testing.assert_array_equal(got, torch_outputs(small_mlp(seed=8), features, costs)[0])
+
+
+def test_cli_on_a_directory_and_text_summary(tmp_path, capsys):
+    from speckv.__main__ import main
+
+    ckpt = _checkpoint(tmp_path / "run/checkpoints/epoch=1.ckpt", small_mlp(), small_meta(16))
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--out",
+                 str(tmp_path / "c.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert f"from      {ckpt}" in out and "γ identical" in out and "latency" in out
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (b"definitely not a checkpoint", "Cannot read checkpoint"),
+    (None, "not a speckv checkpoint"),
+])
+def test_cli_refuses_a_file_that_is_not_a_speckv_checkpoint(tmp_path, capsys, content,
+                                                           pattern):
+    from speckv.__main__ import main
+
+    bad = tmp_path / "bad.ckpt"
+    if content is None:
+        torch.save({"state_dict": {}}, bad)
+    else:
+        bad.write_bytes(content)
+    out = tmp_path / "c.onnx"
+    assert main(["export", "--ckpt", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "speckv export: error:" in err and pattern in err
+    assert not out.exists()
+
+
+def test_cli_without_any_checkpoint(tmp_path, capsys, monkeypatch):
+    from speckv.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export"]) == 2
+    assert "speckv.train fit" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--ckpt", "empty"]) == 2
+    assert "no *.ckpt" in capsys.readouterr().err
+
+
+# How far a float32 value of the controller graph may move between CPUs. Kernels for AVX2,
+# AVX-512 and AMX order reductions differently, and each float32 rounding may then land up to
+# eps/2 (relative) elsewhere. Expected tokens are reached through about DEPTH = 66 roundings in
+# sequence: three Gemm reductions of 10, 16 and 16 terms plus a bias each (11 + 17 + 17),
+# log-sigmoid (3), a cumulative sum of 8 log-survivals (8), exp (1), a cumulative sum of 8
+# survivals (8) and the +1 (1). Counting each as eps relative to the final value (to first
+# order: the survivals are positive and at most 1, so the last sums do not cancel; the Gemm
+# terms could, so this is an estimate, not a proof) gives |Δ| <= DEPTH * eps * |value|:
+# 7.9e-6 relative, 4.6e-5 at the largest expected tokens (5.8). An AVX2 machine moved 102 of
+# the 512 values by up to 9.5e-7 (two ulps); a changed controller moves them by far more.
+F32_EPS = float(np.finfo(np.float32).eps)
+DEPTH = 11 + 17 + 17 + 3 + 8 + 1 + 8 + 1
+RTOL_EXPECTED = DEPTH * F32_EPS
+
+
+def decided_rows(expected: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Rows whose best and second-best tokens per second lie further apart than float32 can
+    move them: each objective is off by at most (DEPTH + 1) eps relative (the division adds
+    one rounding), so two of them cannot swap unless they differ by twice that."""
+    objective = np.sort(expected.astype(np.float64) / costs, axis=1)
+    margin = (objective[:, -1] - objective[:, -2]) / objective[:, -1]
+    return margin > 2 * (DEPTH + 1) * F32_EPS
+
+
+def test_the_committed_runtime_fixture_is_current(tmp_path):
+    """The fixture script, rerun, reproduces the committed golden outputs (to float32
+    rounding on this CPU; the γ exactly wherever float32 cannot decide it otherwise)."""
+    script = runpy.run_path(str(ROOT / "scripts" / "make_runtime_fixture.py"))
+    onnx_path, expected_path = script["make_fixture"](tmp_path)
+    fresh, committed = np.load(expected_path), np.load(ROOT / "tests/fixtures" /
+                                                       expected_path.name)
+    np.testing.assert_array_equal(fresh["costs"], committed["costs"])  # numpy arithmetic only
+    # log1p(position) comes from numpy's libm or SIMD routine, which may round differently on
+    # another CPU (in float64, nearly always hidden by the cast to float32)
+    np.testing.assert_array_max_ulp(fresh["features"], committed["features"], maxulp=1)
+    np.testing.assert_allclose(fresh["expected_tokens"], committed["expected_tokens"],
+                               rtol=RTOL_EXPECTED, atol=0)
+    decided = decided_rows(committed["expected_tokens"], committed["costs"])
+    assert decided.mean() >= 0.9, "most rows should decide γ by more than float32 rounding"
+    np.testing.assert_array_equal(fresh["gamma"][decided], committed["gamma"][decided])
+    old = Controller.load(ROOT / "tests/fixtures" / onnx_path.name)
+    np.testing.assert_array_equal(
+        old.choose_batch(fresh["features"], fresh["costs"])[decided], fresh["gamma"][decided])

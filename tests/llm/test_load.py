@@ -1,0 +1,51 @@
+"""Model loading: name resolution, compression levels, tokenizer checks, the demo pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import save_with_tokenizer, tiny_llama
+
+from speckv.llm.load import check_same_tokenizer, load_model, load_tokenizer
+from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET, ModelError, resolve
+
+
+def test_unknown_names_and_levels_are_refused_with_what_to_do(tmp_path):
+    with pytest.raises(ModelError, match="neither a file, a directory, nor a Hugging Face id"):
+        resolve("no-such-model")
+    with pytest.raises(ModelError, match=r"Unknown compression 'fp8'.*fp16, int8, nf4"):
+        load_model(str(tmp_path), "fp8")
+
+
+def test_local_directory_loads_for_inference(tmp_path):
+    path = save_with_tokenizer(tiny_llama(1, seed=0, dtype=torch.float32), tmp_path / "m")
+    lm = load_model(str(path), "fp16", dtype="float32")
+    assert lm.compression == "fp16" and lm.compute_dtype == "float32"
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    assert not lm.model.training
+
+
+def test_pairs_with_different_vocabularies_are_refused(tmp_path):
+    a = save_with_tokenizer(tiny_llama(1, seed=0, vocab=64), tmp_path / "a")
+    b = save_with_tokenizer(tiny_llama(1, seed=0, vocab=96), tmp_path / "b")
+    check_same_tokenizer(load_tokenizer(str(a)), load_tokenizer(str(a)))
+    with pytest.raises(ModelError, match="tokenizers differ"):
+        check_same_tokenizer(load_tokenizer(str(a)), load_tokenizer(str(b)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", ["fp16", "nf4", "int8"])
+def test_demo_pair_loads_offline_and_shares_a_tokenizer(compression):
+    target = load_model(DEMO_TARGET, compression, dtype="bfloat16")
+    draft = load_model(DEMO_DRAFT, "fp16", dtype="bfloat16")
+    check_same_tokenizer(draft.tokenizer, target.tokenizer)
+    assert target.model.config.num_hidden_layers == 30
+    assert draft.model.config.num_hidden_layers == 2
+    if compression != "fp16":  # bitsandbytes replaced the linear layers
+        names = {type(m).__name__ for m in target.model.modules()}
+        assert names & {"Linear8bitLt", "Linear4bit"}
+    # the draft shares the target's embeddings: the same token maps to the same vector
+    ids = torch.tensor([[1, 100, 2000]])
+    emb_t = target.model.get_input_embeddings()(ids).float()
+    emb_d = draft.model.get_input_embeddings()(ids).float()
+    assert torch.allclose(emb_t, emb_d, atol=1e-2)

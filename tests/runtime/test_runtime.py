@@ -1,0 +1,408 @@
+"""The torch-free runtime controller, on the tiny committed ONNX fixture (no torch needed).
+
+The fixture and its golden outputs come from ``scripts/make_runtime_fixture.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from locations import FIXTURES, ROOT
+
+from speckv.runtime import (
+    BadInputError,
+    CandidateMismatchError,
+    Controller,
+    ControllerError,
+    ControllerFormatError,
+    ControllerNotFoundError,
+    FeatureMismatchError,
+    IncompatibleVersionError,
+    NumpyController,
+    costs_from,
+    onnx_proto,
+)
+from speckv.runtime.contract import FORMAT_VERSION, KEY_FEATURE_NAMES, KEY_FORMAT_VERSION
+from speckv.runtime.features import FEATURE_NAMES, GAMMAS, History, step_features
+
+ONNX = FIXTURES / "controller_tiny.onnx"
+EXPECTED = FIXTURES / "controller_tiny_expected.npz"
+N, G = len(FEATURE_NAMES), len(GAMMAS)
+
+
+@pytest.fixture(scope="module")
+def controller() -> Controller:
+    return Controller.load(ONNX)
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(EXPECTED) as data:
+        return dict(data)
+
+
+def _variant(tmp_path: Path, **metadata: str | None) -> Path:
+    """The fixture with some metadata entries replaced (None removes one)."""
+    out = tmp_path / "variant.onnx"
+    out.write_bytes(onnx_proto.replace_metadata(ONNX.read_bytes(), metadata))
+    return out
+
+
+# ----------------------------------------------------------------------------- packaging
+def test_importing_the_runtime_pulls_in_no_training_stack():
+    code = ("import sys, speckv.runtime; heavy = ('torch', 'lightning', 'pytorch_lightning', "
+            "'transformers', 'onnx', 'pandas'); print([m for m in heavy if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_fixture_is_small_and_typed_package_ships_marker():
+    assert ONNX.stat().st_size < 50_000
+    assert (ROOT / "speckv" / "runtime" / "py.typed").is_file()
+
+
+# ------------------------------------------------------------------------------- results
+def test_metadata_is_read(controller):
+    info = controller.info
+    assert info.feature_names == FEATURE_NAMES
+    assert info.gammas == GAMMAS
+    assert info.format_version == FORMAT_VERSION
+    assert info.data_fingerprint == "fixture:seed=0"
+    assert info.objective == "tokens_per_s"
+
+
+def test_matches_the_pytorch_golden_outputs(controller, golden):
+    pred = controller.predict(golden["features"], golden["costs"])
+    np.testing.assert_array_equal(pred.gamma, golden["gamma"])
+    np.testing.assert_allclose(pred.expected_tokens, golden["expected_tokens"], atol=1e-5)
+    np.testing.assert_allclose(pred.survival, golden["survival"], atol=1e-6)
+    assert pred.gamma.dtype == np.int64 and pred.expected_tokens.dtype == np.float32
+
+
+def test_outputs_are_consistent_with_each_other(controller, golden):
+    pred = controller.predict(golden["features"], golden["costs"])
+    s = pred.survival
+    assert ((s > 0) & (s <= 1)).all()
+    assert (np.diff(s, axis=1) <= 1e-7).all()  # survival never rises with depth
+    np.testing.assert_allclose(pred.expected_tokens, 1 + np.cumsum(s, axis=1)[:, :G], rtol=1e-6)
+    best = np.asarray(GAMMAS)[np.argmax(pred.expected_tokens / golden["costs"], axis=1)]
+    np.testing.assert_array_equal(pred.gamma, best)
+
+
+def test_choose_batch_equals_choose_row_by_row(controller, golden):
+    features, costs = golden["features"], golden["costs"]
+    batch = controller.choose_batch(features, costs)
+    single = [controller.choose(f, c) for f, c in zip(features, costs, strict=True)]
+    assert batch.tolist() == single
+    assert len(set(single)) >= 4  # the fixture's choices vary, so the comparison means something
+    assert all(type(g) is int for g in single)
+
+
+def test_numpy_reference_agrees_with_onnxruntime(controller, golden):
+    reference = NumpyController.load(ONNX)
+    pred = controller.predict(golden["features"], golden["costs"])
+    ref = reference.predict(golden["features"], golden["costs"])
+    np.testing.assert_array_equal(ref.gamma, pred.gamma)
+    np.testing.assert_allclose(ref.expected_tokens, pred.expected_tokens, atol=1e-5)
+    np.testing.assert_allclose(ref.survival, pred.survival, atol=1e-5)
+    f, c = golden["features"][3], golden["costs"][3]
+    assert reference.choose(f, c) == controller.choose(f, c)
+
+
+def test_costs_decide_gamma(controller, golden):
+    features = golden["features"][0]
+    cheap_drafts = costs_from(1e-6, np.full(G + 1, 0.1))  # drafting is free: draft the most
+    dear_drafts = costs_from(10.0, np.full(G + 1, 0.1))  # drafting dominates: draft one
+    assert controller.choose(features, cheap_drafts) == max(GAMMAS)
+    assert controller.choose(features, dear_drafts) == min(GAMMAS)
+
+
+def test_lists_and_other_dtypes_are_accepted(controller, golden):
+    f, c = golden["features"][5], golden["costs"][5]
+    want = controller.choose(f, c)
+    assert controller.choose(f.tolist(), c.tolist()) == want
+    assert controller.choose(f.astype(np.float64), c.astype(np.float64)) == want
+    assert controller.choose_batch(golden["features"][:3], c).tolist() == [
+        controller.choose(row, c) for row in golden["features"][:3]]  # costs shared by rows
+
+
+def test_step_features_feed_the_controller(controller):
+    logits = np.random.default_rng(1).standard_normal(50)
+    history = History()
+    for agreed in (True, True, False, True):
+        history.settle(agreed, target_top1=0.8)
+    gamma = controller.choose(step_features(logits, history, "int8"), costs_from(0.01, np.full(
+        G + 1, 0.09)))
+    assert gamma in GAMMAS
+
+
+@pytest.mark.parametrize("value", [1e30, -1e30, 3.0e38, -3.0e38, 0.0, 1e-38])
+def test_gamma_is_always_a_candidate_for_extreme_features(controller, value):
+    features = np.full(N, value, np.float32)
+    for costs in (np.full(G, 1.0), np.geomspace(1e-30, 1e30, G), np.geomspace(1e30, 1e-30, G),
+                  np.full(G, 3.0e38), np.full(G, 1e-38)):
+        assert controller.choose(features, costs) in GAMMAS
+        assert set(controller.choose_batch(features[None], costs).tolist()) <= set(GAMMAS)
+
+
+def test_gamma_is_always_a_candidate_for_random_inputs(controller):
+    rng = np.random.default_rng(7)
+    features = (rng.standard_normal((500, N)) * rng.choice([1e-3, 1, 1e3, 1e6], (500, 1)))
+    costs = np.exp(rng.uniform(-20, 20, (500, G)))
+    gammas = controller.choose_batch(features, costs)
+    assert set(gammas.tolist()) <= set(GAMMAS)
+
+
+def test_empty_batch(controller):
+    assert controller.choose_batch(np.empty((0, N)), np.empty((0, G))).shape == (0,)
+
+
+def test_threads_option(golden):
+    two = Controller.load(ONNX, threads=2)
+    one = Controller.load(ONNX)
+    f, c = golden["features"], golden["costs"]
+    np.testing.assert_array_equal(two.choose_batch(f, c), one.choose_batch(f, c))
+    with pytest.raises(ValueError, match="threads"):
+        Controller.load(ONNX, threads=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("shape", [(N - 1,), (N + 1,), (1, N), (), (0,)])
+def test_features_of_the_wrong_shape(controller, shape):
+    with pytest.raises(BadInputError, match=rf"{N} values.*got shape {re_shape(shape)}"):
+        controller.choose(np.zeros(shape, np.float32), np.ones(G))
+
+
+def re_shape(shape: tuple[int, ...]) -> str:
+    return str(shape).replace("(", r"\(").replace(")", r"\)")
+
+
+@pytest.mark.parametrize("shape", [(G - 1,), (G + 1,), (1, G), ()])
+def test_costs_of_the_wrong_shape(controller, shape):
+    with pytest.raises(BadInputError, match=rf"costs must be .*{G} values.*got shape"):
+        controller.choose(np.zeros(N), np.ones(shape))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("position", range(N))
+def test_non_finite_features_are_refused_wherever_they_are(controller, golden, bad, position):
+    features = golden["features"][0].copy()
+    features[position] = bad
+    with pytest.raises(BadInputError, match=rf"finite.*{FEATURE_NAMES[position]}="):
+        controller.choose(features, golden["costs"][0])
+    with pytest.raises(BadInputError, match=FEATURE_NAMES[position]):
+        controller.choose_batch(features[None], golden["costs"][0])
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, -np.inf, np.inf, np.nan])
+@pytest.mark.parametrize("position", [0, G // 2, G - 1])
+def test_bad_costs_are_refused(controller, golden, bad, position):
+    costs = golden["costs"][0].copy()
+    costs[position] = bad
+    with pytest.raises(BadInputError, match=rf"costs must be finite and > 0.*γ={GAMMAS[position]}"):
+        controller.choose(golden["features"][0], costs)
+    with pytest.raises(BadInputError, match=rf"γ={GAMMAS[position]}"):
+        controller.predict(golden["features"][:2], np.stack([golden["costs"][0], costs]))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_values_beyond_float32_are_refused(controller):
+    with pytest.raises(BadInputError, match=r"float32|finite"):
+        controller.choose(np.full(N, 1e300), np.ones(G))
+
+
+def test_values_that_are_not_numbers(controller):
+    with pytest.raises(BadInputError, match="numbers"):
+        controller.choose(["x"] * N, np.ones(G))
+
+
+def test_batch_of_the_wrong_width(controller):
+    with pytest.raises(BadInputError, match=rf"\[batch, {N}\]"):
+        controller.choose_batch(np.zeros((3, N + 2)), np.ones(G))
+    with pytest.raises(BadInputError, match="costs must be"):
+        controller.choose_batch(np.zeros((3, N)), np.ones((2, G)))
+
+
+def test_a_refused_call_leaves_the_controller_working(controller, golden):
+    f, c = golden["features"][9], golden["costs"][9]
+    want = controller.choose(f, c)
+    with pytest.raises(BadInputError):
+        controller.choose(np.full(N, np.nan), c)
+    with pytest.raises(BadInputError):
+        controller.choose(f, -c)
+    assert controller.choose(f, c) == want
+
+
+def test_errors_belong_to_the_speckv_family():
+    from speckv.errors import SpeckvError
+
+    for cls in (BadInputError, FeatureMismatchError, CandidateMismatchError,
+                IncompatibleVersionError, ControllerFormatError, ControllerNotFoundError):
+        assert issubclass(cls, ControllerError) and issubclass(cls, SpeckvError)
+    assert issubclass(BadInputError, ValueError)
+
+
+# ------------------------------------------------------------------------------ bad files
+def test_missing_file(tmp_path):
+    with pytest.raises(ControllerNotFoundError, match="speckv export"):
+        Controller.load(tmp_path / "nope.onnx")
+    with pytest.raises(ControllerNotFoundError, match="directory"):
+        Controller.load(tmp_path)
+
+
+def test_a_file_that_is_not_onnx(tmp_path):
+    for content in (b"this is not a model\n", b"\x00\x01\x02" * 40, b""):
+        path = tmp_path / "bad.onnx"
+        path.write_bytes(content)
+        with pytest.raises(ControllerFormatError, match="not an ONNX model"):
+            Controller.load(path)
+        with pytest.raises(ControllerFormatError, match="not an ONNX model"):
+            NumpyController.load(path)
+
+
+def test_an_onnx_file_that_is_not_speckvs(tmp_path):
+    path = tmp_path / "identity.onnx"
+    path.write_bytes(onnx_proto.identity_model(N))
+    with pytest.raises(ControllerFormatError, match=r"not a speckv controller.*speckv export"):
+        Controller.load(path)
+
+
+def test_a_speckv_file_with_another_signature(tmp_path):
+    """speckv metadata on a graph that is not a controller (the Identity model)."""
+    meta = onnx_proto.parse_model(ONNX.read_bytes(), graph=False).metadata
+    path = tmp_path / "identity.onnx"
+    path.write_bytes(onnx_proto.replace_metadata(onnx_proto.identity_model(N), dict(meta)))
+    with pytest.raises(ControllerFormatError, match="signature"):
+        Controller.load(path)
+
+
+def test_other_feature_names_say_which_differ(tmp_path):
+    renamed = list(FEATURE_NAMES)
+    renamed[2] = "draft_gap"
+    path = _variant(tmp_path, **{KEY_FEATURE_NAMES: json.dumps(renamed)})
+    with pytest.raises(FeatureMismatchError, match=r"missing \['draft_margin'\].*"
+                                                   r"not expected \['draft_gap'\]"):
+        Controller.load(path)
+    # the caller may accept the file's own names explicitly
+    assert Controller.load(path, expected_features=renamed).feature_names == tuple(renamed)
+
+
+def test_other_feature_order_says_where(tmp_path):
+    swapped = list(FEATURE_NAMES)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    path = _variant(tmp_path, **{KEY_FEATURE_NAMES: json.dumps(swapped)})
+    with pytest.raises(FeatureMismatchError, match="another order, first at position 0"):
+        Controller.load(path)
+
+
+def test_other_feature_count_is_a_format_error(tmp_path):
+    path = _variant(tmp_path, **{KEY_FEATURE_NAMES: json.dumps(list(FEATURE_NAMES[:-1]))})
+    with pytest.raises(FeatureMismatchError, match="compression_nf4"):
+        Controller.load(path)
+    with pytest.raises(ControllerFormatError, match="signature"):
+        Controller.load(path, expected_features=None)
+
+
+def test_other_candidate_gammas():
+    with pytest.raises(CandidateMismatchError, match=r"among \[1, 2, 3, 4, 5, 6, 7, 8\]"):
+        Controller.load(ONNX, expected_gammas=(1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("version, pattern", [
+    (str(FORMAT_VERSION + 1), "upgrade speckv"),
+    (str(FORMAT_VERSION - 1), "re-export"),
+])
+def test_incompatible_format_version(tmp_path, version, pattern):
+    path = _variant(tmp_path, **{KEY_FORMAT_VERSION: version})
+    with pytest.raises(IncompatibleVersionError, match=rf"format {version}.*{pattern}"):
+        Controller.load(path)
+
+
+@pytest.mark.parametrize("metadata, pattern", [
+    ({KEY_FORMAT_VERSION: "one"}, "no valid speckv.format_version"),
+    ({KEY_FORMAT_VERSION: None}, "no valid speckv.format_version"),
+    ({KEY_FEATURE_NAMES: "[draft_entropy"}, "must be a JSON list of str"),
+    ({KEY_FEATURE_NAMES: None}, "lacks the metadata speckv.feature_names"),
+    ({"speckv.gammas": "[3, 2, 1]"}, "not increasing"),
+    ({"speckv.gammas": "[1, 2.5]"}, "JSON list of int"),
+])
+def test_damaged_metadata(tmp_path, metadata, pattern):
+    with pytest.raises(ControllerFormatError, match=pattern):
+        Controller.load(_variant(tmp_path, **metadata))
+
+
+# ------------------------------------------------------------------------------ internals
+def test_proto_reader_matches_the_onnx_package():
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    model = onnx.load(ONNX)
+    ours = onnx_proto.parse_model(ONNX.read_bytes())
+    assert dict(ours.metadata) == {p.key: p.value for p in model.metadata_props}
+    assert [n.op_type for n in ours.nodes] == [n.op_type for n in model.graph.node]
+    for tensor in model.graph.initializer:
+        np.testing.assert_array_equal(ours.initializers[tensor.name],
+                                      numpy_helper.to_array(tensor))
+    assert [i.name for i in ours.inputs] == ["features", "costs"]
+    assert ours.inputs[0].shape == ("batch", N)
+
+
+def test_identity_model_echoes_its_input():
+    session = ort.InferenceSession(onnx_proto.identity_model(N), providers=["CPUExecutionProvider"])
+    x = np.arange(3 * N, dtype=np.float32).reshape(3, N)
+    np.testing.assert_array_equal(session.run(None, {"features": x})[0], x)
+
+
+def test_replace_metadata_keeps_the_graph():
+    data = onnx_proto.replace_metadata(ONNX.read_bytes(), {"speckv.objective": "x", "extra": "y"})
+    model = onnx_proto.parse_model(data)
+    assert model.metadata["speckv.objective"] == "x" and model.metadata["extra"] == "y"
+    original = onnx_proto.parse_model(ONNX.read_bytes())
+    assert [n.op_type for n in model.nodes] == [n.op_type for n in original.nodes]
+
+
+# ---------------------------------------------------------------------- bench-controller
+def test_bench_controller_json(capsys):
+    from speckv.cli.bench_controller import main
+
+    assert main(["--controller", str(ONNX), "--json", "--iters", "300",
+                 "--target-step-ms", "50"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for method in ("onnx", "numpy", "floor"):
+        stats = report["batch1_us"][method]
+        assert 0 < stats["p50"] <= stats["p99"]
+        assert report["batch64_per_row_us"][method]["p50"] > 0
+    assert report["target_step_ms"] == 50
+    assert report["ratio_p50_to_target_step"] == pytest.approx(
+        report["batch1_us"]["onnx"]["p50"] / 50_000)
+
+
+def test_bench_controller_reads_the_target_step_from_records(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    from speckv.cli.bench_controller import target_step_ms
+
+    frame = pd.DataFrame({
+        "compression": ["fp16", "fp16", "fp16", "nf4"],
+        "cost_verify_s": [[0.08, 0.09], [0.10, 0.11], [0.30, 0.31], [0.5, 0.6]],
+    })
+    frame.to_parquet(tmp_path / "run.parquet")
+    ms, source = target_step_ms(tmp_path)
+    assert ms == pytest.approx(100.0)
+    assert "3 fp16" in source
+    assert target_step_ms(tmp_path / "empty")[0] is None
+
+
+def test_bench_controller_without_a_controller(tmp_path, capsys):
+    from speckv.__main__ import main
+
+    assert main(["bench-controller", "--controller", str(tmp_path / "none.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "speckv export" in err and "--controller" in err

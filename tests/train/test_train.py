@@ -1,0 +1,116 @@
+"""The training framework end to end: LightningCLI fit/test on records, TensorBoard output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from locations import PAPER_CSV
+from synthetic import make_records
+
+from speckv.records import write_records
+from speckv.runtime.features import FEATURE_NAMES, GAMMA_MAX
+from speckv.train.cli import main as train_main
+from speckv.train.datamodule import SpeckvDataModule
+from speckv.train.module import survival_nll
+from speckv.train.network import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def record_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rec") / "r.parquet"
+    return write_records(make_records(prompts_per_task=6, min_len=20, max_len=40, seed=0), path)
+
+
+def test_survival_nll_matches_hand_computed_likelihood():
+    z = torch.tensor([[0.3, -0.2, 1.0], [2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    s = torch.sigmoid(z)
+    # row 0: exactly 1 accepted of cap 3; row 1: censored at cap 2; row 2: cap 0 (no info)
+    nll = survival_nll(z, torch.tensor([1, 2, 0]), torch.tensor([3, 2, 0]))
+    expected = -(torch.log(s[0, 0] * (1 - s[0, 1])) + torch.log(s[1, 0] * s[1, 1])) / 2
+    assert torch.isclose(nll, expected, atol=1e-6)
+
+
+def test_datamodule_splits_by_prompt_and_scales_on_train_only(record_file):
+    dm = SpeckvDataModule(records=str(record_file), val_fraction=0.2, test_fraction=0.2)
+    dm.setup("fit")
+    assert dm.feature_set == "decision" and dm.n_features == len(FEATURE_NAMES)
+    x_train = dm._splits["train"].tensors[0].numpy()
+    np.testing.assert_allclose(dm.mean, x_train.mean(0), rtol=1e-5, atol=1e-6)
+    assert sum(dm.split_sizes.values()) == len(pd.read_parquet(record_file))
+    dm.setup("fit")  # idempotent
+    assert dm._splits["train"].tensors[0].shape[0] == dm.split_sizes["train"]
+
+
+def test_fit_then_test_writes_checkpoint_config_and_tensorboard(record_file, tmp_path):
+    root = tmp_path / "runs"
+    args = ["fit", "--data.records", str(record_file), "--trainer.max_epochs", "3",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    assert train_main(args) == 0
+    version = root / "lightning_logs" / "version_0"
+    assert (version / "config.yaml").is_file()
+    ckpts = list((version / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) == 1
+    mlp, meta = load_checkpoint(ckpts[0])
+    assert meta["feature_names"] == list(FEATURE_NAMES)
+    assert meta["gammas"] == list(range(1, GAMMA_MAX + 1))
+    assert len(meta["data_fingerprint"]) == 16
+    assert mlp.std.min() > 0 and not torch.allclose(mlp.std, torch.ones_like(mlp.std)), \
+        "train-split scaling must be baked into the network"
+    surv = mlp.survival(torch.as_tensor(np.asarray(meta["parity_features"]))).detach()
+    assert (surv[:, 1:] <= surv[:, :-1] + 1e-7).all(), "survival must be non-increasing"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(version), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"val/loss", "val/tokens_per_s", "val/auroc_s1", "train/loss"} <= set(tags["scalars"])
+    assert "val/calibration" in tags["images"]
+    assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+    assert acc.Scalars("val/auroc_s1")[-1].value > 0.6, "the controller learned nothing"
+
+    test_args = ["test", "--data.records", str(record_file), "--ckpt_path", str(ckpts[0]),
+                 "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+                 "false"]
+    assert train_main(test_args) == 0
+
+
+@pytest.mark.parametrize("records, match", [
+    ("missing.parquet", "does not exist"),
+    ("nothing-*.parquet", "No step records match"),
+])
+def test_fit_on_bad_records_exits_2_with_a_message(tmp_path, records, match):
+    proc = subprocess.run(
+        [sys.executable, "-m", "speckv.train", "fit", "--data.records", str(tmp_path / records)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert match in proc.stderr and "Traceback" not in proc.stderr
+
+
+
+
+@pytest.mark.skipif(not PAPER_CSV.is_file(), reason="the seed paper's CSV is not beside the repo")
+def test_imported_paper_rows_train_an_acceptance_predictor(tmp_path):
+    from speckv.records import PAPER_FEATURE_NAMES, import_paper
+
+    path = tmp_path / "paper.parquet"
+    import_paper(PAPER_CSV, path)
+    dm = SpeckvDataModule(records=str(path))
+    dm.setup("fit")
+    assert dm.feature_set == "paper" and dm.feature_names == list(PAPER_FEATURE_NAMES)
+    # generations, not rows, are split: 240 generations, none in two splits
+    assert sum(dm.split_sizes.values()) == 5112
+    root = tmp_path / "runs"
+    assert train_main(["fit", "--data.records", str(path), "--trainer.max_epochs", "2",
+                       "--trainer.default_root_dir", str(root),
+                       "--trainer.enable_progress_bar", "false"]) == 0
+    ckpt = next((root / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    _, meta = load_checkpoint(ckpt)
+    assert meta["feature_set"] == "paper"
