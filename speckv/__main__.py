@@ -23,8 +23,8 @@ COMMANDS: Final = {
     "evaluate": ("speckv.cli.evaluate:main", "replay every policy on held-out prompts"),
     "export": ("speckv.cli.export:main", "checkpoint -> ONNX controller (+ parity, latency)"),
     "bench-controller": ("speckv.cli.bench_controller:main", "controller latency per decision"),
-    "generate": ("speckv.decode.decoder:main", "speculative decoding with any policy"),
-    "bench": ("speckv.decode.bench:main", "live tokens/s: target alone, HF assisted, speckv"),
+    "generate": ("speckv.cli.generate:main", "speculative decoding with any policy"),
+    "bench": ("speckv.cli.bench:main", "live tokens/s: target alone, HF assisted, speckv"),
 }
 
 

@@ -170,8 +170,8 @@ class BestFixed(_Stateless):
     @classmethod
     def from_scores(cls, scores: Mapping[str, Any]) -> BestFixed:
         """From ``{compression: [fixed:1, ..., fixed:8]}`` objective values, or the
-        ``[plain, fixed:1..8]`` rows of :func:`speckv.evaluate.replay.static_scores` (plain is then
-        ignored); near-ties go to the smaller γ."""
+        ``[plain, fixed:1..8]`` rows of :func:`speckv.evaluate.baselines.static_scores`
+        (plain is then ignored); near-ties go to the smaller γ."""
         out = {}
         for comp, row in scores.items():
             row = np.asarray(row, np.float64)
@@ -238,7 +238,8 @@ class BestStatic(_Stateless):
     @classmethod
     def from_scores(cls, scores: Mapping[str, Any]) -> BestStatic:
         """From ``{compression: [plain, fixed:1, ..., fixed:8]}`` objective values (as
-        :func:`speckv.evaluate.replay.static_scores` gives); near-ties go to plain, then smaller γ."""
+        :func:`speckv.evaluate.baselines.static_scores` gives); near-ties go to plain, then
+        the smaller γ."""
         out = {}
         for comp, row in scores.items():
             row = np.asarray(row, np.float64)

@@ -196,14 +196,16 @@ def resolve_records(records: str | list[str] | None) -> list[Path]:
         if not hits:
             if not any(c in pattern for c in "*?["):
                 raise RecordError(f"Record file {pattern} does not exist. Make records with "
-                                  "`python -m speckv profile ... --out datamodules/NAME/NAME.parquet` "
+                                  "`python -m speckv profile ... --out "
+                                  "datamodules/NAME/NAME.parquet` "
                                   "or pass existing ones with --data.records.")
             continue
         found.extend(hits)
     if not found:
         raise RecordError(
             f"No step records match {patterns}. The bundled records live in datamodules/*/; "
-            "make new ones with `python -m speckv profile --out datamodules/NAME/NAME.parquet`, import "
+            "make new ones with `python -m speckv profile --out "
+            "datamodules/NAME/NAME.parquet`, import "
             "the paper's with `python -m speckv import-paper CSV --out R.parquet`, and pass "
             "them with --data.records R.parquet."
         )

@@ -9,8 +9,8 @@ budget of M new tokens, the rest run into it. As in a real trace (:mod:`speckv.p
 ``accept_len`` at position i is the run of agreements starting at i, capped at
 ``min(8, M - i - 1, n - i)``; the per-position signals of a step are the teacher-forced ones
 up to the first disagreement and "off-track" ones after it; history features come from
-:func:`speckv.runtime.features.history_arrays`. So a policy that reads ``draft_top1`` and the agreement
-history can beat every fixed γ, and the per-step oracle is a true upper bound.
+:func:`speckv.runtime.features.history_arrays`. So a policy that reads ``draft_top1`` and
+the agreement history can beat every fixed γ, and the per-step oracle is a true upper bound.
 
 Costs resemble this 2-core CPU: ~9 ms per draft token; a target forward over g+1 tokens
 takes 35 ms + 1 ms·g at fp16, 60 ms + 1 ms·g at int8 (bitsandbytes INT8 is slow on CPU) and

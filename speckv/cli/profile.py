@@ -9,11 +9,11 @@ import logging
 from pathlib import Path
 
 from speckv import paths
+from speckv.profile.profiler import ProfileError, parse_shard, run_profile
 from speckv.prompts import TASKS, Prompt, load_jsonl, suites
 from speckv.records import merge, read_records
 
 log = logging.getLogger(__name__)
-from speckv.profile.profiler import ProfileError, parse_shard, run_profile
 
 
 # ------------------------------------------------------------------------------------ CLI

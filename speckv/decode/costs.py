@@ -1,10 +1,11 @@
 """The cost model of a speculation step: measured draft and verify forward times.
 
 A step that drafts ``g`` tokens costs ``g * cost_draft_s + cost_verify_s[g]`` seconds
-(:func:`speckv.policies.step_costs`): ``g`` one-token draft forwards with a KV cache and one
+(:func:`speckv.runtime.costs.step_costs`): ``g`` one-token draft forwards with a KV cache and one
 target forward over ``g + 1`` tokens (the last emitted token plus the drafted ones). Both are
-measured here with :func:`lm_forward`, the very call the decoder (:mod:`speckv.decode.decoder`) makes,
-at a realistic context length, per compression level and machine.
+measured here with :func:`lm_forward`, the very call the decoder
+(:mod:`speckv.decode.decoder`) makes, at a realistic context length, per compression level
+and machine.
 
 The numbers are machine facts, not tuned values: the learned controller takes them as an
 input, the replay evaluator prices policies with them, and profiles store them per run.
@@ -84,7 +85,8 @@ class CostModel:
         verify = [float(v) for v in self.cost_verify_s]
         if len(verify) != GAMMA_MAX + 1:
             raise CostError(f"cost_verify_s needs {GAMMA_MAX + 1} values (g = 0..{GAMMA_MAX}), "
-                            f"got {len(verify)}. Re-measure with speckv.decode.costs.measure_costs.")
+                            f"got {len(verify)}. Re-measure with "
+                            "speckv.decode.costs.measure_costs.")
         values = [float(self.cost_draft_s), *verify]
         if not all(np.isfinite(v) and v > 0 for v in values):
             raise CostError(f"costs must be positive seconds, got draft {self.cost_draft_s} and "

@@ -4,7 +4,8 @@ One step (the definition :mod:`speckv.policies` documents):
 
 1. the draft's first forward catches up on the tokens it has not seen yet (one, or two after
    a fully accepted step) and yields the first proposal's logits; those logits and the
-   agreement history give the decision-time features (:func:`speckv.runtime.features.step_features`);
+   agreement history give the decision-time features
+   (:func:`speckv.runtime.features.step_features`);
 2. ``γ = min(policy.choose(ctx), max_gamma)``, ``max_gamma = min(8, max_new_tokens -
    produced - 1)``; when ``max_gamma == 0`` the step is a plain target step instead;
 3. the draft proposes up to γ tokens; ``policy.keep_drafting(k, top1, entropy)`` after each;
@@ -25,7 +26,8 @@ agreed = "the draft's greedy token given the true prefix equals the emitted toke
 tokens and the first rejected position are known at verification (the draft's logits there
 were computed while drafting); the bonus token after a fully accepted step is settled by the
 next step's catch-up forward, which computes the draft's logits for that position. So the
-features at every decision equal those of a trace at the same position (:mod:`speckv.profile.profiler`).
+features at every decision equal those of a trace at the same position
+(:mod:`speckv.profile.profiler`).
 
 Greedy losslessness, exactly: every emitted token is the argmax of the target's logits in the
 forward that verified it. :attr:`DecodeResult.target_forwards` logs every target forward
@@ -47,25 +49,19 @@ the target's numerics, not the decoder.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import torch
 
-from speckv import paths
 from speckv.decode.costs import lm_forward, new_cache
 from speckv.errors import SpeckvError
-from speckv.paths import find_file
 from speckv.policies import Learned, Policy, StepContext
 from speckv.runtime.features import GAMMA_MAX, History, step_features
 
@@ -78,11 +74,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: the controller shipped with the repository; the default policy when it exists.
-DEFAULT_CONTROLLER: Final = find_file(paths.DEFAULT_CONTROLLER)
 DEFAULT_MAX_NEW_TOKENS: Final = 128
-#: ``--draft untrained[:LAYERS]``: a draft built from the target's layers without training.
-UNTRAINED: Final = "untrained"
 
 
 class DecodeError(SpeckvError, ValueError):
@@ -275,8 +267,8 @@ class SpeculativeDecoder:
                               "use policy 'ar' for the target alone).")
         if isinstance(policy, Learned) and costs is None:
             raise DecodeError("A learned controller chooses γ from measured step costs: pass "
-                              "costs=speckv.decode.costs.measure_costs(draft, target) (the CLI measures "
-                              "them at start-up, or reads --costs FILE).")
+                              "costs=speckv.decode.costs.measure_costs(draft, target) (the CLI "
+                              "measures them at start-up, or reads --costs FILE).")
         if not 1 <= max_gamma <= GAMMA_MAX:
             raise DecodeError(f"max_gamma must lie in 1..{GAMMA_MAX}, got {max_gamma}.")
         self.draft = _module(draft) if policy is not None else None
@@ -481,372 +473,3 @@ def records_frame(steps: list[dict[str, Any]]) -> pd.DataFrame:
                         ("seq_len", "Int32"), ("max_new_tokens", "Int32")):
         df[name] = df[name].astype(dtype)
     return validate(df)
-
-
-# ------------------------------------------------------------------------ greedy checks
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    """Index of the first position where two outputs differ (None when identical)."""
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-@dataclass(frozen=True)
-class Violation:
-    """A breach of the greedy invariant found by :func:`greedy_invariant`.
-
-    ``position`` indexes the answer (``None`` when the forward log itself is inconsistent);
-    ``emitted`` is the token there and ``argmax`` the replayed row's argmax, when known.
-    """
-
-    position: int | None
-    emitted: int | None
-    argmax: int | None
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"token {self.position}" if self.position is not None else "forward log"
-        return f"{where}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class Difference:
-    """Where a greedy output first parts from one-token decoding, and what the target says.
-
-    ``one_token_argmax``: the argmax of the target's one-token forward there (recomputed from
-    a fresh cache, one token per forward after the prefill, as one-token decoding runs);
-    ``chunked_argmax``: the argmax of the row that emitted the token in the replay of the
-    decoder's own forwards (same chunks, same crops). Gaps are logit differences, positive
-    when each forward prefers its own token: ``one_token_gap = l[reference] - l[emitted]`` in
-    the one-token forward, ``chunked_gap = l[emitted] - l[reference]`` in the chunked one.
-    A length difference (one output ends where the other goes on) has ``None`` tokens.
-    """
-
-    position: int
-    reference: int | None
-    emitted: int | None
-    one_token_argmax: int | None = None
-    chunked_argmax: int | None = None
-    one_token_gap: float | None = None
-    chunked_gap: float | None = None
-
-    @property
-    def explained(self) -> bool:
-        """The target's one-token forward gives the reference token and its chunked forward
-        the emitted one: the difference lies in the target's numerics, not the decoder."""
-        return (self.reference is not None and self.emitted is not None
-                and self.one_token_argmax == self.reference
-                and self.chunked_argmax == self.emitted)
-
-
-def _forward(module: torch.nn.Module, ids: list[int] | tuple[int, ...], cache: Any,
-             keep: int) -> torch.Tensor:
-    """One HF forward (not through speckv's lm_forward): float32 logits of the last ``keep``."""
-    out = module(input_ids=torch.tensor([list(ids)]), cache=cache, use_cache=True,
-                 logits_to_keep=keep)
-    return out.logits[0].float()
-
-
-def _fresh_cache(module: torch.nn.Module) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=module.config)
-
-
-def _replay(module: torch.nn.Module, forwards: Iterable[TargetForward],
-            ) -> Iterable[tuple[int, TargetForward, torch.Tensor, list[int]]]:
-    """Recompute logged forwards from a fresh cache: ``(index, forward, kept rows, context)``.
-
-    ``context`` lists the ids the replayed cache holds after the forward. Stops early (the
-    caller notices the missing rows) when a forward starts past what the cache holds.
-    """
-    cache = _fresh_cache(module)
-    context: list[int] = []
-    for i, fwd in enumerate(forwards):
-        if fwd.start > len(context):
-            return
-        if len(context) > fwd.start:
-            cache.crop(fwd.start - len(context))
-            del context[fwd.start :]
-        logits = _forward(module, fwd.ids, cache, fwd.keep)
-        context.extend(fwd.ids)
-        yield i, fwd, logits, context
-
-
-@torch.inference_mode()
-def greedy_invariant(target: torch.nn.Module | LoadedModel, prompt_ids: list[int],
-                     result: DecodeResult) -> list[Violation]:
-    """Check that every emitted token is the argmax of the target's logits in the forward that
-    verified it; returns the violations (none: the invariant holds).
-
-    Recomputes ``result.target_forwards`` independently, from a fresh cache and calling the
-    HF model directly, with the decoder's chunking: the same ids per forward, the same
-    ``logits_to_keep``, the same crops. Also checks that every answer position was emitted
-    exactly once, by a row whose context was the true prefix (prompt + answer before it).
-    This holds exactly on any machine (the replay repeats the decoder's computation), unlike
-    equality with one-token decoding, which depends on the target's numerics
-    (:func:`explain_difference`). Greedy results only.
-    """
-    if result.temperature > 0:
-        raise DecodeError("greedy_invariant checks greedy decoding; this result was sampled "
-                          f"at temperature {result.temperature}.")
-    module = _module(target)
-    prompt = [int(t) for t in prompt_ids]
-    answer = [int(t) for t in result.token_ids]
-    full = prompt + answer
-    n_prompt = len(prompt)
-    emitted_by: list[int | None] = [None] * len(answer)
-    out: list[Violation] = []
-    good = 0  # the replayed context agrees with ``full`` on its first ``good`` ids
-    replayed = 0
-    for i, fwd, logits, context in _replay(module, result.target_forwards):
-        replayed += 1
-        good = min(good, fwd.start)
-        while good < min(len(context), len(full)) and context[good] == full[good]:
-            good += 1
-        lead = len(fwd.ids) - fwd.keep
-        if fwd.emitted > fwd.keep or lead < 0:
-            out.append(Violation(None, None, None, f"forward {i} emits {fwd.emitted} rows of "
-                                 f"{fwd.keep} kept over {len(fwd.ids)} ids"))
-            continue
-        best = logits[: fwd.emitted].argmax(-1).tolist()
-        for r in range(fwd.emitted):
-            at = fwd.start + lead + r + 1  # index into ``full`` of the token row r emitted
-            pos = at - n_prompt
-            if not 0 <= pos < len(answer):
-                out.append(Violation(None, None, int(best[r]), f"forward {i} row {r} scores "
-                                     f"sequence position {at}, outside the answer"))
-                continue
-            if emitted_by[pos] is not None:
-                out.append(Violation(pos, answer[pos], int(best[r]), f"emitted again by "
-                                     f"forward {i} (first by forward {emitted_by[pos]})"))
-                continue
-            emitted_by[pos] = i
-            if good < at:
-                out.append(Violation(pos, answer[pos], int(best[r]), f"forward {i} verified "
-                                     f"it after a context that is not the true prefix (first "
-                                     f"wrong id at sequence position {good})"))
-            elif best[r] != answer[pos]:
-                out.append(Violation(pos, answer[pos], int(best[r]), f"emitted {answer[pos]}, "
-                                     f"but the argmax of forward {i} row {r} is {best[r]}"))
-    if replayed < len(result.target_forwards):
-        fwd = result.target_forwards[replayed]
-        out.append(Violation(None, None, None, f"forward {replayed} starts at {fwd.start}, "
-                             "past what the cache holds"))
-    out.extend(Violation(pos, answer[pos], None, "no target forward emitted it")
-               for pos, by in enumerate(emitted_by) if by is None)
-    return out
-
-
-@torch.inference_mode()
-def one_token_logits(target: torch.nn.Module | LoadedModel, prompt_ids: list[int],
-                     answer: list[int]) -> torch.Tensor:
-    """The target's float32 logits for the token after ``prompt_ids + answer`` by one-token
-    decoding: a fresh cache, the prefill over ``prompt[:-1]``, then one token per forward
-    (the chunking of ``SpeculativeDecoder(None, target, None)``, recomputed independently)."""
-    module = _module(target)
-    cache = _fresh_cache(module)
-    prompt = [int(t) for t in prompt_ids]
-    if len(prompt) > 1:
-        _forward(module, prompt[:-1], cache, 1)
-    logits = None
-    for token in [prompt[-1], *answer]:
-        logits = _forward(module, [int(token)], cache, 1)[0]
-    return logits
-
-
-@torch.inference_mode()
-def explain_difference(target: torch.nn.Module | LoadedModel, prompt_ids: list[int],
-                       result: DecodeResult, reference: list[int]) -> Difference | None:
-    """Where ``result`` first parts from ``reference`` (one-token greedy decoding of the same
-    prompt), the target's own verdicts there: its one-token forward and the chunked forward
-    that emitted the token (:class:`Difference`). ``None`` when the outputs are identical."""
-    answer = [int(t) for t in result.token_ids]
-    reference = [int(t) for t in reference]
-    at = first_difference(reference, answer)
-    if at is None:
-        return None
-    ref_tok = reference[at] if at < len(reference) else None
-    out_tok = answer[at] if at < len(answer) else None
-    if ref_tok is None or out_tok is None:
-        return Difference(at, ref_tok, out_tok)
-    one = one_token_logits(target, prompt_ids, reference[:at])
-    target_pos = len(prompt_ids) + at  # index into prompt + answer
-    chunked = None
-    with torch.inference_mode():
-        for _, fwd, logits, _ in _replay(_module(target), result.target_forwards):
-            lead = len(fwd.ids) - fwd.keep
-            r = target_pos - 1 - fwd.start - lead
-            if 0 <= r < fwd.emitted:
-                chunked = logits[r]
-                break
-    return Difference(
-        at, ref_tok, out_tok, int(one.argmax()),
-        int(chunked.argmax()) if chunked is not None else None,
-        float(one[ref_tok] - one[out_tok]),
-        float(chunked[out_tok] - chunked[ref_tok]) if chunked is not None else None)
-
-
-# ------------------------------------------------------------------------------- loading
-def default_policy_spec() -> str:
-    """``onnx:export/speckv.onnx`` when the shipped controller exists, else ``heuristic``."""
-    return f"onnx:{DEFAULT_CONTROLLER}" if DEFAULT_CONTROLLER.is_file() else "heuristic"
-
-
-def needs_costs(policy: Policy | None) -> bool:
-    """Whether the policy reads ``StepContext.costs`` (the learned controllers do)."""
-    return isinstance(policy, Learned)
-
-
-def load_draft(spec: str, target: LoadedModel, dtype: str = "bfloat16") -> LoadedModel:
-    """The draft for ``target``: the demo draft, a directory or hub id, or ``untrained[:L,..]``.
-
-    ``untrained:0,1,2`` builds a draft from the target's layers 0, 1 and 2 without training
-    (for experiments before the trained draft exists; it rarely agrees with the target).
-    """
-    from speckv.llm.load import LoadedModel, check_same_tokenizer, load_model
-    from speckv.llm.weights import DEMO_DRAFT
-    from speckv.paths import DRAFT_DIR
-
-    started = time.perf_counter()
-    if spec == UNTRAINED or spec.startswith(f"{UNTRAINED}:"):
-        from speckv.llm.draft import DraftSpec, build_draft
-
-        _, _, layers = spec.partition(":")
-        try:
-            init = [int(x) for x in layers.split(",")] if layers else DraftSpec().init_layers
-        except ValueError:
-            raise DecodeError(f"--draft {spec!r}: write untrained:0,1,2 (target layer indices "
-                              "to copy).") from None
-        model = build_draft(DraftSpec(base=target.name, init_layers=init)).to(getattr(torch,
-                                                                                   dtype))
-        model.eval()
-        model.requires_grad_(False)
-        return LoadedModel(spec, model, target.tokenizer, "fp16", dtype,
-                           time.perf_counter() - started)
-    if spec == DEMO_DRAFT and not (DRAFT_DIR / "speckv_draft.json").is_file():
-        raise DecodeError(f"The demo draft {DEMO_DRAFT!r} is not there yet ({DRAFT_DIR} is "
-                          "missing): train it with `python -m speckv draft distill`, or pass "
-                          "--draft DIR|HUB_ID, or --draft untrained for an untrained one.")
-    draft = load_model(spec, "fp16", dtype=dtype)
-    check_same_tokenizer(draft.tokenizer, target.tokenizer)
-    return draft
-
-
-# ----------------------------------------------------------------------------------- CLI
-class _Streamer:
-    """Prints the answer's text as it grows (holds back an incomplete UTF-8 character)."""
-
-    def __init__(self, tokenizer: Any, out=sys.stdout) -> None:
-        self.tokenizer, self.out, self.shown = tokenizer, out, 0
-
-    def __call__(self, view: StepView) -> None:
-        text = self.tokenizer.decode(view.tokens[view.n_prompt :], skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[self.shown :])
-        self.out.flush()
-        self.shown = len(text)
-
-    def end(self, text: str) -> None:
-        self.out.write(text[self.shown :] + "\n")
-        self.out.flush()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from speckv.llm.load import COMPRESSIONS
-    from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
-
-    ap = argparse.ArgumentParser(
-        prog="speckv generate",
-        description="Speculative decoding with a γ policy; lossless: greedy output equals the "
-                    "target's, sampled output follows the target's distribution.")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt (its answer streams to the terminal)")
-    src.add_argument("--prompts", type=Path, help='JSONL file, one {"task", "prompt"} a line')
-    ap.add_argument("--policy", help="ar | fixed:K | heuristic | confidence:T | entropy:T | ema "
-                    "| onnx:PATH (default: onnx:export/speckv.onnx if it exists, else heuristic)")
-    ap.add_argument("--draft", default=DEMO_DRAFT,
-                    help=f"draft model: {DEMO_DRAFT!r}, a directory, a hub id, or "
-                         f"'{UNTRAINED}[:LAYERS]' (the target's layers, untrained)")
-    ap.add_argument("--target", default=DEMO_TARGET, help="target model")
-    ap.add_argument("--compression", default="fp16", choices=COMPRESSIONS)
-    ap.add_argument("--dtype", default="bfloat16",
-                    help="compute dtype of unquantized weights (bfloat16 or float32 on a CPU)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    ap.add_argument("--costs", type=Path, help="cost model JSON (default: measure at start-up "
-                    "when the policy needs costs)")
-    ap.add_argument("--save-costs", type=Path, help="measure the cost model and save it here")
-    ap.add_argument("--records", type=Path, help="write the live step records (.parquet)")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads")
-    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    return ap
-
-
-def main(argv: list[str]) -> int:
-    from speckv.decode.costs import CostModel, measure_costs
-    from speckv.llm.load import load_model
-    from speckv.policies import from_spec
-    from speckv.prompts import Prompt, chat_ids, load_jsonl
-
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.records is not None and args.records.suffix != ".parquet":
-        raise DecodeError(f"--records {args.records}: write step records to a .parquet file.")
-    spec = args.policy or default_policy_spec()
-    policy = from_spec(spec)
-    prompts = ([Prompt("chat", "prompt-0", args.prompt)] if args.prompt is not None
-               else load_jsonl(args.prompts))
-    target = load_model(args.target, args.compression, dtype=args.dtype)
-    draft = load_draft(args.draft, target, args.dtype) if policy is not None else None
-    log.info("target %s (%s, %s) loaded in %.1fs; policy %s", target.name, target.compression,
-             target.compute_dtype, target.load_s, spec)
-    costs = None
-    if args.costs is not None:
-        costs = CostModel.load(args.costs)
-    elif draft is not None and (needs_costs(policy) or args.save_costs is not None):
-        started = time.perf_counter()
-        costs = measure_costs(draft, target)
-        log.info("measured step costs in %.1fs: draft %.1f ms/token, verify %s ms",
-                 time.perf_counter() - started, costs.cost_draft_s * 1e3,
-                 " ".join(f"{v * 1e3:.0f}" for v in costs.cost_verify_s))
-    if args.save_costs is not None and costs is not None:
-        costs.save(args.save_costs)
-    decoder = SpeculativeDecoder(draft, target, policy, costs)
-    tok = target.tokenizer
-    stream = len(prompts) == 1 and not args.json
-    outputs, steps = [], []
-    for prompt in prompts:
-        streamer = _Streamer(tok) if stream else None
-        result = decoder.generate(chat_ids(tok, prompt.text), args.max_new_tokens,
-                                  temperature=args.temperature, seed=args.seed, task=prompt.task,
-                                  prompt_id=prompt.prompt_id, on_step=streamer)
-        text = tok.decode(result.token_ids, skip_special_tokens=True)
-        steps.extend(result.steps)
-        outputs.append({"prompt": prompt.text, "token_ids": result.token_ids, "text": text,
-                        "steps": len(result.steps), "mean_accepted": result.mean_accepted,
-                        "tokens_per_s": result.tokens_per_s})
-        if streamer is not None:
-            streamer.end(text)
-        elif not args.json:
-            print(f"--- {prompt.prompt_id}\n{text}")
-        log.info("%s: %d tokens in %d steps, %.2f accepted/step, %.1f tokens/s (%s)",
-                 prompt.prompt_id, len(result.token_ids), len(result.steps),
-                 result.mean_accepted, result.tokens_per_s, result.stop)
-    if args.records is not None:
-        from speckv.records import write_records
-
-        write_records(records_frame(steps), args.records,
-                      {"runs": {steps[0]["run_id"]: {
-                          "draft": args.draft if draft is not None else None,
-                          "target": args.target, "compression": args.compression,
-                          "policy": spec, "cost": costs.to_json() if costs else None}}})
-    if args.json:
-        print(json.dumps({"outputs": outputs, "policy": spec, "target": args.target,
-                          "draft": args.draft if draft is not None else None,
-                          "compression": args.compression, "temperature": args.temperature}))
-    return 0

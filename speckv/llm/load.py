@@ -143,3 +143,39 @@ def check_same_tokenizer(draft_tok, target_tok) -> None:
             "draft's tokens cannot be verified by the target. Pick a draft trained with the "
             "target's tokenizer (for the demo target: 'speckv-draft')."
         )
+
+
+#: ``--draft untrained[:LAYERS]``: a draft built from the target's layers without training.
+UNTRAINED: Final = "untrained"
+
+
+def load_draft_for(spec: str, target: LoadedModel, dtype: str = "bfloat16") -> LoadedModel:
+    """The draft for ``target``: the demo draft, a directory or hub id, or ``untrained[:L,..]``.
+
+    ``untrained:0,1,2`` builds a draft from the target's layers 0, 1 and 2 without training
+    (for experiments before the trained draft exists; it rarely agrees with the target).
+    """
+    from speckv import paths
+    from speckv.llm.draft import DraftSpec, build_draft
+
+    started = time.perf_counter()
+    if spec == UNTRAINED or spec.startswith(f"{UNTRAINED}:"):
+        _, _, layers = spec.partition(":")
+        try:
+            init = [int(x) for x in layers.split(",")] if layers else DraftSpec().init_layers
+        except ValueError:
+            raise ModelError(f"--draft {spec!r}: write untrained:0,1,2 (target layer indices "
+                              "to copy).") from None
+        model = build_draft(DraftSpec(base=target.name, init_layers=init)).to(getattr(torch,
+                                                                                   dtype))
+        model.eval()
+        model.requires_grad_(False)
+        return LoadedModel(spec, model, target.tokenizer, "fp16", dtype,
+                           time.perf_counter() - started)
+    if spec == DEMO_DRAFT and not (paths.DRAFT_DIR / "speckv_draft.json").is_file():
+        raise ModelError(f"The demo draft {DEMO_DRAFT!r} is not there yet ({paths.DRAFT_DIR} is "
+                          "missing): train it with `python -m speckv draft distill`, or pass "
+                          "--draft DIR|HUB_ID, or --draft untrained for an untrained one.")
+    draft = load_model(spec, "fp16", dtype=dtype)
+    check_same_tokenizer(draft.tokenizer, target.tokenizer)
+    return draft

@@ -15,8 +15,8 @@ continuations depend only on the position ``m`` of the disagreement (context
 it. The result is a record at every answer position from which any up-front-γ or
 stop-per-token policy replays exactly.
 
-Live mode runs the real decoder (:mod:`speckv.decode.decoder`) with a γ policy and records every step
-with wall-clock times; replaying the same policy on trace records reproduces its accepted
+Live mode runs the real decoder (:mod:`speckv.decode.decoder`) with a γ policy and records
+every step with wall-clock times; replaying the same policy on trace records reproduces its accepted
 counts.
 
 Output goes to ``OUT.parts/`` (one parquet file per prompt and compression, written

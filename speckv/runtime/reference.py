@@ -8,7 +8,8 @@ then the fixed head
 
     s = exp(cumsum(logsigmoid(z))),  E[γ] = 1 + cumsum(s)[γ - 1],  γ* = argmax_γ E[γ] / cost[γ]
 
-(the head's nodes are checked by type; its meaning is :class:`speckv.train.network.ControllerGraph`'s).
+(the head's nodes are checked by type; its meaning is
+:class:`speckv.train.network.ControllerGraph`'s).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ import pytest
 import torch
 from tiny_models import noisy_copy, save_with_tokenizer, tiny_llama
 
+import speckv.cli.bench as bench_cli
 import speckv.decode.bench as bench
 from speckv.decode.bench import interleaved, logit_gap
-from speckv.decode.decoder import first_difference
+from speckv.decode.invariant import first_difference
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_bench_passes_a_target_that_is_not_batch_invariant(saved_pair, prompts):
     assert block["identical_greedy"] is True and block["invariant_violations"] == []
     assert block["differences"], "the skew should make some output part from ar"
     assert all(d["explained"] is True and d["logit_gap"] < 0.3 for d in block["differences"])
-    text = bench._format({"by_compression": {"fp16": block}, "prompts": 3, "repeats": 1,
+    text = bench_cli._format({"by_compression": {"fp16": block}, "prompts": 3, "repeats": 1,
                           "max_new_tokens": 12})
     assert "parts from ar" in text and "one-token and chunked forwards disagree" in text
 

@@ -18,12 +18,10 @@ from speckv.decode.decoder import (
     DecodeError,
     SpeculativeDecoder,
     TargetForward,
-    explain_difference,
-    first_difference,
-    greedy_invariant,
     records_frame,
     verify_sampled,
 )
+from speckv.decode.invariant import explain_difference, first_difference, greedy_invariant
 from speckv.policies import ConfidenceStop, FixedGamma, Heuristic, Learned
 from speckv.records import read_records, validate, write_records
 from speckv.runtime.costs import step_costs
@@ -54,7 +52,7 @@ def reference_greedy(model, prompt: list[int], n: int, eos: set[int] = frozenset
     model: the tiny models compute in float64, where chunked and one-token forwards differ by
     ~1e-16 relative while their top two logits lie ~1e-2 apart, so a flipped tie would take
     a gap some 13 orders of magnitude below the typical one. The tests that decode greedily
-    also check the exact invariant (:func:`speckv.decode.decoder.greedy_invariant`), which holds
+    also check the exact invariant (:func:`speckv.decode.invariant.greedy_invariant`), which holds
     whatever the numerics.
     """
     seq = list(prompt)
@@ -579,7 +577,6 @@ def test_generate_cli_json_is_lossless(capsys, saved_pair, tmp_path):
 
 
 def test_generate_cli_with_an_onnx_controller_measures_costs(capsys, saved_pair, tmp_path):
-    from pathlib import Path
 
     controller = FIXTURES / "controller_tiny.onnx"
     draft_dir, target_dir = saved_pair
@@ -649,13 +646,12 @@ def test_real_pair_greedy_matches_the_target(compression, dtype):
     outlier columns per forward. An AVX2 machine parted at int8/float32 with a relative gap
     of 0.019, which a tolerance tuned on another CPU had called "not a near-tie".
     """
-    from speckv.decode.decoder import load_draft
-    from speckv.llm.load import load_model
+    from speckv.llm.load import load_draft_for, load_model
     from speckv.policies import from_spec
     from speckv.prompts import chat_ids, suites
 
     target = load_model("smollm2-135m-instruct", compression, dtype=dtype)
-    draft = load_draft("untrained", target, "bfloat16")
+    draft = load_draft_for("untrained", target, "bfloat16")
     for prompt in suites(("code", "chat"), n=1):
         ids = chat_ids(target.tokenizer, prompt.text)
         ref = SpeculativeDecoder(None, target, None).generate(ids, 24)

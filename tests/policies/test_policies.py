@@ -220,7 +220,7 @@ def test_torch_chooser_loads_checkpoints_and_checks_features(tmp_path):
     assert policy.choose(ctx()) == 8
     assert isinstance(policy_from_spec(f"ckpt:{tmp_path}"), Learned)  # newest .ckpt in a run
     # the torch-free policies module refuses a checkpoint and says what to do instead
-    with pytest.raises(PolicyError, match="policy_from_spec|export"):
+    with pytest.raises(PolicyError, match=r"policy_from_spec|export"):
         from_spec(f"ckpt:{path}")
 
     import torch
