@@ -43,8 +43,9 @@ def needs_costs(policy: Policy | None) -> bool:
 class _Streamer:
     """Prints the answer's text as it grows (holds back an incomplete UTF-8 character)."""
 
-    def __init__(self, tokenizer: Any, out=sys.stdout) -> None:
-        self.tokenizer, self.out, self.shown = tokenizer, out, 0
+    def __init__(self, tokenizer: Any, out: Any = None) -> None:
+        # sys.stdout when it streams, not when the module was imported (tests swap it)
+        self.tokenizer, self.out, self.shown = tokenizer, out or sys.stdout, 0
 
     def __call__(self, view: StepView) -> None:
         text = self.tokenizer.decode(view.tokens[view.n_prompt :], skip_special_tokens=True)
