@@ -44,7 +44,9 @@ def main(argv: list[str]) -> int:
     t.add_argument("--eval-every", type=int, default=100,
                    help="steps between held-out agreement checks")
     e = sub.add_parser("evaluate", help="agreement and costs on held-out prompts")
-    e.add_argument("--draft", default=DEMO_DRAFT)
+    e.add_argument("--draft", default=DEMO_DRAFT,
+                   help="draft(s) to compare on the same answers, comma-separated: the demo "
+                        "draft, folders of saved drafts, hub ids")
     e.add_argument("--target", default=DEMO_TARGET)
     e.add_argument("--compression", default=",".join(COMPRESSIONS))
     e.add_argument("--per-task", type=int, default=10)
@@ -77,16 +79,21 @@ def main(argv: list[str]) -> int:
                      threads=args.threads, spec=spec, eval_every=args.eval_every)
         print(json.dumps({**last, "wall_s": time.time() - started}))
     else:
-        from speckv.distill.evaluate import evaluate_draft
+        from speckv.distill.evaluate import evaluate_drafts
 
-        report = evaluate_draft(args.draft, args.target, args.compression.split(","),
-                                per_task=args.per_task, max_new_tokens=args.max_new_tokens,
-                                dtype=args.dtype, threads=args.threads, cold=args.cold)
+        specs = [d.strip() for d in args.draft.split(",") if d.strip()]
+        report = evaluate_drafts(specs, args.target, args.compression.split(","),
+                                 per_task=args.per_task, max_new_tokens=args.max_new_tokens,
+                                 dtype=args.dtype, threads=args.threads, cold=args.cold)
         if args.json:
             print(json.dumps(report))
         else:
-            for comp, r in report["compressions"].items():
-                print(f"{comp:5s} agreement {r['agreement']:.3f}  target "
-                      f"{r['target_ms_per_token']:.1f} ms/token  draft/target cost "
-                      f"{r['draft_over_target_cost']:.3f}")
+            for spec, rows in report["drafts"].items():
+                for comp, r in rows.items():
+                    allow = r["allows_tokens_per_s"]
+                    print(f"{spec:24s} {comp:5s} agreement {r['agreement']:.3f}  draft/target "
+                          f"cost {r['draft_over_target_cost']:.3f}  plain {allow['plain']:.1f}"
+                          f"  best static {allow['best_static']:.1f} "
+                          f"({allow['best_static_choice']})  bound {allow['upper_bound']:.1f}"
+                          " tokens/s")
     return 0
