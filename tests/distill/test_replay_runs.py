@@ -12,10 +12,10 @@ VERIFY = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8]  # seconds of a target fo
 
 
 def test_perfect_agreement_prefers_the_longest_draft():
-    runs = [agreement_runs(np.ones(40, bool))]
+    runs = [agreement_runs(np.ones(45, bool))]  # 5 steps of 9 tokens at γ=8
     out = replay_runs(runs, budget=64, cost_draft_s=0.05, cost_verify_s=VERIFY)
     assert out["best_static_choice"] == "fixed:8"
-    assert out["plain"] == pytest.approx(40 / 40.0)
+    assert out["plain"] == pytest.approx(45 / 45.0)
     assert out["upper_bound"] >= out["best_static"] - 1e-12
 
 
