@@ -8,7 +8,10 @@ measured here with :func:`lm_forward`, the very call the decoder
 and machine.
 
 The numbers are machine facts, not tuned values: the learned controller takes them as an
-input, the replay evaluator prices policies with them, and profiles store them per run.
+input, the replay evaluator prices policies with them, and profiles store them per run. So a
+cost model records what it was measured for (draft, target, compression, compute dtype,
+threads and the machine's fingerprint, :mod:`speckv.machine`), and :meth:`CostModel.check`
+refuses to price a run it was not measured for.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import numpy as np
 import torch
 
 from speckv.errors import SpeckvError
+from speckv.machine import fingerprint as machine_fingerprint
+from speckv.machine import mismatch as machine_mismatch
 from speckv.runtime.costs import step_costs
 from speckv.runtime.features import GAMMA_MAX
 
@@ -69,6 +74,8 @@ class CostModel:
     ``cost_verify_s[g]`` is one target forward over ``g + 1`` tokens (``g`` drafted tokens
     plus the last emitted one), ``g = 0..GAMMA_MAX``; ``cost_verify_s[0]`` is a plain
     autoregressive target step. ``cost_draft_s`` is one draft forward of one token.
+    ``machine`` is :func:`speckv.machine.fingerprint` of the measuring machine (``None`` in
+    files written before speckv recorded it: :meth:`check` refuses those).
     """
 
     cost_draft_s: float
@@ -80,6 +87,7 @@ class CostModel:
     target_model: str = ""
     threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         verify = [float(v) for v in self.cost_verify_s]
@@ -93,6 +101,58 @@ class CostModel:
                             f"verify {verify}. Re-measure with speckv.decode.costs.measure_costs.")
         self.cost_draft_s = float(self.cost_draft_s)
         self.cost_verify_s = verify
+        if self.machine is not None and not isinstance(self.machine, dict):
+            raise CostError(f"machine must be a fingerprint object (speckv.machine.fingerprint),"
+                            f" got {type(self.machine).__name__}. Re-measure with "
+                            "speckv.decode.costs.measure_costs.")
+
+    def mismatches(self, *, compression: str, target_model: str, draft_model: str | None,
+                   threads: int, compute_dtype: str | None = None,
+                   fingerprint: dict[str, Any] | None = None) -> list[str]:
+        """What differs between what these costs were measured for and the run described;
+        empty when they may price it. ``draft_model=None`` skips the draft (a run without
+        one). ``fingerprint`` defaults to this machine's."""
+        found = []
+
+        def differ(name: str, there: Any, here: Any) -> None:
+            if there != here:
+                found.append(f"{name}: {there!r} there, {here!r} here")
+
+        differ("compression", self.compression, compression)
+        if not _same_model(self.target_model, target_model):
+            differ("target", self.target_model, target_model)
+        if draft_model is not None and not _same_model(self.draft_model, draft_model):
+            differ("draft", self.draft_model, draft_model)
+        if compute_dtype is not None:
+            differ("compute dtype", self.compute_dtype, compute_dtype)
+        differ("threads", self.threads, threads)
+        if not self.machine:
+            found.append("machine: no fingerprint there (measured before speckv recorded one)")
+        else:  # threads are compared above, from the cost model's own field
+            here = fingerprint or machine_fingerprint(threads)
+            found += [f"machine {m}" for m in machine_mismatch(self.machine, here)
+                      if not m.startswith("threads:")]
+        return found
+
+    def check(self, *, compression: str, target_model: str, draft_model: str | None,
+              threads: int, compute_dtype: str | None = None,
+              fingerprint: dict[str, Any] | None = None, source: str | Path | None = None,
+              ) -> CostModel:
+        """Refuse (:class:`CostError`) to price a run these costs were not measured for:
+        another compression, target, draft, compute dtype, thread count or machine (see
+        :meth:`mismatches`). Returns ``self``."""
+        found = self.mismatches(compression=compression, target_model=target_model,
+                                draft_model=draft_model, threads=threads,
+                                compute_dtype=compute_dtype, fingerprint=fingerprint)
+        if found:
+            what = f"Cost file {source}" if source else "This cost model"
+            raise CostError(
+                f"{what} was not measured for this run ({'; '.join(found)}), so its step "
+                "costs would misprice every γ. Re-measure for this run: drop --costs (speckv "
+                "measures at start-up) and add --save-costs FILE to keep the result, or pass "
+                "the cost file measured with this draft, target, compression, dtype, thread "
+                "count and machine.")
+        return self
 
     def step_costs(self) -> np.ndarray:
         """Seconds of a step drafting each candidate γ (``[GAMMA_MAX]``, float32)."""
@@ -129,6 +189,14 @@ class CostModel:
             return cls.from_json(path.read_text())
         except json.JSONDecodeError as exc:
             raise CostError(f"Cost file {path} is not JSON ({exc.msg}).") from None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same model name, or two spellings of one local path."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _module(model: torch.nn.Module | LoadedModel) -> torch.nn.Module:
@@ -194,4 +262,5 @@ def measure_costs(draft: torch.nn.Module | LoadedModel, target: torch.nn.Module 
         draft_model=getattr(draft, "name", type(d_model).__name__),
         target_model=getattr(target, "name", type(t_model).__name__),
         threads=torch.get_num_threads(),
+        machine=machine_fingerprint(torch.get_num_threads()),
     )
