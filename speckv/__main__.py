@@ -1,8 +1,11 @@
 """``python -m speckv COMMAND ...``: one entry point that dispatches to each stage's CLI.
 
 Each command lives in its stage's module as ``main(argv) -> int`` and is imported only when
-called, so ``speckv export --help`` does not load transformers. Training has its own entry
-point, ``python -m speckv.train`` (LightningCLI), which ``speckv train`` forwards to.
+called, so ``speckv export --help`` does not load transformers. :func:`main` returns the exit
+status instead of raising ``SystemExit``: 0 for ``--help``, 2 with one paragraph on stderr for
+bad input (argparse's usage errors and every :class:`~speckv.errors.SpeckvError`). Training
+has its own entry point, ``python -m speckv.train`` (LightningCLI), which ``speckv train``
+forwards to.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except SpeckvError as exc:
         print(f"speckv {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # argparse: --help (0) and a usage error (2, already printed)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(f"speckv {name}: error: {exc.code}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"speckv {name}: interrupted", file=sys.stderr)

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: the controller shipped with the repository; the default policy when it exists.
 DEFAULT_CONTROLLER: Final = find_file(paths.DEFAULT_CONTROLLER)
+#: ``--dtype`` choices: compute dtypes of unquantized weights.
+DTYPES: Final = ("bfloat16", "float16", "float32", "float64")
 
 
 def default_policy_spec() -> str:
@@ -78,13 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                          f"'{UNTRAINED}[:LAYERS]' (the target's layers, untrained)")
     ap.add_argument("--target", default=DEMO_TARGET, help="target model")
     ap.add_argument("--compression", default="fp16", choices=COMPRESSIONS)
-    ap.add_argument("--dtype", default="bfloat16",
-                    help="compute dtype of unquantized weights (bfloat16 or float32 on a CPU)")
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                    help="compute dtype of unquantized weights, the draft's and the target's "
+                         "(bfloat16 or float32 on a CPU)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    ap.add_argument("--costs", type=Path, help="cost model JSON (default: measure at start-up "
-                    "when the policy needs costs)")
+    ap.add_argument("--costs", type=Path, help="cost model JSON written by --save-costs for the "
+                    "same draft, target, compression, dtype, threads and machine (refused "
+                    "otherwise; default: measure at start-up when the policy needs costs)")
     ap.add_argument("--save-costs", type=Path, help="measure the cost model and save it here")
     ap.add_argument("--records", type=Path, help="write the live step records (.parquet)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -98,7 +102,14 @@ def main(argv: list[str]) -> int:
     from speckv.prompts import Prompt, chat_ids, load_jsonl
     from speckv.train.chooser import policy_from_spec as from_spec
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: give at least 1 (or leave it out).")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens {args.max_new_tokens}: give at least 1.")
+    if not args.temperature >= 0:
+        parser.error(f"--temperature {args.temperature}: give 0 (greedy) or more.")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.records is not None and args.records.suffix != ".parquet":
@@ -107,14 +118,17 @@ def main(argv: list[str]) -> int:
     policy = from_spec(spec)
     prompts = ([Prompt("chat", "prompt-0", args.prompt)] if args.prompt is not None
                else load_jsonl(args.prompts))
+    costs = None
+    if args.costs is not None:  # refused before minutes of loading, not after
+        costs = CostModel.load(args.costs).check(
+            compression=args.compression, target_model=args.target,
+            draft_model=args.draft if policy is not None else None,
+            compute_dtype=args.dtype, threads=torch.get_num_threads(), source=args.costs)
     target = load_model(args.target, args.compression, dtype=args.dtype)
     draft = load_draft_for(args.draft, target, args.dtype) if policy is not None else None
     log.info("target %s (%s, %s) loaded in %.1fs; policy %s", target.name, target.compression,
              target.compute_dtype, target.load_s, spec)
-    costs = None
-    if args.costs is not None:
-        costs = CostModel.load(args.costs)
-    elif draft is not None and (needs_costs(policy) or args.save_costs is not None):
+    if costs is None and draft is not None and (needs_costs(policy) or args.save_costs is not None):
         started = time.perf_counter()
         costs = measure_costs(draft, target)
         log.info("measured step costs in %.1fs: draft %.1f ms/token, verify %s ms",

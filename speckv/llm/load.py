@@ -149,15 +149,73 @@ def check_same_tokenizer(draft_tok, target_tok) -> None:
 UNTRAINED: Final = "untrained"
 
 
+def check_croppable(model: LoadedModel | torch.nn.Module, role: str = "model") -> None:
+    """Refuse a model whose KV cache speculative decoding cannot roll back.
+
+    A rejected draft is undone by cropping both caches (``DynamicCache.crop``). A
+    sliding-window layer keeps only its last ``window`` positions, and a linear-attention or
+    recurrent layer only a running state, so neither can go back past what it dropped: the
+    decoder would fail inside ``crop`` mid-answer, or decode from a wrong cache. Checked at
+    load time from the config (``layer_types``, ``sliding_window``) and from the layers of
+    the cache the decoder would build (:func:`speckv.decode.costs.new_cache`).
+    """
+    from transformers import DynamicCache
+    from transformers import cache_utils as cu
+
+    module = model.model if isinstance(model, LoadedModel) else model
+    name = model.name if isinstance(model, LoadedModel) else type(module).__name__
+    config = module.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kinds = sorted({t for t in (getattr(text, "layer_types", None) or [])
+                    if t != "full_attention"})
+    why = None
+    if kinds:
+        why = (f"its config.layer_types has {', '.join(kinds)} layers"
+               + (f" (sliding_window={text.sliding_window})"
+                  if getattr(text, "sliding_window", None) else ""))
+    else:
+        linear = getattr(cu, "LinearAttentionCacheLayerMixin", ())
+        try:
+            cache = DynamicCache(config=config)
+        except Exception as exc:  # a config DynamicCache cannot serve
+            why = f"no DynamicCache can be built for it ({type(exc).__name__}: {exc})"
+        else:
+            odd = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])
+                          if not isinstance(layer, cu.DynamicLayer) or isinstance(layer, linear)
+                          or getattr(layer, "is_sliding", False)})
+            if not callable(getattr(cache, "crop", None)):
+                why = f"its cache ({type(cache).__name__}) has no crop"
+            elif odd:
+                why = (f"its cache has {', '.join(odd)} layers"
+                       + (f" (config.sliding_window={text.sliding_window})"
+                          if getattr(text, "sliding_window", None) else ""))
+    if why:
+        raise ModelError(
+            f"The {role} {name!r} cannot be used for speculative decoding: {why}, and a "
+            "rejected draft is rolled back by cropping the KV cache, which a sliding-window, "
+            "linear-attention or recurrent cache cannot do. Pick a model whose layers are all "
+            "full attention (e.g. a Llama-style model); if your prompts plus answers stay "
+            "within its window, save a copy whose config.json switches the window off "
+            '(sliding_window null, use_sliding_window false, layer_types all "full_attention") '
+            "and pass that directory.")
+
+
 def load_draft_for(spec: str, target: LoadedModel, dtype: str = "bfloat16") -> LoadedModel:
-    """The draft for ``target``: the demo draft, a directory or hub id, or ``untrained[:L,..]``.
+    """The draft for ``target``: the demo draft, a directory or hub id, or ``untrained[:L,..]``,
+    in the compute dtype ``dtype`` (speckv's own draft format too, stored in bf16).
 
     ``untrained:0,1,2`` builds a draft from the target's layers 0, 1 and 2 without training
     (for experiments before the trained draft exists; it rarely agrees with the target).
+    Both models are checked for a croppable KV cache (:func:`check_croppable`).
     """
     from speckv import paths
-    from speckv.llm.draft import DraftSpec, build_draft
+    from speckv.llm.draft import DraftSpec, build_draft, load_draft
 
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ModelError(f"--dtype {dtype!r} is not a floating-point torch dtype: use bfloat16 "
+                         "or float32 (float16 and float64 work too).")
+    check_croppable(target, "target")
     started = time.perf_counter()
     if spec == UNTRAINED or spec.startswith(f"{UNTRAINED}:"):
         _, _, layers = spec.partition(":")
@@ -166,16 +224,26 @@ def load_draft_for(spec: str, target: LoadedModel, dtype: str = "bfloat16") -> L
         except ValueError:
             raise ModelError(f"--draft {spec!r}: write untrained:0,1,2 (target layer indices "
                               "to copy).") from None
-        model = build_draft(DraftSpec(base=target.name, init_layers=init)).to(getattr(torch,
-                                                                                   dtype))
+        model = build_draft(DraftSpec(base=target.name, init_layers=init)).to(torch_dtype)
         model.eval()
         model.requires_grad_(False)
-        return LoadedModel(spec, model, target.tokenizer, "fp16", dtype,
-                           time.perf_counter() - started)
+        draft = LoadedModel(spec, model, target.tokenizer, "fp16", dtype,
+                            time.perf_counter() - started)
+        check_croppable(draft, "draft")
+        return draft
     if spec == DEMO_DRAFT and not (paths.DRAFT_DIR / "speckv_draft.json").is_file():
         raise ModelError(f"The demo draft {DEMO_DRAFT!r} is not there yet ({paths.DRAFT_DIR} is "
                           "missing): train it with `python -m speckv draft distill`, or pass "
                           "--draft DIR|HUB_ID, or --draft untrained for an untrained one.")
-    draft = load_model(spec, "fp16", dtype=dtype)
+    where = resolve(spec)
+    if isinstance(where, Path) and (where / "speckv_draft.json").is_file():
+        # speckv's draft format, rebuilt in ``dtype`` from the base's weights and its bf16
+        # own weights (casting a bf16-loaded draft up would keep the bf16 rounding)
+        model = load_draft(where, dtype=torch_dtype)
+        draft = LoadedModel(spec, model, load_tokenizer(spec), "fp16", dtype,
+                            time.perf_counter() - started)
+    else:
+        draft = load_model(spec, "fp16", dtype=dtype)
     check_same_tokenizer(draft.tokenizer, target.tokenizer)
+    check_croppable(draft, "draft")
     return draft
