@@ -1,34 +1,126 @@
-"""``speckv bench``: live tokens/s of the target alone, Hugging Face's assisted generation
-and speckv on one machine (see :mod:`speckv.decode.bench` for the protocol)."""
+"""``speckv bench``: live tokens/s of the target alone, Hugging Face's generation and speckv
+on one machine, with every configuration a user would try on each side (see
+:mod:`speckv.decode.bench` for the protocol).
+
+This command sits on top of the stages, so it does what the decoder's stage cannot: it reads
+the bundled records, takes their test split as the default prompts, and fits the best static
+choice (plain decoding or one γ per compression) on their train split by replay, as
+``speckv evaluate`` does.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from speckv.decode.bench import BenchError, bench_compression, default_methods, summarize_methods
-from speckv.decode.bench import __doc__ as bench_doc
+from speckv.decode.bench import (
+    BEST_STATIC,
+    CONTROLLER,
+    DEFAULT_REPEATS,
+    HF_DEFAULTS,
+    ONE_PROCESS,
+    RESAMPLES,
+    BenchError,
+    bench_compression,
+    default_methods,
+    held_out_prompts,
+    hf_defaults,
+    summarize_methods,
+)
+from speckv.errors import SpeckvError
+
+log = logging.getLogger(__name__)
+
+EPILOG = f"""\
+methods (default: all of them): ar (the target alone in speckv's loop), hf:ar (plain
+generate), hf:constant:K (assisted, constant schedule, K = 1..4 by default), hf:heuristic,
+{HF_DEFAULTS} (assisted with transformers' own defaults), speckv:fixed:K, {BEST_STATIC}
+(fitted on the records' train split), speckv:heuristic, speckv:onnx:PATH (the controller).
+HF best is the fastest of every hf:* row, plain generate included.
+
+NOTE: {ONE_PROCESS} Use --threads to fix the compute threads."""
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return format(x, spec) if x is not None else "-"
+
+
+def _with_ci(value: float | None, ci: list[float | None], spec: str = ".2f") -> str:
+    if value is None:
+        return "-"
+    if ci[0] is None:
+        return _fmt(value, spec)
+    return f"{_fmt(value, spec)} [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]"
+
+
+def _table(block: dict[str, Any], with_accepted: bool = True) -> list[str]:
+    rows = [("method", "tokens/s [95% CI]", "x ar [95% CI]", "x HF best [95% CI]",
+             "x best static", "acc/step")]
+    for name, row in block["methods"].items():
+        rows.append((name, _with_ci(row["tokens_per_s"], row["ci"]),
+                     _with_ci(row["ratio_to_ar"], row["ratio_to_ar_ci"]),
+                     _with_ci(row["ratio_to_hf_best"], row["ratio_to_hf_best_ci"]),
+                     _fmt(row["ratio_to_best_static"]),
+                     _fmt(row.get("mean_accepted")) if with_accepted else ""))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
+                                                                       strict=True)]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+def _headline(block: dict[str, Any]) -> str | None:
+    row = block["methods"].get(CONTROLLER)
+    if row is None:
+        return None
+    parts = [f"{CONTROLLER} / HF best ({block['hf_best']}) = "
+             f"{_with_ci(row['ratio_to_hf_best'], row['ratio_to_hf_best_ci'])}"]
+    if row["ratio_to_best_static"] is not None:
+        parts.append(f"/ best static = "
+                     f"{_with_ci(row['ratio_to_best_static'], row['ratio_to_best_static_ci'])}")
+    if row["ratio_to_ar"] is not None:
+        parts.append(f"/ ar = {_with_ci(row['ratio_to_ar'], row['ratio_to_ar_ci'])}")
+    return "  " + "; ".join(parts)
 
 
 def _format(result: dict[str, Any]) -> str:
     lines = []
+    if "machine_description" in result:
+        lines.append(f"machine: {result['machine_description']}")
+    if "prompt_source" in result:
+        lines.append(f"prompts: {result['prompt_source']}")
+    if "hf_defaults" in result:
+        d = result["hf_defaults"]
+        adapts = "adapted per call" if d["threshold_adapts"] else "fixed: no scikit-learn"
+        lines.append(f"{HF_DEFAULTS}: {d['num_assistant_tokens']} assistant tokens, "
+                     f"{d['num_assistant_tokens_schedule']} schedule, confidence threshold "
+                     f"{d['assistant_confidence_threshold']} ("
+                     f"{adapts})")
     for comp, block in result["by_compression"].items():
+        rot = block.get("rotation")
+        order = ""
+        if rot:
+            order = (f"; order rotated, every method in every position "
+                     f"{'equally often' if rot['exact'] else 'equally often within one'}")
+        static = block.get("best_static_choice")
+        static = ("" if static is None else
+                  f"; best static here: {'the target alone' if static == 0 else f'γ={static}'}")
         lines.append(f"\n{comp} ({block['compute_dtype']}), {result['prompts']} prompts x "
-                     f"{result['repeats']}, {result['max_new_tokens']} new tokens max; "
-                     f"HF best: {block['hf_best']}")
-        lines.append(f"  {'method':<18}{'tokens/s':>10}{'x ar':>8}{'x HF best':>11}"
-                     f"{'acc/step':>10}")
-        for name, row in block["methods"].items():
-            def num(x, fmt):
-                return format(x, fmt) if x is not None else "-"
-            lines.append(f"  {name:<18}{row['tokens_per_s']:>10.2f}"
-                         f"{num(row['ratio_to_ar'], '.2f'):>8}"
-                         f"{num(row['ratio_to_hf_best'], '.2f'):>11}"
-                         f"{num(row['mean_accepted'], '.2f'):>10}")
+                     f"{result['repeats']} repeats, {result['max_new_tokens']} new tokens max; "
+                     f"HF best: {block['hf_best']}{static}{order}")
+        lines += _table(block)
+        head = _headline(block)
+        if head:
+            lines.append(head)
         if block["identical_greedy"]:
             lines.append("  every speckv token is the target's argmax in the forward that "
                          "verified it")
@@ -41,27 +133,89 @@ def _format(result: dict[str, Any]) -> str:
                    False: "; NOT explained by the target's forwards", None: ""}[d["explained"]]
             lines.append(f"  {d['method']} on {d['prompt_id']} parts from ar at token "
                          f"{d['first_diff']} ({gap}{why})")
+    if len(result["by_compression"]) > 1 and "hf_best" in result:
+        lines.append(f"\nall levels, HF best: {result['hf_best']}")
+        lines += _table(result, with_accepted=False)
+        head = _headline(result)
+        if head:
+            lines.append(head)
+    if "resamples" in result:
+        lines.append(f"\n95% CIs: paired bootstrap over prompts, {result['resamples']} "
+                     f"resamples, seed {result['seed']}; tokens/s = total tokens / total "
+                     "seconds (prefill included).")
+    for pid in result.get("other_bench_processes", []):
+        lines.append(f"WARNING: another benchmark process (pid {pid}) was running")
+    lines.append(f"NOTE: {ONE_PROCESS}")
     return "\n".join(lines)
+
+
+def other_bench_processes() -> list[int]:
+    """Other ``speckv bench`` processes on this machine (Linux; best effort)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            pid = int(entry.name)
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        args = [a.decode(errors="replace") for a in args if a]
+        for k, arg in enumerate(args[:-1]):
+            if (arg == "speckv" or arg.endswith("/speckv")) and args[k + 1] == "bench":
+                found.append(pid)
+                break
+    return sorted(found)
+
+
+def _records(pattern: str | None):
+    from speckv.records import read_records, resolve_records
+
+    paths = resolve_records(pattern)
+    return paths, read_records(paths)
+
+
+def fit_best_static(records):
+    """The best static choice per compression, fitted on the records' train split (the
+    split and the replay ``speckv evaluate`` uses)."""
+    from speckv.evaluate.baselines import fit_best_static as fit
+    from speckv.evaluate.replay import SPLIT_SEED, SPLIT_TEST, SPLIT_VAL, prepare, replayable_rows
+    from speckv.records import split_prompts
+
+    assign = split_prompts(records, val=SPLIT_VAL, test=SPLIT_TEST, seed=SPLIT_SEED)
+    usable = replayable_rows(records, warn=False)
+    return fit(prepare(records.loc[usable & (assign == "train")]))
 
 
 def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from speckv.decode.costs import measure_costs
+    from speckv.evaluate.replay import SPLIT_SEED, SPLIT_TEST, SPLIT_VAL
     from speckv.llm.load import COMPRESSIONS, load_draft_for, load_model
     from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
-    from speckv.prompts import load_jsonl, suites
+    from speckv.machine import describe, fingerprint
+    from speckv.prompts import load_jsonl
 
-    ap = argparse.ArgumentParser(prog="speckv bench", description=bench_doc.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="speckv bench", description=__doc__.split("\n\n")[0],
+                                 epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--prompts", help='JSONL file, one {"task", "prompt"} a line')
-    src.add_argument("--per-task", type=int, default=1,
-                     help="prompts per task from the bundled suites (default 1)")
+    src.add_argument("--prompts", help='JSONL file, one {"task", "prompt"} a line (default: '
+                     "the test split of the records)")
+    src.add_argument("--per-task", type=int,
+                     help="the first N test prompts of each task (default: all of them)")
+    ap.add_argument("--records", help="step records for the test split and the best static "
+                    "fit (default: the bundled ones, datamodules/*/*.parquet)")
     ap.add_argument("--compression", default="fp16", help="comma-separated: fp16,int8,nf4")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="decode every prompt this many times per method (default 1)")
+    ap.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                    help=f"decode every prompt this many times per method (default "
+                    f"{DEFAULT_REPEATS})")
     ap.add_argument("--methods", help="comma-separated subset (default: all available)")
+    ap.add_argument("--resamples", type=int, default=RESAMPLES,
+                    help=f"bootstrap resamples for the CIs (default {RESAMPLES})")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     ap.add_argument("--draft", default=DEMO_DRAFT, help="draft model (see speckv generate)")
     ap.add_argument("--target", default=DEMO_TARGET)
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype of unquantized weights")
@@ -75,19 +229,46 @@ def main(argv: list[str]) -> int:
     if bad or not comps:
         raise BenchError(f"--compression {args.compression!r}: use levels among "
                          f"{', '.join(COMPRESSIONS)}.")
-    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+    if args.repeats < 1 or args.max_new_tokens < 1 or args.resamples < 1:
+        raise BenchError("--repeats, --max-new-tokens and --resamples must be at least 1.")
+    explicit = args.methods is not None
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if explicit
                else default_methods())
     if "ar" not in methods:
         methods.insert(0, "ar")  # the one-token reference differences are reported against
-    prompts = load_jsonl(args.prompts) if args.prompts else suites(n=args.per_task)
-    needs_draft = any(m != "ar" and m != "hf:ar" for m in methods)
+    others = other_bench_processes()
+    if others:
+        log.warning("another benchmark is running (pid %s): %s", ", ".join(map(str, others)),
+                    ONE_PROCESS)
+    records = record_paths = None
+    if not args.prompts or BEST_STATIC in methods:
+        try:
+            record_paths, records = _records(args.records)
+        except SpeckvError as exc:
+            if not args.prompts or explicit:
+                raise
+            log.warning("no records for %s (%s); leaving it out", BEST_STATIC, exc)
+            methods.remove(BEST_STATIC)
+    if args.prompts:
+        prompts = load_jsonl(args.prompts)
+        source = f"{args.prompts} ({len(prompts)})"
+    else:
+        prompts = held_out_prompts(records, args.per_task, val=SPLIT_VAL, test=SPLIT_TEST,
+                                   seed=SPLIT_SEED)
+        source = (f"test split of {', '.join(map(str, record_paths))} (val {SPLIT_VAL}, test "
+                  f"{SPLIT_TEST}, seed {SPLIT_SEED}): {len(prompts)} prompts"
+                  + (f", the first {args.per_task} per task" if args.per_task else ""))
+    policies = {}
+    if BEST_STATIC in methods:
+        policies[BEST_STATIC] = fit_best_static(records)
+        log.info("%s fitted on train: %s (0 = the target alone)", BEST_STATIC,
+                 policies[BEST_STATIC].choices)
+    needs_draft = any(m not in ("ar", "hf:ar") for m in methods)
     by_comp: dict[str, Any] = {}
     draft = None
-    if args.repeats < 1 or args.max_new_tokens < 1:
-        raise BenchError("--repeats and --max-new-tokens must be at least 1.")
+    load_before = os.getloadavg()
     with tqdm(total=len(comps) * len(prompts) * len(methods) * args.repeats, desc="bench",
-              unit="run",
-              file=sys.stderr) as bar:
+              unit="run", file=sys.stderr) as bar:
         for comp in comps:
             target = load_model(args.target, comp, dtype=args.dtype)
             if needs_draft and draft is None:
@@ -95,17 +276,35 @@ def main(argv: list[str]) -> int:
             costs = measure_costs(draft, target) if draft is not None else None
             bar.set_postfix_str(comp)
             by_comp[comp] = bench_compression(target, draft, prompts, methods,
-                                              args.max_new_tokens, costs, bar,
-                                              args.repeats)
+                                              args.max_new_tokens, costs, bar, args.repeats,
+                                              policies=policies, resamples=args.resamples,
+                                              seed=args.seed)
             del target
+    fp = fingerprint(torch.get_num_threads())
+    summary = summarize_methods(by_comp, args.resamples, args.seed)
+    controller = summary["methods"].get(CONTROLLER)
     result = {
-        "methods": summarize_methods(by_comp),
+        "methods": summary["methods"],
+        "hf_best": summary["hf_best"],
+        "controller": None if controller is None else {
+            k: controller[k] for k in ("tokens_per_s", "ci", "ratio_to_hf_best",
+                                       "ratio_to_hf_best_ci", "ratio_to_best_static",
+                                       "ratio_to_best_static_ci", "ratio_to_ar",
+                                       "ratio_to_ar_ci")},
         "identical_greedy": all(b["identical_greedy"] for b in by_comp.values()),
         "by_compression": by_comp,
-        "prompts": len(prompts), "repeats": args.repeats,
-        "max_new_tokens": args.max_new_tokens,
+        "prompts": len(prompts), "prompt_ids": [p.prompt_id for p in prompts],
+        "prompt_source": source, "repeats": args.repeats,
+        "max_new_tokens": args.max_new_tokens, "resamples": args.resamples, "seed": args.seed,
+        "best_static_choice": (policies[BEST_STATIC].choices if BEST_STATIC in policies
+                               else None),
+        "hf_defaults": hf_defaults(),
         "draft": args.draft if needs_draft else None, "target": args.target,
         "threads": torch.get_num_threads(),
+        "machine": fp, "machine_description": describe(fp),
+        "load_average": {"start": list(load_before), "end": list(os.getloadavg())},
+        "other_bench_processes": sorted(set(others) | set(other_bench_processes())),
+        "note": ONE_PROCESS,
     }
     if args.json:
         print(json.dumps(result))

@@ -1,21 +1,34 @@
-"""``speckv bench``: live tokens/s of the target alone, HF assisted generation and speckv.
+"""``speckv bench``: live tokens/s of the target alone, HF's generation and speckv, fairly.
 
-Every prompt is decoded by every method, greedily, at each compression level. Methods run
-in an interleaved order that rotates from prompt to prompt (prompt i starts with method
-i mod m), after one warm-up pass of each, so slow drifts of a shared machine spread over all
-methods instead of penalising whichever ran last. Throughput is total new tokens over total
-wall-clock seconds (prefill included, as a user waits for it), per method and compression;
-``--repeats R`` decodes every prompt R times per method (the rotation continues across rounds).
+What a fair live number needs (the design's "Live" protocol):
 
-Methods:
-
-- ``ar``: the target alone, one token per step, in speckv's decoding loop;
-- ``hf:ar``: ``model.generate`` without an assistant;
-- ``hf:constant``, ``hf:heuristic``, ``hf:confidence``: ``generate(assistant_model=draft)``
-  with ``num_assistant_tokens_schedule`` "constant" (``HF_CONSTANT_TOKENS``) and "heuristic"
-  (starting at ``HF_HEURISTIC_START``), and with ``assistant_confidence_threshold``
-  (``HF_CONFIDENCE``: up to γmax tokens, stop below the threshold);
-- ``speckv:fixed:4``, ``speckv:heuristic`` and, when a controller exists, ``speckv:onnx``.
+- **Every configuration a user would try on each side.** Hugging Face: plain ``generate``
+  (``hf:ar``), assisted generation with the constant schedule at γ = 1..4
+  (``hf:constant:K``, confidence stop off), the heuristic schedule (``hf:heuristic``,
+  starting at speckv's heuristic start) and HF's own defaults (``hf:defaults``: nothing set;
+  :func:`hf_defaults` reads what the installed transformers fills in: in 5.x 20 tokens, the
+  constant schedule and a 0.4 confidence threshold, adapted per call only when scikit-learn
+  is installed). speckv: the target alone in speckv's loop (``ar``), ``speckv:fixed:1..4``,
+  the best static choice fitted on the train split (``speckv:best_static``: plain decoding
+  or one γ per compression; the caller fits it, see :func:`bench_compression`), the
+  heuristic and the controller (``speckv:onnx``). **HF best** is the fastest of all HF rows,
+  plain ``generate`` included; every row is also divided by ``ar`` and by the best static
+  choice.
+- **Test prompts** by default (:func:`held_out_prompts`): the controller never saw them.
+- **A balanced order.** Each (prompt, repeat) slot decodes the prompt with every method, in
+  an order rotated by one more place than the slot before (:func:`rotation`), so every method
+  takes every position equally often when prompts x repeats is a multiple of the number of
+  methods, and within one otherwise; a prompt's repeats take different positions. Slow drifts
+  of a shared machine spread over all methods instead of penalising whichever ran last. One
+  warm-up pass of each method comes first. Repeats default to :data:`DEFAULT_REPEATS`.
+- **Uncertainty.** Throughput is total new tokens over total wall-clock seconds (prefill
+  included, as a user waits for it). 95% CIs come from a paired bootstrap over prompts
+  (:data:`RESAMPLES` resamples, seeded): every resample takes the same prompts for every
+  method, so the ratios' CIs are paired; a ratio to HF best re-picks HF's best row in every
+  resample.
+- **One benchmark on the machine.** Two side by side share cores and memory bandwidth and
+  slow each other unevenly (:data:`ONE_PROCESS`); the machine's fingerprint goes with every
+  result.
 
 Greedy speculative decoding is lossless: every token speckv emits is the argmax of the
 target's logits in the forward that verified it. ``identical_greedy`` says whether that holds
@@ -35,38 +48,60 @@ forward log, so they get the gap only.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+import numpy as np
 import torch
 
 from speckv.decode.invariant import first_difference
 from speckv.errors import SpeckvError
-from speckv.runtime.features import GAMMA_MAX
+from speckv.policies import HEURISTIC_START, PLAIN, BestStatic, Policy
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from speckv.decode.decoder import DecodeResult, SpeculativeDecoder
+    from speckv.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
-HF_CONSTANT_TOKENS: Final = 4  # the same γ as speckv:fixed:4
-HF_HEURISTIC_START: Final = 4  # speckv's Heuristic starts there too
-HF_CONFIDENCE: Final = (GAMMA_MAX, 0.4)  # (num_assistant_tokens, threshold): HF's threshold
-HF_SCHEDULES: Final = ("hf:constant", "hf:heuristic", "hf:confidence")
+HF_CONSTANT_GAMMAS: Final = (1, 2, 3, 4)  # where speckv's controller mostly operates
+SPECKV_FIXED_GAMMAS: Final = (1, 2, 3, 4)
+HF_HEURISTIC_START: Final = HEURISTIC_START  # speckv's heuristic starts there too
+HF_DEFAULTS: Final = "hf:defaults"
+#: what transformers 5.x fills in when a user sets nothing (used if it cannot be read).
+HF_FALLBACK_DEFAULTS: Final = {"num_assistant_tokens": 20,
+                               "num_assistant_tokens_schedule": "constant",
+                               "assistant_confidence_threshold": 0.4}
+BEST_STATIC: Final = "speckv:best_static"
+CONTROLLER: Final = "speckv:onnx"
+DEFAULT_REPEATS: Final = 3
+RESAMPLES: Final = 10_000
 WARMUP_TOKENS: Final = 8
+ONE_PROCESS: Final = ("Run one benchmark process on the machine at a time: two side by side "
+                      "share its cores and memory bandwidth and slow each other unevenly.")
+_HF_CONSTANT = re.compile(r"hf:constant:(\d+)")
 
 
 class BenchError(SpeckvError, ValueError):
     """Bad benchmark input."""
 
 
+# ------------------------------------------------------------------------------- methods
 def default_methods() -> list[str]:
+    """Every method of a fair comparison (the controller when ``export/speckv.onnx`` exists)."""
     from speckv.paths import DEFAULT_CONTROLLER, find_file
 
-    methods = ["ar", "hf:ar", *HF_SCHEDULES, "speckv:fixed:4", "speckv:heuristic"]
+    methods = ["ar", "hf:ar", *(f"hf:constant:{g}" for g in HF_CONSTANT_GAMMAS),
+               "hf:heuristic", HF_DEFAULTS, *(f"speckv:fixed:{g}" for g in SPECKV_FIXED_GAMMAS),
+               BEST_STATIC, "speckv:heuristic"]
     controller = find_file(DEFAULT_CONTROLLER)
     if controller.is_file():
         methods.append(f"speckv:onnx:{controller}")
@@ -75,7 +110,49 @@ def default_methods() -> list[str]:
 
 def short_name(method: str) -> str:
     """``speckv:onnx:/long/path.onnx`` -> ``speckv:onnx`` (the name in tables and JSON)."""
-    return "speckv:onnx" if method.startswith("speckv:onnx:") else method
+    return CONTROLLER if method.startswith(CONTROLLER + ":") else method
+
+
+def is_hf(method: str) -> bool:
+    """Whether ``method`` runs Hugging Face's ``generate`` (plain or assisted)."""
+    return method.startswith("hf:")
+
+
+def hf_defaults() -> dict[str, Any]:
+    """The assisted-generation settings the installed transformers uses when a user sets
+    none, and whether it adapts the confidence threshold (it does so only with scikit-learn,
+    and only within one ``generate`` call)."""
+    out = dict(HF_FALLBACK_DEFAULTS)
+    try:
+        from transformers import GenerationConfig
+
+        found = GenerationConfig()._get_default_generation_params()
+        out.update({k: found[k] for k in HF_FALLBACK_DEFAULTS if k in found})
+    except Exception as exc:  # a private helper: fall back to 5.x's values, say so
+        log.warning("could not read transformers' assisted-generation defaults (%s); "
+                    "assuming %s", exc, HF_FALLBACK_DEFAULTS)
+    out["threshold_adapts"] = importlib.util.find_spec("sklearn") is not None
+    return out
+
+
+def _hf_settings(method: str) -> dict[str, Any] | None:
+    """The assistant's generation settings for an HF method (None for plain ``generate``)."""
+    if method == "hf:ar":
+        return None
+    if method == HF_DEFAULTS:  # nothing set: transformers fills in its defaults
+        return {"num_assistant_tokens": None, "num_assistant_tokens_schedule": None,
+                "assistant_confidence_threshold": None}
+    if method == "hf:heuristic":  # HF carries γ over between calls: restart every prompt
+        return {"num_assistant_tokens": HF_HEURISTIC_START,
+                "num_assistant_tokens_schedule": "heuristic",
+                "assistant_confidence_threshold": 0.0}  # 0 disables it (None means 0.4)
+    match = _HF_CONSTANT.fullmatch(method)
+    if match and int(match.group(1)) >= 1:
+        return {"num_assistant_tokens": int(match.group(1)),
+                "num_assistant_tokens_schedule": "constant",
+                "assistant_confidence_threshold": 0.0}
+    raise BenchError(f"Unknown method {method!r}; the Hugging Face ones are hf:ar, "
+                     f"hf:constant:K (K >= 1), hf:heuristic and {HF_DEFAULTS}.")
 
 
 @dataclass
@@ -94,30 +171,17 @@ Runner = Callable[[list[int], int], Run]
 def _hf_runner(target: torch.nn.Module, draft: torch.nn.Module | None, method: str,
                eos: list[int], pad: int) -> Runner:
     """A runner around ``target.generate`` (with ``draft`` as the assistant unless hf:ar)."""
-    if method not in ("hf:ar", *HF_SCHEDULES):
-        raise BenchError(f"Unknown method {method!r}; the Hugging Face ones are hf:ar, "
-                         f"{', '.join(HF_SCHEDULES)}.")
-
-    def configure() -> dict[str, Any]:
-        if method == "hf:ar":
-            return {}
-        cfg = draft.generation_config
-        if method == "hf:constant":
-            cfg.num_assistant_tokens_schedule = "constant"
-            cfg.num_assistant_tokens = HF_CONSTANT_TOKENS
-            cfg.assistant_confidence_threshold = 0.0  # 0 disables it (None means HF's 0.4)
-        elif method == "hf:heuristic":
-            # HF carries the heuristic's γ over between generate calls: restart each prompt
-            cfg.num_assistant_tokens_schedule = "heuristic"
-            cfg.num_assistant_tokens = HF_HEURISTIC_START
-            cfg.assistant_confidence_threshold = 0.0
-        else:  # hf:confidence
-            cfg.num_assistant_tokens_schedule = "constant"
-            cfg.num_assistant_tokens, cfg.assistant_confidence_threshold = HF_CONFIDENCE
-        return {"assistant_model": draft}
+    settings = _hf_settings(method)
+    if settings is not None and draft is None:
+        raise BenchError(f"{method} needs a draft model (the assistant).")
 
     def run(ids: list[int], max_new_tokens: int) -> Run:
-        extra = configure()
+        extra: dict[str, Any] = {}
+        if settings is not None:
+            cfg = draft.generation_config  # set every call: HF writes the heuristic's γ back
+            for key, value in settings.items():
+                setattr(cfg, key, value)
+            extra["assistant_model"] = draft
         input_ids = torch.tensor([ids])
         started = time.perf_counter()
         with torch.inference_mode():
@@ -139,12 +203,136 @@ def _speckv_runner(decoder: SpeculativeDecoder) -> Runner:
     return run
 
 
-def interleaved(methods: list[str], i: int) -> list[str]:
-    """The order of the methods for prompt ``i``: rotated to start at method ``i mod m``."""
-    shift = i % len(methods)
-    return methods[shift:] + methods[:shift]
+# ------------------------------------------------------------------------------- prompts
+def held_out_prompts(records: pd.DataFrame, per_task: int | None = None, *, val: float = 0.15,
+                 test: float = 0.15, seed: int = 0) -> list[Prompt]:
+    """The suite prompts of the records' test split (:func:`speckv.records.split_prompts`
+    with the fractions and seed training uses), in suite order per task; ``per_task`` keeps
+    the first N of each task. Record prompts that are not suite prompts are skipped."""
+    from speckv.prompts import SUITE_MAX, TASKS, suites
+    from speckv.records import split_prompts
+
+    assign = split_prompts(records, val=val, test=test, seed=seed)
+    held = records.loc[assign == "test", ["task", "prompt_id"]].astype(str)
+    wanted = set(zip(held["task"], held["prompt_id"], strict=True))
+    chosen = [p for p in suites(n=SUITE_MAX) if (p.task, p.prompt_id) in wanted]
+    if len(chosen) < len(wanted):
+        log.warning("%d test prompt(s) of the records are not suite prompts; skipped",
+                    len(wanted) - len(chosen))
+    if per_task is not None:
+        if per_task < 1:
+            raise BenchError("--per-task must be at least 1.")
+        counts: dict[str, int] = {}
+        kept = []
+        for p in chosen:
+            counts[p.task] = counts.get(p.task, 0) + 1
+            if counts[p.task] <= per_task:
+                kept.append(p)
+        chosen = kept
+    if not chosen:
+        raise BenchError("The records' test split holds no suite prompts to benchmark. Pass "
+                         "your own with --prompts FILE (JSONL, one {\"task\", \"prompt\"} a "
+                         "line), or records profiled on the suites.")
+    order = {t: i for i, t in enumerate(TASKS)}
+    return sorted(chosen, key=lambda p: order.get(p.task, len(order)))  # stable: suite order
 
 
+# ------------------------------------------------------------------------------ the order
+def rotation(n_methods: int, n_prompts: int, repeats: int) -> list[list[int]]:
+    """``shift[r][i]``: how far the method list is rotated for prompt ``i`` in repeat ``r``.
+
+    Slot ``i * repeats + r`` is rotated by that many places (mod the number of methods): over
+    all slots every shift occurs equally often (within one when slots are not a multiple of
+    the methods), so every method takes every position equally often, and one prompt's
+    repeats take consecutive, distinct shifts."""
+    return [[(i * repeats + r) % n_methods for i in range(n_prompts)] for r in range(repeats)]
+
+
+def interleaved(methods: Sequence[str], shift: int) -> list[str]:
+    """The methods rotated to start at method ``shift mod m``."""
+    shift %= len(methods)
+    return [*methods[shift:], *methods[:shift]]
+
+
+def position_counts(n_methods: int, n_prompts: int, repeats: int) -> np.ndarray:
+    """``counts[j, k]``: how often method ``j`` runs ``k``-th in a slot over the benchmark."""
+    counts = np.zeros((n_methods, n_methods), np.int64)
+    for row in rotation(n_methods, n_prompts, repeats):
+        for shift in row:
+            for pos in range(n_methods):
+                counts[(shift + pos) % n_methods, pos] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------ statistics
+def bootstrap_weights(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """``(resamples, n)`` counts: how often each of ``n`` prompts is drawn in each resample
+    (with replacement, seeded). Shared by every method, so ratios are paired."""
+    if n < 1 or resamples < 1:
+        raise BenchError("The bootstrap needs at least one prompt and one resample.")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n))
+    weights = np.zeros((resamples, n), np.float64)
+    np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
+    return weights
+
+
+def _ci(values: np.ndarray) -> list[float | None]:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return [None, None]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def summarize(names: Sequence[str], tokens: np.ndarray, seconds: np.ndarray,
+              resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Tokens/s per method with 95% CIs, and its ratios to ``ar``, to HF's best row and to
+    the best static choice, with paired CIs.
+
+    ``tokens`` and ``seconds`` are ``(prompts, methods)``: each method's new tokens and
+    wall-clock seconds per prompt, summed over repeats. Tokens/s is a ratio of sums, in the
+    point estimate and in every resample; HF's best is the fastest HF row (plain ``generate``
+    included), re-picked in every resample for the ratios' CIs.
+    """
+    tokens = np.asarray(tokens, np.float64)
+    seconds = np.asarray(seconds, np.float64)
+    names = list(names)
+    if tokens.shape != seconds.shape or tokens.ndim != 2 or tokens.shape[1] != len(names):
+        raise BenchError(f"summarize needs (prompts, {len(names)}) tokens and seconds; got "
+                         f"{tokens.shape} and {seconds.shape}.")
+    weights = bootstrap_weights(tokens.shape[0], resamples, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = tokens.sum(0) / seconds.sum(0)
+        boot = (weights @ tokens) / (weights @ seconds)
+    hf_cols = [j for j, n in enumerate(names) if is_hf(n)]
+    hf_best = names[max(hf_cols, key=lambda j: point[j])] if hf_cols else None
+    refs: dict[str, tuple[float, np.ndarray] | None] = {
+        "ar": (point[names.index("ar")], boot[:, names.index("ar")]) if "ar" in names else None,
+        "hf_best": (point[hf_cols].max(), boot[:, hf_cols].max(1)) if hf_cols else None,
+        "best_static": ((point[names.index(BEST_STATIC)], boot[:, names.index(BEST_STATIC)])
+                        if BEST_STATIC in names else None),
+    }
+    rows: dict[str, Any] = {}
+    for j, name in enumerate(names):
+        row: dict[str, Any] = {"tokens_per_s": _num(point[j]), "ci": _ci(boot[:, j])}
+        for ref, found in refs.items():
+            if found is None:
+                row[f"ratio_to_{ref}"], row[f"ratio_to_{ref}_ci"] = None, [None, None]
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                row[f"ratio_to_{ref}"] = _num(point[j] / found[0])
+                row[f"ratio_to_{ref}_ci"] = _ci(boot[:, j] / found[1])
+        rows[name] = row
+    return {"methods": rows, "hf_best": hf_best, "resamples": resamples, "seed": seed,
+            "prompts": int(tokens.shape[0])}
+
+
+# ---------------------------------------------------------------------------- benchmark
 @torch.inference_mode()
 def logit_gap(target, prefix: list[int], a: int, b: int) -> tuple[float, float]:
     """The target's logit gap between tokens ``a`` and ``b`` after ``prefix``, and its size
@@ -155,67 +343,92 @@ def logit_gap(target, prefix: list[int], a: int, b: int) -> tuple[float, float]:
 
 
 def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens: int,
-                      costs=None, progress=None, repeats: int = 1) -> dict[str, Any]:
+                      costs=None, progress=None, repeats: int = DEFAULT_REPEATS, *,
+                      policies: Mapping[str, Policy] | None = None,
+                      resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """Benchmark ``methods`` on ``prompts`` for one loaded target (one compression level).
 
-    Each prompt is decoded ``repeats`` times by every method (greedy outputs repeat, so the
-    first decoding is the one checked); the order rotates with every round.
+    Each prompt is decoded ``repeats`` times by every method in the rotated order
+    (:func:`rotation`); greedy outputs repeat, so the first decoding is the one checked.
+    ``policies`` maps a ``speckv:NAME`` method to a ready policy: :data:`BEST_STATIC` must
+    come that way (fitting it needs the records and replay, stages above this one). A
+    :class:`~speckv.policies.BestStatic` whose choice at this compression is ``PLAIN`` (0)
+    runs as the target alone.
     """
     from speckv.decode.decoder import SpeculativeDecoder, eos_ids
     from speckv.decode.invariant import explain_difference, greedy_invariant
     from speckv.policies import from_spec
     from speckv.prompts import chat_ids
 
+    if repeats < 1 or max_new_tokens < 1:
+        raise BenchError("--repeats and --max-new-tokens must be at least 1.")
+    if len(set(methods)) != len(methods):
+        raise BenchError(f"Methods repeat in {methods}: name each once.")
+    compression = getattr(target, "compression", None) or "fp16"
     eos = sorted(eos_ids(target))
     tok = target.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+    policies = dict(policies or {})
     runners: dict[str, Runner] = {}
+    best_static_choice = None
     for method in methods:
-        if method.startswith("hf:"):
+        if is_hf(method):
             runners[method] = _hf_runner(target.model, getattr(draft, "model", None), method,
                                          eos, pad)
         elif method == "ar":
             runners[method] = _speckv_runner(SpeculativeDecoder(None, target, None))
         elif method.startswith("speckv:"):
-            policy = from_spec(method.removeprefix("speckv:"))
-            runners[method] = _speckv_runner(SpeculativeDecoder(draft, target, policy, costs))
+            policy = policies.get(method)
+            if policy is None:
+                if method == BEST_STATIC:
+                    raise BenchError(f"{BEST_STATIC} is fitted on the records' train split; "
+                                     "pass it in policies (`speckv bench` fits it).")
+                policy = from_spec(method.removeprefix("speckv:"))
+            if isinstance(policy, BestStatic):
+                if compression not in policy.choices:
+                    raise BenchError(f"{method} was fitted on {sorted(policy.choices)}, not "
+                                     f"on {compression}: profile records at {compression} "
+                                     "or leave the method out.")
+                best_static_choice = policy.choices[compression]
+                if best_static_choice == PLAIN:  # the decoder would draft γ >= 1 for a 0
+                    policy = None
+            runners[method] = _speckv_runner(SpeculativeDecoder(
+                draft if policy is not None else None, target, policy, costs))
         else:
-            raise BenchError(f"Unknown method {method!r}: use ar, hf:ar, "
-                             f"{', '.join(HF_SCHEDULES)} or speckv:POLICY.")
+            raise BenchError(f"Unknown method {method!r}: use ar, hf:ar, hf:constant:K, "
+                             f"hf:heuristic, {HF_DEFAULTS} or speckv:POLICY.")
     ids = [chat_ids(tok, p.text) for p in prompts]
     for method in methods:  # warm-up: allocator, kernels, lazy imports
         runners[method](ids[0], min(WARMUP_TOKENS, max_new_tokens))
-    runs: dict[str, list[Run]] = {m: [] for m in methods}
-    outputs: dict[str, list[Run]] = {m: [] for m in methods}  # the first run of each prompt
+    m, n = len(methods), len(ids)
+    tokens = np.zeros((n, m), np.float64)
+    seconds = np.zeros((n, m), np.float64)
+    accepted: list[list[int]] = [[] for _ in methods]
+    outputs: dict[str, list[Run | None]] = {method: [None] * n for method in methods}
+    shifts = rotation(m, n, repeats)
     for r in range(repeats):
         for i, prompt_ids in enumerate(ids):
-            for method in interleaved(methods, r * len(ids) + i):
+            for method in interleaved(methods, shifts[r][i]):
                 run = runners[method](prompt_ids, max_new_tokens)
-                runs[method].append(run)
+                j = methods.index(method)
+                tokens[i, j] += len(run.token_ids)
+                seconds[i, j] += run.seconds
+                accepted[j].extend(run.accepted)
                 if r == 0:
-                    outputs[method].append(run)
+                    outputs[method][i] = run
                 if progress is not None:
                     progress.update(1)
-    table: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        tokens = sum(len(r.token_ids) for r in runs[method])
-        seconds = sum(r.seconds for r in runs[method])
-        accepted = [a for r in runs[method] for a in r.accepted]
-        table[short_name(method)] = {
-            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "tokens": tokens,
-            "seconds": seconds,
-            "mean_accepted": sum(accepted) / len(accepted) if accepted else None,
-        }
-    ar = table["ar"]["tokens_per_s"] if "ar" in table else None
-    hf = [table[m]["tokens_per_s"] for m in HF_SCHEDULES if m in table]
-    hf_best = max(hf) if hf else None
-    for row in table.values():
-        row["ratio_to_ar"] = row["tokens_per_s"] / ar if ar else None
-        row["ratio_to_hf_best"] = row["tokens_per_s"] / hf_best if hf_best else None
+    names = [short_name(method) for method in methods]
+    summary = summarize(names, tokens, seconds, resamples, seed)
+    for j, name in enumerate(names):
+        summary["methods"][name].update({
+            "tokens": int(tokens[:, j].sum()), "seconds": float(seconds[:, j].sum()),
+            "mean_accepted": float(np.mean(accepted[j])) if accepted[j] else None,
+        })
     violations = []
     for method in methods:
         for prompt, prompt_ids, run in zip(prompts, ids, outputs[method], strict=True):
-            if run.result is None:
+            if run is None or run.result is None:
                 continue
             violations.extend({"method": short_name(method), "prompt_id": prompt.prompt_id,
                                "task": prompt.task, "position": v.position,
@@ -241,27 +454,40 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
                     why = explain_difference(target.model, prompt_ids, run.result, ref.token_ids)
                     diff["explained"] = why is not None and why.explained
                 differences.append(diff)
-    return {"methods": table, "identical_greedy": not violations,
-            "invariant_violations": violations, "differences": differences,
-            "hf_best": max((m for m in HF_SCHEDULES if m in table),
-                           key=lambda m: table[m]["tokens_per_s"], default=None),
-            "compute_dtype": target.compute_dtype,
-            "costs": costs.to_json() if costs is not None else None}
+    counts = position_counts(m, n, repeats)
+    return {
+        **summary,
+        "prompt_ids": [p.prompt_id for p in prompts],
+        "per_prompt": {name: {"tokens": tokens[:, j].astype(int).tolist(),
+                              "seconds": seconds[:, j].tolist()}
+                       for j, name in enumerate(names)},
+        "rotation": {"slots": n * repeats, "methods": m,
+                     "exact": bool((counts == counts[0, 0]).all()),
+                     "positions": {name: counts[j].tolist() for j, name in enumerate(names)}},
+        "best_static_choice": best_static_choice,  # 0 = the target alone
+        "identical_greedy": not violations, "invariant_violations": violations,
+        "differences": differences,
+        "compute_dtype": getattr(target, "compute_dtype", None),
+        "costs": costs.to_json() if costs is not None else None,
+    }
 
 
-def summarize_methods(by_comp: dict[str, Any]) -> dict[str, Any]:
-    """Per method: tokens/s over every compression (total tokens / total seconds), its ratio
-    to the target alone and to HF's best schedule, and the per-compression rows."""
-    names = next(iter(by_comp.values()))["methods"]
-    out: dict[str, Any] = {}
-    for name in names:
-        rows = {c: b["methods"][name] for c, b in by_comp.items()}
-        seconds = sum(r["seconds"] for r in rows.values())
-        out[name] = {"tokens_per_s": sum(r["tokens"] for r in rows.values()) / seconds
-                     if seconds > 0 else 0.0, "per_compression": rows}
-    ar = out.get("ar", {}).get("tokens_per_s")
-    hf_best = max((out[m]["tokens_per_s"] for m in HF_SCHEDULES if m in out), default=None)
-    for row in out.values():
-        row["ratio_to_ar"] = row["tokens_per_s"] / ar if ar else None
-        row["ratio_to_hf_best"] = row["tokens_per_s"] / hf_best if hf_best else None
-    return out
+def summarize_methods(by_comp: Mapping[str, Any], resamples: int = RESAMPLES,
+                      seed: int = 0) -> dict[str, Any]:
+    """Over every compression: per method, total tokens over total seconds with the same
+    CIs and ratios as one compression (a prompt's resample weight applies at every level),
+    and the per-compression rows."""
+    blocks = list(by_comp.values())
+    names = list(blocks[0]["per_prompt"])
+    prompt_ids = blocks[0]["prompt_ids"]
+    if any(b["prompt_ids"] != prompt_ids or list(b["per_prompt"]) != names for b in blocks):
+        raise BenchError("Every compression must run the same prompts and methods.")
+    tokens = sum(np.array([b["per_prompt"][n]["tokens"] for n in names], np.float64).T
+                 for b in blocks)
+    seconds = sum(np.array([b["per_prompt"][n]["seconds"] for n in names], np.float64).T
+                  for b in blocks)
+    summary = summarize(names, tokens, seconds, resamples, seed)
+    for name, row in summary["methods"].items():
+        row["per_compression"] = {c: {k: v for k, v in b["methods"][name].items()}
+                                  for c, b in by_comp.items()}
+    return summary
