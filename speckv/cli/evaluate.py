@@ -1,6 +1,11 @@
 """``speckv evaluate``: replay every γ policy on held-out trace records and say what it is
 worth (see :mod:`speckv.evaluate.replay` for the replay and :mod:`speckv.evaluate.summary` for
-the statistics)."""
+the statistics).
+
+Replayed tokens/s are the record files' measured costs, so they hold for the machine that
+profiled, not necessarily this one: the result names both (``machine``: this machine's
+:func:`speckv.machine.fingerprint`; ``record_files``: each file's metadata and the machines
+its runs were measured on), and so does the printed table's caption."""
 
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from speckv.errors import SpeckvError
 from speckv.evaluate.pipeline import run
 from speckv.evaluate.replay import RESAMPLES, SPLIT_SEED, SPLIT_TEST, SPLIT_VAL, EvaluateError
 from speckv.evaluate.report import print_table, write_report
+from speckv.machine import describe, fingerprint
 from speckv.policies import OBJECTIVES, Learned, Policy, load_onnx_chooser
-from speckv.records import read_records
+from speckv.records import read_metadata, read_records
 from speckv.train.chooser import TorchChooser
 
 log = logging.getLogger(__name__)
@@ -26,6 +32,45 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RECORDS: Final = paths.DEFAULT_RECORDS
 DEFAULT_CONTROLLER: Final = paths.DEFAULT_CONTROLLER
+
+# ---------------------------------------------------------------------------- machines
+def _run_machine(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The fingerprint a profiling run recorded: its own, else its cost model's."""
+    for where in (run, run.get("cost") or {}):
+        for key in ("machine", "fingerprint"):
+            if isinstance(where.get(key), dict):
+                return where[key]
+    return None
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    found = _run_machine(run)
+    if found is not None:
+        return describe(found)
+    threads = run.get("threads")  # a file written before speckv recorded the machine
+    known = [str(run["machine"])] if isinstance(run.get("machine"), str) else []
+    if threads:
+        known.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    return f"machine not recorded ({', '.join(known) or 'nothing known'})"
+
+
+def record_file_info(path: Path) -> dict[str, Any]:
+    """A record file's metadata and one line per distinct machine its runs were measured on."""
+    meta = read_metadata(path)
+    runs = meta.get("runs") if isinstance(meta.get("runs"), dict) else {}
+    machines = list(dict.fromkeys(_run_line(run) for run in runs.values()
+                                  if isinstance(run, dict)))
+    return {"path": str(path), "machines": machines or ["machine not recorded"],
+            "metadata": meta}
+
+
+def machine_caption(result: dict[str, Any]) -> str:
+    """Where the figures come from: the records' machines, and the evaluating one."""
+    measured = list(dict.fromkeys(m for f in result.get("record_files", [])
+                                  for m in f["machines"]))
+    return (f"costs measured on: {'; '.join(measured) or 'unknown'}\n"
+            f"evaluated on: {describe(result['machine'])}")
+
 
 # ---------------------------------------------------------------------------------- CLI
 def _learned(args: argparse.Namespace) -> tuple[Policy | None, dict[str, Any]]:
@@ -107,15 +152,17 @@ def main(argv: list[str] | None = None) -> int:
                             split_fractions=(args.val, args.test, args.split_seed))
     result["learned"].update(learned_info)
     result["records"] = [str(p) for p in files]
+    result["machine"] = fingerprint()
+    result["record_files"] = [record_file_info(p) for p in files]
     if args.report:
         written = write_report(result, args.report)
         result["report"] = [str(f) for f in written]
         log.info("wrote %s", ", ".join(str(f) for f in written))
+    table = sys.stderr if args.json else sys.stdout
+    print_table(result, table)
+    print(machine_caption(result), file=table)
     if args.json:
-        print_table(result, sys.stderr)
         sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
         sys.stdout.flush()
-    else:
-        print_table(result, sys.stdout)
     return 0
 
