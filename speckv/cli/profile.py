@@ -10,7 +10,7 @@ from pathlib import Path
 
 from speckv import paths
 from speckv.profile.profiler import ProfileError, parse_shard, run_profile
-from speckv.prompts import TASKS, Prompt, load_jsonl, suites
+from speckv.prompts import SUITE_MAX, SUITE_SIZE, TASKS, Prompt, load_jsonl, suites
 from speckv.records import merge, read_records
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,21 @@ def _prompts(args) -> list[Prompt]:
     return suites(tasks, n=args.per_task)
 
 
+DEVICE_HELP = ("where the models run: cpu, cuda (cuda:N) or auto (CUDA when there is one). "
+               "Every step runs on that device; int8/nf4 use bitsandbytes' kernels for it "
+               "(its CPU path on cpu)")
+DTYPE_HELP = ("compute dtype of unquantized weights (and nf4's compute dtype): auto = "
+              "bfloat16 on a CPU (AVX512-BF16/AMX make it the fastest there, and CPUs compute "
+              "float16 slowly) and on a GPU with bfloat16 (compute capability >= 8: A100, H100, "
+              "L4, RTX 30xx+), float16 on an older GPU (V100, T4), whose bfloat16 is emulated. "
+              "float32/float64 make batched traces equal one-prompt traces (bfloat16 forwards "
+              "are not batch-invariant; see speckv.profile.batched)")
+
+
 def main(argv: list[str]) -> int:
     from speckv.llm.load import COMPRESSIONS
     from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
+    from speckv.profile.batched import DRAFT_BATCH, TARGET_BATCH
 
     ap = argparse.ArgumentParser(prog="speckv profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--draft", default=DEMO_DRAFT)
@@ -38,16 +50,26 @@ def main(argv: list[str]) -> int:
                     help="comma-separated levels among fp16,int8,nf4")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--prompts", help="JSONL file of {task, prompt} (default: bundled suites)")
-    ap.add_argument("--per-task", type=int, default=40, help="prompts per task from the suites")
+    ap.add_argument("--per-task", type=int, default=SUITE_SIZE,
+                    help=f"prompts per task from the suites (at most {SUITE_MAX})")
     ap.add_argument("--mode", choices=("trace", "live"), default="trace")
     ap.add_argument("--policy", default="fixed:4", help="live mode: the γ policy")
     ap.add_argument("--temperature", type=float, default=0.0, help="live mode: sampling")
     ap.add_argument("--seed", type=int, default=0, help="live mode: sampling seed")
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--dtype", default="bfloat16", help="compute dtype of unquantized weights")
-    ap.add_argument("--shard", help="i/n or auto (RANK/WORLD_SIZE)")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ap.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    ap.add_argument("--target-batch", type=int, default=TARGET_BATCH,
+                    help="trace mode: prompts whose target answers are decoded together "
+                         "(1: each alone, as one-sequence decoding computes it)")
+    ap.add_argument("--draft-batch", type=int, default=DRAFT_BATCH,
+                    help="trace mode: answers the draft runs over together")
+    ap.add_argument("--shard", help="i/n, or auto: the launcher's rank and world size "
+                                    "(torchrun RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS)")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (records, records/s, ...) on stdout")
     args = ap.parse_args(argv)
     comps = [c.strip() for c in args.compression.split(",") if c.strip()]
     bad = [c for c in comps if c not in COMPRESSIONS]
@@ -55,13 +77,27 @@ def main(argv: list[str]) -> int:
         raise ProfileError(f"--compression has unknown level(s) {bad}; use fp16, int8, nf4.")
     if args.out.suffix != ".parquet":
         raise ProfileError(f"--out {args.out}: write records to a .parquet file.")
-    out = run_profile(draft=args.draft, target=args.target, compressions=comps,
+    if not 1 <= args.per_task <= SUITE_MAX and not args.prompts:
+        raise ProfileError(f"--per-task {args.per_task}: the suites hold 1 to {SUITE_MAX} "
+                           "prompts per task; pass --prompts FILE for more.")
+    run = run_profile(draft=args.draft, target=args.target, compressions=comps,
                       prompts=_prompts(args), out=args.out, mode=args.mode,
                       max_new_tokens=args.max_new_tokens, shard=parse_shard(args.shard),
                       dtype=args.dtype, policy=args.policy, threads=args.threads,
-                      temperature=args.temperature, seed=args.seed)
-    df = read_records(out)
-    print(f"wrote {len(df)} step records to {out}")
+                      temperature=args.temperature, seed=args.seed, device=args.device,
+                      target_batch=args.target_batch, draft_batch=args.draft_batch)
+    summary = run.to_json()
+    if run.out is not None:
+        summary["rows"] = len(read_records(run.out))
+    if args.json:
+        print(json.dumps(summary))
+    elif run.out is None:
+        print(f"shard {run.shard[0]}/{run.shard[1]}: no prompts fall into this shard; "
+              "nothing written")
+    else:
+        speed = (f" ({run.records} computed at {run.records_per_s:.1f} records/s)"
+                 if run.records_per_s else "")
+        print(f"wrote {summary['rows']} step records to {run.out}{speed}")
     return 0
 
 

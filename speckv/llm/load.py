@@ -97,30 +97,54 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(where)
 
 
-def load_model(spec: str, compression: str = "fp16", dtype: str = "float32") -> LoadedModel:
-    """Load a causal LM for inference (eval mode, no grad) at a compression level."""
+def load_model(spec: str, compression: str = "fp16", dtype: str = "float32",
+               device: str = "auto") -> LoadedModel:
+    """Load a causal LM for inference (eval mode, no grad) at a compression level.
+
+    ``device``: ``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when there is one). The
+    whole model goes to that one device; int8/nf4 run through bitsandbytes' kernels for it
+    (its CPU path on ``cpu``). ``dtype``: the compute dtype of unquantized weights, or
+    ``auto``: ``bfloat16`` on a CPU (fast with AVX512-BF16/AMX, and half precision is slow
+    there) and on a GPU that has it (compute capability >= 8), else ``float16``. nf4 computes
+    in ``float16`` on a GPU without bfloat16, in ``bfloat16`` otherwise.
+    """
     from transformers import AutoModelForCausalLM
 
     check_compression(compression)
     quiet_quantization_warnings()
     started = time.perf_counter()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: this torch build sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or auto.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelError(f"--device {device!r}: use cpu, cuda, cuda:N or auto.")
+    gpu_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cpu" or gpu_bf16 else "float16"
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ModelError(f"--dtype {dtype!r}: use auto, bfloat16, float16, float32 or float64.")
     where = resolve(spec)
     if isinstance(where, Path) and (where / "speckv_draft.json").exists():
         from speckv.llm.draft import load_draft
 
-        model = load_draft(where)
+        model = load_draft(where).to(device)
         tokenizer = load_tokenizer(spec)
         compute = str(next(model.parameters()).dtype).removeprefix("torch.")
         return LoadedModel(spec, model, tokenizer, "fp16", compute, time.perf_counter() - started)
     if isinstance(where, Path) and where.suffix == ".gguf":
         where = converted_gguf_dir(where)
-    torch_dtype = getattr(torch, dtype)
+    quantization = _quantization_config(compression)
+    if compression == "nf4" and device.startswith("cuda") and not gpu_bf16:
+        quantization.bnb_4bit_compute_dtype = torch.float16
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where,
             dtype=torch_dtype,
-            quantization_config=_quantization_config(compression),
-            device_map="cpu" if not torch.cuda.is_available() else "auto",
+            quantization_config=quantization,
+            device_map={"": device},
         )
     except OSError as exc:
         raise ModelError(

@@ -1,27 +1,26 @@
 """``speckv profile``: step-level profiling of real speculative decoding, trace and live.
 
-Trace mode (greedy) exploits that greedy speculative decoding is lossless: the target's
-answer does not depend on γ. So for each prompt the target's own greedy answer ``y`` is
-decoded once, and the draft is run *teacher-forced* over it. At answer position ``j`` the
-draft's greedy token given the true prefix is ``d(j)``, and ``agree[j] = d(j) == y[j]``.
-A step starting at position ``i`` then accepts exactly the run of agreements that starts at
-``i`` (while the draft agrees, its context *is* the true prefix), so one forward pass gives
-``accept_len`` for every position and every γ at once.
-
-Per-token stopping rules also need the draft's confidence at drafted positions *after* its
-first disagreement, where its context has left the target's path. Those "off-track"
-continuations depend only on the position ``m`` of the disagreement (context
-``y[:m] + d(m)``), so each is decoded once, in batches, and shared by every step that reaches
-it. The result is a record at every answer position from which any up-front-γ or
-stop-per-token policy replays exactly.
+Trace mode (greedy; :mod:`speckv.profile.trace` defines it) decodes the target's greedy
+answer once per prompt and runs the draft teacher-forced over it, with the draft's greedy
+continuations after every disagreement: one record per answer position, from which any
+up-front-γ or stop-per-token policy replays exactly. It runs batched
+(:mod:`speckv.profile.batched`): the target's answers ``--target-batch`` prompts at a time,
+the draft's side ``--draft-batch`` rows at a time, continuations from the teacher-forced cache.
 
 Live mode runs the real decoder (:mod:`speckv.decode.decoder`) with a γ policy and records
-every step with wall-clock times; replaying the same policy on trace records reproduces its accepted
-counts.
+every step with wall-clock times; replaying the same policy on trace records reproduces its
+accepted counts.
 
 Output goes to ``OUT.parts/`` (one parquet file per prompt and compression, written
-atomically, skipped when present, so a killed run resumes and loses at most the prompt in
+atomically, skipped when present, so a killed run resumes and loses at most the batch in
 flight), and is merged into ``OUT`` at the end.
+
+Many processes: ``--shard i/n`` profiles every n-th (compression, prompt) job from the i-th;
+``--shard auto`` reads the launcher's rank and world size (``RANK``/``WORLD_SIZE`` from
+torchrun, ``SLURM_PROCID``/``SLURM_NTASKS`` from srun). Each shard writes
+``OUT.shard{i}of{n}.parquet`` (shards share ``OUT.parts/``); ``speckv records merge`` joins
+them. In float32/float64 the merged records equal a one-process run's; in bfloat16 a near-tie
+may resolve differently in another batch (:mod:`speckv.profile.batched`).
 """
 
 from __future__ import annotations
@@ -32,17 +31,18 @@ import os
 import platform
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
 
 from speckv.atomic import atomic_write
 from speckv.errors import SpeckvError
+from speckv.profile.batched import DRAFT_BATCH, TARGET_BATCH, trace_batch
+from speckv.profile.trace import TraceResult, agreement_runs, trace_prompt, trace_rows
 from speckv.prompts import Prompt, chat_ids
 from speckv.records import read_records, write_records
-from speckv.runtime.features import GAMMA_MAX, history_arrays, token_stats
+
+__all__ = ["ProfileError", "ProfileRun", "TraceResult", "agreement_runs", "parse_shard",
+           "run_profile", "trace_prompt", "trace_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,21 @@ class ProfileError(SpeckvError):
 
 
 # ------------------------------------------------------------------------------- sharding
+#: (rank, world size) variables of the launchers ``--shard auto`` understands, in order.
+LAUNCHERS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
 def parse_shard(spec: str | None) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n); ``"auto"`` reads RANK/WORLD_SIZE (torchrun, SLURM, Ray)."""
+    """``"i/n"`` -> (i, n); ``"auto"``: the launcher's rank and world size (torchrun's
+    RANK/WORLD_SIZE, SLURM's SLURM_PROCID/SLURM_NTASKS), 0/1 without a launcher."""
     if spec is None:
         return 0, 1
     if spec == "auto":
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
-        spec = f"{rank}/{world}"
+        spec = "0/1"
+        for rank, world in LAUNCHERS:
+            if rank in os.environ and world in os.environ:
+                spec = f"{os.environ[rank]}/{os.environ[world]}"
+                break
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
@@ -69,161 +76,30 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
-# ---------------------------------------------------------------------------------- trace
-@dataclass
-class TraceResult:
-    """Arrays describing one greedy answer, position by position (length n)."""
-
-    answer: np.ndarray  # [n] target tokens
-    max_new_tokens: int  # the answer budget M (n < M when the answer ended with EOS)
-    target_top1: np.ndarray  # [n] target prob of each answer token
-    stats: np.ndarray  # [n, 3] draft entropy/top1/margin, teacher-forced
-    agree: np.ndarray  # [n] bool
-    accept_len: np.ndarray  # [n]
-    accept_cap: np.ndarray  # [n]
-    ent_k: np.ndarray  # [n, GAMMA_MAX]
-    top1_k: np.ndarray  # [n, GAMMA_MAX]
-
-
-def agreement_runs(agree: np.ndarray) -> np.ndarray:
-    """``run[i]`` = number of consecutive True values starting at i."""
-    run = np.zeros(len(agree) + 1, np.int64)
-    for i in range(len(agree) - 1, -1, -1):
-        run[i] = run[i + 1] + 1 if agree[i] else 0
-    return run[:-1]
-
-
-def _target_answer(target, prompt_ids: list[int], max_new_tokens: int, eos: int | None):
-    import torch
-
-    ids = torch.tensor([prompt_ids])
-    out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                          max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, pad_token_id=eos, eos_token_id=eos)
-    answer = out.sequences[0, len(prompt_ids):].tolist()
-    if eos is not None and eos in answer:
-        answer = answer[: answer.index(eos) + 1]
-    logits = torch.stack(out.logits[: len(answer)], 0)[:, 0].float()
-    probs = torch.softmax(logits, -1)
-    top1 = probs.gather(-1, torch.tensor(answer)[:, None])[:, 0]
-    return np.array(answer), top1.numpy().astype(np.float32)
-
-
-def _off_track(draft, contexts: list[list[int]], steps: int, pad: int, batch_size: int = 32):
-    """Greedy draft continuations of each context: ``[len(contexts), steps, 2]`` (ent, top1).
-
-    A plain batched greedy loop (left padding, explicit positions, KV cache). HF ``generate``
-    is not used: it stops rows at EOS and its min-length rule masks EOS, and a live decoder's
-    draft does neither.
-    """
-    import torch
-    from transformers import DynamicCache
-
-    out = np.full((len(contexts), steps, 2), np.nan, np.float32)
-    order = np.argsort([len(c) for c in contexts])  # similar lengths batch together
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        rows = [contexts[i] for i in idx]
-        width = max(map(len, rows))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache()
-        with torch.inference_mode():
-            for step in range(steps):
-                logits = draft(input_ids=ids, attention_mask=mask, position_ids=pos,
-                               cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-                logits = logits.float()
-                out[idx, step] = token_stats(logits.numpy())[:, :2]
-                ids = logits.argmax(-1, keepdim=True)
-                mask = torch.cat([mask, torch.ones_like(ids)], -1)
-                pos = pos[:, -1:] + 1
-    return out
-
-
-def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int,
-                 eos: int | None, pad: int) -> TraceResult:
-    """Profile one prompt in trace mode (greedy)."""
-    import torch
-
-    answer, target_top1 = _target_answer(target, prompt_ids, max_new_tokens, eos)
-    n = len(answer)
-    seq = torch.tensor([list(prompt_ids) + answer.tolist()])
-    with torch.inference_mode():  # logits only where an answer token is predicted
-        logits = draft(input_ids=seq, logits_to_keep=n + 1).logits[0, :-1].float().numpy()
-    stats = token_stats(logits)
-    proposal = logits.argmax(-1)
-    agree = proposal == answer
-    run = agreement_runs(agree)
-    # a live decoder may draft past the answer's end when it ended with EOS (it cannot know);
-    # the run of agreements then stops at the EOS token, which ends the answer when accepted
-    left = max_new_tokens - 1 - np.arange(n)
-    cap = np.minimum(np.minimum(GAMMA_MAX, left), n - np.arange(n))
-    accept_len = np.minimum(run, cap)
-
-    # What a live step starting at i drafts: up to kmax[i] tokens (it cannot know where an
-    # EOS-ended answer stops). Drafted token k sees the true prefix while k - 1 <= run[i];
-    # past the first disagreement m = i + run[i] it sees y[:m] + d(m) + its own tokens
-    # ("off-track", shared by every step reaching m); past an EOS that the draft agreed with,
-    # it sees the whole answer + its own tokens (the "tail").
-    kmax = np.minimum(GAMMA_MAX, left)
-    on_path = (run == n - np.arange(n))  # agrees all the way through the answer's end
-    need = sorted({int(i + run[i]) for i in range(n) if not on_path[i] and kmax[i] >= run[i] + 2})
-    contexts = [list(prompt_ids) + answer[:m].tolist() + [int(proposal[m])] for m in need]
-    tail_needed = bool(n < max_new_tokens and (on_path & (kmax > n - np.arange(n))).any())
-    if tail_needed:
-        contexts.append(list(prompt_ids) + answer.tolist())
-    cont = _off_track(draft, contexts, GAMMA_MAX, pad) if contexts else None
-    off = {m: cont[r] for r, m in enumerate(need)}
-    tail = cont[-1] if tail_needed else None
-
-    ent_k = np.full((n, GAMMA_MAX), np.nan, np.float32)
-    top1_k = np.full((n, GAMMA_MAX), np.nan, np.float32)
-    for i in range(n):
-        r = int(run[i])
-        for k in range(1, int(kmax[i]) + 1):
-            j = i + k - 1
-            if j < n and k - 1 <= r:  # drafted on the true prefix: teacher-forced statistics
-                ent_k[i, k - 1], top1_k[i, k - 1] = stats[j, 0], stats[j, 1]
-            elif on_path[i]:  # past the answer's EOS
-                ent_k[i, k - 1], top1_k[i, k - 1] = tail[j - n]
-            else:  # past the first disagreement
-                ent_k[i, k - 1], top1_k[i, k - 1] = off[i + r][k - r - 2]
-    return TraceResult(answer, max_new_tokens, target_top1, stats, agree, accept_len, cap,
-                       ent_k, top1_k)
-
-
-def trace_rows(tr: TraceResult, ident: dict, costs: dict) -> pd.DataFrame:
-    """Step records (one per answer position) of a trace."""
-    n = len(tr.answer)
-    ema, run, prev = history_arrays(tr.agree, tr.target_top1)
-    return pd.DataFrame({
-        **{k: [v] * n for k, v in ident.items()},
-        "step": np.arange(n, dtype=np.int32),
-        "position": np.arange(n, dtype=np.int32),
-        "seq_len": np.full(n, n, np.int32),
-        "max_new_tokens": np.full(n, tr.max_new_tokens, np.int32),
-        "temperature": np.zeros(n, np.float32),
-        "mode": "trace",
-        "replayable": True,
-        "draft_entropy": tr.stats[:, 0], "draft_top1": tr.stats[:, 1],
-        "draft_margin": tr.stats[:, 2],
-        "target_top1_prev": prev, "agree_ema": ema, "agree_run": run.astype(np.int32),
-        "draft_entropy_k": list(tr.ent_k), "draft_top1_k": list(tr.top1_k),
-        "accept_len": tr.accept_len.astype(np.int16),
-        "accept_cap": tr.accept_cap.astype(np.int16),
-        "accept_prob_k": None,
-        "cost_draft_s": np.float32(costs["cost_draft_s"]),
-        "cost_verify_s": [np.asarray(costs["cost_verify_s"], np.float32)] * n,
-        "gamma": pd.array([None] * n, dtype="Int16"),
-        "drafted": pd.array([None] * n, dtype="Int16"),
-        "t_step_s": np.full(n, np.nan, np.float32),
-        "paper_mean_entropy": np.nan, "paper_mean_confidence": np.nan,
-        "paper_max_entropy": np.nan, "paper_min_confidence": np.nan,
-    })
-
-
 # ------------------------------------------------------------------------------------ run
+@dataclass
+class ProfileRun:
+    """What a :func:`run_profile` call produced, and how fast."""
+
+    out: Path | None  # the merged records (this shard's), None when the shard had no prompts
+    mode: str
+    shard: tuple[int, int]
+    records: int = 0  # records this call computed (not those of parts it found done)
+    prompts: int = 0
+    busy_s: float = 0.0  # seconds spent profiling them (no loading, no cost measurement)
+    per_compression: dict = field(default_factory=dict)
+
+    @property
+    def records_per_s(self) -> float | None:
+        return self.records / self.busy_s if self.busy_s > 0 else None
+
+    def to_json(self) -> dict:
+        return {"out": str(self.out) if self.out else None, "mode": self.mode,
+                "shard": list(self.shard), "records": self.records, "prompts": self.prompts,
+                "busy_s": round(self.busy_s, 3), "records_per_s": self.records_per_s,
+                "per_compression": self.per_compression}
+
+
 def _part_name(compression: str, prompt: Prompt) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in prompt.prompt_id)
     return f"{compression}__{prompt.task}__{safe}.parquet"
@@ -233,13 +109,14 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
                 out: Path, mode: str = "trace", max_new_tokens: int = 96,
                 shard: tuple[int, int] = (0, 1), dtype: str = "bfloat16",
                 policy: str = "fixed:4", threads: int | None = None,
-                temperature: float = 0.0, seed: int = 0) -> Path:
-    """Profile prompts x compressions; returns the merged record file (or the shard's)."""
+                temperature: float = 0.0, seed: int = 0, device: str = "auto",
+                target_batch: int = TARGET_BATCH, draft_batch: int = DRAFT_BATCH) -> ProfileRun:
+    """Profile prompts x compressions; the merged record file (or the shard's) and its speed."""
     import torch
     from tqdm import tqdm
 
     from speckv.decode.costs import measure_costs
-    from speckv.llm.load import check_same_tokenizer, load_model
+    from speckv.llm.load import load_draft_for, load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -247,22 +124,31 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         raise ProfileError("Trace mode profiles greedy decoding (its outcome for every γ rests "
                            "on greedy decoding being lossless). Profile sampling with --mode "
                            "live, which records per-position acceptance probabilities.")
-    parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
+    if target_batch < 1 or draft_batch < 1:
+        raise ProfileError("--target-batch and --draft-batch must be at least 1.")
+    result = ProfileRun(None, mode, shard)
     jobs = [(c, p) for c in compressions for p in prompts]
     jobs = jobs[shard[0] :: shard[1]]
-    drafter = load_model(draft, "fp16", dtype=dtype)
+    if not jobs:
+        log.info("shard %d/%d: no prompts fall into this shard (%d jobs in all)", *shard,
+                 len(compressions) * len(prompts))
+        return result
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
     # one metadata file per shard: shards may run at the same time in the same folder
     meta_path = parts / f"runs.{shard[0]}of{shard[1]}.json"
     run_meta = {}
     for f in parts.glob("runs.*.json"):
         run_meta.update(json.loads(f.read_text()))
+    drafter = None
     for compression in compressions:
         todo = [p for c, p in jobs if c == compression and not (parts / _part_name(c, p)).exists()]
         if not todo:
             continue
-        tgt = load_model(target, compression, dtype=dtype)
-        check_same_tokenizer(drafter.tokenizer, tgt.tokenizer)
+        tgt = load_model(target, compression, dtype=dtype, device=device)
+        if drafter is None:  # in the target's compute dtype, on its device
+            drafter = load_draft_for(draft, tgt, tgt.compute_dtype)
+            drafter.model.to(tgt.device)
         tok = tgt.tokenizer
         eos = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
@@ -270,38 +156,60 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         run_id = f"{compression}-{uuid.uuid4().hex[:8]}"
         run_meta[run_id] = {
             "draft": draft, "target": target, "compression": compression,
-            "compute_dtype": tgt.compute_dtype, "mode": mode, "machine": platform.machine(),
+            "compute_dtype": tgt.compute_dtype, "draft_dtype": drafter.compute_dtype,
+            "device": str(tgt.device), "mode": mode, "machine": platform.machine(),
             "processor": platform.processor(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d"), "cost": cost.to_json(),
             "max_new_tokens": max_new_tokens, "load_s": tgt.load_s, "shard": list(shard),
+            **({"target_batch": target_batch, "draft_batch": draft_batch}
+               if mode == "trace" else {"policy": policy}),
         }
         mine = {k: v for k, v in run_meta.items() if v.get("shard") == list(shard)}
         atomic_write(meta_path, lambda tmp, mine=mine: tmp.write_text(json.dumps(mine, indent=2)))
         ident = {"run_id": run_id, "draft_model": draft, "target_model": target,
                  "compression": compression, "compute_dtype": tgt.compute_dtype}
         costs = {"cost_draft_s": cost.cost_draft_s, "cost_verify_s": cost.cost_verify_s}
+        ids = {p: chat_ids(tok, p.text) for p in todo}
         rows_done, busy_s = 0, 0.0
-        for prompt in tqdm(todo, desc=f"{mode} {compression}", unit="prompt"):
-            ids = chat_ids(tok, prompt.text)
+        bar = tqdm(total=len(todo), desc=f"{mode} {compression}", unit="prompt")
+        if mode == "trace":  # prompts of similar length share a batch: less padding
+            todo = sorted(todo, key=lambda p: len(ids[p]))
+            step = target_batch
+        else:
+            step = 1
+        for b in range(0, len(todo), step):
+            batch = todo[b : b + step]
             started = time.perf_counter()
             if mode == "trace":
-                tr = trace_prompt(drafter.model, tgt.model, ids, max_new_tokens, eos, pad)
-                df = trace_rows(tr, {**ident, "task": prompt.task,
-                                     "prompt_id": prompt.prompt_id}, costs)
+                traces = trace_batch(drafter.model, tgt.model, [ids[p] for p in batch],
+                                     max_new_tokens, eos, pad, target_batch=target_batch,
+                                     draft_batch=draft_batch)
+                frames = [trace_rows(tr, {**ident, "task": p.task, "prompt_id": p.prompt_id},
+                                     costs) for p, tr in zip(batch, traces, strict=True)]
             else:
-                df = _live_rows(drafter, tgt, ids, prompt, ident, cost, policy, max_new_tokens,
-                                temperature, seed)
+                frames = [_live_rows(drafter, tgt, ids[p], p, ident, cost, policy,
+                                     max_new_tokens, temperature, seed) for p in batch]
             busy_s += time.perf_counter() - started
-            rows_done += len(df)
-            write_records(df, parts / _part_name(compression, prompt))
-        log.info("%s %s: %d records from %d prompts in %.0f s (%.1f records/s)", mode,
+            for p, df in zip(batch, frames, strict=True):
+                rows_done += len(df)
+                write_records(df, parts / _part_name(compression, p))
+            bar.update(len(batch))
+        bar.close()
+        log.info("%s %s: %d records from %d prompts in %.1f s (%.1f records/s)", mode,
                  compression, rows_done, len(todo), busy_s, rows_done / max(busy_s, 1e-9))
+        result.records += rows_done
+        result.prompts += len(todo)
+        result.busy_s += busy_s
+        result.per_compression[compression] = {
+            "records": rows_done, "prompts": len(todo), "busy_s": round(busy_s, 3),
+            "records_per_s": rows_done / busy_s if busy_s > 0 else None}
         del tgt
     files = sorted(parts.glob("*.parquet"))
     wanted = {_part_name(c, p) for c, p in jobs}
     if shard[1] > 1:
         out = out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
-    return _merge_parts([f for f in files if f.name in wanted], out, run_meta)
+    result.out = _merge_parts([f for f in files if f.name in wanted], out, run_meta)
+    return result
 
 
 def _merge_parts(files: list[Path], out: Path, run_meta: dict) -> Path:
