@@ -137,11 +137,16 @@ def generate_data(per_task: int = POOL_PER_TASK, batch_size: int = 16,
     return out
 
 
-def load_data(path: Path | None = None) -> list[dict]:
+def load_data(path: Path | None = None, skip: set[str] | frozenset[str] = frozenset()
+              ) -> tuple[list[dict], set[str]]:
+    """Rows of every chunk file under ``path`` but those named in ``skip``, and the names of
+    the files read (so a training run can pick up chunks that appear while it runs)."""
     path = path or data_dir()
-    rows = []
+    rows, read = [], set()
     for f in sorted(Path(path).glob("chunk-*.pt")):
-        rows.extend(torch.load(f, weights_only=False))
-    return rows
+        if f.name not in skip:
+            rows.extend(torch.load(f, weights_only=False))
+            read.add(f.name)
+    return rows, read
 
 

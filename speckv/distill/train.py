@@ -5,6 +5,7 @@ it holds. Resumable: a checkpoint every few minutes, continued from when present
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -111,12 +112,17 @@ def coverage(rows: list[dict], token_ids: torch.Tensor) -> float:
     return sum(t in keep for r in rows for t in r["answer_ids"]) / max(total, 1)
 
 
+def is_heldout(prompt_id: str, heldout: float, seed: int) -> bool:
+    """Whether a prompt's answer is held out: decided by a hash of its id, so the split stays
+    the same as more answers arrive."""
+    digest = hashlib.sha1(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < heldout
+
+
 def split_rows(rows: list[dict], heldout: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Held-out answers (whole prompts) and training answers, seeded."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(rows), generator=g).tolist()
-    n_held = max(8, int(len(rows) * heldout))
-    return [rows[i] for i in order[n_held:]], [rows[i] for i in order[:n_held]]
+    """Training answers and held-out answers (whole prompts, :func:`is_heldout`)."""
+    held = [r for r in rows if is_heldout(r["prompt_id"], heldout, seed)]
+    return [r for r in rows if not is_heldout(r["prompt_id"], heldout, seed)], held
 
 
 def checkpoint_path() -> Path:
@@ -126,15 +132,20 @@ def checkpoint_path() -> Path:
 def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 0,
           spec: DraftSpec | None = None, out: Path = DRAFT_DIR, heldout: float = 0.03,
           ckpt_every_s: float = 300.0, threads: int | None = None, eval_every: int = 100,
-          data: Path | None = None, ckpt: Path | None = None) -> dict:
-    """Distil the draft on the generated data; resumable from :func:`checkpoint_path`."""
+          data: Path | None = None, ckpt: Path | None = None, reload_every: int = 200) -> dict:
+    """Distil the draft on the generated data; resumable from :func:`checkpoint_path`.
+
+    Chunks that ``speckv draft data`` writes while this runs join the training set every
+    ``reload_every`` steps (the held-out prompts are fixed by :func:`is_heldout`); the reduced
+    vocabulary is chosen once, from the answers there at the start.
+    """
     from tqdm import tqdm
 
     if threads:
         torch.set_num_threads(threads)
     spec = spec or DraftSpec()
     torch.manual_seed(seed)
-    rows = load_data(data)
+    rows, seen_files = load_data(data)
     if not rows:
         raise RuntimeError("No distillation data: run `python -m speckv draft data` first.")
     train_rows, held = split_rows(rows, heldout, seed)
@@ -196,6 +207,18 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
         step += 1
         bar.update(1)
         bar.set_postfix(ce=f"{ce:.3f}", agree=f"{agree:.3f}")
+        if reload_every and step % reload_every == 0:
+            new, files = load_data(data, skip=seen_files)
+            if new:
+                seen_files |= files
+                more, more_held = split_rows(new, heldout, seed)
+                train_rows += more
+                held += more_held
+                card["train_sequences"] = len(train_rows)
+                card["train_tokens"] = sum(len(r["answer_ids"]) for r in train_rows)
+                card["heldout_sequences"] = len(held)
+                log.info("step %d: %d new answers joined (%d training, %d held out)", step,
+                         len(new), len(train_rows), len(held))
         if step % eval_every == 0 or step == steps:
             held_agree = evaluate_agreement(model, held, pad)
             history.append({"step": step, "train_ce": float(ce), "train_agree": float(agree),

@@ -161,3 +161,44 @@ def test_training_lowers_the_loss_resumes_and_refuses_another_spec(base, tmp_pat
               ckpt=ckpt)
     draft = load_draft(out, dtype=torch.float32)
     assert 0.0 <= evaluate_agreement(draft, _rows(5, seed=1), pad=0) <= 1.0
+
+
+def test_held_out_prompts_stay_held_out_as_answers_arrive():
+    from speckv.distill.train import is_heldout, split_rows
+
+    rows = _rows(200)
+    _, held_a = split_rows(rows[:100], 0.2, seed=0)
+    train_b, held_b = split_rows(rows, 0.2, seed=0)
+    ids = {r["prompt_id"] for r in held_a}
+    assert ids <= {r["prompt_id"] for r in held_b}
+    assert not ids & {r["prompt_id"] for r in train_b}
+    assert 0.1 < len(held_b) / len(rows) < 0.3
+    assert is_heldout("p7", 0.2, 0) == is_heldout("p7", 0.2, 0)
+
+
+def test_chunks_written_during_training_join_it(base, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = _rows(60)
+    torch.save(rows[:30], data / "chunk-0000.pt")
+    spec = DraftSpec(base=str(base), init_layers=[0], draft_vocab=32)
+    import speckv.distill.train as distill_train
+
+    real = distill_train.load_data
+    calls = []
+
+    def growing(path=None, skip=frozenset()):
+        if len(calls) == 1:  # the first reload: the data job wrote another chunk meanwhile
+            torch.save(rows[30:], data / "chunk-0001.pt")
+        calls.append(set(skip))
+        return real(path, skip)
+
+    distill_train.load_data = growing
+    try:
+        train(steps=4, batch_size=2, spec=spec, out=tmp_path / "d", data=data,
+              ckpt=tmp_path / "c.pt", heldout=0.2, eval_every=4, reload_every=2)
+    finally:
+        distill_train.load_data = real
+    meta = json.loads((tmp_path / "d" / "speckv_draft.json").read_text())
+    assert meta["train_sequences"] + meta["heldout_sequences"] == 60
+    assert calls[1] == {"chunk-0000.pt"}  # a reload reads only the new files
