@@ -41,6 +41,9 @@ def main(argv: list[str]) -> int:
     t.add_argument("--draft-vocab", type=int, default=None,
                    help="tokens in the draft's reduced head, the most frequent of the target's "
                         "answers (default: the full vocabulary)")
+    t.add_argument("--trained-head", action="store_true",
+                   help="train and store the reduced head (default: the target's own output "
+                        "embeddings of those tokens, frozen, stored as ids only)")
     t.add_argument("--eval-every", type=int, default=100,
                    help="steps between held-out agreement checks")
     e = sub.add_parser("evaluate", help="agreement and costs on held-out prompts")
@@ -73,7 +76,8 @@ def main(argv: list[str]) -> int:
             print(f"speckv draft distill: error: --layers {args.layers!r}: write target layer "
                   "indices, e.g. 0,1,2,3.", file=sys.stderr)
             return 2
-        spec = DraftSpec(init_layers=layers, draft_vocab=args.draft_vocab)
+        spec = DraftSpec(init_layers=layers, draft_vocab=args.draft_vocab,
+                         trained_head=args.trained_head)
         started = time.time()
         last = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      threads=args.threads, spec=spec, eval_every=args.eval_every)

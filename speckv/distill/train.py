@@ -161,9 +161,9 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
                                      _vocab_size(spec)))
     model = build_draft(spec, token_ids=token_ids)
     t2d = model.lm_head.to_reduced() if spec.draft_vocab else None
-    reduced = t2d is not None
+    stored_head = spec.stored_head
     for name, p in model.named_parameters():
-        p.requires_grad_(not _shared_keys(name, reduced))
+        p.requires_grad_(not _shared_keys(name, stored_head))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
@@ -228,7 +228,7 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
             model.train()
         if time.time() - last_save > ckpt_every_s or step == steps:
             state = {"model": {k: v for k, v in model.state_dict().items()
-                               if not _shared_keys(k, reduced)},
+                               if not _shared_keys(k, stored_head)},
                      "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "step": step, "history": history, "spec": asdict(spec)}
             atomic_write(ckpt, lambda tmp, state=state: torch.save(state, tmp))

@@ -4,7 +4,8 @@ No smaller model shares SmolLM2's tokenizer, so speckv trains one (:mod:`speckv.
 Architecture: the target's own architecture with ``n_layers`` decoder layers, initialised
 from chosen target layers, sharing the target's token embeddings, which stay frozen and are
 not stored. Its head is either the target's (tied, not stored) or a :class:`ReducedHead` over
-the ``draft_vocab`` most frequent tokens of the target's answers (stored: a few MB). Only
+the ``draft_vocab`` most frequent tokens of the target's answers (the target's own output
+embeddings of those tokens, so only their ids are stored, or a trained copy). Only
 what the draft does not share is saved (bf16 safetensors), next to ``speckv_draft.json``
 naming the base model it plugs into. Any Hugging Face causal LM that shares the target's
 tokenizer serves as a draft as well (:func:`speckv.llm.load.load_model`).
@@ -30,6 +31,13 @@ class DraftSpec:
     base: str = DEMO_TARGET
     init_layers: list[int] = field(default_factory=lambda: [0, 1])
     draft_vocab: int | None = None
+    #: train (and store) the reduced head; else it is the target's own output embeddings of
+    #: those tokens, frozen and not stored (only their ids are)
+    trained_head: bool = False
+
+    @property
+    def stored_head(self) -> bool:
+        return bool(self.draft_vocab) and self.trained_head
 
     @property
     def n_layers(self) -> int:
@@ -77,9 +85,10 @@ def _base_dir(base: str) -> Path:
     return Path(where)
 
 
-def _shared_keys(key: str, reduced: bool = False) -> bool:
-    """Weights taken from the base model, never stored with the draft."""
-    return key.startswith("model.embed_tokens.") or (not reduced and key.startswith("lm_head."))
+def _shared_keys(key: str, stored_head: bool = False) -> bool:
+    """Weights taken from the base model, never stored with the draft (a reduced head's token
+    ids are always the draft's own)."""
+    return key.startswith("model.embed_tokens.") or (key == "lm_head.weight" and not stored_head)
 
 
 def build_draft(spec: DraftSpec, dtype=torch.float32, token_ids: torch.Tensor | None = None):
@@ -127,9 +136,8 @@ def save_draft(model, spec: DraftSpec, out: Path, card: dict) -> None:
     """Save only what cannot be taken from the base model, atomically."""
     from safetensors.torch import save_file
 
-    reduced = isinstance(model.lm_head, ReducedHead)
     own = {k: (v if k.endswith("token_ids") else v.detach().to(torch.bfloat16)).contiguous()
-           for k, v in model.state_dict().items() if not _shared_keys(k, reduced)}
+           for k, v in model.state_dict().items() if not _shared_keys(k, spec.stored_head)}
     with atomic_dir(out) as tmp:
         save_file(own, str(tmp / "draft.safetensors"))
         (tmp / "speckv_draft.json").write_text(json.dumps({**asdict(spec), **card}, indent=2))
@@ -141,7 +149,8 @@ def load_draft(path: Path, dtype=torch.bfloat16):
 
     meta = json.loads((Path(path) / "speckv_draft.json").read_text())
     spec = DraftSpec(base=meta["base"], init_layers=meta["init_layers"],
-                     draft_vocab=meta.get("draft_vocab"))
+                     draft_vocab=meta.get("draft_vocab"),
+                     trained_head=bool(meta.get("trained_head", False)))
     own = load_file(str(Path(path) / "draft.safetensors"))
     model = build_draft(spec, dtype=torch.float32, token_ids=own.get("lm_head.token_ids"))
     model.load_state_dict({k: v if k.endswith("token_ids") else v.float()

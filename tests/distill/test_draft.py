@@ -68,9 +68,10 @@ def test_reduced_head_gives_full_logits_whose_statistics_are_the_heads():
     assert t2d[50] == 2 and t2d[8] == -1 and int((t2d >= 0).sum()) == 4
 
 
-@pytest.mark.parametrize("draft_vocab", [None, 24])
-def test_build_save_load_round_trip(base, tmp_path, draft_vocab):
-    spec = DraftSpec(base=str(base), init_layers=[0, 2], draft_vocab=draft_vocab)
+@pytest.mark.parametrize("draft_vocab,trained_head", [(None, False), (24, False), (24, True)])
+def test_build_save_load_round_trip(base, tmp_path, draft_vocab, trained_head):
+    spec = DraftSpec(base=str(base), init_layers=[0, 2], draft_vocab=draft_vocab,
+                     trained_head=trained_head)
     token_ids = torch.arange(100, 100 - (draft_vocab or 0), -1) if draft_vocab else None
     model = build_draft(spec, token_ids=token_ids)
     target = tiny_llama(3, seed=0, dtype=torch.float32)
@@ -79,8 +80,8 @@ def test_build_save_load_round_trip(base, tmp_path, draft_vocab):
                        target.model.layers[2].mlp.up_proj.weight)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.add_(0.5)  # a trained change must survive
-        if draft_vocab:
-            model.lm_head.weight.mul_(2.0)
+        if spec.stored_head:
+            model.lm_head.weight.mul_(2.0)  # a trained head must survive too
     save_draft(model, spec, tmp_path / "d", {"steps": 3})
     meta = json.loads((tmp_path / "d" / "speckv_draft.json").read_text())
     assert meta["draft_vocab"] == draft_vocab and meta["steps"] == 3
@@ -88,12 +89,13 @@ def test_build_save_load_round_trip(base, tmp_path, draft_vocab):
 
     stored = load_file(str(tmp_path / "d" / "draft.safetensors"))
     assert not any(k.startswith("model.embed_tokens") for k in stored)  # shared, not stored
-    assert ("lm_head.weight" in stored) == bool(draft_vocab)
+    assert ("lm_head.weight" in stored) == spec.stored_head  # a frozen head is the target's
+    assert ("lm_head.token_ids" in stored) == bool(draft_vocab)
     loaded = load_draft(tmp_path / "d", dtype=torch.float32)
     ids = torch.tensor([[5, 9, 33, 4]])
     with torch.no_grad():
         for key, value in model.state_dict().items():  # the draft's own weights: stored bf16
-            if not _shared_keys(key, bool(draft_vocab)) and value.is_floating_point():
+            if not _shared_keys(key, spec.stored_head) and value.is_floating_point():
                 value.copy_(value.to(torch.bfloat16).float())
         want = model(input_ids=ids).logits
         got = loaded(input_ids=ids).logits
