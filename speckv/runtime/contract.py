@@ -3,16 +3,29 @@
 :mod:`speckv.export.graph` writes files by these definitions and :mod:`speckv.runtime` reads them
 by the same ones, so the two cannot drift apart. Torch-free.
 
-Signature of every speckv controller graph::
+Signature of a speckv controller graph, format 2 (two decisions per step)::
 
-    inputs   features         float32 [batch, n_features]   raw features, FEATURE_NAMES order
-             costs            float32 [batch, n_gammas]     cost of a step drafting each γ (> 0)
-    outputs  gamma            int64   [batch]               the chosen γ (one of the candidates)
-             expected_tokens  float32 [batch, n_gammas]     E[tokens | γ] = 1 + sum_{k<=γ} s_k
-             survival         float32 [batch, gamma_max]    s_k = P(accept_len >= k | features)
+    inputs   features             float32 [batch, n_features]      step vector (FEATURE_NAMES)
+             pre_features         float32 [batch, n_pre_features]  pre-draft vector
+             costs                float32 [batch, n_gammas]        cost of a step drafting each γ,
+                                                                   its catch-up included (> 0)
+             plain_cost           float32 [batch, 1]               cost of a plain step (> 0)
+    outputs  speculate            int64   [batch]   1: draft this step; 0: a plain target step
+             gamma                int64   [batch]   the chosen γ (one of the candidates)
+             expected_tokens      float32 [batch, n_gammas]  E[tokens | γ, step vector]
+             survival             float32 [batch, gamma_max] P(accept_len >= k | step vector)
+             pre_expected_tokens  float32 [batch, n_gammas]  E[tokens | γ, pre-draft vector]
+             pre_survival         float32 [batch, gamma_max] P(accept_len >= k | pre-draft)
+
+``speculate`` reads only ``pre_features``, ``costs`` and ``plain_cost``: it is 1 when some γ
+has more expected tokens per unit cost than a plain step's one token per ``plain_cost``.
+``gamma``, ``expected_tokens`` and ``survival`` read only ``features`` and ``costs`` (γ >= 1,
+decided after the draft's first forward). A caller asks twice per step, with the inputs of the
+decision at hand; the runtime splits the graph in two so that each call computes one head.
 
 ``FORMAT_VERSION`` changes whenever that signature, the metadata or the meaning of an input or
-output changes; a runtime reads exactly its own format version.
+output changes; a runtime reads exactly its own format version. Format 1 had one decision
+(features and costs in; gamma, expected tokens and survival out).
 """
 
 from __future__ import annotations
@@ -24,27 +37,50 @@ from typing import Final
 
 from speckv.runtime.errors import ControllerFormatError, IncompatibleVersionError
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 
 FEATURES: Final = "features"
+PRE_FEATURES: Final = "pre_features"
 COSTS: Final = "costs"
+PLAIN_COST: Final = "plain_cost"
+SPECULATE: Final = "speculate"
 GAMMA: Final = "gamma"
 EXPECTED_TOKENS: Final = "expected_tokens"
 SURVIVAL: Final = "survival"
-INPUT_NAMES: Final = (FEATURES, COSTS)
-OUTPUT_NAMES: Final = (GAMMA, EXPECTED_TOKENS, SURVIVAL)
+PRE_EXPECTED_TOKENS: Final = "pre_expected_tokens"
+PRE_SURVIVAL: Final = "pre_survival"
+INPUT_NAMES: Final = (FEATURES, PRE_FEATURES, COSTS, PLAIN_COST)
+OUTPUT_NAMES: Final = (SPECULATE, GAMMA, EXPECTED_TOKENS, SURVIVAL, PRE_EXPECTED_TOKENS,
+                       PRE_SURVIVAL)
+#: the two decisions: the inputs each reads and the outputs it gives.
+STEP_INPUTS: Final = (FEATURES, COSTS)
+STEP_OUTPUTS: Final = (GAMMA, EXPECTED_TOKENS, SURVIVAL)
+PRE_INPUTS: Final = (PRE_FEATURES, COSTS, PLAIN_COST)
+PRE_OUTPUTS: Final = (SPECULATE, PRE_EXPECTED_TOKENS, PRE_SURVIVAL)
+#: what ``features`` holds: the caller computes the draft statistics ("features"); a future
+#: format may take the draft's logits instead and compute them in the graph ("logits").
+INPUT_KIND: Final = "features"
 
 KEY_FORMAT_VERSION: Final = "speckv.format_version"
 KEY_SPECKV_VERSION: Final = "speckv.version"
 KEY_FEATURE_NAMES: Final = "speckv.feature_names"  # JSON list, in input order
+KEY_PRE_FEATURE_NAMES: Final = "speckv.pre_feature_names"  # JSON list, in input order
 KEY_GAMMAS: Final = "speckv.gammas"  # JSON list of ints, in expected_tokens order
 KEY_COMPRESSIONS: Final = "speckv.compressions"  # JSON list
 KEY_FEATURE_SET: Final = "speckv.feature_set"
 KEY_OBJECTIVE: Final = "speckv.objective"
 KEY_DATA_FINGERPRINT: Final = "speckv.data_fingerprint"
+KEY_INPUTS: Final = "speckv.inputs"  # INPUT_KIND
+KEY_MAX_SKIP_RUN: Final = "speckv.max_skip_run"  # plain steps in a row before a probe
 KEY_PREFIX: Final = "speckv."
-REQUIRED_KEYS: Final = (KEY_FORMAT_VERSION, KEY_SPECKV_VERSION, KEY_FEATURE_NAMES, KEY_GAMMAS,
-                        KEY_COMPRESSIONS, KEY_FEATURE_SET, KEY_OBJECTIVE, KEY_DATA_FINGERPRINT)
+REQUIRED_KEYS: Final = (KEY_FORMAT_VERSION, KEY_SPECKV_VERSION, KEY_FEATURE_NAMES,
+                        KEY_PRE_FEATURE_NAMES, KEY_GAMMAS, KEY_COMPRESSIONS, KEY_FEATURE_SET,
+                        KEY_OBJECTIVE, KEY_DATA_FINGERPRINT, KEY_INPUTS, KEY_MAX_SKIP_RUN)
+#: what to run when a file is of an older format (format 1 has no decision to skip, so its
+#: checkpoint cannot be re-exported as format 2: the model must be retrained).
+RETRAIN: Final = ("retrain and re-export it with this speckv: `python -m speckv.train fit`, then "
+                  "`python -m speckv export --out {path}` (format {version} has no decision not "
+                  "to speculate, so its checkpoint cannot simply be re-exported)")
 
 
 @dataclass(frozen=True)
@@ -52,12 +88,15 @@ class ControllerInfo:
     """What a controller file says about itself (its ``speckv.*`` metadata)."""
 
     feature_names: tuple[str, ...]
+    pre_feature_names: tuple[str, ...]
     gammas: tuple[int, ...]
     compressions: tuple[str, ...]
     feature_set: str
     objective: str
     data_fingerprint: str
     speckv_version: str
+    max_skip_run: int
+    inputs: str = INPUT_KIND
     format_version: int = FORMAT_VERSION
 
     @property
@@ -70,11 +109,14 @@ class ControllerInfo:
             KEY_FORMAT_VERSION: str(self.format_version),
             KEY_SPECKV_VERSION: self.speckv_version,
             KEY_FEATURE_NAMES: json.dumps(list(self.feature_names)),
+            KEY_PRE_FEATURE_NAMES: json.dumps(list(self.pre_feature_names)),
             KEY_GAMMAS: json.dumps(list(self.gammas)),
             KEY_COMPRESSIONS: json.dumps(list(self.compressions)),
             KEY_FEATURE_SET: self.feature_set,
             KEY_OBJECTIVE: self.objective,
             KEY_DATA_FINGERPRINT: self.data_fingerprint,
+            KEY_INPUTS: self.inputs,
+            KEY_MAX_SKIP_RUN: str(self.max_skip_run),
         }
 
     @classmethod
@@ -96,24 +138,42 @@ class ControllerInfo:
                 f"{source} lacks the metadata {', '.join(missing)}; the file is damaged or was "
                 "edited. Re-export it with `python -m speckv export`.")
         names = _json_list(props, KEY_FEATURE_NAMES, str, source)
+        pre_names = _json_list(props, KEY_PRE_FEATURE_NAMES, str, source)
         gammas = _json_list(props, KEY_GAMMAS, int, source)
-        if not names or not gammas:
+        if not names or not pre_names or not gammas:
             raise ControllerFormatError(f"{source} lists no features or no candidate γ in its "
                                         "metadata. Re-export it with `python -m speckv export`.")
-        if len(set(names)) != len(names):
-            raise ControllerFormatError(f"{source} repeats a feature name in {names}. "
-                                        "Re-export it with `python -m speckv export`.")
+        for listed in (names, pre_names):
+            if len(set(listed)) != len(listed):
+                raise ControllerFormatError(f"{source} repeats a feature name in {listed}. "
+                                            "Re-export it with `python -m speckv export`.")
+        if props[KEY_INPUTS] != INPUT_KIND:
+            raise ControllerFormatError(
+                f"{source} takes {props[KEY_INPUTS]!r} as input; this runtime feeds "
+                f"{INPUT_KIND!r} (the decision-time feature vectors). Export the controller "
+                "with this speckv (`python -m speckv export`).")
+        try:
+            max_skip_run = int(props[KEY_MAX_SKIP_RUN])
+        except ValueError:
+            max_skip_run = -1
+        if max_skip_run < 0:
+            raise ControllerFormatError(f"{source}: {KEY_MAX_SKIP_RUN} must be a count of "
+                                        f"steps, found {props[KEY_MAX_SKIP_RUN]!r}. Re-export "
+                                        "it with `python -m speckv export`.")
         if min(gammas) < 1 or list(gammas) != sorted(set(gammas)):
             raise ControllerFormatError(f"{source}: candidate γs {gammas} are not increasing "
                                         "positive integers. Re-export it.")
         return cls(
             feature_names=tuple(names),
+            pre_feature_names=tuple(pre_names),
             gammas=tuple(gammas),
             compressions=tuple(_json_list(props, KEY_COMPRESSIONS, str, source)),
             feature_set=props[KEY_FEATURE_SET],
             objective=props[KEY_OBJECTIVE],
             data_fingerprint=props[KEY_DATA_FINGERPRINT],
             speckv_version=props[KEY_SPECKV_VERSION],
+            max_skip_run=max_skip_run,
+            inputs=props[KEY_INPUTS],
             format_version=FORMAT_VERSION,
         )
 
@@ -134,8 +194,7 @@ def _check_format_version(text: str | None, written_by: str | None, source: str)
         todo = ("upgrade speckv in this environment (pip install -U speckv), or re-export the "
                 "controller with the speckv you run here")
     else:
-        todo = ("re-export the controller from its checkpoint with this speckv: "
-                "`python -m speckv export --ckpt CHECKPOINT`")
+        todo = RETRAIN.format(path=source, version=version)
     raise IncompatibleVersionError(
         f"{source} uses controller format {version}{by}; this runtime reads format "
         f"{FORMAT_VERSION}: {todo}.")

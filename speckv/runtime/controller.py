@@ -1,22 +1,34 @@
-"""The runtime controller: an exported speckv ONNX file behind ``choose(features, costs) -> γ``.
+"""The runtime controller: an exported speckv ONNX file behind the step's two decisions.
 
 numpy + onnxruntime only. ``Controller.load`` reads the file's metadata before onnxruntime
 sees it and refuses, with a message that says what to do, a file that is not ONNX, not
 speckv's, of another format version, or built for other features or candidate γs.
 
-Hot path (``choose``, one decision): the features and costs are copied into one preallocated
-float32 row that onnxruntime reads in place through an IOBinding, checked there with a few
-sub-microsecond numpy calls, and the graph writes γ into a preallocated int64 cell. Nothing
-is allocated per call besides the returned ``int`` and a few numpy scalars. ``session.run``
-(a dict of fresh arrays in, a list of fresh arrays out) costs a few microseconds more and
-serves the batch calls, where it amortises. Because of the shared buffers one ``Controller``
-must not run ``choose`` from two threads at once: give each thread its own, or hold a lock.
+Per step (see :mod:`speckv.runtime.contract`)::
+
+    speculate(pre_features, costs, plain_cost) -> bool      before the draft's forward
+    choose(features, costs) -> γ                            after its first proposal
+
+or, from a :class:`~speckv.runtime.features.History` and the draft's logits directly,
+:meth:`Controller.speculate_for` and :meth:`Controller.choose_from_logits` (the decoder's hot
+path: statistics, feature vector and the graph in one call, without allocating).
+
+The file's graph holds both heads; onnxruntime runs every node of a graph on every call, so
+the controller extracts the two heads into two sessions and each call computes one.
+
+Hot path: the inputs are written into preallocated float32 rows that onnxruntime reads in
+place through an IOBinding, checked there with a few sub-microsecond numpy calls, and the graph
+writes its outputs into preallocated cells. Those buffers are per thread (``threading.local``),
+so one ``Controller`` may serve any number of threads at once: onnxruntime sessions are safe
+to run concurrently, and each thread binds its own buffers on its first call (~0.1 µs per
+call for the lookup, against ~0.2 µs for a lock that would also serialise the threads).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +45,18 @@ from speckv.runtime.contract import (
     GAMMA,
     INPUT_NAMES,
     OUTPUT_NAMES,
+    PLAIN_COST,
+    PRE_EXPECTED_TOKENS,
+    PRE_FEATURES,
+    PRE_OUTPUTS,
+    PRE_SURVIVAL,
+    SPECULATE,
+    STEP_OUTPUTS,
     SURVIVAL,
     ControllerInfo,
     describe_difference,
 )
+from speckv.runtime.costs import StepCosts
 from speckv.runtime.errors import (
     BadInputError,
     CandidateMismatchError,
@@ -44,19 +64,29 @@ from speckv.runtime.errors import (
     ControllerNotFoundError,
     FeatureMismatchError,
 )
-from speckv.runtime.features import FEATURE_NAMES, GAMMAS
+from speckv.runtime.features import (
+    FEATURE_NAMES,
+    GAMMAS,
+    PRE_FEATURE_NAMES,
+    History,
+    RowStats,
+    fill_pre_features,
+    fill_step_features,
+)
 
 DEFAULT_THREADS: Final = 1
 PROVIDERS: Final = ("CPUExecutionProvider",)
 #: A controller is a few kilobytes; refuse to read anything this large (a wrong path).
 MAX_CONTROLLER_BYTES: Final = 64 * 2**20
 _FLOAT: Final = "tensor(float)"
-_isfinite: Final = np.isfinite
 _INT64: Final = "tensor(int64)"
-_FIX_FEATURES: Final = ("Build the vector with speckv.runtime.features.step_features (or History + "
-                        "token_stats) from the draft's first-proposal logits.")
-_FIX_COSTS: Final = ("Pass the seconds of a step drafting each candidate γ, measured on this "
-                     "machine: speckv.runtime.costs_from(cost_draft_s, cost_verify_s).")
+_ELEM: Final = {_FLOAT: onnx_proto.FLOAT, _INT64: onnx_proto.INT64}
+_isfinite: Final = np.isfinite
+_FIX_FEATURES: Final = ("Build the vectors with speckv.runtime.features (step_features after the "
+                        "draft's first forward, pre_features before it) from a History.")
+_FIX_COSTS: Final = ("Pass the seconds of a step drafting each candidate γ (and of a plain step), "
+                     "measured on this machine: speckv.runtime.StepCosts(t_draft, t_verify, "
+                     "t_catchup).drafting(unseen) and .plain.")
 
 
 def session_options(threads: int = DEFAULT_THREADS) -> ort.SessionOptions:
@@ -95,34 +125,72 @@ def read_controller_bytes(path: str | os.PathLike[str]) -> tuple[Path, bytes]:
     return path, path.read_bytes()
 
 
-def read_info(data: bytes, source: str) -> ControllerInfo:
-    """Parse the metadata of a serialized controller (no onnxruntime involved)."""
+def read_model(data: bytes, source: str, *, graph: bool = True
+               ) -> tuple[onnx_proto.Model, ControllerInfo]:
+    """Parse a serialized controller and its metadata (no onnxruntime involved)."""
     try:
-        header = onnx_proto.parse_model(data, graph=False)
+        model = onnx_proto.parse_model(data, graph=graph)
     except onnx_proto.ProtoError as exc:
         raise ControllerFormatError(
             f"{source} is not an ONNX model ({exc}). Pass a controller written by "
             "`python -m speckv export` (an .onnx file).") from None
-    return ControllerInfo.from_metadata(header.metadata, source=source)
+    return model, ControllerInfo.from_metadata(model.metadata, source=source)
+
+
+def read_info(data: bytes, source: str) -> ControllerInfo:
+    """The metadata of a serialized controller (no onnxruntime involved)."""
+    return read_model(data, source, graph=False)[1]
 
 
 def check_expected(info: ControllerInfo, source: str,
                    expected_features: Sequence[str] | None,
-                   expected_gammas: Sequence[int] | None) -> None:
+                   expected_gammas: Sequence[int] | None,
+                   expected_pre_features: Sequence[str] | None = None) -> None:
     """Refuse a controller whose features or candidate γs differ from the caller's."""
-    if expected_features is not None and tuple(expected_features) != info.feature_names:
-        raise FeatureMismatchError(
-            f"{source} was trained on other features than this code builds: "
-            f"{describe_difference(info.feature_names, tuple(expected_features))}. File: "
-            f"{list(info.feature_names)}; expected: {list(expected_features)}. Retrain and "
-            "re-export the controller with this speckv (`python -m speckv.train fit`, then "
-            "`python -m speckv export`), or, if you build features in the file's order "
-            "yourself, pass expected_features=None.")
+    for kind, found, expected in (("step", info.feature_names, expected_features),
+                                  ("pre-draft", info.pre_feature_names, expected_pre_features)):
+        if expected is not None and tuple(expected) != found:
+            raise FeatureMismatchError(
+                f"{source} was trained on other {kind} features than this code builds: "
+                f"{describe_difference(found, tuple(expected))}. File: {list(found)}; "
+                f"expected: {list(expected)}. Retrain and re-export the controller with this "
+                "speckv (`python -m speckv.train fit`, then `python -m speckv export`), or, if "
+                "you build features in the file's order yourself, pass expected_features=None "
+                "and expected_pre_features=None.")
     if expected_gammas is not None and tuple(int(g) for g in expected_gammas) != info.gammas:
         raise CandidateMismatchError(
             f"{source} chooses γ among {list(info.gammas)}, but {list(expected_gammas)} are "
             "expected. Retrain and re-export with the expected candidates, or pass "
             "expected_gammas=None and size the costs to the file's γs.")
+
+
+def check_signature(model: onnx_proto.Model, info: ControllerInfo, source: str) -> None:
+    """The graph's inputs and outputs must be speckv's, with widths that match the metadata."""
+    n, m, g = len(info.feature_names), len(info.pre_feature_names), len(info.gammas)
+    want = {FEATURES: (_FLOAT, n), PRE_FEATURES: (_FLOAT, m), COSTS: (_FLOAT, g),
+            PLAIN_COST: (_FLOAT, 1), SPECULATE: (_INT64, None), GAMMA: (_INT64, None),
+            EXPECTED_TOKENS: (_FLOAT, g), SURVIVAL: (_FLOAT, info.gamma_max),
+            PRE_EXPECTED_TOKENS: (_FLOAT, g), PRE_SURVIVAL: (_FLOAT, info.gamma_max)}
+    found = {v.name: v for v in (*model.inputs, *model.outputs)}
+    names_in = tuple(v.name for v in model.inputs)
+    names_out = tuple(v.name for v in model.outputs)
+    problems = []
+    if set(names_in) != set(INPUT_NAMES) or set(names_out) != set(OUTPUT_NAMES):
+        problems.append(f"inputs {list(names_in)} and outputs {list(names_out)} instead of "
+                        f"{list(INPUT_NAMES)} and {list(OUTPUT_NAMES)}")
+    else:
+        for name, (kind, width) in want.items():
+            value = found[name]
+            rank = 1 if width is None else 2
+            if value.elem_type != _ELEM[kind] or len(value.shape) != rank or (
+                    width is not None and value.shape[1] != width):
+                found_kind = kind if value.elem_type == _ELEM[kind] else "another type"
+                problems.append(f"{name} is {found_kind} {list(value.shape)}, expected {kind} "
+                                f"{['batch'] if width is None else ['batch', width]}")
+    if problems:
+        raise ControllerFormatError(
+            f"{source} does not have speckv's controller signature ({'; '.join(problems)}). "
+            "Re-export it with `python -m speckv export`.")
 
 
 def open_session(data: bytes, source: str, threads: int = DEFAULT_THREADS
@@ -140,196 +208,154 @@ def open_session(data: bytes, source: str, threads: int = DEFAULT_THREADS
 
 @dataclass(frozen=True)
 class Prediction:
-    """Everything the graph computes for a batch of decisions."""
+    """Everything the step head computes for a batch of γ decisions."""
 
     gamma: np.ndarray  #: int64 [batch], each one of the controller's candidate γs
     expected_tokens: np.ndarray  #: float32 [batch, n_gammas]: E[tokens | γ] per candidate γ
     survival: np.ndarray  #: float32 [batch, gamma_max]: P(accept_len >= k), k = 1..gamma_max
 
 
-class InputRow:
-    """One preallocated float32 row ``[features | costs]``, filled and checked in place.
+@dataclass(frozen=True)
+class PrePrediction:
+    """Everything the pre-draft head computes for a batch of speculate-or-not decisions."""
 
-    ``features`` and ``costs`` are views of the row; an onnxruntime IOBinding (or the numpy
-    reference) reads them directly. :meth:`fill` costs two copies and a finiteness mask.
+    speculate: np.ndarray  #: bool [batch]: draft this step (else a plain target step)
+    expected_tokens: np.ndarray  #: float32 [batch, n_gammas]: E[tokens | γ, pre-draft]
+    survival: np.ndarray  #: float32 [batch, gamma_max]
+
+
+class InputRow:
+    """One preallocated float32 row holding a decision's inputs, filled and checked in place.
+
+    ``parts``: ``(name, width)`` in row order; the parts from ``positive`` on are costs
+    (finite and > 0), the others features (finite). ``view(name)`` is a part of the row that
+    an onnxruntime IOBinding (or the numpy reference) reads directly.
     """
 
-    def __init__(self, feature_names: Sequence[str], gammas: Sequence[int]) -> None:
-        self.feature_names = tuple(feature_names)
-        self.gammas = tuple(gammas)
-        n, g = len(self.feature_names), len(self.gammas)
-        self.row = np.zeros(n + g, np.float32)
-        self.features = self.row[:n]
-        self.costs = self.row[n:]
-        self._finite = np.zeros(n + g, bool)
-        self._feature_shape = (n,)
-        self._cost_shape = (g,)
+    def __init__(self, parts: Sequence[tuple[str, int]], positive: str,
+                 names: dict[str, Sequence[object]]) -> None:
+        self.parts = tuple(parts)
+        self.names = names  # per part: what its columns are, for messages
+        total = sum(w for _, w in self.parts)
+        self.row = np.zeros(total, np.float32)
+        self._views: dict[str, np.ndarray] = {}
+        start = 0
+        for name, width in self.parts:
+            if name == positive:
+                self.positive = self.row[start:]
+            self._views[name] = self.row[start:start + width]
+            start += width
+        self._finite = np.zeros(total, bool)
+        self._shapes = tuple((w,) for _, w in self.parts)
 
-    def fill(self, features: np.ndarray | Sequence[float],
-             costs: np.ndarray | Sequence[float]) -> None:
-        """Copy one decision's inputs into the row; :class:`BadInputError` if they are bad."""
-        f = np.asarray(features)
-        c = np.asarray(costs)
-        if f.shape != self._feature_shape or c.shape != self._cost_shape:
-            raise self._shape_error(f, c)
+    def view(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def fill(self, *values: np.ndarray | Sequence[float] | float) -> None:
+        """Copy one decision's inputs (one per part, in order) into the row and check them."""
+        arrays = [np.asarray(v) for v in values]
+        for (name, width), array, shape in zip(self.parts, arrays, self._shapes, strict=True):
+            if array.shape != shape and not (width == 1 and array.size == 1):
+                raise self._shape_error(name, width, array)
         try:
-            self.features[...] = f
-            self.costs[...] = c
+            for (name, _), array in zip(self.parts, arrays, strict=True):
+                self._views[name][...] = array.reshape(-1) if array.ndim > 1 else array
         except (TypeError, ValueError, RuntimeWarning) as exc:  # warning: overflow, -W error
             raise BadInputError(f"features and costs must be float32 numbers ({exc}). "
                                 f"{_FIX_FEATURES}") from None
+        self.check()
+
+    def check(self) -> None:
+        """:class:`BadInputError` unless every value is finite and every cost > 0."""
         # Two calls of ~0.3 µs each, where isfinite(...).all() and min() take over 1 µs:
         # argmin finds the first False of the finiteness mask (and the first NaN of the costs).
         finite = _isfinite(self.row, out=self._finite)
-        costs = self.costs
+        costs = self.positive
         if not (finite[finite.argmin()] and costs[costs.argmin()] > 0.0):
-            raise values_error(self.features[None], self.costs[None], self.feature_names,
-                               self.gammas)
+            raise values_error({name: self._views[name][None] for name, _ in self.parts},
+                               self.names)
 
-    def _shape_error(self, f: np.ndarray, c: np.ndarray) -> BadInputError:
-        n, g = self._feature_shape[0], self._cost_shape[0]
-        if f.shape != self._feature_shape:
-            batch = " (for many decisions at once use choose_batch)" if f.ndim == 2 else ""
-            return BadInputError(
-                f"features must be a 1-D vector of {n} values in the order "
-                f"{list(self.feature_names)}; got shape {f.shape}{batch}. {_FIX_FEATURES}")
-        return BadInputError(
-            f"costs must be a 1-D vector of {g} values, one per candidate γ "
-            f"{list(self.gammas)}; got shape {c.shape}. {_FIX_COSTS}")
+    def _shape_error(self, name: str, width: int, array: np.ndarray) -> BadInputError:
+        columns = self.names.get(name)
+        if name in (FEATURES, PRE_FEATURES):
+            batch = " (for many decisions at once use the *_batch methods)" if array.ndim == 2 \
+                else ""
+            return BadInputError(f"{name} must be a 1-D vector of {width} values in the order "
+                                 f"{list(columns or ())}; got shape {array.shape}{batch}. "
+                                 f"{_FIX_FEATURES}")
+        if name == COSTS:
+            return BadInputError(f"costs must be a 1-D vector of {width} values, one per "
+                                 f"candidate γ {list(columns)}; got shape {array.shape}. "
+                                 f"{_FIX_COSTS}")
+        return BadInputError(f"{name} must be one number; got shape {array.shape}. "
+                             f"{_FIX_COSTS}")
 
 
-def values_error(features: np.ndarray, costs: np.ndarray, feature_names: Sequence[str],
-                 gammas: Sequence[int]) -> BadInputError:
-    """The message for non-finite features or bad costs (``[b, n]`` and ``[b, g]`` arrays)."""
-    rows, cols = np.nonzero(~np.isfinite(features))
-    if rows.size:
-        where = ", ".join(f"{feature_names[j]}={features[i, j]}"
-                          + (f" (row {i})" if features.shape[0] > 1 else "")
-                          for i, j in zip(rows[:4], cols[:4], strict=True))
-        return BadInputError(f"features must be finite; got {where}. A NaN or inf usually "
-                             f"comes from NaN draft logits. {_FIX_FEATURES}")
-    bad = ~(np.isfinite(costs) & (costs > 0))
-    rows, cols = np.nonzero(bad)
-    where = ", ".join(f"γ={gammas[j]}: {costs[i, j]}"
-                      + (f" (row {i})" if costs.shape[0] > 1 else "")
-                      for i, j in zip(rows[:4], cols[:4], strict=True))
+def values_error(parts: dict[str, np.ndarray], names: dict[str, Sequence[object]]
+                 ) -> BadInputError:
+    """The message for non-finite features or bad costs (``[b, width]`` arrays per part)."""
+    for name in (FEATURES, PRE_FEATURES):
+        if name not in parts:
+            continue
+        values = parts[name]
+        rows, cols = np.nonzero(~np.isfinite(values))
+        if rows.size:
+            where = ", ".join(f"{names[name][j]}={values[i, j]}"
+                              + (f" (row {i})" if values.shape[0] > 1 else "")
+                              for i, j in zip(rows[:4], cols[:4], strict=True))
+            return BadInputError(f"{name} must be finite; got {where}. A NaN or inf usually "
+                                 f"comes from NaN draft logits. {_FIX_FEATURES}")
+    where = []
+    for name in (COSTS, PLAIN_COST):
+        if name not in parts:
+            continue
+        values = parts[name]
+        rows, cols = np.nonzero(~(np.isfinite(values) & (values > 0)))
+        label = (lambda j: f"γ={names[COSTS][j]}") if name == COSTS else (lambda j: "plain")
+        where += [f"{label(j)}: {values[i, j]}" + (f" (row {i})" if values.shape[0] > 1 else "")
+                  for i, j in zip(rows[:4], cols[:4], strict=True)]
     return BadInputError(f"costs must be finite and > 0 (they are step times; only their "
-                         f"ratios matter); got {where}. {_FIX_COSTS}")
+                         f"ratios matter); got {', '.join(where[:4])}. {_FIX_COSTS}")
 
 
-def batch_inputs(features: np.ndarray | Sequence[Sequence[float]],
-                 costs: np.ndarray | Sequence[float], feature_names: Sequence[str],
-                 gammas: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Checked float32 ``[b, n]`` features and ``[b, g]`` costs for a batch call.
+def batch_inputs(parts: Sequence[tuple[str, int, np.ndarray | Sequence | float]],
+                 names: dict[str, Sequence[object]]) -> list[np.ndarray]:
+    """Checked float32 ``[b, width]`` arrays for a batch call, one per ``(name, width, value)``.
 
-    ``features`` may be one vector ``[n]`` (a batch of one); ``costs`` may be one vector
-    ``[g]`` shared by every row.
+    The first part fixes the batch (a single vector is a batch of one); later parts may be
+    one vector (or number) shared by every row.
     """
-    n, g = len(feature_names), len(gammas)
-    try:
-        f = np.asarray(features, dtype=np.float32)
-        c = np.asarray(costs, dtype=np.float32)
-    except (TypeError, ValueError, RuntimeWarning) as exc:
-        raise BadInputError(f"features and costs must be float32 numbers ({exc}). "
-                            f"{_FIX_FEATURES}") from None
-    if f.ndim == 1:
-        f = f[None]
-    if f.ndim != 2 or f.shape[1] != n:
-        raise BadInputError(f"features must be [batch, {n}] (columns in the order "
-                            f"{list(feature_names)}); got shape {f.shape}. {_FIX_FEATURES}")
-    if c.ndim == 1 and c.shape == (g,):
-        c = np.broadcast_to(c, (f.shape[0], g))
-    if c.shape != (f.shape[0], g):
-        raise BadInputError(f"costs must be [{g}] (shared by every row) or [{f.shape[0]}, {g}] "
-                            f"(one column per candidate γ {list(gammas)}); got shape {c.shape}. "
-                            f"{_FIX_COSTS}")
-    if not (np.isfinite(f).all() and np.isfinite(c).all() and (c > 0).all()):
-        raise values_error(f, c, feature_names, gammas)
-    return np.ascontiguousarray(f), np.ascontiguousarray(c)
-
-
-class Controller:
-    """An exported speckv controller on onnxruntime. Build it with :meth:`load`.
-
-    Not thread-safe for :meth:`choose` (it reuses its input and output buffers); the batch
-    methods allocate and are safe to call concurrently.
-    """
-
-    def __init__(self, session: ort.InferenceSession, info: ControllerInfo,
-                 source: str = "<controller>") -> None:
-        self.session = session
-        self.info = info
-        self.source = source
-        _check_signature(session, info, source)
-        n, g = len(info.feature_names), len(info.gammas)
-        self._row = InputRow(info.feature_names, info.gammas)
-        self._gamma = np.zeros(1, np.int64)
-        self._expected = np.zeros((1, g), np.float32)  # bound so no output is allocated
-        self._survival = np.zeros((1, info.gamma_max), np.float32)
-        binding = session.io_binding()
-        binding.bind_input(FEATURES, "cpu", 0, np.float32, [1, n], self._row.features.ctypes.data)
-        binding.bind_input(COSTS, "cpu", 0, np.float32, [1, g], self._row.costs.ctypes.data)
-        for name, out in ((GAMMA, self._gamma), (EXPECTED_TOKENS, self._expected),
-                          (SURVIVAL, self._survival)):
-            binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
-        self._binding = binding
-        self._run = bound_call(session, binding)
-        self._fill = self._row.fill
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *, threads: int = DEFAULT_THREADS,
-             expected_features: Sequence[str] | None = FEATURE_NAMES,
-             expected_gammas: Sequence[int] | None = GAMMAS) -> Controller:
-        """Open an exported controller and check it against what the caller will pass.
-
-        ``expected_features``: the feature names, in order, the caller builds (default:
-        :data:`speckv.runtime.features.FEATURE_NAMES`); ``expected_gammas``: the candidate γs the
-        costs are given for (default :data:`speckv.runtime.features.GAMMAS`). None skips a check.
-        ``threads``: onnxruntime intra-op threads (1 is fastest for this tiny graph).
-        """
-        path, data = read_controller_bytes(path)
-        info = read_info(data, str(path))
-        check_expected(info, str(path), expected_features, expected_gammas)
-        return cls(open_session(data, str(path), threads), info, str(path))
-
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return self.info.feature_names
-
-    @property
-    def gammas(self) -> tuple[int, ...]:
-        return self.info.gammas
-
-    def choose(self, features: np.ndarray | Sequence[float],
-               costs: np.ndarray | Sequence[float]) -> int:
-        """γ for one decision: ``features`` ``[n_features]``, ``costs`` ``[n_gammas]`` (> 0)."""
-        self._fill(features, costs)
-        self._run()
-        return self._gamma.item()
-
-    def choose_batch(self, features: np.ndarray | Sequence[Sequence[float]],
-                     costs: np.ndarray | Sequence[float]) -> np.ndarray:
-        """γ for each row: ``features`` ``[b, n]``, ``costs`` ``[b, g]`` or ``[g]`` -> int64 [b]."""
-        f, c = batch_inputs(features, costs, self.info.feature_names, self.info.gammas)
-        if not f.shape[0]:
-            return np.empty(0, np.int64)
-        return self.session.run([GAMMA], {FEATURES: f, COSTS: c})[0]
-
-    def predict(self, features: np.ndarray | Sequence[float] | Sequence[Sequence[float]],
-                costs: np.ndarray | Sequence[float]) -> Prediction:
-        """γ, expected tokens per γ and the survival curve, always with a batch axis."""
-        f, c = batch_inputs(features, costs, self.info.feature_names, self.info.gammas)
-        if not f.shape[0]:
-            return Prediction(np.empty(0, np.int64),
-                              np.empty((0, len(self.info.gammas)), np.float32),
-                              np.empty((0, self.info.gamma_max), np.float32))
-        gamma, expected, survival = self.session.run(list(OUTPUT_NAMES),
-                                                     {FEATURES: f, COSTS: c})
-        return Prediction(gamma, expected, survival)
-
-    def __repr__(self) -> str:
-        return (f"Controller({self.source!r}, features={len(self.info.feature_names)}, "
-                f"gammas={list(self.info.gammas)}, speckv {self.info.speckv_version})")
+    out: list[np.ndarray] = []
+    batch = None
+    for name, width, value in parts:
+        try:
+            a = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError, RuntimeWarning) as exc:
+            raise BadInputError(f"features and costs must be float32 numbers ({exc}). "
+                                f"{_FIX_FEATURES}") from None
+        if batch is None:
+            if a.ndim == 1:
+                a = a[None]
+            if a.ndim != 2 or a.shape[1] != width:
+                raise BadInputError(f"{name} must be [batch, {width}] (columns in the order "
+                                    f"{list(names.get(name, ()))}); got shape {a.shape}. "
+                                    f"{_FIX_FEATURES}")
+            batch = a.shape[0]
+        else:
+            if width == 1 and a.ndim == 1 and a.shape == (batch,):
+                a = a[:, None]
+            if a.ndim <= 1 and a.size == width:
+                a = np.broadcast_to(a.reshape(1, width), (batch, width))
+            if a.shape != (batch, width):
+                raise BadInputError(f"{name} must be [{width}] (shared by every row) or "
+                                    f"[{batch}, {width}]; got shape {a.shape}. {_FIX_COSTS}")
+        out.append(a)
+    checked = dict(zip((p[0] for p in parts), out, strict=True))
+    ok = all(np.isfinite(a).all() for a in out) and all(
+        (checked[n] > 0).all() for n in (COSTS, PLAIN_COST) if n in checked)
+    if not ok:
+        raise values_error(checked, names)
+    return [np.ascontiguousarray(a) for a in out]
 
 
 def bound_call(session: ort.InferenceSession, binding: ort.IOBinding) -> Callable[[], object]:
@@ -351,28 +377,225 @@ def bound_call(session: ort.InferenceSession, binding: ort.IOBinding) -> Callabl
     return functools.partial(session.run_with_iobinding, binding)
 
 
-def _check_signature(session: ort.InferenceSession, info: ControllerInfo, source: str) -> None:
-    """The graph's inputs and outputs must be speckv's, with widths that match the metadata."""
-    n, g = len(info.feature_names), len(info.gammas)
-    want = {FEATURES: (_FLOAT, n), COSTS: (_FLOAT, g), GAMMA: (_INT64, None),
-            EXPECTED_TOKENS: (_FLOAT, g), SURVIVAL: (_FLOAT, info.gamma_max)}
-    found = {a.name: a for a in (*session.get_inputs(), *session.get_outputs())}
-    names_in = tuple(a.name for a in session.get_inputs())
-    names_out = tuple(a.name for a in session.get_outputs())
-    problems = []
-    if set(names_in) != set(INPUT_NAMES) or set(names_out) != set(OUTPUT_NAMES):
-        problems.append(f"inputs {list(names_in)} and outputs {list(names_out)} instead of "
-                        f"{list(INPUT_NAMES)} and {list(OUTPUT_NAMES)}")
-    else:
-        for name, (kind, width) in want.items():
-            arg = found[name]
-            shape = list(arg.shape)
-            rank = 1 if width is None else 2
-            if arg.type != kind or len(shape) != rank or (width is not None
-                                                          and shape[1] != width):
-                problems.append(f"{name} is {arg.type} {shape}, expected {kind} "
-                                f"{['batch'] if width is None else ['batch', width]}")
-    if problems:
-        raise ControllerFormatError(
-            f"{source} does not have speckv's controller signature ({'; '.join(problems)}). "
-            "Re-export it with `python -m speckv export`.")
+class _Head:
+    """One decision's extracted graph: its session and what a thread needs to call it."""
+
+    def __init__(self, session: ort.InferenceSession, parts: Sequence[tuple[str, int]],
+                 positive: str, outputs: Sequence[tuple[str, tuple[int, ...], type]],
+                 names: dict[str, Sequence[object]]) -> None:
+        self.session, self.parts, self.positive = session, tuple(parts), positive
+        self.outputs, self.names = tuple(outputs), names
+
+    def bind(self) -> tuple[InputRow, dict[str, np.ndarray], Callable[[], object]]:
+        """This thread's input row, output cells and bound call."""
+        row = InputRow(self.parts, self.positive, self.names)
+        binding = self.session.io_binding()
+        for name, width in self.parts:
+            binding.bind_input(name, "cpu", 0, np.float32, [1, width], row.view(name).ctypes.data)
+        cells = {}
+        for name, shape, dtype in self.outputs:
+            cell = np.zeros(shape, dtype)
+            binding.bind_output(name, "cpu", 0, cell.dtype, list(shape), cell.ctypes.data)
+            cells[name] = cell
+        call = bound_call(self.session, binding)
+        # the binding must outlive the call that refers to it
+        call.binding = binding  # type: ignore[attr-defined]
+        return row, cells, call
+
+
+class _ThreadState:
+    """A thread's buffers and bound calls (built on its first decision)."""
+
+    def __init__(self, pre: _Head, step: _Head) -> None:
+        self.pre_row, pre_cells, self.run_pre = pre.bind()
+        self.step_row, step_cells, self.run_step = step.bind()
+        # every bound cell must live as long as its binding: onnxruntime writes into it
+        self.cells = {**pre_cells, **step_cells}
+        self.speculate = pre_cells[SPECULATE]
+        self.gamma = step_cells[GAMMA]
+        self.pre_features = self.pre_row.view(PRE_FEATURES)
+        self.pre_costs = self.pre_row.view(COSTS)
+        self.plain_cost = self.pre_row.view(PLAIN_COST)
+        self.features = self.step_row.view(FEATURES)
+        self.step_costs = self.step_row.view(COSTS)
+        self.stats = RowStats()
+
+
+class Controller:
+    """An exported speckv controller on onnxruntime. Build it with :meth:`load`.
+
+    Safe to share between threads: every thread gets its own bound buffers.
+    """
+
+    def __init__(self, pre: ort.InferenceSession, step: ort.InferenceSession,
+                 info: ControllerInfo, source: str = "<controller>") -> None:
+        self.info = info
+        self.source = source
+        n, m, g = len(info.feature_names), len(info.pre_feature_names), len(info.gammas)
+        names: dict[str, Sequence[object]] = {FEATURES: info.feature_names,
+                                              PRE_FEATURES: info.pre_feature_names,
+                                              COSTS: info.gammas, PLAIN_COST: ("plain",)}
+        self._names = names
+        self._pre = _Head(pre, ((PRE_FEATURES, m), (COSTS, g), (PLAIN_COST, 1)), COSTS,
+                          ((SPECULATE, (1,), np.int64), (PRE_EXPECTED_TOKENS, (1, g), np.float32),
+                           (PRE_SURVIVAL, (1, info.gamma_max), np.float32)), names)
+        self._step = _Head(step, ((FEATURES, n), (COSTS, g)), COSTS,
+                           ((GAMMA, (1,), np.int64), (EXPECTED_TOKENS, (1, g), np.float32),
+                            (SURVIVAL, (1, info.gamma_max), np.float32)), names)
+        self._local = threading.local()
+        self._state()  # bind this thread now: a broken graph fails at load, not mid-decode
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, threads: int = DEFAULT_THREADS,
+             expected_features: Sequence[str] | None = FEATURE_NAMES,
+             expected_gammas: Sequence[int] | None = GAMMAS,
+             expected_pre_features: Sequence[str] | None = PRE_FEATURE_NAMES) -> Controller:
+        """Open an exported controller and check it against what the caller will pass.
+
+        ``expected_features`` / ``expected_pre_features``: the names, in order, of the step
+        and pre-draft vectors the caller builds (default: speckv.runtime.features');
+        ``expected_gammas``: the candidate γs the costs are given for (default
+        :data:`speckv.runtime.features.GAMMAS`). None skips a check. ``threads``:
+        onnxruntime intra-op threads (1 is fastest for this tiny graph).
+        """
+        path, data = read_controller_bytes(path)
+        source = str(path)
+        model, info = read_model(data, source)
+        check_expected(info, source, expected_features, expected_gammas, expected_pre_features)
+        check_signature(model, info, source)
+        pre = open_session(onnx_proto.extract(data, list(PRE_OUTPUTS)), source, threads)
+        step = open_session(onnx_proto.extract(data, list(STEP_OUTPUTS)), source, threads)
+        return cls(pre, step, info, source)
+
+    def _state(self) -> _ThreadState:
+        try:
+            return self._local.state
+        except AttributeError:
+            state = self._local.state = _ThreadState(self._pre, self._step)
+            return state
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.info.feature_names
+
+    @property
+    def pre_feature_names(self) -> tuple[str, ...]:
+        return self.info.pre_feature_names
+
+    @property
+    def gammas(self) -> tuple[int, ...]:
+        return self.info.gammas
+
+    @property
+    def max_skip_run(self) -> int:
+        """Plain steps in a row after which a policy should draft anyway (a probe)."""
+        return self.info.max_skip_run
+
+    # ------------------------------------------------------------------- one decision each
+    def speculate(self, pre_features: np.ndarray | Sequence[float],
+                  costs: np.ndarray | Sequence[float], plain_cost: float) -> bool:
+        """Before the draft's forward: draft this step (True) or take a plain step (False)?
+
+        ``pre_features`` ``[n_pre_features]``; ``costs`` ``[n_gammas]``: a step drafting each
+        γ, its catch-up included; ``plain_cost``: a plain target step (all > 0).
+        """
+        state = self._state()
+        state.pre_row.fill(pre_features, costs, plain_cost)
+        state.run_pre()
+        return bool(state.speculate[0])
+
+    def choose(self, features: np.ndarray | Sequence[float],
+               costs: np.ndarray | Sequence[float]) -> int:
+        """γ for one decision: ``features`` ``[n_features]``, ``costs`` ``[n_gammas]`` (> 0)."""
+        state = self._state()
+        state.step_row.fill(features, costs)
+        state.run_step()
+        return state.gamma.item()
+
+    def speculate_for(self, history: History, compression: str, costs: StepCosts) -> bool:
+        """:meth:`speculate` with the pre-draft vector built from ``history`` in place.
+
+        The step's catch-up covers ``history.unsettled + 1`` tokens, priced from ``costs``.
+        """
+        state = self._state()
+        fill_pre_features(state.pre_features, history, compression)
+        state.pre_costs[...] = costs.drafting(len(history.pending) + 1)
+        state.plain_cost[0] = costs.plain
+        state.pre_row.check()
+        state.run_pre()
+        return bool(state.speculate[0])
+
+    def choose_from_logits(self, logits: np.ndarray, history: History, compression: str,
+                           costs: np.ndarray) -> int:
+        """γ from the draft's first-proposal logits: statistics, step vector and graph.
+
+        ``logits``: ``[vocab]`` float32 (a CPU torch tensor's ``.numpy()`` needs no copy);
+        ``history``: complete (the catch-up forward's verdicts settled); ``costs``: the step's
+        ``[n_gammas]`` costs, e.g. ``StepCosts.drafting(unseen)`` for the catch-up it just ran.
+        """
+        state = self._state()
+        x = logits if type(logits) is np.ndarray else np.asarray(logits)
+        if x.dtype != np.float32 or x.ndim != 1 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        entropy, top1, margin = state.stats(x)
+        fill_step_features(state.features, entropy, top1, margin, history, compression)
+        state.step_costs[...] = costs
+        state.step_row.check()
+        state.run_step()
+        return state.gamma.item()
+
+    # ------------------------------------------------------------------------ batch calls
+    def _pre_inputs(self, pre_features, costs, plain_cost) -> dict[str, np.ndarray]:
+        info = self.info
+        p, c, q = batch_inputs(((PRE_FEATURES, len(info.pre_feature_names), pre_features),
+                                (COSTS, len(info.gammas), costs), (PLAIN_COST, 1, plain_cost)),
+                               self._names)
+        return {PRE_FEATURES: p, COSTS: c, PLAIN_COST: q}
+
+    def _step_inputs(self, features, costs) -> dict[str, np.ndarray]:
+        info = self.info
+        f, c = batch_inputs(((FEATURES, len(info.feature_names), features),
+                             (COSTS, len(info.gammas), costs)), self._names)
+        return {FEATURES: f, COSTS: c}
+
+    def speculate_batch(self, pre_features, costs, plain_cost) -> np.ndarray:
+        """:meth:`speculate` for each row: ``[b, m]``, ``[b, g]`` or ``[g]``, ``[b]`` or a
+        number -> bool ``[b]``."""
+        feeds = self._pre_inputs(pre_features, costs, plain_cost)
+        if not feeds[PRE_FEATURES].shape[0]:
+            return np.empty(0, bool)
+        return self._pre.session.run([SPECULATE], feeds)[0].astype(bool)
+
+    def choose_batch(self, features: np.ndarray | Sequence[Sequence[float]],
+                     costs: np.ndarray | Sequence[float]) -> np.ndarray:
+        """γ for each row: ``features`` ``[b, n]``, ``costs`` ``[b, g]`` or ``[g]`` -> int64 [b]."""
+        feeds = self._step_inputs(features, costs)
+        if not feeds[FEATURES].shape[0]:
+            return np.empty(0, np.int64)
+        return self._step.session.run([GAMMA], feeds)[0]
+
+    def predict(self, features: np.ndarray | Sequence[float] | Sequence[Sequence[float]],
+                costs: np.ndarray | Sequence[float]) -> Prediction:
+        """γ, expected tokens per γ and the survival curve, always with a batch axis."""
+        feeds = self._step_inputs(features, costs)
+        g = len(self.info.gammas)
+        if not feeds[FEATURES].shape[0]:
+            return Prediction(np.empty(0, np.int64), np.empty((0, g), np.float32),
+                              np.empty((0, self.info.gamma_max), np.float32))
+        return Prediction(*self._step.session.run(list(STEP_OUTPUTS), feeds))
+
+    def predict_pre(self, pre_features, costs, plain_cost) -> PrePrediction:
+        """The pre-draft decision, expected tokens per γ and survival, with a batch axis."""
+        feeds = self._pre_inputs(pre_features, costs, plain_cost)
+        g = len(self.info.gammas)
+        if not feeds[PRE_FEATURES].shape[0]:
+            return PrePrediction(np.empty(0, bool), np.empty((0, g), np.float32),
+                                 np.empty((0, self.info.gamma_max), np.float32))
+        speculate, expected, survival = self._pre.session.run(list(PRE_OUTPUTS), feeds)
+        return PrePrediction(speculate.astype(bool), expected, survival)
+
+    def __repr__(self) -> str:
+        return (f"Controller({self.source!r}, features={len(self.info.feature_names)}+"
+                f"{len(self.info.pre_feature_names)}, gammas={list(self.info.gammas)}, "
+                f"speckv {self.info.speckv_version})")
+

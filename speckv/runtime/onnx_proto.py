@@ -372,3 +372,57 @@ def replace_metadata(data: bytes, metadata: Mapping[str, str | None]) -> bytes:
     for key, value in kept.items():
         out += _put(14, _put(1, key) + _put(2, value))
     return bytes(out)
+
+
+def _name(buf: memoryview, number: int) -> str:
+    """The string field ``number`` of a message (a tensor's or value info's name)."""
+    for n, _, v in _fields(buf):
+        if n == number:
+            return _text(v)
+    return ""
+
+
+def extract(data: bytes, outputs: tuple[str, ...] | list[str]) -> bytes:
+    """``data`` (a serialized ModelProto) reduced to what computes ``outputs``.
+
+    Nodes, initializers, inputs and value infos that none of ``outputs`` depends on are
+    dropped, and so are the other outputs; everything else (metadata, opsets, node order) is
+    copied byte for byte. onnxruntime runs every node of a graph whatever outputs a call
+    asks for, so a graph with two independent heads is run as two extracted models.
+    """
+    buf = memoryview(data)
+    spans = list(_spans(buf))
+    graph_span = next((s for s in spans if s[0] == 7), None)
+    if graph_span is None:
+        raise ProtoError("no ONNX graph")
+    graph = _msg(graph_span[2])
+    fields = list(_spans(graph))
+    declared = [_name(_msg(f[2]), 1) for f in fields if f[0] == 12]
+    unknown = [o for o in outputs if o not in declared]
+    if unknown:
+        raise ProtoError(f"the graph has no output(s) {unknown}")
+    needed = set(outputs)
+    keep: set[int] = set()
+    for index in range(len(fields) - 1, -1, -1):
+        number, _, value, _, _ = fields[index]
+        if number != 1:
+            continue
+        node = _node(_msg(value))
+        if any(o in needed for o in node.outputs):
+            keep.add(index)
+            needed.update(i for i in node.inputs if i)
+    out = bytearray()
+    for index, (number, _, value, start, end) in enumerate(fields):
+        if number == 1 and index not in keep:
+            continue
+        if number == 5 and _name(_msg(value), 8) not in needed:
+            continue
+        if number in (11, 13) and _name(_msg(value), 1) not in needed:
+            continue
+        if number == 12 and _name(_msg(value), 1) not in outputs:
+            continue
+        out += graph[start:end]
+    model = bytearray()
+    for number, _, _, start, end in spans:
+        model += _put(7, bytes(out)) if number == 7 else buf[start:end]
+    return bytes(model)

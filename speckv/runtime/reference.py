@@ -3,19 +3,22 @@
 A second, independent implementation of what the exported graph computes: the parity check
 of the runtime, and the numpy column of ``speckv bench-controller`` (is onnxruntime worth it
 over a few matrix products in numpy?). It understands the graphs ``speckv export`` writes:
-optional feature scaling (Sub, Div), dense layers (Gemm, each optionally followed by Gelu),
-then the fixed head
+for each of the two inputs ``features`` and ``pre_features``, optional feature scaling (Sub,
+Div) and dense layers (Gemm, each optionally followed by Gelu), then the fixed heads
 
-    s = exp(cumsum(logsigmoid(z))),  E[γ] = 1 + cumsum(s)[γ - 1],  γ* = argmax_γ E[γ] / cost[γ]
+    s = exp(cumsum(logsigmoid(z))),  E[γ] = 1 + cumsum(s)[γ - 1]
+    γ* = argmax_γ E[γ] / cost[γ]                          (from the step vector)
+    speculate = max_γ E_pre[γ] / cost[γ] · plain_cost > 1  (from the pre-draft vector)
 
-(the head's nodes are checked by type; its meaning is
-:class:`speckv.train.network.ControllerGraph`'s).
+(the heads' nodes are checked by type; their meaning is
+:class:`speckv.train.network.ExportGraph`'s).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,20 +27,29 @@ from typing import Final
 import numpy as np
 
 from speckv.runtime import onnx_proto
-from speckv.runtime.contract import FEATURES, ControllerInfo
+from speckv.runtime.contract import (
+    COSTS,
+    FEATURES,
+    PLAIN_COST,
+    PRE_FEATURES,
+    ControllerInfo,
+)
 from speckv.runtime.controller import (
     InputRow,
     Prediction,
+    PrePrediction,
     batch_inputs,
     check_expected,
     read_controller_bytes,
+    read_model,
 )
 from speckv.runtime.errors import ControllerFormatError
-from speckv.runtime.features import FEATURE_NAMES, GAMMAS
+from speckv.runtime.features import FEATURE_NAMES, GAMMAS, PRE_FEATURE_NAMES
 
 #: node types the head may contain (the survival curve, expected tokens and the argmax).
 HEAD_OPS: Final = frozenset({"Sigmoid", "Log", "CumSum", "Exp", "Gather", "Add", "Div",
-                             "ArgMax", "Reshape", "Identity"})
+                             "ArgMax", "Reshape", "Identity", "ReduceMax", "Mul", "Greater",
+                             "Cast", "Squeeze", "Slice", "Constant", "Neg", "Softplus"})
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - poly(t) exp(-x^2), t = 1/(1 + p x), x >= 0; its
 # absolute error is below 1.5e-7, under float32's resolution of the GELU it feeds.
 _ERF_P: Final = 0.3275911
@@ -72,38 +84,16 @@ class Dense:
     activation: str | None = None  # None, "none" (exact GELU) or "tanh" (approximate GELU)
 
 
-class NumpyController:
-    """A speckv controller evaluated with numpy: same interface as the onnxruntime one."""
+@dataclass(frozen=True)
+class Network:
+    """One input's scaling and dense layers, as read from the graph."""
 
-    def __init__(self, model: onnx_proto.Model, info: ControllerInfo,
-                 source: str = "<controller>") -> None:
-        self.info = info
-        self.source = source
-        self.mean, self.std, self.layers = _read_layers(model, info, source)
-        self._index = np.asarray([g - 1 for g in info.gammas], np.intp)
-        self._gammas = np.asarray(info.gammas, np.int64)
-        self._row = InputRow(info.feature_names, info.gammas)
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    layers: tuple[Dense, ...]
 
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *,
-             expected_features: Sequence[str] | None = FEATURE_NAMES,
-             expected_gammas: Sequence[int] | None = GAMMAS) -> NumpyController:
-        """Read an exported controller, with the same checks as ``Controller.load``."""
-        path, data = read_controller_bytes(path)
-        source = str(path)
-        try:
-            model = onnx_proto.parse_model(data)
-        except onnx_proto.ProtoError as exc:
-            raise ControllerFormatError(
-                f"{source} is not an ONNX model ({exc}). Pass a controller written by "
-                "`python -m speckv export`.") from None
-        info = ControllerInfo.from_metadata(model.metadata, source=source)
-        check_expected(info, source, expected_features, expected_gammas)
-        return cls(model, info, source)
-
-    def logits(self, features: np.ndarray) -> np.ndarray:
-        """The MLP's continuation logits ``z`` ``[b, gamma_max]`` for raw features ``[b, n]``."""
-        x = features
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The continuation logits ``z`` ``[b, gamma_max]`` for raw features ``[b, n]``."""
         if self.mean is not None:
             x = x - self.mean
         if self.std is not None:
@@ -114,38 +104,131 @@ class NumpyController:
                 x = gelu(x, layer.activation)
         return x
 
+
+class NumpyController:
+    """A speckv controller evaluated with numpy: same interface as the onnxruntime one."""
+
+    def __init__(self, model: onnx_proto.Model, info: ControllerInfo,
+                 source: str = "<controller>") -> None:
+        self.info = info
+        self.source = source
+        self.step, self.pre = _read_networks(model, info, source)
+        self._index = np.asarray([g - 1 for g in info.gammas], np.intp)
+        self._gammas = np.asarray(info.gammas, np.int64)
+        self._names = {FEATURES: info.feature_names, PRE_FEATURES: info.pre_feature_names,
+                       COSTS: info.gammas, PLAIN_COST: ("plain",)}
+        self._local = threading.local()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *,
+             expected_features: Sequence[str] | None = FEATURE_NAMES,
+             expected_gammas: Sequence[int] | None = GAMMAS,
+             expected_pre_features: Sequence[str] | None = PRE_FEATURE_NAMES
+             ) -> NumpyController:
+        """Read an exported controller, with the same checks as ``Controller.load``."""
+        path, data = read_controller_bytes(path)
+        source = str(path)
+        model, info = read_model(data, source)
+        check_expected(info, source, expected_features, expected_gammas, expected_pre_features)
+        return cls(model, info, source)
+
+    def _expected(self, net: Network, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = net.logits(x)
+        survival = np.exp(np.cumsum(-np.logaddexp(np.float32(0.0), -z), axis=-1))
+        return 1.0 + np.cumsum(survival, axis=-1)[:, self._index], survival
+
     def forward(self, features: np.ndarray, costs: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(γ, expected tokens, survival) for checked float32 ``[b, n]`` and ``[b, g]``."""
-        z = self.logits(features)
-        survival = np.exp(np.cumsum(-np.logaddexp(np.float32(0.0), -z), axis=-1))
-        expected = 1.0 + np.cumsum(survival, axis=-1)[:, self._index]
+        expected, survival = self._expected(self.step, features)
         gamma = self._gammas[np.argmax(expected / costs, axis=-1)]
         return gamma, expected.astype(np.float32), survival.astype(np.float32)
+
+    def forward_pre(self, pre_features: np.ndarray, costs: np.ndarray, plain_cost: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(speculate, expected tokens, survival) for checked ``[b, m]``, ``[b, g]``, ``[b, 1]``."""
+        expected, survival = self._expected(self.pre, pre_features)
+        best = np.max((expected / costs).astype(np.float32), axis=-1)
+        speculate = best * plain_cost[:, 0] > 1.0
+        return speculate, expected.astype(np.float32), survival.astype(np.float32)
+
+    def _step_inputs(self, features, costs) -> list[np.ndarray]:
+        info = self.info
+        return batch_inputs(((FEATURES, len(info.feature_names), features),
+                             (COSTS, len(info.gammas), costs)), self._names)
+
+    def _pre_inputs(self, pre_features, costs, plain_cost) -> list[np.ndarray]:
+        info = self.info
+        return batch_inputs(((PRE_FEATURES, len(info.pre_feature_names), pre_features),
+                             (COSTS, len(info.gammas), costs), (PLAIN_COST, 1, plain_cost)),
+                            self._names)
+
+    def _row(self, kind: str) -> InputRow:
+        """This thread's preallocated row for one decision of ``kind`` ("step" or "pre")."""
+        rows = getattr(self._local, "rows", None)
+        if rows is None:
+            info = self.info
+            g = len(info.gammas)
+            rows = self._local.rows = {
+                "step": InputRow(((FEATURES, len(info.feature_names)), (COSTS, g)), COSTS,
+                                 self._names),
+                "pre": InputRow(((PRE_FEATURES, len(info.pre_feature_names)), (COSTS, g),
+                                 (PLAIN_COST, 1)), COSTS, self._names)}
+        return rows[kind]
 
     def choose(self, features: np.ndarray | Sequence[float],
                costs: np.ndarray | Sequence[float]) -> int:
         """γ for one decision (same checks as ``Controller.choose``)."""
-        row = self._row
+        row = self._row("step")
         row.fill(features, costs)
-        return int(self.forward(row.features[None], row.costs[None])[0][0])
+        return int(self.forward(row.view(FEATURES)[None], row.view(COSTS)[None])[0][0])
+
+    def speculate(self, pre_features: np.ndarray | Sequence[float],
+                  costs: np.ndarray | Sequence[float], plain_cost: float) -> bool:
+        """The pre-draft decision for one step (same checks as ``Controller.speculate``)."""
+        row = self._row("pre")
+        row.fill(pre_features, costs, plain_cost)
+        return bool(self.forward_pre(row.view(PRE_FEATURES)[None], row.view(COSTS)[None],
+                                     row.view(PLAIN_COST)[None])[0][0])
 
     def choose_batch(self, features: np.ndarray | Sequence[Sequence[float]],
                      costs: np.ndarray | Sequence[float]) -> np.ndarray:
         """γ for each row: ``[b, n]`` and ``[b, g]`` or ``[g]`` -> int64 ``[b]``."""
-        f, c = batch_inputs(features, costs, self.info.feature_names, self.info.gammas)
-        return self.forward(f, c)[0]
+        return self.forward(*self._step_inputs(features, costs))[0]
+
+    def speculate_batch(self, pre_features, costs, plain_cost) -> np.ndarray:
+        """The pre-draft decision for each row -> bool ``[b]``."""
+        return self.forward_pre(*self._pre_inputs(pre_features, costs, plain_cost))[0]
 
     def predict(self, features: np.ndarray | Sequence[float] | Sequence[Sequence[float]],
                 costs: np.ndarray | Sequence[float]) -> Prediction:
         """γ, expected tokens and survival, with a batch axis (like ``Controller.predict``)."""
-        f, c = batch_inputs(features, costs, self.info.feature_names, self.info.gammas)
-        return Prediction(*self.forward(f, c))
+        return Prediction(*self.forward(*self._step_inputs(features, costs)))
+
+    def predict_pre(self, pre_features, costs, plain_cost) -> PrePrediction:
+        """Like ``Controller.predict_pre``."""
+        return PrePrediction(*self.forward_pre(*self._pre_inputs(pre_features, costs,
+                                                                 plain_cost)))
 
 
-def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str
-                 ) -> tuple[np.ndarray | None, np.ndarray | None, list[Dense]]:
-    """Walk the graph from ``features`` through scaling and dense layers to the logits."""
+def _read_networks(model: onnx_proto.Model, info: ControllerInfo, source: str
+                   ) -> tuple[Network, Network]:
+    """The step and pre-draft networks; every node outside them must be a head operator."""
+    walked: set[int] = set()
+    step = _read_layers(model, info, source, FEATURES, walked)
+    pre = _read_layers(model, info, source, PRE_FEATURES, walked)
+    head = {node.op_type for node in model.nodes if id(node) not in walked}
+    if not head <= HEAD_OPS:
+        raise ControllerFormatError(
+            f"{source}: the numpy reference cannot read this graph (unknown operators "
+            f"{sorted(head - HEAD_OPS)} in the head); it reads graphs written by "
+            "`speckv export`.")
+    return step, pre
+
+
+def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str, start: str,
+                 walked: set[int]) -> Network:
+    """Walk the graph from input ``start`` through scaling and dense layers to the logits."""
     inits = model.initializers
     users: dict[str, list[onnx_proto.Node]] = defaultdict(list)
     for node in model.nodes:
@@ -163,8 +246,7 @@ def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str
 
     mean = std = None
     layers: list[Dense] = []
-    walked: set[int] = set()
-    current = FEATURES
+    current = start
     while len(users[current]) == 1:
         node = users[current][0]
         if node.op_type == "Sub" and not layers and mean is None and std is None:
@@ -189,11 +271,8 @@ def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str
         walked.add(id(node))
         current = node.outputs[0]
     if not layers:
-        raise fail("no dense layer after the features")
+        raise fail(f"no dense layer after {start}")
     if layers[-1].weight.shape[1] != info.gamma_max or layers[-1].activation is not None:
-        raise fail(f"the last dense layer has {layers[-1].weight.shape[1]} outputs and "
-                   f"activation {layers[-1].activation}, not {info.gamma_max} logits")
-    head = {node.op_type for node in model.nodes if id(node) not in walked}
-    if not head <= HEAD_OPS:
-        raise fail(f"unknown operators {sorted(head - HEAD_OPS)} in the head")
-    return mean, std, layers
+        raise fail(f"the last dense layer after {start} has {layers[-1].weight.shape[1]} "
+                   f"outputs and activation {layers[-1].activation}, not {info.gamma_max} logits")
+    return Network(mean, std, tuple(layers))

@@ -25,15 +25,34 @@ from speckv.runtime import (
     FeatureMismatchError,
     IncompatibleVersionError,
     NumpyController,
+    StepCosts,
     costs_from,
     onnx_proto,
 )
-from speckv.runtime.contract import FORMAT_VERSION, KEY_FEATURE_NAMES, KEY_FORMAT_VERSION
-from speckv.runtime.features import FEATURE_NAMES, GAMMAS, History, step_features
+from speckv.runtime.contract import (
+    FORMAT_VERSION,
+    KEY_FEATURE_NAMES,
+    KEY_FORMAT_VERSION,
+    KEY_INPUTS,
+    KEY_MAX_SKIP_RUN,
+    KEY_PRE_FEATURE_NAMES,
+    OUTPUT_NAMES,
+    PRE_OUTPUTS,
+    STEP_OUTPUTS,
+)
+from speckv.runtime.features import (
+    FEATURE_NAMES,
+    GAMMAS,
+    MAX_SKIP_RUN,
+    PRE_FEATURE_NAMES,
+    History,
+    pre_features,
+    step_features,
+)
 
 ONNX = FIXTURES / "controller_tiny.onnx"
 EXPECTED = FIXTURES / "controller_tiny_expected.npz"
-N, G = len(FEATURE_NAMES), len(GAMMAS)
+N, M, G = len(FEATURE_NAMES), len(PRE_FEATURE_NAMES), len(GAMMAS)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +91,10 @@ def test_fixture_is_small_and_typed_package_ships_marker():
 def test_metadata_is_read(controller):
     info = controller.info
     assert info.feature_names == FEATURE_NAMES
+    assert info.pre_feature_names == PRE_FEATURE_NAMES
     assert info.gammas == GAMMAS
+    assert info.max_skip_run == controller.max_skip_run == MAX_SKIP_RUN
+    assert info.inputs == "features"
     assert info.format_version == FORMAT_VERSION
     assert info.data_fingerprint == "fixture:seed=0"
     assert info.objective == "tokens_per_s"
@@ -84,6 +106,43 @@ def test_matches_the_pytorch_golden_outputs(controller, golden):
     np.testing.assert_allclose(pred.expected_tokens, golden["expected_tokens"], atol=1e-5)
     np.testing.assert_allclose(pred.survival, golden["survival"], atol=1e-6)
     assert pred.gamma.dtype == np.int64 and pred.expected_tokens.dtype == np.float32
+
+
+def test_the_pre_draft_decision_matches_the_pytorch_golden_outputs(controller, golden):
+    args = golden["pre_features"], golden["costs"], golden["plain_cost"]
+    pre = controller.predict_pre(*args)
+    np.testing.assert_array_equal(pre.speculate, golden["speculate"].astype(bool))
+    np.testing.assert_allclose(pre.expected_tokens, golden["pre_expected_tokens"], atol=1e-5)
+    np.testing.assert_allclose(pre.survival, golden["pre_survival"], atol=1e-6)
+    assert 0 < pre.speculate.mean() < 1  # the fixture takes plain steps and drafts
+    np.testing.assert_array_equal(controller.speculate_batch(*args), pre.speculate)
+    single = [controller.speculate(p, c, float(q[0])) for p, c, q in zip(*args, strict=True)]
+    assert single == pre.speculate.tolist() and all(type(x) is bool for x in single)
+    # the rule: speculate iff some γ beats a plain step's one token per plain_cost
+    best = np.max(pre.expected_tokens / golden["costs"], axis=1)
+    np.testing.assert_array_equal(pre.speculate, best * golden["plain_cost"][:, 0] > 1)
+
+
+def test_a_dear_plain_step_makes_it_speculate_and_a_cheap_one_not(controller, golden):
+    p, c = golden["pre_features"][0], golden["costs"][0]
+    assert controller.speculate(p, c, plain_cost=1e6)
+    assert not controller.speculate(p, c, plain_cost=1e-6)
+
+
+def test_each_decision_runs_its_own_part_of_the_graph():
+    data = ONNX.read_bytes()
+    full = onnx_proto.parse_model(data)
+    assert [v.name for v in full.outputs] == list(OUTPUT_NAMES)
+    pre = onnx_proto.parse_model(onnx_proto.extract(data, list(PRE_OUTPUTS)))
+    step = onnx_proto.parse_model(onnx_proto.extract(data, list(STEP_OUTPUTS)))
+    assert [v.name for v in pre.inputs] == ["pre_features", "costs", "plain_cost"]
+    assert [v.name for v in step.inputs] == ["features", "costs"]
+    assert [v.name for v in pre.outputs] == list(PRE_OUTPUTS)
+    assert len(pre.nodes) + len(step.nodes) == len(full.nodes)  # no node is shared or lost
+    assert set(pre.initializers) | set(step.initializers) == set(full.initializers)
+    assert not any("pre_mlp" in name for name in step.initializers)
+    assert all("mlp" not in name or "pre_mlp" in name for name in pre.initializers)
+    assert pre.metadata == full.metadata
 
 
 def test_outputs_are_consistent_with_each_other(controller, golden):
@@ -114,6 +173,14 @@ def test_numpy_reference_agrees_with_onnxruntime(controller, golden):
     np.testing.assert_allclose(ref.survival, pred.survival, atol=1e-5)
     f, c = golden["features"][3], golden["costs"][3]
     assert reference.choose(f, c) == controller.choose(f, c)
+    args = golden["pre_features"], golden["costs"], golden["plain_cost"]
+    pre, ref_pre = controller.predict_pre(*args), reference.predict_pre(*args)
+    np.testing.assert_array_equal(ref_pre.speculate, pre.speculate)
+    np.testing.assert_allclose(ref_pre.expected_tokens, pre.expected_tokens, atol=1e-5)
+    np.testing.assert_array_equal(reference.speculate_batch(*args), pre.speculate)
+    p, q = golden["pre_features"][5], float(golden["plain_cost"][5, 0])
+    assert reference.speculate(p, golden["costs"][5], q) == controller.speculate(
+        p, golden["costs"][5], q)
 
 
 def test_costs_decide_gamma(controller, golden):
@@ -141,6 +208,88 @@ def test_step_features_feed_the_controller(controller):
     gamma = controller.choose(step_features(logits, history, "int8"), costs_from(0.01, np.full(
         G + 1, 0.09)))
     assert gamma in GAMMAS
+
+
+def _histories():
+    """Histories in several states: fresh, settled, with deferred tokens."""
+    rng = np.random.default_rng(3)
+    out = [History()]
+    for n in (5, 40, 300):
+        h = History()
+        for _ in range(n):
+            h.settle(bool(rng.random() < 0.6), float(rng.uniform(0.2, 1.0)))
+        out.append(h)
+        deferred = History(h.ema, h.run, h.position, h.target_top1_prev)
+        for _ in range(int(rng.integers(1, 20))):
+            deferred.defer(float(rng.uniform(0.2, 1.0)))
+        out.append(deferred)
+    return out
+
+
+@pytest.mark.parametrize("vocab", [2, 50, 49_152])
+def test_the_hot_paths_equal_the_plain_calls(controller, vocab):
+    """speculate_for / choose_from_logits build exactly the vectors the plain calls get."""
+    rng = np.random.default_rng(vocab)
+    costs = StepCosts(0.01, 0.05 * (1 + 0.05 * np.arange(G + 1)),
+                      0.01 * (1 + 0.2 * np.arange(6)))
+    decisions = set()
+    for history in _histories():
+        for compression in ("fp16", "int8", "nf4"):
+            unseen = history.unsettled + 1
+            spec = controller.speculate_for(history, compression, costs)
+            assert spec == controller.speculate(pre_features(history, compression),
+                                                costs.drafting(unseen), costs.plain)
+            decisions.add(spec)
+            if history.pending:
+                continue
+            for scale in (0.1, 3.0, 30.0):
+                logits = (rng.standard_normal(vocab) * scale).astype(np.float32)
+                got = controller.choose_from_logits(logits, history, compression,
+                                                    costs.drafting(unseen))
+                assert got == controller.choose(step_features(logits, history, compression),
+                                                costs.drafting(unseen))
+    assert decisions == {True, False}
+
+
+def test_choose_from_logits_refuses_nan_logits_and_deferred_history(controller):
+    costs = StepCosts(0.01, np.full(G + 1, 0.05))
+    logits = np.zeros(100, np.float32)
+    logits[3] = np.nan
+    with pytest.raises(BadInputError, match="draft_entropy"):
+        controller.choose_from_logits(logits, History(), "fp16", costs.drafting())
+    history = History()
+    history.defer(0.9)
+    with pytest.raises(ValueError, match="deferred"):
+        controller.choose_from_logits(np.zeros(100, np.float32), history, "fp16",
+                                      costs.drafting())
+
+
+def test_one_controller_serves_many_threads(controller, golden):
+    """Each thread binds its own buffers: concurrent decisions are never mixed up."""
+    import threading
+
+    f, c, p, q = (golden[k] for k in ("features", "costs", "pre_features", "plain_cost"))
+    want_gamma, want_spec = golden["gamma"].tolist(), golden["speculate"].astype(bool).tolist()
+    wrong, done = [], []
+    start = threading.Barrier(4)
+
+    def work(seed: int) -> None:
+        order = np.random.default_rng(seed).integers(0, len(f), 2000)
+        start.wait()
+        for i in order:
+            if controller.choose(f[i], c[i]) != want_gamma[i]:
+                wrong.append(("gamma", i))
+            if controller.speculate(p[i], c[i], float(q[i, 0])) != want_spec[i]:
+                wrong.append(("speculate", i))
+        done.append(seed)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(done) == [0, 1, 2, 3]
+    assert wrong == []
 
 
 @pytest.mark.parametrize("value", [1e30, -1e30, 3.0e38, -3.0e38, 0.0, 1e-38])
@@ -317,7 +466,7 @@ def test_other_candidate_gammas():
 
 @pytest.mark.parametrize("version, pattern", [
     (str(FORMAT_VERSION + 1), "upgrade speckv"),
-    (str(FORMAT_VERSION - 1), "re-export"),
+    (str(FORMAT_VERSION - 1), r"speckv.train fit.*speckv export --out"),
 ])
 def test_incompatible_format_version(tmp_path, version, pattern):
     path = _variant(tmp_path, **{KEY_FORMAT_VERSION: version})
@@ -332,6 +481,9 @@ def test_incompatible_format_version(tmp_path, version, pattern):
     ({KEY_FEATURE_NAMES: None}, "lacks the metadata speckv.feature_names"),
     ({"speckv.gammas": "[3, 2, 1]"}, "not increasing"),
     ({"speckv.gammas": "[1, 2.5]"}, "JSON list of int"),
+    ({KEY_PRE_FEATURE_NAMES: None}, "lacks the metadata speckv.pre_feature_names"),
+    ({KEY_INPUTS: "logits"}, "takes 'logits' as input"),
+    ({KEY_MAX_SKIP_RUN: "-3"}, "must be a count of steps"),
 ])
 def test_damaged_metadata(tmp_path, metadata, pattern):
     with pytest.raises(ControllerFormatError, match=pattern):
@@ -350,8 +502,8 @@ def test_proto_reader_matches_the_onnx_package():
     for tensor in model.graph.initializer:
         np.testing.assert_array_equal(ours.initializers[tensor.name],
                                       numpy_helper.to_array(tensor))
-    assert [i.name for i in ours.inputs] == ["features", "costs"]
-    assert ours.inputs[0].shape == ("batch", N)
+    assert [i.name for i in ours.inputs] == ["features", "pre_features", "costs", "plain_cost"]
+    assert ours.inputs[0].shape == ("batch", N) and ours.inputs[1].shape == ("batch", M)
 
 
 def test_identity_model_echoes_its_input():
