@@ -2,12 +2,13 @@
 
     .venv/bin/python scripts/make_runtime_fixture.py [--out tests/fixtures]
 
-writes ``controller_tiny.onnx`` (a seeded 10 -> 16 -> 16 -> 8 survival MLP exported by
-``speckv.export.graph.export_controller``, a few kilobytes) and ``controller_tiny_expected.npz``
-(features, costs and PyTorch's γ, expected tokens and survival for them: the golden outputs
-the runtime must reproduce). The weights are scaled up and the last bias raised so that the
-untrained MLP is confident enough, and its choices varied enough over the rows, for tests of
-γ selection to mean something. Rerun it after a change of the controller format.
+writes ``controller_tiny.onnx`` (seeded 10 -> 16 -> 16 -> 8 step and 8 -> 16 -> 16 -> 8
+pre-draft survival MLPs exported by ``speckv.export.graph.export_controller``: controller
+format 2, a few kilobytes) and ``controller_tiny_expected.npz`` (inputs of both decisions and
+PyTorch's outputs for them: the golden outputs the runtime must reproduce). The weights are
+scaled up and the last biases set so that the untrained MLPs are confident enough, and their
+choices varied enough over the rows (several γs; both speculate and plain steps), for tests of
+the decisions to mean something. Rerun it after a change of the controller format.
 """
 
 from __future__ import annotations
@@ -20,20 +21,32 @@ import numpy as np
 import torch
 
 from speckv.export.graph import controller_info, export_controller, torch_graph
-from speckv.runtime.costs import step_costs
-from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS, N_FEATURES
+from speckv.runtime.costs import drafting_costs
+from speckv.runtime.features import (
+    COMPRESSIONS,
+    FEATURE_NAMES,
+    GAMMA_MAX,
+    GAMMAS,
+    MAX_SKIP_RUN,
+    N_FEATURES,
+    N_PRE_FEATURES,
+    PRE_FEATURE_NAMES,
+    UNSETTLED_CAP,
+)
 from speckv.train.network import SurvivalMLP
 
 SEED: Final = 0
 HIDDEN: Final = (16, 16)
 ROWS: Final = 64
+#: last-layer bias of the pre-draft MLP: low enough that a plain step wins on some rows
+PRE_BIAS: Final = -0.5
 ONNX_NAME: Final = "controller_tiny.onnx"
 EXPECTED_NAME: Final = "controller_tiny_expected.npz"
 DEFAULT_OUT: Final = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 def feature_rows(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Plausible decision-time features in ``FEATURE_NAMES`` order (not real data)."""
+    """Plausible step features in ``FEATURE_NAMES`` order (not real data)."""
     top1 = rng.uniform(0.05, 1.0, n)
     cols = {
         "draft_entropy": rng.uniform(0.0, 4.0, n) * (1.1 - top1),
@@ -50,45 +63,72 @@ def feature_rows(rng: np.random.Generator, n: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def cost_rows(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Step costs per γ from a draft/verify timing that varies between rows (seconds)."""
-    rows = []
-    for draft, verify0 in zip(rng.uniform(0.004, 0.04, n), rng.uniform(0.05, 0.12, n),
-                              strict=True):
+def pre_rows(rng: np.random.Generator, features: np.ndarray) -> np.ndarray:
+    """Pre-draft features in ``PRE_FEATURE_NAMES`` order, consistent with ``features``."""
+    by_name = dict(zip(FEATURE_NAMES, features.T, strict=True))
+    unsettled = rng.integers(0, MAX_SKIP_RUN + 2, len(features))
+    by_name["unsettled"] = np.minimum(unsettled, UNSETTLED_CAP) / UNSETTLED_CAP
+    out = np.column_stack([by_name[name] for name in PRE_FEATURE_NAMES])
+    assert out.shape == (len(features), N_PRE_FEATURES)
+    return out.astype(np.float32)
+
+
+def cost_rows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step costs per γ (catch-up of 1..3 tokens included) and plain-step costs (seconds)."""
+    rows, plain = [], []
+    for draft, verify0, unseen in zip(rng.uniform(0.004, 0.04, n), rng.uniform(0.05, 0.12, n),
+                                      rng.integers(1, 4, n), strict=True):
         verify = verify0 * (1 + 0.03 * np.arange(GAMMA_MAX + 1))
-        rows.append(step_costs(float(draft), verify))
-    return np.stack(rows).astype(np.float32)
+        catchup = draft * (1 + 0.1 * np.arange(4))
+        rows.append(drafting_costs(float(draft), verify, catchup, int(unseen)))
+        plain.append(verify[0])
+    return np.stack(rows).astype(np.float32), np.asarray(plain, np.float32)[:, None]
+
+
+def _confident(mlp: SurvivalMLP, bias: float) -> None:
+    with torch.no_grad():
+        for layer in mlp.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(2.0)
+        mlp.net[-1].bias.add_(bias)
 
 
 def make_fixture(out: Path = DEFAULT_OUT) -> tuple[Path, Path]:
     """Write the fixture controller and its golden outputs into ``out``."""
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
-    features, costs = feature_rows(rng, ROWS), cost_rows(rng, ROWS)
+    features = feature_rows(rng, ROWS)
+    pre = pre_rows(rng, features)
+    costs, plain = cost_rows(rng, ROWS)
     mlp = SurvivalMLP(N_FEATURES, GAMMA_MAX, hidden=HIDDEN)
-    with torch.no_grad():
-        for layer in mlp.net:
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.mul_(2.0)
-        mlp.net[-1].bias.add_(2.0)
+    pre_mlp = SurvivalMLP(N_PRE_FEATURES, GAMMA_MAX, hidden=HIDDEN)
+    _confident(mlp, 2.0)
+    _confident(pre_mlp, PRE_BIAS)
     mlp.set_scaling(torch.from_numpy(features.mean(0)), torch.from_numpy(features.std(0)))
+    pre_mlp.set_scaling(torch.from_numpy(pre.mean(0)), torch.from_numpy(pre.std(0)))
     meta = {
-        "feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS),
-        "compressions": list(COMPRESSIONS), "feature_set": "decision",
+        "feature_names": list(FEATURE_NAMES), "pre_feature_names": list(PRE_FEATURE_NAMES),
+        "gammas": list(GAMMAS), "compressions": list(COMPRESSIONS), "feature_set": "decision",
         "objective": "tokens_per_s", "data_fingerprint": f"fixture:seed={SEED}",
-        "parity_features": features, "parity_costs": costs,
+        "max_skip_run": MAX_SKIP_RUN, "pre_mlp": pre_mlp,
+        "parity_features": features, "parity_pre_features": pre, "parity_costs": costs,
+        "parity_plain_costs": plain,
     }
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / ONNX_NAME
     export_controller(mlp, meta, onnx_path, latency_calls=0)
-    graph = torch_graph(mlp, controller_info(mlp, meta))
+    graph = torch_graph(mlp, controller_info(mlp, meta), pre_mlp)
     with torch.inference_mode():
-        gamma, expected, survival = graph(torch.from_numpy(features), torch.from_numpy(costs))
-    if len(np.unique(gamma.numpy())) < 4:
-        raise SystemExit("the fixture's choices are not varied enough; change SEED")
+        outputs = [t.numpy() for t in graph(*(torch.from_numpy(a)
+                                               for a in (features, pre, costs, plain)))]
+    speculate, gamma, expected, survival, pre_expected, pre_survival = outputs
+    if len(np.unique(gamma)) < 4 or not 0.2 < speculate.mean() < 0.8:
+        raise SystemExit("the fixture's choices are not varied enough; change SEED or PRE_BIAS")
     expected_path = out / EXPECTED_NAME
-    np.savez_compressed(expected_path, features=features, costs=costs, gamma=gamma.numpy(),
-                        expected_tokens=expected.numpy(), survival=survival.numpy())
+    np.savez_compressed(expected_path, features=features, pre_features=pre, costs=costs,
+                        plain_cost=plain, speculate=speculate, gamma=gamma,
+                        expected_tokens=expected, survival=survival,
+                        pre_expected_tokens=pre_expected, pre_survival=pre_survival)
     return onnx_path, expected_path
 
 
