@@ -143,6 +143,13 @@ def _format(result: dict[str, Any]) -> str:
         lines.append(f"\n95% CIs: paired bootstrap over prompts, {result['resamples']} "
                      f"resamples, seed {result['seed']}; tokens/s = total tokens / total "
                      "seconds (prefill included).")
+    load, cores = result.get("load_average"), result.get("machine", {}).get("cores")
+    if load:
+        lines.append(f"load average (1 min): {load['start'][0]:.2f} at start, "
+                     f"{load['end'][0]:.2f} at end, on {cores} cores")
+        if cores and max(load["start"][0], load["end"][0]) > cores:
+            lines.append("WARNING: the machine was busy (load above its cores): other "
+                         "processes shared it, so every method ran slower than it would alone")
     for pid in result.get("other_bench_processes", []):
         lines.append(f"WARNING: another benchmark process (pid {pid}) was running")
     lines.append(f"NOTE: {ONE_PROCESS}")

@@ -240,7 +240,7 @@ def test_bench_table_names_the_machine_ci_and_one_process_note(capsys, saved_pai
                                         "hf:constant:2,speckv:fixed:2"))
     assert code == 0
     assert "speckv:fixed:2" in out and "hf:constant:2" in out
-    assert "machine: " in out and "cores" in out
+    assert "machine: " in out and "cores" in out and "load average (1 min)" in out
     assert "tokens/s [95% CI]" in out and "paired bootstrap over prompts" in out
     assert "NOTE: Run one benchmark process on the machine" in out
     assert "every speckv token is the target's argmax in the forward that verified it" in out
