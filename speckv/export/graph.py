@@ -1,9 +1,11 @@
 """``speckv export``: a training checkpoint -> the ONNX controller the runtime runs.
 
-The exported graph is :class:`speckv.train.network.ControllerGraph`: raw features and the cost of
-each candidate γ in; the chosen γ (argmax of expected tokens per unit cost, inside the graph),
-the expected tokens per γ and the survival curve out. Feature scaling is baked in, the batch
-axis is dynamic, and the file carries speckv's metadata (:mod:`speckv.runtime.contract`).
+The exported graph is :class:`speckv.train.network.ExportGraph` (contract format 2, see
+:mod:`speckv.runtime.contract`): the step and pre-draft feature vectors, the cost of each
+candidate γ and of a plain step in; the decision to speculate, the chosen γ (argmax of expected
+tokens per unit cost, inside the graph), the expected tokens per γ and the survival curves of
+both networks out. Feature scaling is baked in, the batch axis is dynamic, and the file
+carries speckv's metadata.
 
 How it is made:
 
@@ -11,15 +13,16 @@ How it is made:
    torch 2.13's TorchScript exporter (``dynamo=False``) also handles this graph, since the
    network writes the survival curve as ``exp(cumsum(logsigmoid(z)))`` rather than ``cumprod``,
    but it is deprecated and spells GELU as five nodes.
-2. Hand simplification for latency (a few hundred nanoseconds per node at batch 1): the
-   feature scaling is folded into the first Gemm, an index Gather that selects every column
+2. Hand simplification for latency (a few hundred nanoseconds per node at batch 1): each
+   input's feature scaling is folded into its first Gemm, an index Gather that selects every column
    and a Reshape to [-1] of a vector are removed, unused initializers dropped, the exporter's
    annotations stripped. The mean is folded into the Gemm's bias only where that is
    numerically harmless (|mean| / std small; a feature constant in training is not).
 3. Checks: ``onnx.checker`` (full), opset, no float64 anywhere, speckv's signature.
 4. The file is written to a temporary name beside ``--out``, loaded by the runtime
    :class:`speckv.runtime.Controller`, compared with PyTorch on the checkpoint's held-out
-   parity rows (batch call and the one-decision hot path), timed, and only then renamed over
+   parity rows (both decisions, batch calls and the one-decision hot path), timed, and only
+   then renamed over
    ``--out``. A failed export leaves no partial file and keeps the previous one.
 
 torch and onnx are imported when an export runs, not when this module is imported.
@@ -35,6 +38,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -52,10 +56,16 @@ from speckv.runtime.contract import (
     GAMMA,
     INPUT_NAMES,
     OUTPUT_NAMES,
+    PLAIN_COST,
+    PRE_EXPECTED_TOKENS,
+    PRE_FEATURES,
+    PRE_SURVIVAL,
+    RETRAIN,
+    SPECULATE,
     SURVIVAL,
     ControllerInfo,
 )
-from speckv.runtime.features import COMPRESSIONS
+from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
 
 if TYPE_CHECKING:
     import onnx
@@ -110,63 +120,106 @@ def find_checkpoint(path: str | os.PathLike[str] | None = None) -> Path:
 
 
 def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo:
-    """The file's metadata from a checkpoint's ``speckv`` entry, checked against the MLP.
+    """The file's metadata from a checkpoint's ``speckv`` entry, checked against the MLPs.
 
-    Required: ``feature_names`` and ``gammas``. ``compressions`` defaults to speckv's,
+    Required: ``feature_names``, ``gammas`` and the pre-draft network ``pre_mlp`` (what
+    :func:`speckv.train.network.load_checkpoint` returns in the metadata).
+    ``pre_feature_names`` defaults to speckv's, ``max_skip_run`` to
+    :data:`speckv.runtime.features.MAX_SKIP_RUN`, ``compressions`` to speckv's,
     ``feature_set``, ``objective`` and ``data_fingerprint`` to ``"unknown"``.
     """
+    pre_mlp = meta.get("pre_mlp")
+    if pre_mlp is None:
+        raise ExportError(
+            "The checkpoint has no pre-draft network (the decision not to speculate, "
+            f"controller format {FORMAT_VERSION}): it was trained before that existed. "
+            + RETRAIN.format(path="export/speckv.onnx", version=1).replace(
+                "retrain and re-export it", "Retrain and export it", 1) + ".")
     names = tuple(str(n) for n in meta.get("feature_names") or ())
+    pre_names = tuple(str(n) for n in meta.get("pre_feature_names") or PRE_FEATURE_NAMES)
     gammas = tuple(int(g) for g in meta.get("gammas") or ())
     n_features, gamma_max = int(mlp.mean.numel()), int(mlp.gamma_max)
     if len(names) != n_features:
         raise ExportError(f"The checkpoint lists {len(names)} feature names, but its MLP takes "
                           f"{n_features} features. The checkpoint's metadata is inconsistent; "
                           "retrain.")
-    if len(set(names)) != len(names):
-        raise ExportError(f"The checkpoint repeats a feature name: {list(names)}.")
+    if len(pre_names) != int(pre_mlp.mean.numel()) or int(pre_mlp.gamma_max) != gamma_max:
+        raise ExportError(f"The checkpoint lists {len(pre_names)} pre-draft feature names, but "
+                          f"its pre-draft MLP takes {int(pre_mlp.mean.numel())} features (and "
+                          f"predicts {int(pre_mlp.gamma_max)} depths, the step MLP "
+                          f"{gamma_max}). The checkpoint is inconsistent; retrain.")
+    for listed in (names, pre_names):
+        if len(set(listed)) != len(listed):
+            raise ExportError(f"The checkpoint repeats a feature name: {list(listed)}.")
     if not gammas or list(gammas) != sorted(set(gammas)) or gammas[0] < 1 \
             or gammas[-1] > gamma_max:
         raise ExportError(f"The checkpoint's candidate γs {list(gammas)} must be increasing "
                           f"integers in 1..{gamma_max} (the MLP's survival depth).")
     return ControllerInfo(
         feature_names=names,
+        pre_feature_names=pre_names,
         gammas=gammas,
         compressions=tuple(str(c) for c in meta.get("compressions") or COMPRESSIONS),
         feature_set=str(meta.get("feature_set", "unknown")),
         objective=str(meta.get("objective", "unknown")),
         data_fingerprint=str(meta.get("data_fingerprint", "unknown")),
         speckv_version=speckv.__version__,
+        max_skip_run=int(meta.get("max_skip_run", MAX_SKIP_RUN)),
         format_version=FORMAT_VERSION,
     )
 
 
-def parity_rows(mlp: SurvivalMLP, meta: Mapping[str, Any], info: ControllerInfo
-                ) -> tuple[np.ndarray, np.ndarray, str]:
-    """The checkpoint's held-out ``parity_features``/``parity_costs``, float32.
+@dataclass(frozen=True)
+class ParityRows:
+    """Inputs on which the written graph is compared with PyTorch (float32, one row each)."""
 
-    Without them (a checkpoint from elsewhere), seeded synthetic rows around the MLP's feature
-    scaling stand in, and the report says so.
+    features: np.ndarray  # [rows, n_features]
+    pre_features: np.ndarray  # [rows, n_pre_features]
+    costs: np.ndarray  # [rows, n_gammas]
+    plain_cost: np.ndarray  # [rows, 1]
+    source: str  # "checkpoint" or "synthetic"
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def parity_rows(mlp: SurvivalMLP, meta: Mapping[str, Any], info: ControllerInfo) -> ParityRows:
+    """The checkpoint's held-out ``parity_*`` rows, float32.
+
+    Without them (a checkpoint from elsewhere), seeded synthetic rows around each MLP's
+    feature scaling stand in, and the report says so.
     """
-    n, g = len(info.feature_names), len(info.gammas)
-    feats, costs = meta.get("parity_features"), meta.get("parity_costs")
-    if feats is not None and costs is not None:
-        f = np.asarray(feats, dtype=np.float32)
-        c = np.asarray(costs, dtype=np.float32)
-        if f.ndim != 2 or f.shape[1] != n or c.shape != (f.shape[0], g) or not f.shape[0]:
-            raise ExportError(f"The checkpoint's parity rows have shapes {f.shape} and "
-                              f"{c.shape}; expected [rows, {n}] and [rows, {g}].")
-        if not (np.isfinite(f).all() and np.isfinite(c).all() and (c > 0).all()):
+    n, m, g = len(info.feature_names), len(info.pre_feature_names), len(info.gammas)
+    found = [meta.get(k) for k in ("parity_features", "parity_pre_features", "parity_costs",
+                                   "parity_plain_costs")]
+    if all(v is not None for v in found):
+        f, p, c, q = (np.asarray(v, dtype=np.float32) for v in found)
+        q = q.reshape(-1, 1)
+        rows = f.shape[0] if f.ndim == 2 else 0
+        if not rows or f.shape != (rows, n) or p.shape != (rows, m) or c.shape != (rows, g) \
+                or q.shape != (rows, 1):
+            raise ExportError(f"The checkpoint's parity rows have shapes {f.shape}, {p.shape}, "
+                              f"{c.shape} and {q.shape}; expected [rows, {n}], [rows, {m}], "
+                              f"[rows, {g}] and [rows, 1].")
+        if not all(np.isfinite(a).all() for a in (f, p, c, q)) or (c <= 0).any() \
+                or (q <= 0).any():
             raise ExportError("The checkpoint's parity rows hold non-finite features or "
                               "costs <= 0; retrain with the current datamodule.")
-        return f, c, "checkpoint"
+        return ParityRows(f, p, c, q, "checkpoint")
     log.warning("the checkpoint carries no parity rows; checking parity on %d synthetic rows",
                 SYNTHETIC_PARITY_ROWS)
     rng = np.random.default_rng(0)
-    mean = mlp.mean.detach().cpu().numpy().astype(np.float64)
-    std = mlp.std.detach().cpu().numpy().astype(np.float64)
-    f = (mean + std * rng.standard_normal((SYNTHETIC_PARITY_ROWS, n))).astype(np.float32)
+
+    def around(net: Any, width: int) -> np.ndarray:
+        mean = net.mean.detach().cpu().numpy().astype(np.float64)
+        std = net.std.detach().cpu().numpy().astype(np.float64)
+        return (mean + std * rng.standard_normal((SYNTHETIC_PARITY_ROWS, width))
+                ).astype(np.float32)
+
+    f, p = around(mlp, n), around(meta["pre_mlp"], m)
     c = np.sort(rng.uniform(0.01, 1.0, (SYNTHETIC_PARITY_ROWS, g)), axis=1).astype(np.float32)
-    return f, c, "synthetic"
+    q = rng.uniform(0.005, 0.2, (SYNTHETIC_PARITY_ROWS, 1)).astype(np.float32)
+    return ParityRows(f, p, c, q, "synthetic")
 
 
 # --------------------------------------------------------------------------------- export
@@ -186,29 +239,31 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def torch_graph(mlp: SurvivalMLP, info: ControllerInfo) -> Any:
-    """:class:`ControllerGraph` over a float32, eval-mode copy of ``mlp`` (``mlp`` untouched)."""
+def torch_graph(mlp: SurvivalMLP, info: ControllerInfo, pre_mlp: SurvivalMLP) -> Any:
+    """:class:`ExportGraph` over float32, eval-mode copies of the MLPs (they stay untouched)."""
     import torch
 
-    from speckv.train.network import ControllerGraph
+    from speckv.train.network import ControllerGraph, ExportGraph
 
     mlp = copy.deepcopy(mlp).to("cpu", torch.float32).eval()
-    return ControllerGraph(mlp, info.gammas).eval()
+    pre_mlp = copy.deepcopy(pre_mlp).to("cpu", torch.float32).eval()
+    return ExportGraph(ControllerGraph(mlp, info.gammas, pre_mlp)).eval()
 
 
 def to_onnx(graph: Any, info: ControllerInfo, opset: int = OPSET) -> onnx.ModelProto:
     """torch.onnx (dynamo) export of the controller graph with a dynamic batch axis."""
     import torch
 
-    n, g = len(info.feature_names), len(info.gammas)
-    example = (torch.zeros(2, n), torch.ones(2, g))
+    n, m, g = len(info.feature_names), len(info.pre_feature_names), len(info.gammas)
+    example = (torch.zeros(2, n), torch.zeros(2, m), torch.ones(2, g), torch.ones(2, 1))
     batch = torch.export.Dim("batch")
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
                 graph, example, None, dynamo=True, opset_version=opset, verbose=False,
                 input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={FEATURES: {0: batch}, COSTS: {0: batch}}, external_data=False,
+                dynamic_shapes={name: {0: batch} for name in INPUT_NAMES},
+                external_data=False,
             )
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
@@ -270,8 +325,8 @@ def _only_user(users: Mapping[str, list[Any]], name: str, op_type: str) -> Any |
     return None
 
 
-def fold_scaling(model: onnx.ModelProto) -> str:
-    """Fold ``(features - mean) / std`` into the first Gemm; say what was done.
+def fold_scaling(model: onnx.ModelProto, source: str = FEATURES) -> str:
+    """Fold ``(source - mean) / std`` into the first Gemm after it; say what was done.
 
     ``W (x - m) / s + b == (W / s) x + (b - (W / s) m)``. Dividing by ``s`` is always safe;
     moving ``m`` into the bias is not when ``|m| / s`` is large (a feature constant in
@@ -280,14 +335,14 @@ def fold_scaling(model: onnx.ModelProto) -> str:
     """
     users = _users(model)
     inits = _initializers(model)
-    sub = _only_user(users, FEATURES, "Sub")
+    sub = _only_user(users, source, "Sub")
     div = sub and _only_user(users, sub.output[0], "Div")
     gemm = div and _only_user(users, div.output[0], "Gemm")
     if not (sub and div and gemm) or sub.input[1] not in inits or div.input[1] not in inits \
             or len(gemm.input) < 3 or gemm.input[1] not in inits or gemm.input[2] not in inits \
             or _attr(gemm, "transA", 0) or _attr(gemm, "alpha", 1.0) != 1.0 \
             or _attr(gemm, "beta", 1.0) != 1.0:
-        return "not applied (no Sub -> Div -> Gemm on the features)"
+        return f"not applied (no Sub -> Div -> Gemm on {source})"
     mean = inits[sub.input[1]].astype(np.float64)
     std = inits[div.input[1]].astype(np.float64)
     trans_b = bool(_attr(gemm, "transB", 0))
@@ -300,7 +355,7 @@ def fold_scaling(model: onnx.ModelProto) -> str:
     offset = float(np.max(np.abs(mean) / std))
     if offset <= FOLD_MAX_OFFSET:
         bias = bias - w_scaled @ mean
-        gemm.input[0] = FEATURES
+        gemm.input[0] = source
         model.graph.node.remove(div)
         model.graph.node.remove(sub)
         done = "folded into the first Gemm"
@@ -369,7 +424,7 @@ def _prune(model: onnx.ModelProto) -> None:
 def simplify(model: onnx.ModelProto) -> dict[str, Any]:
     """Apply the latency rewrites in place; return what each did."""
     before = [n.op_type for n in model.graph.node]
-    scaling = fold_scaling(model)
+    scaling = {name: fold_scaling(model, name) for name in (FEATURES, PRE_FEATURES)}
     removed = drop_identity_ops(model)
     _prune(model)
     return {"scaling": scaling, "removed": removed, "nodes_before": len(before),
@@ -386,15 +441,24 @@ def annotate(model: onnx.ModelProto, info: ControllerInfo) -> None:
     model.producer_version = speckv.__version__
     model.graph.name = "speckv_controller"
     model.doc_string = (
-        "speckv controller: features [batch, n_features] + step costs per candidate γ "
-        "[batch, n_gammas] -> chosen γ, expected tokens per γ, survival curve. Metadata "
-        "speckv.* names the features (in order) and the candidate γs.")
+        "speckv controller (format 2), two decisions per step. Before the draft runs: "
+        "pre_features + costs + plain_cost -> speculate (1) or take a plain target step (0). "
+        "After the draft's first proposal: features + costs -> γ. Each decision reads only "
+        "its own inputs; metadata speckv.* names the features (in order), the candidate γs "
+        "and the plain steps in a row after which to draft anyway (max_skip_run).")
     docs = {
-        FEATURES: "raw decision-time features, in the order of speckv.feature_names",
-        COSTS: "seconds (any positive unit) of a step drafting each candidate γ",
-        GAMMA: "the candidate γ with the most expected tokens per unit cost",
+        FEATURES: "raw step features after the draft's first forward, in the order of "
+                  "speckv.feature_names",
+        PRE_FEATURES: "raw pre-draft features, in the order of speckv.pre_feature_names",
+        COSTS: "seconds (any positive unit) of a step drafting each candidate γ, its "
+               "catch-up forward included",
+        PLAIN_COST: "seconds (same unit) of a plain target step",
+        SPECULATE: "1: draft this step; 0: a plain target step (from pre_features)",
+        GAMMA: "the candidate γ with the most expected tokens per unit cost (from features)",
         EXPECTED_TOKENS: "E[tokens | γ] = 1 + sum_{k<=γ} survival_k, per candidate γ",
         SURVIVAL: "P(accept_len >= k | features), k = 1..gamma_max",
+        PRE_EXPECTED_TOKENS: "E[tokens | γ] from the pre-draft features",
+        PRE_SURVIVAL: "P(accept_len >= k | pre_features), k = 1..gamma_max",
     }
     for value in (*model.graph.input, *model.graph.output):
         value.doc_string = docs[value.name]
@@ -430,73 +494,110 @@ def audit(model: onnx.ModelProto, info: ControllerInfo) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ checking
-def check_parity(graph: Any, path: Path, features: np.ndarray, costs: np.ndarray,
-                 info: ControllerInfo) -> dict[str, Any]:
+def _gamma_errors(got: np.ndarray, want: np.ndarray, ratio: np.ndarray, gammas: tuple[int, ...]
+                  ) -> tuple[list[tuple[int, int, int]], int]:
+    """Rows whose γ differs from PyTorch's, less exact ties in PyTorch's own ratios."""
+    column = {g: i for i, g in enumerate(gammas)}
+    wrong, ties = [], 0
+    for row in np.nonzero(got != want)[0]:
+        a, b = ratio[row, column[int(want[row])]], ratio[row, column[int(got[row])]]
+        if abs(a - b) <= TIE_RTOL * max(abs(a), abs(b)):
+            ties += 1
+        else:
+            wrong.append((int(row), int(want[row]), int(got[row])))
+    return wrong, ties
+
+
+def check_parity(graph: Any, path: Path, rows: ParityRows, info: ControllerInfo
+                 ) -> dict[str, Any]:
     """Compare the written file (through the runtime) with PyTorch; raise if they disagree."""
     import torch
 
     from speckv.runtime import Controller, NumpyController
 
+    f, p, c, q = rows.features, rows.pre_features, rows.costs, rows.plain_cost
     with torch.inference_mode():
-        gamma_t, expected_t, survival_t = (
-            t.numpy() for t in graph(torch.from_numpy(features), torch.from_numpy(costs)))
-    controller = Controller.load(path, expected_features=info.feature_names,
-                                 expected_gammas=info.gammas)
-    pred = controller.predict(features, costs)
-    single = np.array([controller.choose(f, c) for f, c in zip(features, costs, strict=True)])
-    reference = NumpyController.load(path, expected_features=info.feature_names,
-                                     expected_gammas=info.gammas).predict(features, costs)
-    diff_expected = float(np.max(np.abs(pred.expected_tokens - expected_t)))
-    diff_survival = float(np.max(np.abs(pred.survival - survival_t)))
-    ratio = expected_t / costs
-    column = {g: i for i, g in enumerate(info.gammas)}
-    ties = 0
-    wrong = []
+        spec_t, gamma_t, expected_t, survival_t, pre_expected_t, pre_survival_t = (
+            t.numpy() for t in graph(*(torch.from_numpy(a) for a in (f, p, c, q))))
+    expect = {"expected_features": info.feature_names, "expected_gammas": info.gammas,
+              "expected_pre_features": info.pre_feature_names}
+    controller = Controller.load(path, **expect)
+    pred = controller.predict(f, c)
+    pre = controller.predict_pre(p, c, q)
+    single = np.array([controller.choose(a, b) for a, b in zip(f, c, strict=True)])
+    single_spec = np.array([controller.speculate(a, b, float(d[0]))
+                            for a, b, d in zip(p, c, q, strict=True)])
+    reference = NumpyController.load(path, **expect)
+    ref, ref_pre = reference.predict(f, c), reference.predict_pre(p, c, q)
+    diffs = {
+        "max_abs_diff_expected_tokens": float(np.max(np.abs(pred.expected_tokens - expected_t))),
+        "max_abs_diff_survival": float(np.max(np.abs(pred.survival - survival_t))),
+        "max_abs_diff_pre_expected_tokens":
+            float(np.max(np.abs(pre.expected_tokens - pre_expected_t))),
+        "max_abs_diff_pre_survival": float(np.max(np.abs(pre.survival - pre_survival_t))),
+    }
+    wrong, ties = [], 0
     for got in (pred.gamma, single):
-        for row in np.nonzero(got != gamma_t)[0]:
-            a, b = ratio[row, column[int(gamma_t[row])]], ratio[row, column[int(got[row])]]
-            if abs(a - b) <= TIE_RTOL * max(abs(a), abs(b)):
-                ties += 1
-            else:
-                wrong.append((int(row), int(gamma_t[row]), int(got[row])))
+        w, t = _gamma_errors(got, gamma_t, expected_t / c, info.gammas)
+        wrong += w
+        ties += t
+    # speculate differs only where the best ratio meets 1 / plain_cost within float32 noise
+    margin = np.max(pre_expected_t / c, axis=-1) * q[:, 0] - 1.0
+    spec_wrong = [int(r) for got in (pre.speculate, single_spec)
+                  for r in np.nonzero(got != spec_t.astype(bool))[0]
+                  if abs(margin[r]) > TIE_RTOL]
     report = {
-        "rows": len(features),
-        "max_abs_diff_expected_tokens": diff_expected,
-        "max_abs_diff_survival": diff_survival,
+        "rows": len(rows),
+        **diffs,
         "gamma_mismatches": len(wrong),
         "gamma_ties": ties,
+        "speculate_mismatches": len(spec_wrong),
+        "speculate_share": float(np.mean(spec_t)),
         "numpy_reference_max_abs_diff_expected_tokens":
-            float(np.max(np.abs(reference.expected_tokens - expected_t))),
-        "numpy_reference_gamma_mismatches": int(np.sum(reference.gamma != gamma_t)),
+            float(np.max(np.abs(ref.expected_tokens - expected_t))),
+        "numpy_reference_gamma_mismatches": int(np.sum(ref.gamma != gamma_t)),
+        "numpy_reference_speculate_mismatches":
+            int(np.sum(ref_pre.speculate != spec_t.astype(bool))),
     }
-    if wrong or not (diff_expected <= PARITY_ATOL and diff_survival <= PARITY_ATOL):
+    worst = max(diffs.values())
+    if wrong or spec_wrong or not worst <= PARITY_ATOL:
         raise ExportError(
-            f"The exported graph disagrees with PyTorch on {len(features)} parity rows: max "
-            f"|Δ expected tokens| {diff_expected:.3g}, max |Δ survival| {diff_survival:.3g} "
-            f"(limit {PARITY_ATOL:g}), γ differs on {len(wrong)} rows (row, torch, onnx): "
-            f"{wrong[:5]}. Nothing was written. This is a bug in the export; please report it.")
+            f"The exported graph disagrees with PyTorch on {len(rows)} parity rows: max "
+            f"|Δ| {worst:.3g} (limit {PARITY_ATOL:g}; {diffs}), γ differs on {len(wrong)} rows "
+            f"(row, torch, onnx): {wrong[:5]}, speculate on {len(spec_wrong)} rows "
+            f"{spec_wrong[:5]}. Nothing was written. This is a bug in the export; please "
+            "report it.")
     return report
 
 
-def decision_latency(path: Path, features: np.ndarray, costs: np.ndarray, info: ControllerInfo,
+def decision_latency(path: Path, rows: ParityRows, info: ControllerInfo,
                      calls: int = LATENCY_CALLS) -> dict[str, float]:
-    """p50/p99 microseconds of ``Controller.choose`` (batch 1, one thread)."""
+    """p50/p99 microseconds of ``Controller.choose`` and ``Controller.speculate`` (batch 1,
+    one thread)."""
     from speckv.runtime import Controller
 
     controller = Controller.load(path, expected_features=info.feature_names,
-                                 expected_gammas=info.gammas)
-    rows = len(features)
-    choose, clock = controller.choose, time.perf_counter_ns
+                                 expected_gammas=info.gammas,
+                                 expected_pre_features=info.pre_feature_names)
+    n = len(rows)
+    choose, speculate, clock = controller.choose, controller.speculate, time.perf_counter_ns
+    f, p, c = rows.features, rows.pre_features, rows.costs
+    q = rows.plain_cost[:, 0].tolist()
     for i in range(min(LATENCY_WARMUP, calls)):
-        choose(features[i % rows], costs[i % rows])
-    times = np.empty(calls, np.int64)
+        choose(f[i % n], c[i % n])
+        speculate(p[i % n], c[i % n], q[i % n])
+    times = np.empty((2, calls), np.int64)
     for i in range(calls):
-        f, c = features[i % rows], costs[i % rows]
+        a, b, d, e = f[i % n], c[i % n], p[i % n], q[i % n]
         start = clock()
-        choose(f, c)
-        times[i] = clock() - start
-    return {"calls": calls, "p50_us": float(np.percentile(times, 50)) / 1e3,
-            "p99_us": float(np.percentile(times, 99)) / 1e3}
+        choose(a, b)
+        mid = clock()
+        speculate(d, b, e)
+        times[:, i] = mid - start, clock() - mid
+    return {"calls": calls, "p50_us": float(np.percentile(times[0], 50)) / 1e3,
+            "p99_us": float(np.percentile(times[0], 99)) / 1e3,
+            "speculate_p50_us": float(np.percentile(times[1], 50)) / 1e3,
+            "speculate_p99_us": float(np.percentile(times[1], 99)) / 1e3}
 
 
 def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.PathLike[str],
@@ -504,17 +605,17 @@ def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.P
                       ) -> dict[str, Any]:
     """Export ``mlp`` with a checkpoint's ``speckv`` metadata to ``out``; return a report.
 
-    ``meta`` needs ``feature_names`` and ``gammas`` and should carry ``parity_features`` /
-    ``parity_costs`` (see :func:`speckv.train.network.load_checkpoint`). ``out`` is replaced
-    atomically, and only after the written graph has passed every check. ``latency_calls=0``
-    skips the timing.
+    ``meta`` needs ``feature_names``, ``gammas`` and ``pre_mlp`` (the pre-draft network) and
+    should carry the ``parity_*`` rows (see :func:`speckv.train.network.load_checkpoint`).
+    ``out`` is replaced atomically, and only after the written graph has passed every check.
+    ``latency_calls=0`` skips the timing.
     """
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is below {MIN_OPSET}, the least speckv supports.")
     out = Path(out)
     info = controller_info(mlp, meta)
-    features, costs, parity_source = parity_rows(mlp, meta, info)
-    graph = torch_graph(mlp, info)
+    rows = parity_rows(mlp, meta, info)
+    graph = torch_graph(mlp, info, meta["pre_mlp"])
     model = to_onnx(graph, info, opset)
     rewrites = simplify(model)
     annotate(model, info)
@@ -529,9 +630,8 @@ def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.P
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        checks["parity"] = {**check_parity(graph, tmp, features, costs, info),
-                            "source": parity_source}
-        checks["latency"] = (decision_latency(tmp, features, costs, info, latency_calls)
+        checks["parity"] = {**check_parity(graph, tmp, rows, info), "source": rows.source}
+        checks["latency"] = (decision_latency(tmp, rows, info, latency_calls)
                              if latency_calls else None)
 
     atomic_write(out, write_and_check)
@@ -540,6 +640,7 @@ def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.P
         "out": str(out),
         "bytes": len(data),
         "opset": opset,
+        "format_version": FORMAT_VERSION,
         "exporter": "torch.onnx.export(dynamo=True)",
         "nodes": nodes,
         "rewrites": rewrites,

@@ -1,16 +1,20 @@
-"""The plain ``nn.Module`` networks: the survival MLP and the controller graph that is exported.
+"""The plain ``nn.Module`` networks: the survival MLPs and the controller graph that is exported.
 
-The MLP maps a decision-time feature vector to γmax logits ``z_k``. The survival curve is
+A survival MLP maps a feature vector to γmax logits ``z_k``. The survival curve is
 
     s_k = P(accept_len >= k | x) = prod_{j<=k} sigmoid(z_j),
 
 monotone non-increasing in k by construction, written as ``exp(cumsum(logsigmoid(z)))``
 (which every ONNX exporter supports, unlike ``cumprod``). Expected tokens of a step that
-drafts γ tokens: ``E[γ] = 1 + sum_{k<=γ} s_k``. The controller picks the candidate γ with
-the most expected tokens per unit of cost, where ``costs[γ]`` is the machine's measured time
-for that step (γ draft forwards plus one target forward over γ+1 tokens).
+drafts γ tokens: ``E[γ] = 1 + sum_{k<=γ} s_k``; a plain step makes exactly one token.
 
-Feature scaling is a buffer of the network, so the exported graph takes raw features.
+A controller has two: the *pre-draft* MLP reads what is known before the draft runs
+(:data:`speckv.runtime.features.PRE_FEATURE_NAMES`) and decides whether to speculate at all
+(is some γ's ``E[γ] / cost(γ)`` above a plain step's ``1 / plain_cost``?); the *step* MLP reads
+the step vector after the draft's first proposal and picks γ >= 1 with the most expected
+tokens per unit of cost, where ``costs[γ]`` is the machine's measured time for that step.
+
+Feature scaling is a buffer of each network, so the exported graph takes raw features.
 """
 
 from __future__ import annotations
@@ -63,30 +67,80 @@ def expected_tokens(survival: torch.Tensor, gammas: Sequence[int]) -> torch.Tens
     return 1.0 + csum.index_select(-1, idx)
 
 
-class ControllerGraph(nn.Module):
-    """What ``speckv export`` writes: (features, costs) -> (γ, expected tokens, survival)."""
+def speculate_rule(expected: torch.Tensor, costs: torch.Tensor,
+                   plain_cost: torch.Tensor) -> torch.Tensor:
+    """True where some γ beats a plain step: ``max_γ E[γ] / cost(γ) > 1 / plain_cost``.
 
-    def __init__(self, mlp: SurvivalMLP, gammas: Sequence[int]) -> None:
+    ``plain_cost`` is ``[batch, 1]``; a tie goes to the plain step (it is the simpler one).
+    """
+    best = torch.amax(expected / costs, dim=-1, keepdim=True)
+    return (best * plain_cost > 1.0)[:, 0]
+
+
+class ControllerGraph(nn.Module):
+    """The step decision alone: (features, costs) -> (γ, expected tokens, survival).
+
+    With ``pre_mlp`` it also offers :meth:`speculate` (the pre-draft decision).
+    """
+
+    def __init__(self, mlp: SurvivalMLP, gammas: Sequence[int],
+                 pre_mlp: SurvivalMLP | None = None) -> None:
         super().__init__()
         self.mlp = mlp
+        self.pre_mlp = pre_mlp
         self.register_buffer("gammas", torch.as_tensor(list(gammas), dtype=torch.long))
         self.register_buffer("index", torch.as_tensor([g - 1 for g in gammas], dtype=torch.long))
 
+    def _expected(self, mlp: SurvivalMLP, x: torch.Tensor):
+        survival = mlp.survival(x)
+        return 1.0 + torch.cumsum(survival, dim=-1).index_select(-1, self.index), survival
+
     def forward(self, features: torch.Tensor, costs: torch.Tensor):
-        survival = self.mlp.survival(features)
-        expected = 1.0 + torch.cumsum(survival, dim=-1).index_select(-1, self.index)
+        expected, survival = self._expected(self.mlp, features)
         best = torch.argmax(expected / costs, dim=-1)
         return self.gammas.index_select(0, best), expected, survival
 
+    def pre(self, pre_features: torch.Tensor, costs: torch.Tensor, plain_cost: torch.Tensor):
+        """(speculate as int64, expected tokens, survival) of the pre-draft decision."""
+        if self.pre_mlp is None:
+            raise ValueError("this controller has no pre-draft network (trained before the "
+                             "decision not to speculate existed): retrain it.")
+        expected, survival = self._expected(self.pre_mlp, pre_features)
+        return speculate_rule(expected, costs, plain_cost).to(torch.long), expected, survival
+
+
+class ExportGraph(nn.Module):
+    """What ``speckv export`` writes (contract format 2, :mod:`speckv.runtime.contract`)::
+
+        (features, pre_features, costs, plain_cost)
+            -> (speculate, gamma, expected_tokens, survival, pre_expected_tokens, pre_survival)
+    """
+
+    def __init__(self, graph: ControllerGraph) -> None:
+        super().__init__()
+        if graph.pre_mlp is None:
+            raise ValueError("the controller has no pre-draft network; retrain it.")
+        self.controller = graph
+
+    def forward(self, features: torch.Tensor, pre_features: torch.Tensor, costs: torch.Tensor,
+                plain_cost: torch.Tensor):
+        gamma, expected, survival = self.controller(features, costs)
+        speculate, pre_expected, pre_survival = self.controller.pre(pre_features, costs,
+                                                                    plain_cost)
+        return speculate, gamma, expected, survival, pre_expected, pre_survival
+
 
 def load_checkpoint(path) -> tuple[SurvivalMLP, dict]:
-    """Read a training checkpoint into the plain MLP and speckv's metadata.
+    """Read a training checkpoint into the plain step MLP and speckv's metadata.
 
     A checkpoint written by :class:`speckv.train.module.SpeckvModule` carries, under the key
     ``"speckv"``: ``mlp_config`` ({n_features, gamma_max, hidden}), ``feature_names``,
     ``gammas``, ``compressions``, ``feature_set``, ``objective``, ``data_fingerprint`` and
-    ``parity_features`` / ``parity_costs`` (held-out rows for the export's parity check).
-    The MLP's weights are the ``state_dict`` entries prefixed ``mlp.``.
+    ``parity_features`` / ``parity_costs`` (held-out rows for the export's parity check);
+    since format 2 also ``pre_mlp_config``, ``pre_feature_names``, ``max_skip_run`` and
+    ``parity_pre_features`` / ``parity_plain_costs``. The step MLP's weights are the
+    ``state_dict`` entries prefixed ``mlp.``, the pre-draft MLP's ``pre_mlp.``; the latter is
+    returned in the metadata as ``meta["pre_mlp"]`` (absent in older checkpoints).
     """
     from pathlib import Path
 
@@ -101,9 +155,17 @@ def load_checkpoint(path) -> tuple[SurvivalMLP, dict]:
     if not meta:
         raise SpeckvError(f"{path} is not a speckv checkpoint (no 'speckv' entry). Train one "
                           "with `python -m speckv.train fit`.")
-    mlp = SurvivalMLP(**meta["mlp_config"])
-    state = {k.removeprefix("mlp."): v for k, v in ckpt["state_dict"].items()
-             if k.startswith("mlp.")}
-    mlp.load_state_dict(state)
-    mlp.eval()
-    return mlp, meta
+    meta = dict(meta)
+    nets = {}
+    for prefix, key in (("mlp.", "mlp_config"), ("pre_mlp.", "pre_mlp_config")):
+        if key not in meta:
+            continue
+        net = SurvivalMLP(**meta[key])
+        net.load_state_dict({k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items()
+                             if k.startswith(prefix)})
+        nets[prefix] = net.eval()
+    if "mlp." not in nets:
+        raise SpeckvError(f"{path} has no mlp_config in its speckv entry; retrain it.")
+    if "pre_mlp." in nets:
+        meta["pre_mlp"] = nets["pre_mlp."]
+    return nets["mlp."], meta

@@ -1,4 +1,5 @@
-"""``speckv export``: a small SurvivalMLP in tmp_path -> ONNX, checked against PyTorch."""
+"""``speckv export``: small step and pre-draft SurvivalMLPs in tmp_path -> ONNX (controller
+format 2), checked against PyTorch."""
 
 from __future__ import annotations
 
@@ -19,10 +20,17 @@ from speckv.export import graph as export_mod  # noqa: E402
 from speckv.export.graph import ExportError, export_controller, find_checkpoint  # noqa: E402
 from speckv.runtime import Controller, NumpyController  # noqa: E402
 from speckv.runtime.contract import FORMAT_VERSION  # noqa: E402
-from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS  # noqa: E402
+from speckv.runtime.features import (  # noqa: E402
+    COMPRESSIONS,
+    FEATURE_NAMES,
+    GAMMA_MAX,
+    GAMMAS,
+    MAX_SKIP_RUN,
+    PRE_FEATURE_NAMES,
+)
 from speckv.train.network import ControllerGraph, SurvivalMLP  # noqa: E402
 
-N, G = len(FEATURE_NAMES), len(GAMMAS)
+N, M, G = len(FEATURE_NAMES), len(PRE_FEATURE_NAMES), len(GAMMAS)
 
 
 def small_mlp(seed: int = 0, mean: np.ndarray | None = None,
@@ -37,6 +45,14 @@ def small_mlp(seed: int = 0, mean: np.ndarray | None = None,
     return mlp
 
 
+def small_pre_mlp(seed: int = 0) -> SurvivalMLP:
+    torch.manual_seed(100 + seed)
+    mlp = SurvivalMLP(M, GAMMA_MAX, hidden=(16, 16), dropout=0.1)
+    rng = np.random.default_rng(100 + seed)
+    mlp.set_scaling(torch.as_tensor(rng.uniform(0, 1, M)), torch.as_tensor(rng.uniform(0.2, 1, M)))
+    return mlp
+
+
 def rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     features = rng.normal(1.0, 1.5, (n, N)).astype(np.float32)
@@ -45,12 +61,24 @@ def rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return features, costs
 
 
-def small_meta(n_rows: int = 128) -> dict:
+def pre_rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-draft features and plain-step costs around the draft's break-even."""
+    rng = np.random.default_rng(seed + 1000)
+    pre = rng.normal(0.5, 0.6, (n, M)).astype(np.float32)
+    plain = rng.uniform(0.03, 0.12, (n, 1)).astype(np.float32)
+    return pre, plain
+
+
+def small_meta(n_rows: int = 128, seed: int = 0) -> dict:
     features, costs = rows(1, n_rows)
-    return {"feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS),
-            "compressions": list(COMPRESSIONS), "feature_set": "decision",
-            "objective": "tokens_per_s", "data_fingerprint": "sha256:test",
-            "parity_features": features, "parity_costs": costs}
+    pre, plain = pre_rows(1, n_rows)
+    return {"feature_names": list(FEATURE_NAMES), "pre_feature_names": list(PRE_FEATURE_NAMES),
+            "gammas": list(GAMMAS), "compressions": list(COMPRESSIONS),
+            "feature_set": "decision", "objective": "tokens_per_s",
+            "data_fingerprint": "sha256:test", "max_skip_run": MAX_SKIP_RUN,
+            "pre_mlp": small_pre_mlp(seed),
+            "parity_features": features, "parity_costs": costs,
+            "parity_pre_features": pre, "parity_plain_costs": plain}
 
 
 def torch_outputs(mlp: SurvivalMLP, features: np.ndarray, costs: np.ndarray):
@@ -59,29 +87,39 @@ def torch_outputs(mlp: SurvivalMLP, features: np.ndarray, costs: np.ndarray):
         return [t.numpy() for t in graph(torch.from_numpy(features), torch.from_numpy(costs))]
 
 
+def torch_pre_outputs(pre_mlp: SurvivalMLP, pre: np.ndarray, costs: np.ndarray,
+                      plain: np.ndarray):
+    graph = ControllerGraph(small_mlp().eval(), GAMMAS, pre_mlp.eval()).eval()
+    with torch.inference_mode():
+        return [t.numpy() for t in graph.pre(*(torch.from_numpy(a) for a in (pre, costs, plain)))]
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "nested" / "speckv.onnx"
     mlp = small_mlp()
-    report = export_controller(mlp, small_meta(), out, latency_calls=200)
-    return mlp, out, report
+    meta = small_meta()
+    report = export_controller(mlp, meta, out, latency_calls=200)
+    return mlp, out, report, meta["pre_mlp"]
 
 
 # ---------------------------------------------------------------------------------- graph
 def test_report_says_parity_holds(exported):
-    _, out, report = exported
+    _, out, report, _ = exported
     parity = report["parity"]
     assert parity["rows"] == 128 and parity["source"] == "checkpoint"
-    assert parity["gamma_mismatches"] == 0
-    assert parity["max_abs_diff_expected_tokens"] < 1e-4
-    assert parity["max_abs_diff_survival"] < 1e-4
-    assert report["latency"]["p50_us"] > 0
+    assert parity["gamma_mismatches"] == 0 and parity["speculate_mismatches"] == 0
+    assert 0 < parity["speculate_share"] < 1  # the parity rows exercise both answers
+    for key in ("expected_tokens", "survival", "pre_expected_tokens", "pre_survival"):
+        assert parity[f"max_abs_diff_{key}"] < 1e-4
+    assert report["latency"]["p50_us"] > 0 and report["latency"]["speculate_p50_us"] > 0
+    assert report["format_version"] == FORMAT_VERSION
     assert report["bytes"] == out.stat().st_size
 
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_dynamic_batch_matches_torch(exported, batch):
-    mlp, out, _ = exported
+    mlp, out, _, _ = exported
     features, costs = rows(100 + batch, batch)
     controller = Controller.load(out)
     pred = controller.predict(features, costs)
@@ -94,15 +132,30 @@ def test_dynamic_batch_matches_torch(exported, batch):
         gamma.tolist()
 
 
+@pytest.mark.parametrize("batch", [1, 9])
+def test_the_pre_draft_decision_matches_torch(exported, batch):
+    _, out, _, pre_mlp = exported
+    _, costs = rows(200 + batch, batch)
+    pre, plain = pre_rows(200 + batch, batch)
+    controller = Controller.load(out)
+    got = controller.predict_pre(pre, costs, plain)
+    speculate, expected, survival = torch_pre_outputs(pre_mlp, pre, costs, plain)
+    np.testing.assert_array_equal(got.speculate, speculate.astype(bool))
+    np.testing.assert_allclose(got.expected_tokens, expected, atol=1e-5)
+    np.testing.assert_allclose(got.survival, survival, atol=1e-5)
+    ref = NumpyController.load(out).predict_pre(pre, costs, plain)
+    np.testing.assert_array_equal(ref.speculate, speculate.astype(bool))
+
+
 def test_gammas_vary_on_the_test_rows(exported):
     """Otherwise the γ parity above would prove little."""
-    mlp, _, _ = exported
+    mlp, _, _, _ = exported
     features, costs = rows(5, 200)
     assert len(np.unique(torch_outputs(mlp, features, costs)[0])) >= 3
 
 
 def test_metadata(exported):
-    _, out, _ = exported
+    _, out, _, _ = exported
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert props["speckv.format_version"] == str(FORMAT_VERSION)
     assert props["speckv.version"] == speckv.__version__
@@ -112,6 +165,9 @@ def test_metadata(exported):
     assert props["speckv.feature_set"] == "decision"
     assert props["speckv.objective"] == "tokens_per_s"
     assert props["speckv.data_fingerprint"] == "sha256:test"
+    assert json.loads(props["speckv.pre_feature_names"]) == list(PRE_FEATURE_NAMES)
+    assert props["speckv.inputs"] == "features"
+    assert props["speckv.max_skip_run"] == str(MAX_SKIP_RUN)
 
 
 def _consumers(model, name: str) -> list[str]:
@@ -121,20 +177,23 @@ def _consumers(model, name: str) -> list[str]:
 def test_graph_is_valid_and_float32(exported):
     """What a runtime relies on. The exact op list is not pinned: it is the exporter's
     (torch.onnx, onnxscript, onnx), and an upgrade of any of them may reorder or swap ops."""
-    _, out, report = exported
+    _, out, report, _ = exported
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain: o.version for o in model.opset_import}[""] >= 17
     ops = [n.op_type for n in model.graph.node]
     assert "Dropout" not in ops
-    # scaling folded: the raw features go straight into the first layer
+    # scaling folded: the raw features go straight into the first layer of each network
     assert _consumers(model, "features") == ["Gemm"]
-    assert report["rewrites"]["scaling"] == "folded into the first Gemm"
+    assert _consumers(model, "pre_features") == ["Gemm"]
+    assert report["rewrites"]["scaling"] == {"features": "folded into the first Gemm",
+                                             "pre_features": "folded into the first Gemm"}
     # the simplification left nothing it would rewrite (whatever the exporter emitted)
     again = onnx.ModelProto()
     again.CopyFrom(model)
     assert export_mod.drop_identity_ops(again) == []
     assert export_mod.fold_scaling(again).startswith("not applied")
+    assert export_mod.fold_scaling(again, "pre_features").startswith("not applied")
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
     types = {v.type.tensor_type.elem_type
              for v in (*inferred.input, *inferred.output, *inferred.value_info)}
@@ -142,8 +201,11 @@ def test_graph_is_valid_and_float32(exported):
     assert onnx.TensorProto.DOUBLE not in types
     for value in (*model.graph.input, *model.graph.output):
         assert value.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
-    assert [v.name for v in model.graph.input] == ["features", "costs"]
-    assert [v.name for v in model.graph.output] == ["gamma", "expected_tokens", "survival"]
+    assert [v.name for v in model.graph.input] == ["features", "pre_features", "costs",
+                                                   "plain_cost"]
+    assert [v.name for v in model.graph.output] == ["speculate", "gamma", "expected_tokens",
+                                                    "survival", "pre_expected_tokens",
+                                                    "pre_survival"]
 
 
 def test_gamma_is_picked_in_the_graph(exported):
@@ -151,15 +213,17 @@ def test_gamma_is_picked_in_the_graph(exported):
     of its own expected tokens per unit cost, whatever costs come in."""
     import onnxruntime as ort
 
-    _, out, _ = exported
+    _, out, _, _ = exported
     model = onnx.load(out)
     gamma_out = next(v for v in model.graph.output if v.name == "gamma")
     assert gamma_out.type.tensor_type.elem_type == onnx.TensorProto.INT64
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     features, costs = rows(11, 200)
+    pre, plain = pre_rows(11, 200)
     chosen = []
     for cost in (costs, costs[:, ::-1].copy(), np.ones_like(costs)):
-        gamma, expected, _ = session.run(None, {"features": features, "costs": cost})
+        gamma, expected = session.run(["gamma", "expected_tokens"], {
+            "features": features, "costs": cost, "pre_features": pre, "plain_cost": plain})
         assert set(gamma.tolist()) <= set(GAMMAS)
         # the graph may divide differently (a reciprocal, another order): compare on the rows
         # that float32 rounding cannot tip
@@ -172,7 +236,7 @@ def test_gamma_is_picked_in_the_graph(exported):
 
 
 def test_exported_file_has_ordinary_permissions(exported):
-    _, out, _ = exported
+    _, out, _, _ = exported
     plain = out.parent / "plain"
     plain.write_bytes(b"")
     assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
@@ -198,7 +262,7 @@ def test_degenerate_scaling_keeps_the_mean_out_of_the_bias(tmp_path):
     meta = small_meta(64)
     meta["parity_features"][:, -1] = 1.0  # as in training: the feature never moves
     report = export_controller(mlp, meta, tmp_path / "c.onnx", latency_calls=0)
-    assert report["rewrites"]["scaling"].startswith("std folded")
+    assert report["rewrites"]["scaling"]["features"].startswith("std folded")
     model = onnx.load(tmp_path / "c.onnx")
     assert _consumers(model, "features") == ["Sub"]
     sub = next(n for n in model.graph.node if "features" in n.input)
@@ -207,14 +271,15 @@ def test_degenerate_scaling_keeps_the_mean_out_of_the_bias(tmp_path):
 
 
 def test_synthetic_parity_rows_without_checkpoint_rows(tmp_path):
-    meta = {"feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS)}
+    meta = {"feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS),
+            "pre_mlp": small_pre_mlp(5)}
     report = export_controller(small_mlp(seed=5), meta, tmp_path / "c.onnx", latency_calls=0)
     assert report["parity"]["source"] == "synthetic"
     assert report["metadata"]["speckv.data_fingerprint"] == "unknown"
 
 
 def test_numpy_reference_reads_the_exported_graph(exported):
-    mlp, out, _ = exported
+    mlp, out, _, _ = exported
     features, costs = rows(9, 50)
     ref = NumpyController.load(out).predict(features, costs)
     gamma, expected, _ = torch_outputs(mlp, features, costs)
@@ -227,6 +292,8 @@ def test_numpy_reference_reads_the_exported_graph(exported):
     ({"gammas": [0, 1, 2]}, "increasing integers in 1..8"),
     ({"gammas": list(range(1, 10))}, "increasing integers in 1..8"),
     ({"parity_costs": np.ones((3, G), np.float32)}, "parity rows have shapes"),
+    ({"pre_feature_names": list(PRE_FEATURE_NAMES[:-1])}, "7 pre-draft feature names"),
+    ({"pre_mlp": None}, r"no pre-draft network.*speckv.train fit.*speckv export"),
 ])
 def test_inconsistent_metadata_is_refused(tmp_path, change, pattern):
     meta = {**small_meta(16), **change}
@@ -277,11 +344,17 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------ CLI
 def _checkpoint(path: Path, mlp: SurvivalMLP, meta: dict) -> Path:
-    """A file shaped like a Lightning checkpoint of speckv.train.module.SpeckvModule."""
+    """A file shaped like a Lightning checkpoint of speckv.train.module.SpeckvModule
+    (without a pre-draft network when ``meta["pre_mlp"]`` is None: one written before it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta)
+    pre_mlp = meta.pop("pre_mlp")
     state = {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
-    meta = {**meta, "mlp_config": {"n_features": N, "gamma_max": GAMMA_MAX, "hidden": [16, 16],
-                                   "dropout": 0.1}}
+    config = {"gamma_max": GAMMA_MAX, "hidden": [16, 16], "dropout": 0.1}
+    meta["mlp_config"] = {"n_features": N, **config}
+    if pre_mlp is not None:
+        state |= {f"pre_mlp.{k}": v for k, v in pre_mlp.state_dict().items()}
+        meta["pre_mlp_config"] = {"n_features": M, **config}
     torch.save({"state_dict": state, "speckv": meta}, path)
     return path
 
@@ -304,6 +377,17 @@ def test_cli_exports_the_newest_checkpoint(tmp_path, capsys, monkeypatch):
     features, costs = rows(3, 20)
     got = Controller.load(tmp_path / "out/c.onnx").choose_batch(features, costs)
     np.testing.assert_array_equal(got, torch_outputs(small_mlp(seed=8), features, costs)[0])
+
+
+def test_cli_refuses_a_checkpoint_without_the_pre_draft_network(tmp_path, capsys):
+    """A checkpoint trained before format 2 cannot say when not to speculate: retrain."""
+    from speckv.__main__ import main
+
+    ckpt = _checkpoint(tmp_path / "old.ckpt", small_mlp(), {**small_meta(16), "pre_mlp": None})
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "c.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "no pre-draft network" in err and "speckv.train fit" in err
+    assert not (tmp_path / "c.onnx").exists()
 
 
 def test_cli_on_a_directory_and_text_summary(tmp_path, capsys):
@@ -390,3 +474,11 @@ def test_the_committed_runtime_fixture_is_current(tmp_path):
     old = Controller.load(ROOT / "tests/fixtures" / onnx_path.name)
     np.testing.assert_array_equal(
         old.choose_batch(fresh["features"], fresh["costs"])[decided], fresh["gamma"][decided])
+    # the pre-draft decision, wherever float32 cannot tip it
+    np.testing.assert_allclose(fresh["pre_expected_tokens"], committed["pre_expected_tokens"],
+                               rtol=RTOL_EXPECTED, atol=0)
+    margin = np.abs(np.max(committed["pre_expected_tokens"].astype(np.float64)
+                           / committed["costs"], 1) * committed["plain_cost"][:, 0] - 1)
+    clear = margin > 2 * (DEPTH + 2) * F32_EPS
+    assert clear.mean() >= 0.9
+    np.testing.assert_array_equal(fresh["speculate"][clear], committed["speculate"][clear])
