@@ -226,7 +226,8 @@ def check_croppable(model: LoadedModel | torch.nn.Module, role: str = "model") -
 
 def load_draft_for(spec: str, target: LoadedModel, dtype: str = "bfloat16") -> LoadedModel:
     """The draft for ``target``: the demo draft, a directory or hub id, or ``untrained[:L,..]``,
-    in the compute dtype ``dtype`` (speckv's own draft format too, stored in bf16).
+    on the target's device, in the compute dtype ``dtype`` (speckv's own draft format too,
+    stored in bf16; ``auto``: the target's compute dtype).
 
     ``untrained:0,1,2`` builds a draft from the target's layers 0, 1 and 2 without training
     (for experiments before the trained draft exists; it rarely agrees with the target).
@@ -235,11 +236,14 @@ def load_draft_for(spec: str, target: LoadedModel, dtype: str = "bfloat16") -> L
     from speckv import paths
     from speckv.llm.draft import DraftSpec, build_draft, load_draft
 
+    if dtype == "auto":
+        dtype = target.compute_dtype
     torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise ModelError(f"--dtype {dtype!r} is not a floating-point torch dtype: use bfloat16 "
                          "or float32 (float16 and float64 work too).")
     check_croppable(target, "target")
+    device = target.device
     started = time.perf_counter()
     if spec == UNTRAINED or spec.startswith(f"{UNTRAINED}:"):
         _, _, layers = spec.partition(":")
@@ -248,7 +252,8 @@ def load_draft_for(spec: str, target: LoadedModel, dtype: str = "bfloat16") -> L
         except ValueError:
             raise ModelError(f"--draft {spec!r}: write untrained:0,1,2 (target layer indices "
                               "to copy).") from None
-        model = build_draft(DraftSpec(base=target.name, init_layers=init)).to(torch_dtype)
+        model = build_draft(DraftSpec(base=target.name, init_layers=init)).to(device,
+                                                                              torch_dtype)
         model.eval()
         model.requires_grad_(False)
         draft = LoadedModel(spec, model, target.tokenizer, "fp16", dtype,
@@ -263,11 +268,11 @@ def load_draft_for(spec: str, target: LoadedModel, dtype: str = "bfloat16") -> L
     if isinstance(where, Path) and (where / "speckv_draft.json").is_file():
         # speckv's draft format, rebuilt in ``dtype`` from the base's weights and its bf16
         # own weights (casting a bf16-loaded draft up would keep the bf16 rounding)
-        model = load_draft(where, dtype=torch_dtype)
+        model = load_draft(where, dtype=torch_dtype).to(device)
         draft = LoadedModel(spec, model, load_tokenizer(spec), "fp16", dtype,
                             time.perf_counter() - started)
     else:
-        draft = load_model(spec, "fp16", dtype=dtype)
+        draft = load_model(spec, "fp16", dtype=dtype, device=str(device))
     check_same_tokenizer(draft.tokenizer, target.tokenizer)
     check_croppable(draft, "draft")
     return draft
