@@ -12,39 +12,61 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from speckv.distill.data import ANSWER_TOKENS, POOL_PER_TASK
 from speckv.llm.load import COMPRESSIONS
 from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
 
+DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (bad input is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="speckv draft", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="generate the target's answers to the training pool")
-    d.add_argument("--per-task", type=int, default=POOL_PER_TASK,
+    d.add_argument("--per-task", type=positive, default=POOL_PER_TASK,
                    help=f"pool prompts per task (default {POOL_PER_TASK})")
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--max-new-tokens", type=int, default=ANSWER_TOKENS)
+    d.add_argument("--batch-size", type=positive, default=16)
+    d.add_argument("--max-new-tokens", type=positive, default=ANSWER_TOKENS)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    d.add_argument("--threads", type=positive, help="torch threads (default: torch's)")
     t = sub.add_parser("distill", help="train the draft (resumable)")
-    t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--steps", type=positive, default=3000)
+    t.add_argument("--batch-size", type=positive, default=8)
+    t.add_argument("--lr", type=positive_float, default=5e-4)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int)
+    t.add_argument("--threads", type=positive)
     t.add_argument("--layers", default="0,1",
                    help="target layers the draft's layers start from (default 0,1)")
-    t.add_argument("--draft-vocab", type=int, default=None,
+    t.add_argument("--draft-vocab", type=positive, default=None,
                    help="tokens in the draft's reduced head, the most frequent of the target's "
                         "answers (default: the full vocabulary)")
     t.add_argument("--trained-head", action="store_true",
                    help="train and store the reduced head (default: the target's own output "
                         "embeddings of those tokens, frozen, stored as ids only)")
-    t.add_argument("--eval-every", type=int, default=100,
+    t.add_argument("--eval-every", type=positive, default=100,
                    help="steps between held-out agreement checks")
     e = sub.add_parser("evaluate", help="agreement and costs on held-out prompts")
     e.add_argument("--draft", default=DEMO_DRAFT,
@@ -52,13 +74,27 @@ def main(argv: list[str]) -> int:
                         "draft, folders of saved drafts, hub ids")
     e.add_argument("--target", default=DEMO_TARGET)
     e.add_argument("--compression", default=",".join(COMPRESSIONS))
-    e.add_argument("--per-task", type=int, default=10)
-    e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--dtype", default="bfloat16")
-    e.add_argument("--threads", type=int)
+    e.add_argument("--per-task", type=positive, default=10)
+    e.add_argument("--max-new-tokens", type=positive, default=64)
+    e.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    e.add_argument("--threads", type=positive)
     e.add_argument("--cold", action="store_true", help="also time a cold (GGUF) load")
     e.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "evaluate":  # refuse before minutes of loading
+        bad = [c for c in args.compression.split(",") if c.strip() not in COMPRESSIONS]
+        if bad:
+            ap.error(f"--compression {args.compression!r}: use levels among "
+                     f"{','.join(COMPRESSIONS)}, comma-separated.")
+        if not any(d.strip() for d in args.draft.split(",")):
+            ap.error("--draft: name at least one draft.")
+    if args.cmd == "distill":
+        try:
+            layers = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            layers = []
+        if not layers or min(layers) < 0:
+            ap.error(f"--layers {args.layers!r}: write target layer indices, e.g. 0,1,2,3.")
     if args.cmd == "data":
         from speckv.distill.data import generate_data
 
@@ -70,12 +106,6 @@ def main(argv: list[str]) -> int:
         from speckv.distill.train import train
         from speckv.llm.draft import DraftSpec
 
-        try:
-            layers = [int(x) for x in args.layers.split(",")]
-        except ValueError:
-            print(f"speckv draft distill: error: --layers {args.layers!r}: write target layer "
-                  "indices, e.g. 0,1,2,3.", file=sys.stderr)
-            return 2
         spec = DraftSpec(init_layers=layers, draft_vocab=args.draft_vocab,
                          trained_head=args.trained_head)
         started = time.time()
@@ -86,7 +116,8 @@ def main(argv: list[str]) -> int:
         from speckv.distill.evaluate import evaluate_drafts
 
         specs = [d.strip() for d in args.draft.split(",") if d.strip()]
-        report = evaluate_drafts(specs, args.target, args.compression.split(","),
+        report = evaluate_drafts(specs, args.target,
+                                 [c.strip() for c in args.compression.split(",")],
                                  per_task=args.per_task, max_new_tokens=args.max_new_tokens,
                                  dtype=args.dtype, threads=args.threads, cold=args.cold)
         if args.json:

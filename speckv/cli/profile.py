@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from speckv import paths
+from speckv.cli.draft import DTYPES, positive
 from speckv.profile.profiler import ProfileError, parse_shard, run_profile
 from speckv.prompts import SUITE_MAX, SUITE_SIZE, TASKS, Prompt, load_jsonl, suites
 from speckv.records import merge, read_records
@@ -56,21 +57,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--policy", default="fixed:4", help="live mode: the γ policy")
     ap.add_argument("--temperature", type=float, default=0.0, help="live mode: sampling")
     ap.add_argument("--seed", type=int, default=0, help="live mode: sampling seed")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=positive, default=96)
     ap.add_argument("--device", default="auto", help=DEVICE_HELP)
-    ap.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    ap.add_argument("--target-batch", type=int, default=TARGET_BATCH,
+    ap.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help=DTYPE_HELP)
+    ap.add_argument("--target-batch", type=positive, default=TARGET_BATCH,
                     help="trace mode: prompts whose target answers are decoded together "
                          "(1: each alone, as one-sequence decoding computes it)")
-    ap.add_argument("--draft-batch", type=int, default=DRAFT_BATCH,
+    ap.add_argument("--draft-batch", type=positive, default=DRAFT_BATCH,
                     help="trace mode: answers the draft runs over together")
     ap.add_argument("--shard", help="i/n, or auto: the launcher's rank and world size "
                                     "(torchrun RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS)")
-    ap.add_argument("--threads", type=int)
+    ap.add_argument("--threads", type=positive)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object (records, records/s, ...) on stdout")
     args = ap.parse_args(argv)
+    if not args.temperature >= 0:
+        ap.error(f"--temperature {args.temperature}: give 0 (greedy) or more.")
     comps = [c.strip() for c in args.compression.split(",") if c.strip()]
     bad = [c for c in comps if c not in COMPRESSIONS]
     if bad:
