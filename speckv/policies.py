@@ -3,37 +3,42 @@
 A step of speculative decoding, as both :mod:`speckv.evaluate.replay` (replay) and
 :mod:`speckv.decode.decoder` (live) run it:
 
-1. the draft's first forward of the step (catch-up on the new tokens + first proposal)
-   yields the decision-time features (:mod:`speckv.runtime.features`);
-2. ``gamma = min(policy.choose(ctx), ctx.max_gamma)`` is decided, before any more drafting;
+1. before the draft runs, ``policy.speculate(pre_ctx)`` (:class:`PreContext`: the pre-draft
+   features of :mod:`speckv.runtime.features`, the costs of a plain step and of a step drafting
+   each γ) decides whether to speculate at all. If not, the target decodes one token alone
+   (cost ``cost_verify_s[0]``); the draft does not run, and its next forward catches up on
+   that token too. A policy without a ``speculate`` method always speculates;
+2. otherwise the draft's first forward of the step (catch-up on every unseen token + first
+   proposal) yields the step's features, and ``gamma = min(policy.choose(ctx),
+   ctx.max_gamma)`` is decided, before any more drafting;
 3. the draft proposes tokens k = 1..gamma; after token k, ``policy.keep_drafting(k, top1,
    entropy)`` may end drafting early (per-token stopping rules); ``drafted`` <= gamma;
 4. the target verifies the drafted tokens in one forward; ``accepted`` of them survive;
 5. ``policy.observe(drafted, accepted)`` updates whatever state the policy keeps.
 
 When ``ctx.max_gamma == 0`` (one token left to produce) there is no decision: the step is a
-plain target forward and no policy method is called.
+plain target forward and no policy method is called. ``choose`` may also return ``PLAIN``
+(0) after the draft has run: the target then decodes one token alone, the draft's forward
+already paid (and its proposal scores that token); ``keep_drafting`` and ``observe`` are not
+called for a plain step. Deciding before the draft runs (``speculate``) is the cheaper way.
 
-``choose`` may also return ``PLAIN`` (0): no speculation this step, the target decodes one
-token alone (cost ``cost_verify_s[0]``); ``keep_drafting`` and ``observe`` are not called
-for it (nothing was drafted, there is no outcome to learn from). That decision belongs
-before the draft runs (the design's first decision), so a policy returning 0 must not rely
-on the step's draft statistics; :class:`BestStatic` reads only the compression level. Replay
-prices a plain step at the target's own step time, and the next speculative step at the
-trace's draft cost: after several plain steps a live draft would catch up on more tokens
-in that first forward, which the trace does not price, so replay is exact for a policy that
-either never or always speculates at a compression (as :class:`BestStatic` does) and
-slightly optimistic for one that mixes plain and speculative steps. The live decoder
-(:mod:`speckv.decode.decoder`) runs ``policy=None`` as plain steps throughout.
+Both decisions are exact under replay: the step features at a γ decision equal the trace's at
+that position whatever the policy did before (the catch-up forward completes the history), and
+the pre-draft features are the trace's history ``u`` positions back, where ``u`` is the number
+of emitted tokens the draft has not scored yet (replay tracks it as the decoder does).
 
-Cost of a step that drafts g tokens: ``g * cost_draft_s + cost_verify_s[g]``
-(``cost_verify_s[g]`` is one target forward over g+1 tokens; ``cost_verify_s[0]`` is a plain
-autoregressive step). The same formula is used by replay and by the learned controller.
+Cost of a step that drafts g tokens after a catch-up over n tokens:
+``t_catchup[n] + (g - 1) * cost_draft_s + cost_verify_s[g]``
+(:func:`speckv.runtime.costs.drafting_costs`; ``cost_verify_s[g]`` is one target forward over
+g+1 tokens, ``cost_verify_s[0]`` a plain autoregressive step). The same formula is used by
+replay, the decoder and the learned controller.
 
 Policies whose γ depends only on the features and costs of the step (no state, no
-per-token stopping) may also offer ``choose_batch(features [n, F], costs [n, G]) -> [n]``;
-replay then decides every step of a record file in one call. It must agree with ``choose``
-row by row.
+per-token stopping) may also offer ``choose_batch(features [n, F], costs [n, G]) -> [n]``,
+and a pre-draft decision that depends only on its context may offer
+``speculate_batch(pre_features [n, P], costs [n, G], plain_cost [n]) -> bool [n]`` (the
+decision when no probe is due, see :func:`probe_due`); replay then decides every step of a
+record file in a few calls. They must agree with ``choose`` / ``speculate`` row by row.
 
 This module imports numpy only: the live decoder and the torch-free runtime path use it. The
 torch-backed chooser for training checkpoints imports torch when it is built, not before.
@@ -50,7 +55,7 @@ from typing import Any, Final, Literal, Protocol
 import numpy as np
 
 from speckv.errors import SpeckvError
-from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, GAMMAS
+from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, GAMMAS, MAX_SKIP_RUN
 
 Objective = Literal["tokens_per_s", "tokens_per_step"]
 OBJECTIVES: Final = ("tokens_per_s", "tokens_per_step")
@@ -73,6 +78,9 @@ EMA_START: Final = float(HEURISTIC_START - 1)  # first γ = round(3) + 1 = 4, li
 
 #: what ``choose`` returns for a plain target step (no speculation this step).
 PLAIN: Final = 0
+#: per-token statistics ``keep_drafting`` may read; a policy lists those it needs in
+#: ``token_stats`` (the decoder computes only those), and one without the attribute gets both.
+TOKEN_STATS: Final = frozenset({"top1", "entropy"})
 
 SPECS: Final = ("ar", "fixed:K", "heuristic", "confidence:T", "entropy:T", "ema", "oracle",
                 "onnx:PATH", "ckpt:PATH")
@@ -99,15 +107,43 @@ class StepContext:
     oracle_accept_len: int | None = None
 
 
+@dataclass
+class PreContext:
+    """What a policy may look at when it decides whether to speculate (before the draft)."""
+
+    features: np.ndarray  # [N_PRE_FEATURES], speckv.runtime.features.PRE_FEATURE_NAMES order
+    compression: str
+    position: int  # tokens generated before this step
+    max_gamma: int  # most tokens this step may draft
+    costs: np.ndarray  # [len(GAMMAS)] seconds of a step drafting each γ (catch-up included)
+    plain_cost: float  # seconds of a plain target step
+    unseen: int  # tokens the draft's next forward catches up on (unsettled + 1)
+    skipped: int  # plain steps this policy chose in a row just before this one
+    #: as :attr:`StepContext.oracle_accept_len` (replay only, for :class:`Oracle`)
+    oracle_accept_len: int | None = None
+
+
+def probe_due(skipped: int, max_skip_run: int = MAX_SKIP_RUN) -> bool:
+    """After ``max_skip_run`` plain steps in a row a policy drafts anyway (a probe): the
+    history stops growing while the draft does not run, so only drafting can show that it
+    has become worth it again. It also bounds the catch-up forward and the staleness the
+    pre-draft features see (:data:`speckv.runtime.features.MAX_SKIP_RUN`)."""
+    return skipped >= max_skip_run
+
+
 class Policy(Protocol):
     name: str
 
     def reset(self) -> None:
         """Start of a new sequence."""
 
+    def speculate(self, ctx: PreContext) -> bool:
+        """Before the draft runs: draft this step (True) or a plain target step (False)?
+        Optional: a policy without it always speculates."""
+
     def choose(self, ctx: StepContext) -> int:
-        """How many tokens to draft at most (1..GAMMA_MAX), decided before drafting; or
-        ``PLAIN`` (0): a plain target step, replay only (see the module docstring)."""
+        """How many tokens to draft at most (1..GAMMA_MAX), decided after the draft's first
+        forward; or ``PLAIN`` (0): a plain target step (see the module docstring)."""
 
     def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
         """After drafting token k (1-based) with these draft statistics: draft token k+1?"""
@@ -126,8 +162,14 @@ class _Stateless:
 
     name: str
 
+    #: per-token statistics keep_drafting reads (none: it never stops early)
+    token_stats: frozenset[str] = frozenset()
+
     def reset(self) -> None:
         pass
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return True
 
     def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
         return True
@@ -195,13 +237,19 @@ class BestFixed(_Stateless):
 
 
 class Plain(_Stateless):
-    """Plain decoding: every step is the target alone (``choose`` returns ``PLAIN``).
+    """Plain decoding: every step is the target alone (``speculate`` is always False).
 
     In replay this is the target-alone baseline (its time is ``seq_len * cost_verify_s[0]``);
-    the live decoder spells it ``policy=None`` (spec ``ar``).
+    the live decoder spells it ``policy=None`` (spec ``ar``), which also skips the draft.
     """
 
     name = "plain"
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return False
+
+    def speculate_batch(self, pre_features, costs, plain_cost) -> np.ndarray:
+        return np.zeros(len(pre_features), bool)
 
     def choose(self, ctx: StepContext) -> int:
         return PLAIN
@@ -220,10 +268,10 @@ class BestStatic(_Stateless):
     """Per compression, the best of plain decoding and fixed γ = 1..8 on the training prompts.
 
     The strongest baseline that needs no per-step decision: where speculation does not pay
-    at all (a fast target, a weak draft) it decodes plainly. ``choose`` returns the fitted
-    choice of the step's compression: ``PLAIN`` (0) for a plain target step, else γ. Fitted
-    by :func:`speckv.evaluate.baselines.fit_best_static`; the constructor takes the already
-    made ``{compression: 0..8}``.
+    at all (a fast target, a weak draft) it decodes plainly: ``speculate`` is False there,
+    before the draft runs, so neither replay nor the decoder pays for it. Elsewhere ``choose``
+    returns the fitted γ. Fitted by :func:`speckv.evaluate.baselines.fit_best_static`; the
+    constructor takes the already made ``{compression: 0..8}`` (0: plain decoding).
     """
 
     def __init__(self, choices: Mapping[str, int], name: str = "best_static") -> None:
@@ -250,15 +298,21 @@ class BestStatic(_Stateless):
             out[comp] = _best_choice(row, PLAIN)
         return cls(out)
 
-    def choose(self, ctx: StepContext) -> int:
+    def _choice(self, compression: str) -> int:
         try:
-            return self.choices[ctx.compression]
+            return self.choices[compression]
         except KeyError:
             raise PolicyError(
-                f"{self.name} has no choice for compression {ctx.compression!r}: it was fitted "
+                f"{self.name} has no choice for compression {compression!r}: it was fitted "
                 f"on {', '.join(sorted(self.choices)) or 'nothing'}. Fit it on records that "
                 "include that compression level."
             ) from None
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return self._choice(ctx.compression) != PLAIN
+
+    def choose(self, ctx: StepContext) -> int:
+        return self._choice(ctx.compression)
 
 
 class Heuristic:
@@ -275,9 +329,13 @@ class Heuristic:
         self.start, self.cap = start, cap
         self.gamma = start
         self.name = "heuristic"
+        self.token_stats: frozenset[str] = frozenset()
 
     def reset(self) -> None:
         self.gamma = self.start
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return True
 
     def choose(self, ctx: StepContext) -> int:
         return self.gamma
@@ -303,6 +361,7 @@ class ConfidenceStop(_Stateless):
             raise PolicyError(f"confidence threshold must lie in [0, 1], got {threshold}.")
         self.threshold = float(threshold)
         self.name = f"confidence:{threshold:g}"
+        self.token_stats = frozenset({"top1"})
 
     def choose(self, ctx: StepContext) -> int:
         return GAMMA_MAX
@@ -323,6 +382,7 @@ class EntropyStop(_Stateless):
                               f"{threshold}.")
         self.threshold = float(threshold)
         self.name = f"entropy:{threshold:g}"
+        self.token_stats = frozenset({"entropy"})
 
     def choose(self, ctx: StepContext) -> int:
         return GAMMA_MAX
@@ -343,9 +403,13 @@ class EmaRule:
         self.rate, self.start = float(rate), float(start)
         self.ema = self.start
         self.name = "ema"
+        self.token_stats: frozenset[str] = frozenset()
 
     def reset(self) -> None:
         self.ema = self.start
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return True
 
     def choose(self, ctx: StepContext) -> int:
         return int(min(max(math.floor(self.ema + 0.5) + 1, 1), GAMMA_MAX))
@@ -360,8 +424,10 @@ class EmaRule:
 class Oracle(_Stateless):
     """Per-step upper bound: knows the step's accepted length L (replay only).
 
-    Picks the γ in 1..max_gamma maximising ``(min(L, γ) + 1) / cost(γ)`` (tokens per second)
-    or ``min(L, γ) + 1`` (tokens per step); ties go to the smaller γ.
+    Before the draft: a plain step when no γ's ``(min(L, γ) + 1) / cost(γ)`` beats a plain
+    step's ``1 / plain_cost`` (ties go to the plain step). After it: the γ in 1..max_gamma
+    maximising ``(min(L, γ) + 1) / cost(γ)`` (tokens per second) or ``min(L, γ) + 1``
+    (tokens per step); ties go to the smaller γ.
     """
 
     def __init__(self, objective: Objective = "tokens_per_s") -> None:
@@ -370,31 +436,46 @@ class Oracle(_Stateless):
         self.name = "oracle"
         self._gammas = np.asarray(GAMMAS, dtype=np.float64)
 
-    def choose(self, ctx: StepContext) -> int:
-        if ctx.oracle_accept_len is None:
+    def _values(self, accept_len: int | None, max_gamma: int, costs) -> np.ndarray:
+        if accept_len is None:
             raise PolicyError("The oracle needs each step's true accepted length, which only "
                               "offline replay of trace records knows (`speckv evaluate`); it "
                               "cannot drive the live decoder.")
-        m = max(int(ctx.max_gamma), 1)
-        tokens = np.minimum(float(ctx.oracle_accept_len), self._gammas[:m]) + 1.0
+        m = max(int(max_gamma), 1)
+        tokens = np.minimum(float(accept_len), self._gammas[:m]) + 1.0
         if self.objective == "tokens_per_s":
-            tokens = tokens / np.asarray(ctx.costs, dtype=np.float64)[:m]
-        return int(np.argmax(tokens)) + 1  # argmax takes the first (smallest γ) of ties
+            tokens = tokens / np.asarray(costs, dtype=np.float64)[:m]
+        return tokens
+
+    def speculate(self, ctx: PreContext) -> bool:
+        values = self._values(ctx.oracle_accept_len, ctx.max_gamma, ctx.costs)
+        plain = 1.0 / ctx.plain_cost if self.objective == "tokens_per_s" else 1.0
+        return bool(values.max() > plain)
+
+    def choose(self, ctx: StepContext) -> int:
+        values = self._values(ctx.oracle_accept_len, ctx.max_gamma, ctx.costs)
+        return int(np.argmax(values)) + 1  # argmax takes the first (smallest γ) of ties
 
 
 class Chooser(Protocol):
     """What :class:`Learned` needs: the runtime ``Controller`` or a training checkpoint's
-    :class:`speckv.train.chooser.TorchChooser`."""
+    :class:`speckv.train.chooser.TorchChooser`. A chooser may also offer ``speculate(
+    pre_features, costs, plain_cost) -> bool`` (and ``speculate_batch``, ``choose_batch``);
+    without it the learned policy always speculates."""
 
     def choose(self, features: np.ndarray, costs: np.ndarray) -> int:
         """γ for one feature vector ``[N_FEATURES]`` and step costs ``[len(GAMMAS)]``."""
 
 
 class Learned(_Stateless):
-    """The learned controller: γ with the most expected tokens per unit of cost.
+    """The learned controller: both decisions, by expected tokens per unit of cost.
 
+    Before the draft: speculate when the chooser's pre-draft head says so, or when a probe is
+    due (:func:`probe_due`, after the chooser's ``max_skip_run`` plain steps in a row). After
+    it: the γ with the most expected tokens per unit of cost.
     ``objective="tokens_per_step"`` passes unit costs, so the controller maximises expected
-    tokens per step alone (the seed paper's objective; it drifts to the largest γ).
+    tokens per step alone (the seed paper's objective; it drifts to the largest γ, and never
+    declines to speculate).
     """
 
     def __init__(self, chooser: Chooser, objective: Objective = "tokens_per_s",
@@ -406,10 +487,36 @@ class Learned(_Stateless):
         self.chooser = chooser
         self.objective = objective
         self.name = name
+        self.max_skip_run = int(getattr(chooser, "max_skip_run", MAX_SKIP_RUN))
+        self._speculate = getattr(chooser, "speculate", None)
+        self._speculate_batch = getattr(chooser, "speculate_batch", None)
+        if self._speculate is not None:  # replay decides in batches only when it can
+            self.speculate_batch = self._batch_speculate
 
     def _costs(self, costs: np.ndarray) -> np.ndarray:
         costs = np.asarray(costs, dtype=np.float32)
         return np.ones_like(costs) if self.objective == "tokens_per_step" else costs
+
+    def _plain(self, plain_cost):
+        return np.ones_like(plain_cost) if self.objective == "tokens_per_step" else plain_cost
+
+    def speculate(self, ctx: PreContext) -> bool:
+        if self._speculate is None or probe_due(ctx.skipped, self.max_skip_run):
+            return True
+        return bool(self._speculate(np.asarray(ctx.features, np.float32),
+                                    self._costs(ctx.costs), float(self._plain(ctx.plain_cost))))
+
+    def _batch_speculate(self, pre_features: np.ndarray, costs: np.ndarray,
+                         plain_cost: np.ndarray) -> np.ndarray:
+        """The pre-draft decision for many rows (no probe due): ``[n, P]``, ``[n, G]``,
+        ``[n]`` -> bool ``[n]``."""
+        pre = np.asarray(pre_features, np.float32)
+        costs = self._costs(costs)
+        plain = self._plain(np.asarray(plain_cost, np.float32).reshape(-1))
+        if self._speculate_batch is not None:
+            return np.asarray(self._speculate_batch(pre, costs, plain), dtype=bool)
+        return np.array([self._speculate(p, c, float(q))
+                         for p, c, q in zip(pre, costs, plain, strict=True)], dtype=bool)
 
     def choose(self, ctx: StepContext) -> int:
         return int(self.chooser.choose(np.asarray(ctx.features, np.float32),

@@ -18,8 +18,9 @@ Column groups (``SCHEMA`` below is the single definition):
 - decision: the raw decision-time signals that :mod:`speckv.runtime.features` turns into the vector;
 - per_position: the draft's entropy/top-1 probability at drafted positions k = 1..γmax;
 - outcome: accepted length, its cap, sampling acceptance probabilities;
-- cost: the run's measured draft cost per token and target cost to verify g drafted tokens;
-- live: what a live step actually did and how long it took;
+- cost: the run's measured draft cost per token, target cost to verify g drafted tokens and
+  (optional) draft cost of a catch-up forward over n tokens;
+- live: what a live step actually did and how long it took (in total and its parts);
 - paper: the seed paper's post-drafting statistics (imported rows only; never decision-time).
 """
 
@@ -91,15 +92,24 @@ SCHEMA: Final = (
     Column("accept_prob_k", _LIST, "outcome", nullable=True),
     Column("cost_draft_s", pa.float32(), "cost", nullable=True, finite=True),
     Column("cost_verify_s", _LIST, "cost", nullable=True),
+    # seconds of one draft forward over n = 1, 2, ... tokens (the catch-up after plain steps)
+    Column("cost_catchup_s", _LIST, "cost", nullable=True),
     Column("gamma", pa.int16(), "live", nullable=True),
     Column("drafted", pa.int16(), "live", nullable=True),
     Column("t_step_s", pa.float32(), "live", nullable=True),
+    # the step's draft forwards, its target forward, and its decisions (features + policy)
+    Column("t_draft_s", pa.float32(), "live", nullable=True),
+    Column("t_verify_s", pa.float32(), "live", nullable=True),
+    Column("t_decision_s", pa.float32(), "live", nullable=True),
     Column("paper_mean_entropy", pa.float32(), "paper", nullable=True, finite=True),
     Column("paper_mean_confidence", pa.float32(), "paper", nullable=True, finite=True),
     Column("paper_max_entropy", pa.float32(), "paper", nullable=True, finite=True),
     Column("paper_min_confidence", pa.float32(), "paper", nullable=True, finite=True),
 )
 COLUMNS: Final = tuple(c.name for c in SCHEMA)
+#: columns added after the first record files were written: absent from a frame (an older
+#: file, an older writer), they are filled with nulls.
+ADDED_COLUMNS: Final = ("cost_catchup_s", "t_draft_s", "t_verify_s", "t_decision_s")
 ARROW_SCHEMA: Final = pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in SCHEMA])
 DECISION_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "decision")
 PAPER_FEATURES: Final = ("paper_mean_entropy", "paper_mean_confidence", "paper_max_entropy",
@@ -117,6 +127,9 @@ def validate(df: pd.DataFrame, path: str | Path | None = None) -> pd.DataFrame:
     if len(df) == 0:
         raise RecordError(f"{where} holds no rows. Re-run `speckv profile` to produce records, "
                           "or drop the file from --data.records.")
+    absent = [c for c in ADDED_COLUMNS if c not in df.columns]
+    if absent:
+        df = df.assign(**{c: None for c in absent})
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise RecordError(
@@ -173,7 +186,7 @@ def validate(df: pd.DataFrame, path: str | Path | None = None) -> pd.DataFrame:
 def write_records(df: pd.DataFrame, path: str | Path, metadata: dict | None = None) -> Path:
     """Validate and write atomically (temporary file, then rename); never half a file."""
     path = Path(path)
-    validate(df, path)
+    df = validate(df, path)
     table = pa.Table.from_pandas(df[list(COLUMNS)], schema=ARROW_SCHEMA, preserve_index=False)
     if metadata:
         table = table.replace_schema_metadata({b"speckv": json.dumps(metadata).encode()})

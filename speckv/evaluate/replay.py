@@ -3,19 +3,30 @@
 Greedy speculative decoding is lossless, so a trace of the target's own answer, with the
 draft's proposals at every position, replays ANY policy exactly (see :mod:`speckv.policies`
 for what a step is). Replay of one answer of length n decoded with a budget of M new tokens
-(n < M when it ended with EOS, which the decoder cannot see coming)::
+(n < M when it ended with EOS, which the decoder cannot see coming), tracking ``u``, the
+emitted tokens the draft has not scored yet, as the decoder does::
 
-    p = 0
+    p = u = 0
     while p < n:
         max_gamma = min(8, M - p - 1)
         if max_gamma == 0: plain target step (cost_verify_s[0], one token)
-        γ = policy.choose(ctx)
-        if γ == 0: plain target step (cost_verify_s[0], one token); continue
+        if not policy.speculate(pre-draft features at (p, u), ...):   # before the draft
+            plain target step (cost_verify_s[0], one token); u += 1; continue
+        catch-up over n_u = u + 1 tokens; u = 0
+        γ = policy.choose(step features at p, ...)                     # after its first forward
+        if γ == 0: plain target step after the draft (t_catchup[n_u] + cost_verify_s[0])
         γ = min(γ, max_gamma)
         drafted = first k < γ where not keep_drafting(k, top1_k, entropy_k), else γ
         accepted = min(accept_len[p], drafted)         # accept_len <= n - p
-        time += drafted * cost_draft_s + cost_verify_s[drafted]
+        time += t_catchup[n_u] + (drafted - 1) * cost_draft_s + cost_verify_s[drafted]
+        u = 1 if every drafted token was accepted and a bonus token followed, else 0
         p += min(accepted + 1, n - p)                  # an accepted EOS brings no bonus token
+
+The pre-draft features at (p, u) are the trace's history at position ``p - u`` (the settled
+part) with the target's confidence and the position at ``p``
+(:func:`speckv.runtime.features.pre_from_step_features`); the step features at p are the
+trace's. ``t_catchup[n]`` comes from the records' ``cost_catchup_s`` where measured, else it is
+one draft token for every ``n`` (:mod:`speckv.runtime.costs`).
 
 Scores are measured outcomes and the run's measured costs, never a model's predictions.
 Statistics follow the design's protocol: the test prompts (records.split_prompts, the same
@@ -40,7 +51,6 @@ With n prompts in a group the p-value is exact over all 2^n sign patterns up to 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -48,10 +58,10 @@ import numpy as np
 import pandas as pd
 
 from speckv.errors import SpeckvError
-from speckv.policies import PLAIN, Objective, Policy, StepContext
+from speckv.policies import PLAIN, Objective, Policy, PreContext, StepContext, probe_due
 from speckv.records import feature_matrix, sequence_ids
-from speckv.runtime.costs import step_costs
-from speckv.runtime.features import GAMMA_MAX
+from speckv.runtime.costs import catchup_seconds, catchup_table, catchup_vector, drafting_costs
+from speckv.runtime.features import GAMMA_MAX, pre_from_step_features
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +102,9 @@ class Traces:
     """
 
     features: np.ndarray  # [n, N_FEATURES] float32
-    costs: np.ndarray  # [n, len(GAMMAS)] float32: seconds of a step drafting each γ
-    verify0: np.ndarray  # [n] seconds of a plain target step
+    draft: np.ndarray  # [n] seconds of one draft token
+    verify: np.ndarray  # [n, GAMMA_MAX + 1] seconds of a target forward over 1.. tokens
+    catchup: np.ndarray  # [n, CATCHUP_MAX] seconds of a draft forward over 1.. tokens
     accept: np.ndarray  # [n] accept_len
     top1_k: np.ndarray  # [n, GAMMA_MAX]
     entropy_k: np.ndarray  # [n, GAMMA_MAX]
@@ -103,7 +114,9 @@ class Traces:
     compression: np.ndarray  # [S] str
     task: np.ndarray  # [S] str
     prompt: np.ndarray  # [S] str: task/prompt_id, the unit of resampling
+    catchup_measured: bool = False  # any row with a measured catch-up cost
     _lists: dict[str, list] = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_sequences(self) -> int:
@@ -113,12 +126,42 @@ class Traces:
     def n_rows(self) -> int:
         return len(self.accept)
 
+    @property
+    def verify0(self) -> np.ndarray:
+        """``[n]`` seconds of a plain target step."""
+        return self.verify[:, 0]
+
+    @property
+    def costs(self) -> np.ndarray:
+        """``[n, len(GAMMAS)]`` seconds of a step drafting each γ after a one-token catch-up."""
+        return self.costs_for(1)
+
+    def costs_for(self, unseen: int) -> np.ndarray:
+        """``[n, len(GAMMAS)]`` float32: a step drafting each γ whose catch-up covers
+        ``unseen`` tokens."""
+        key = ("costs", unseen)
+        if key not in self._cache:
+            self._cache[key] = drafting_costs(self.draft, self.verify, self.catchup, unseen)
+        return self._cache[key]
+
+    def pre_features_for(self, unsettled: int) -> np.ndarray:
+        """``[n, N_PRE_FEATURES]``: each row's pre-draft vector with ``unsettled`` tokens
+        unsettled (rows closer than that to their answer's start are never asked for)."""
+        key = ("pre", unsettled)
+        if key not in self._cache:
+            rows = np.arange(self.n_rows)
+            first = np.repeat(self.starts, self.lengths)
+            settled = np.maximum(rows - unsettled, first)
+            self._cache[key] = pre_from_step_features(self.features, self.features[settled],
+                                                      unsettled)
+        return self._cache[key]
+
     def as_lists(self) -> dict[str, list]:
         """Python lists of the per-row arrays (scalar access in the replay loop is faster)."""
         if not self._lists:
             self._lists.update(accept=self.accept.tolist(), top1=self.top1_k.tolist(),
-                               entropy=self.entropy_k.tolist(),
-                               costs=self.costs.astype(np.float64).tolist(),
+                               entropy=self.entropy_k.tolist(), draft=self.draft.tolist(),
+                               verify=self.verify.tolist(), catch=self.catchup.tolist(),
                                verify0=self.verify0.tolist())
         return self._lists
 
@@ -136,6 +179,21 @@ def _stack(column: pd.Series, width: int, name: str) -> np.ndarray:
         raise EvaluateError(f"Column {name!r} must hold {width} values per row; re-profile the "
                             "records with this version of speckv.")
     return out
+
+
+def _catchup(df: pd.DataFrame, draft: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``[n, CATCHUP_MAX]`` catch-up seconds per row (measured, or one draft token) and
+    whether any row was measured."""
+    table = catchup_table(draft, None)
+    column = df["cost_catchup_s"] if "cost_catchup_s" in df.columns else None
+    if column is None:
+        return table, False
+    measured = column.map(lambda v: v is not None and len(v) > 0 and bool(
+        np.isfinite(np.asarray(v, np.float64)).all() and (np.asarray(v) > 0).all())
+    ).to_numpy(bool)
+    for i in np.flatnonzero(measured):
+        table[i] = catchup_table(draft[i], np.asarray(column.iat[i], np.float64))
+    return table, bool(measured.any())
 
 
 def replayable_rows(df: pd.DataFrame, warn: bool = True) -> np.ndarray:
@@ -192,15 +250,17 @@ def prepare(df: pd.DataFrame) -> Traces:
                             "position)); re-profile them.")
     verify = _stack(df["cost_verify_s"], GAMMA_MAX + 1, "cost_verify_s")
     draft = df["cost_draft_s"].to_numpy(np.float64)
-    costs = step_costs(draft, verify)
     if not (np.isfinite(verify).all() and (verify > 0).all() and (draft >= 0).all()):
         raise EvaluateError("cost_draft_s / cost_verify_s must be finite and positive; the "
                             "profile's cost measurement failed, re-profile.")
+    catchup, measured = _catchup(df, draft)
     first = df.iloc[starts]
     return Traces(
         features=feature_matrix(df),
-        costs=costs,
-        verify0=verify[:, 0],
+        draft=draft,
+        verify=verify,
+        catchup=catchup,
+        catchup_measured=measured,
         accept=accept,
         top1_k=_stack(df["draft_top1_k"], GAMMA_MAX, "draft_top1_k"),
         entropy_k=_stack(df["draft_entropy_k"], GAMMA_MAX, "draft_entropy_k"),
@@ -248,28 +308,61 @@ def _checked(name: str, gamma: Any) -> int:
     return g
 
 
+class _Decisions:
+    """A policy's batch methods, called once per catch-up size or staleness, on demand."""
+
+    def __init__(self, traces: Traces, policy: Policy) -> None:
+        self.traces, self.policy = traces, policy
+        self.choose_batch = getattr(policy, "choose_batch", None)
+        self.speculate_batch = getattr(policy, "speculate_batch", None)
+        self.max_skip_run = getattr(policy, "max_skip_run", None)
+        self._gammas: dict[int, list[int]] = {}
+        self._speculate: dict[int, list[bool]] = {}
+
+    def gammas(self, unseen: int) -> list[int]:
+        if unseen not in self._gammas:
+            t = self.traces
+            got = np.asarray(self.choose_batch(t.features, t.costs_for(unseen))).reshape(-1)
+            if len(got) != t.n_rows:
+                raise EvaluateError(f"Policy {self.policy.name!r}: choose_batch returned "
+                                    f"{len(got)} choices for {t.n_rows} rows.")
+            bad = (got < PLAIN) | (got > GAMMA_MAX)
+            if bad.any():
+                _checked(self.policy.name, got[np.flatnonzero(bad)[0]])
+            self._gammas[unseen] = got.astype(np.int64).tolist()
+        return self._gammas[unseen]
+
+    def speculate(self, unsettled: int, skipped: int) -> list[bool] | None:
+        """Each row's decision at this staleness, or None when a probe is due."""
+        if self.max_skip_run is not None and probe_due(skipped, self.max_skip_run):
+            return None
+        if unsettled not in self._speculate:
+            t = self.traces
+            got = np.asarray(self.speculate_batch(t.pre_features_for(unsettled),
+                                                  t.costs_for(unsettled + 1), t.verify0),
+                             dtype=bool).reshape(-1)
+            if len(got) != t.n_rows:
+                raise EvaluateError(f"Policy {self.policy.name!r}: speculate_batch returned "
+                                    f"{len(got)} decisions for {t.n_rows} rows.")
+            self._speculate[unsettled] = got.tolist()
+        return self._speculate[unsettled]
+
+
 def replay(traces: Traces, policy: Policy) -> Replay:
     """Replay ``policy`` on every sequence of ``traces`` (see the module docstring).
 
-    A choice of ``PLAIN`` (0) is a plain target step: one token at ``cost_verify_s[0]``, no
-    drafting, no ``keep_drafting`` or ``observe`` call (see :mod:`speckv.policies`).
+    A plain step (``speculate`` False before the draft, or ``PLAIN`` from ``choose`` after
+    it) makes one token at ``cost_verify_s[0]`` (plus the draft's forward when it ran), with
+    no ``keep_drafting`` or ``observe`` call (see :mod:`speckv.policies`).
     """
     S = traces.n_sequences
     lists = traces.as_lists()
     accept, top1, entropy = lists["accept"], lists["top1"], lists["entropy"]
-    costs, verify0 = lists["costs"], lists["verify0"]
-    feats, cost_rows = traces.features, traces.costs
-    pre: list[int] | None = None
-    batch = getattr(policy, "choose_batch", None)
-    if callable(batch):  # stateless policy: decide every row at once
-        pre_arr = np.asarray(batch(traces.features, traces.costs)).reshape(-1)
-        if len(pre_arr) != traces.n_rows:
-            raise EvaluateError(f"Policy {policy.name!r}: choose_batch returned {len(pre_arr)} "
-                                f"choices for {traces.n_rows} rows.")
-        bad = (pre_arr < PLAIN) | (pre_arr > GAMMA_MAX)
-        if bad.any():
-            _checked(policy.name, pre_arr[np.flatnonzero(bad)[0]])
-        pre = pre_arr.astype(np.int64).tolist()
+    draft, verify, catch, verify0 = lists["draft"], lists["verify"], lists["catch"], \
+        lists["verify0"]
+    feats = traces.features
+    batch = _Decisions(traces, policy)
+    speculate = getattr(policy, "speculate", None)
     choose, keep, observe = policy.choose, policy.keep_drafting, policy.observe
     out = np.zeros((5, S), np.float64)
     chosen = np.zeros((S, GAMMA_MAX + 1), np.int64)
@@ -279,6 +372,7 @@ def replay(traces: Traces, policy: Policy) -> Replay:
         comp = str(traces.compression[s])
         policy.reset()
         p = tokens = steps = drafted_sum = accepted_sum = 0
+        unsettled = skipped = 0  # emitted tokens the draft has not scored; plain steps in a row
         t = 0.0
         counts = [0] * (GAMMA_MAX + 1)
         while p < n:
@@ -290,18 +384,40 @@ def replay(traces: Traces, policy: Policy) -> Replay:
                 steps += 1
                 break
             max_gamma = left if left < GAMMA_MAX else GAMMA_MAX
-            if pre is None:
-                ctx = StepContext(feats[r], comp, p, max_gamma, cost_rows[r],
+            unseen = unsettled + 1
+            if speculate is not None:
+                if batch.speculate_batch is not None:
+                    rows = batch.speculate(unsettled, skipped)
+                    go = rows is None or rows[r]
+                else:
+                    pre = traces.pre_features_for(unsettled)[r]
+                    go = bool(speculate(PreContext(
+                        pre, comp, p, max_gamma, traces.costs_for(unseen)[r], verify0[r],
+                        unseen, skipped, _gain(accept[r], n - p))))
+                if not go:  # no speculation this step: the target decodes one token alone
+                    t += verify0[r]
+                    tokens += 1
+                    steps += 1
+                    counts[PLAIN] += 1
+                    p += 1
+                    unsettled += 1
+                    skipped += 1
+                    continue
+            skipped = 0
+            caught = catchup_seconds(catch[r], unseen)
+            if batch.choose_batch is not None:
+                g = batch.gammas(unseen)[r]
+            else:
+                ctx = StepContext(feats[r], comp, p, max_gamma, traces.costs_for(unseen)[r],
                                   _gain(accept[r], n - p))
                 g = _checked(policy.name, choose(ctx))
-            else:
-                g = pre[r]
             counts[g] += 1
-            if g == PLAIN:  # no speculation this step: the target decodes one token
-                t += verify0[r]
+            if g == PLAIN:  # the draft ran (its proposal scores this position), then plain
+                t += caught + verify0[r]
                 tokens += 1
                 steps += 1
                 p += 1
+                unsettled = 0
                 continue
             if g > max_gamma:
                 g = max_gamma
@@ -314,17 +430,24 @@ def replay(traces: Traces, policy: Policy) -> Replay:
             a = accept[r]
             if a > d:
                 a = d
-            made = a + 1 if a < n - p else n - p  # an accepted EOS: no bonus token
-            t += costs[r][d - 1]
+            bonus = a < n - p  # the target adds a token after the accepted ones
+            made = a + 1 if bonus else n - p  # an accepted EOS: no bonus token
+            t += caught + (d - 1) * draft[r] + verify[r][d]
             tokens += made
             steps += 1
             drafted_sum += d
             accepted_sum += a
             observe(d, a)
+            unsettled = 1 if bonus and a == d else 0  # a bonus token after a full acceptance
             p += made
         out[:, s] = (tokens, steps, drafted_sum, accepted_sum, t)
         chosen[s] = counts
     return Replay(policy.name, *out, chosen=chosen)
+
+
+#: codes of the bound's choices besides γ = 1..GAMMA_MAX
+_SKIP: Final = 0  # a plain step before the draft
+_PLAIN_AFTER_DRAFT: Final = GAMMA_MAX + 1  # the draft ran, then a plain step
 
 
 def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
@@ -333,60 +456,88 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
 
     The per-step :class:`~speckv.policies.Oracle` is greedy: after a step capped at γmax it
     can land on the very token the draft gets wrong and pay a whole drafting step for one
-    token, where a shorter step before it would have saved time. This dynamic programme over
-    positions finds the least total time (or, for ``tokens_per_step``, the fewest steps) of
-    any sequence of drafted lengths d in 1..max_gamma, which covers every up-front-γ and
-    stop-per-token policy: ``T[p] = min_d cost(d) + T[p + min(min(L_p, d) + 1, n - p)]``.
-    A plain target step (d = 0: one token at ``cost_verify_s[0]``, what :class:`BestStatic`
-    and the target alone do) is a candidate too, so the bound covers policies that skip
-    speculation. Drafting more than L_p tokens only costs more, so only d <= max(L_p, 1) is
-    tried; ties go to the smaller d (plain first). With ``plain_steps=False`` only d >= 1 is
-    tried (the budget's last token stays a plain step): the best of the policies that always
-    speculate, named ``BOUND_DRAFTING``; that is no bound for a policy taking plain steps.
+    token, where a shorter step before it would have saved time. This dynamic programme finds
+    the least total time (or, for ``tokens_per_step``, the fewest steps) over every sequence
+    of actions at every position p and every count u of tokens the draft has not scored
+    (its catch-up then covers u + 1 tokens): draft d in 1..max_gamma tokens, at
+    ``t_catchup[u + 1] + (d - 1)·t_draft + t_verify[d]``, after which u is 1 if all d were
+    accepted and a bonus token followed, else 0; a plain step (one token at
+    ``t_verify[0]``, u + 1), which covers policies that skip speculation (:class:`BestStatic`,
+    the learned one); and a plain step after the draft's forward (u back to 0). So it covers
+    every up-front-γ, stop-per-token and skipping policy. Ties go to the plain step, then the
+    smaller d. With ``plain_steps=False`` only d >= 1 is tried (the budget's last token stays a
+    plain step): the best of the policies that always speculate, named ``BOUND_DRAFTING``;
+    that is no bound for a policy taking plain steps.
     """
     S = traces.n_sequences
     lists = traces.as_lists()
-    accept, costs, verify0 = lists["accept"], lists["costs"], lists["verify0"]
+    accept, draft, verify, catch = lists["accept"], lists["draft"], lists["verify"], \
+        lists["catch"]
+    verify0 = lists["verify0"]
     by_time = objective == "tokens_per_s"
     out = np.zeros((5, S), np.float64)
     chosen = np.zeros((S, GAMMA_MAX + 1), np.int64)
     for s in range(S):
         start, n = int(traces.starts[s]), int(traces.lengths[s])
         budget = int(traces.budgets[s])
-        best = [0.0] * (n + 1)
-        pick = [0] * n  # 0: a plain target step (the budget's last token)
+        width = n + 1  # u = 0..n
+        best = np.zeros((n + 1, width + 1))
+        pick = np.zeros((n, width), np.int64)
         for p in range(n - 1, -1, -1):
             r = start + p
+            plain = verify0[r] if by_time else 1.0
             if budget - p - 1 == 0:
-                best[p] = (verify0[r] if by_time else 1.0) + best[p + 1]
+                best[p, :width] = plain + best[p + 1, :width]
                 continue
-            row = costs[r]
-            value, choice = math.inf, 1
+            if by_time:
+                caught = catchup_vector(traces.catchup[r], width)
+            value = np.full(width, np.inf)
+            choice = np.zeros(width, np.int64)
             if plain_steps:
-                value, choice = (verify0[r] if by_time else 1.0) + best[p + 1], 0
-            for d in range(1, max(accept[r], 1) + 1):
-                a = accept[r] if accept[r] < d else d
-                v = (row[d - 1] if by_time else 1.0) + best[p + min(a + 1, n - p)]
-                if v < value * (1 - 1e-12):
-                    value, choice = v, d
-            best[p], pick[p] = value, choice
-        p = steps = drafted_sum = accepted_sum = 0
+                value = plain + best[p + 1, 1:width + 1]
+            length = accept[r]
+            for d in range(1, min(GAMMA_MAX, budget - p - 1) + 1):
+                a = length if length < d else d
+                made = min(a + 1, n - p)
+                u_next = 1 if a == d and a < n - p else 0
+                cost = caught + (d - 1) * draft[r] + verify[r][d] if by_time else 1.0
+                v = cost + best[p + made, u_next]
+                better = v < value * (1 - 1e-12)
+                value = np.where(better, v, value)
+                choice[better] = d
+            if plain_steps:
+                v = (caught + verify0[r] if by_time else 1.0) + best[p + 1, 0]
+                better = v < value * (1 - 1e-12)
+                value = np.where(better, v, value)
+                choice[better] = _PLAIN_AFTER_DRAFT
+            best[p, :width] = value
+            pick[p] = choice
+        p = u = steps = drafted_sum = accepted_sum = 0
         t = 0.0
         while p < n:
             r = start + p
             steps += 1
-            d = pick[p]
-            if d == 0:
-                if budget - p - 1 > 0:
-                    chosen[s, 0] += 1  # a plain step by choice, not the budget's last token
+            if budget - p - 1 == 0:
                 t += verify0[r]
+                p += 1
+                continue
+            d = int(pick[p, u])
+            if d in (_SKIP, _PLAIN_AFTER_DRAFT):
+                chosen[s, 0] += 1  # a plain step by choice, not the budget's last token
+                t += verify0[r]
+                if d == _SKIP:
+                    u += 1
+                else:
+                    t += catchup_seconds(catch[r], u + 1)
+                    u = 0
                 p += 1
                 continue
             a = min(accept[r], d)
             chosen[s, d] += 1
-            t += costs[r][d - 1]
+            t += catchup_seconds(catch[r], u + 1) + (d - 1) * draft[r] + verify[r][d]
             drafted_sum += d
             accepted_sum += a
+            u = 1 if a == d and a < n - p else 0
             p += min(a + 1, n - p)
         out[:, s] = (n, steps, drafted_sum, accepted_sum, t)
     return Replay(BOUND if plain_steps else BOUND_DRAFTING, *out, chosen=chosen)

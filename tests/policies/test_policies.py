@@ -22,11 +22,20 @@ from speckv.policies import (
     Oracle,
     Plain,
     PolicyError,
+    PreContext,
     StepContext,
     from_spec,
+    probe_due,
 )
 from speckv.runtime.costs import step_costs
-from speckv.runtime.features import FEATURE_NAMES, GAMMA_MAX, GAMMAS, N_FEATURES
+from speckv.runtime.features import (
+    FEATURE_NAMES,
+    GAMMA_MAX,
+    GAMMAS,
+    MAX_SKIP_RUN,
+    N_FEATURES,
+    N_PRE_FEATURES,
+)
 from speckv.train.chooser import TorchChooser
 
 COSTS = step_costs(1.0, [10.0 + g for g in range(GAMMA_MAX + 1)])  # a step drafting g: 10 + 2g
@@ -36,6 +45,12 @@ def ctx(max_gamma: int = GAMMA_MAX, accept: int | None = None, compression: str 
         costs: np.ndarray = COSTS) -> StepContext:
     return StepContext(np.zeros(N_FEATURES, np.float32), compression, 0, max_gamma, costs,
                        oracle_accept_len=accept)
+
+
+def pre_ctx(plain_cost: float = 10.0, skipped: int = 0, accept: int | None = None,
+            compression: str = "fp16", max_gamma: int = GAMMA_MAX) -> PreContext:
+    return PreContext(np.zeros(N_PRE_FEATURES, np.float32), compression, 0, max_gamma, COSTS,
+                      plain_cost, skipped + 1, skipped, oracle_accept_len=accept)
 
 
 def test_policies_module_stays_torch_and_pandas_free():
@@ -152,6 +167,33 @@ def test_oracle_breaks_ties_to_the_smaller_gamma():
 def test_oracle_refuses_to_run_live():
     with pytest.raises(PolicyError, match="replay"):
         Oracle().choose(ctx(accept=None))
+    with pytest.raises(PolicyError, match="replay"):
+        Oracle().speculate(pre_ctx(accept=None))
+
+
+def test_oracle_takes_a_plain_step_where_no_draft_pays():
+    # L=0: every γ makes one token at 12 s or more, a plain step makes it at 10 s
+    assert not Oracle().speculate(pre_ctx(accept=0))
+    # L=1: γ=1 makes two tokens in 12 s (1/6 per s) against 1/10 per s
+    assert Oracle().speculate(pre_ctx(accept=1))
+    # a tie goes to the plain step; per step, a plain step ties a failed draft
+    assert not Oracle().speculate(pre_ctx(accept=1, plain_cost=6.0))
+    assert not Oracle("tokens_per_step").speculate(pre_ctx(accept=0))
+    assert Oracle("tokens_per_step").speculate(pre_ctx(accept=1))
+
+
+def test_the_rules_always_speculate_and_ask_only_for_the_statistics_they_read():
+    for policy, stats in ((FixedGamma(2), set()), (Heuristic(), set()), (EmaRule(), set()),
+                          (ConfidenceStop(), {"top1"}), (EntropyStop(), {"entropy"})):
+        assert policy.speculate(pre_ctx())
+        assert set(policy.token_stats) == stats, policy.name
+
+
+def test_probe_after_max_skip_run_plain_steps():
+    assert not probe_due(MAX_SKIP_RUN - 1) and probe_due(MAX_SKIP_RUN)
+
+
+
 
 
 class RecordingChooser:
@@ -177,6 +219,43 @@ def test_learned_passes_costs_or_ones_by_objective():
         Learned(chooser, objective="latency")
     with pytest.raises(PolicyError):
         Learned(object())
+
+
+class SkippingChooser(RecordingChooser):
+    """A chooser whose pre-draft head never speculates."""
+
+    max_skip_run = 3
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.plain: list[float] = []
+
+    def speculate(self, pre_features, costs, plain_cost) -> bool:
+        assert pre_features.shape == (N_PRE_FEATURES,)
+        self.costs.append(np.array(costs))
+        self.plain.append(plain_cost)
+        return False
+
+    def speculate_batch(self, pre_features, costs, plain_cost):
+        return np.zeros(len(pre_features), bool)
+
+
+def test_learned_declines_to_speculate_until_a_probe_is_due():
+    chooser = SkippingChooser()
+    policy = Learned(chooser)
+    assert policy.max_skip_run == 3
+    assert [policy.speculate(pre_ctx(skipped=k)) for k in range(5)] == [False] * 3 + [True] * 2
+    assert chooser.plain == [10.0] * 3  # a probe does not ask the chooser
+    np.testing.assert_allclose(chooser.costs[-1], COSTS)
+    Learned(chooser, objective="tokens_per_step").speculate(pre_ctx())
+    assert chooser.plain[-1] == 1.0
+    np.testing.assert_allclose(chooser.costs[-1], np.ones(len(GAMMAS)))
+    rows = policy.speculate_batch(np.zeros((4, N_PRE_FEATURES)), np.tile(COSTS, (4, 1)),
+                                  np.full(4, 10.0))
+    assert rows.tolist() == [False] * 4
+    # a chooser without a pre-draft head (a checkpoint chooser, v1 files) always speculates
+    assert Learned(RecordingChooser(2)).speculate(pre_ctx())
+    assert not hasattr(Learned(RecordingChooser(2)), "speculate_batch")
 
 
 def _constant_mlp(bias: float):
@@ -253,6 +332,9 @@ def test_best_fixed_from_scores_breaks_near_ties_to_the_smaller_gamma():
 
 def test_plain_always_chooses_a_plain_step():
     assert PLAIN == 0
+    assert not Plain().speculate(pre_ctx())
+    assert Plain().speculate_batch(np.zeros((3, N_PRE_FEATURES)), None, None).tolist() == \
+        [False] * 3
     assert Plain().choose(ctx()) == PLAIN
     assert Plain().choose(ctx(max_gamma=1, compression="nf4")) == PLAIN
 
@@ -260,6 +342,9 @@ def test_plain_always_chooses_a_plain_step():
 def test_best_static_chooses_plain_or_gamma_by_compression():
     pol = BestStatic({"fp16": 3, "nf4": PLAIN})
     assert pol.name == "best_static"
+    # the plain choice is made before the draft runs, so the decoder never pays for it
+    assert pol.speculate(pre_ctx(compression="fp16"))
+    assert not pol.speculate(pre_ctx(compression="nf4"))
     assert pol.choose(ctx(compression="fp16")) == 3
     assert pol.choose(ctx(compression="nf4")) == PLAIN
     with pytest.raises(PolicyError, match="int8"):
