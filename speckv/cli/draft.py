@@ -84,17 +84,17 @@ def main(argv: list[str]) -> int:
     if args.cmd == "evaluate":  # refuse before minutes of loading
         bad = [c for c in args.compression.split(",") if c.strip() not in COMPRESSIONS]
         if bad:
-            ap.error(f"--compression {args.compression!r}: use levels among "
+            e.error(f"--compression {args.compression!r}: use levels among "
                      f"{','.join(COMPRESSIONS)}, comma-separated.")
         if not any(d.strip() for d in args.draft.split(",")):
-            ap.error("--draft: name at least one draft.")
+            e.error("--draft: name at least one draft.")
     if args.cmd == "distill":
         try:
             layers = [int(x) for x in args.layers.split(",")]
         except ValueError:
             layers = []
         if not layers or min(layers) < 0:
-            ap.error(f"--layers {args.layers!r}: write target layer indices, e.g. 0,1,2,3.")
+            t.error(f"--layers {args.layers!r}: write target layer indices, e.g. 0,1,2,3.")
     if args.cmd == "data":
         from speckv.distill.data import generate_data
 
