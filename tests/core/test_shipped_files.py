@@ -1,0 +1,124 @@
+"""What the repository ships is usable as it is: the controller, the bundled records and the
+demo draft (read as a user would, through speckv's own loaders).
+
+A failure here means a shipped file fell behind the code (e.g. a new controller format):
+rebuild it with scripts/bundle.sh rather than loosening the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from locations import ROOT
+
+from speckv.records import read_metadata, validate
+from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS
+
+CONTROLLER = ROOT / "export" / "speckv.onnx"
+RECORD_FILES = sorted(ROOT.glob("datamodules/*/*.parquet"))
+DRAFT = ROOT / "models" / "speckv-draft"
+#: the demo draft stores only what it does not share with the target
+DRAFT_BUDGET_BYTES = 30_000_000
+
+
+@pytest.fixture(scope="module")
+def bundled_rows():
+    """Up to 700 rows per compression level of each bundled record file."""
+    import pandas as pd
+
+    frames = []
+    for path in RECORD_FILES:
+        df = pq.read_table(path).to_pandas()
+        frames += [group.sample(min(len(group), 700), random_state=0)
+                   for _, group in df.groupby("compression", observed=True)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_records_are_bundled():
+    assert RECORD_FILES, "no datamodules/*/*.parquet"
+
+
+@pytest.mark.parametrize("path", RECORD_FILES, ids=lambda p: p.parent.name)
+def test_bundled_records_validate_and_carry_their_metadata(path: Path):
+    df = validate(pq.read_table(path).to_pandas(), path)
+    assert len(df) > 0
+    assert set(df["compression"].astype(str)) <= set(COMPRESSIONS)
+    meta = read_metadata(path)
+    runs = meta.get("runs")
+    assert isinstance(runs, dict) and runs, f"{path} has no run metadata"
+    assert set(df["run_id"].astype(str)) <= set(runs), "rows of runs the metadata omits"
+    for run_id, run in runs.items():
+        assert run.get("draft") and run.get("target"), run_id
+        assert run.get("compression") in COMPRESSIONS, run_id
+        cost = run.get("cost") or {}
+        assert cost.get("cost_draft_s", 0) > 0, run_id
+        verify = cost.get("cost_verify_s") or []
+        assert len(verify) == GAMMA_MAX + 1 and min(verify) > 0, run_id
+    # each folder is a LightningCLI --data config with a data card
+    assert (path.parent / "data.yaml").is_file()
+    assert (path.parent / "README.md").is_file()
+
+
+def test_the_shipped_controller_loads_and_chooses_a_gamma_on_bundled_rows(bundled_rows):
+    from speckv.records import feature_matrix
+    from speckv.runtime import Controller
+    from speckv.runtime.costs import step_costs
+
+    ctrl = Controller.load(CONTROLLER)  # checks format, feature names and order, γs
+    assert tuple(ctrl.feature_names) == tuple(FEATURE_NAMES)
+    assert tuple(ctrl.gammas) == GAMMAS
+    features = feature_matrix(bundled_rows)
+    costs = step_costs(bundled_rows["cost_draft_s"].to_numpy(np.float64),
+                       np.stack(bundled_rows["cost_verify_s"].to_numpy()))
+    gammas = ctrl.choose_batch(features, costs)
+    assert gammas.shape == (len(bundled_rows),)
+    assert set(np.unique(gammas)) <= set(GAMMAS)
+    # one row at a time gives the same choice as the batch
+    for i in range(0, len(bundled_rows), 97):
+        assert ctrl.choose(features[i], costs[i]) == gammas[i]
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
+    with path.open("rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(size))
+
+
+def test_the_demo_draft_card_is_well_formed():
+    card = json.loads((DRAFT / "speckv_draft.json").read_text())
+    assert isinstance(card.get("base"), str) and card["base"]
+    layers = card.get("init_layers")
+    assert isinstance(layers, list) and layers
+    assert all(isinstance(i, int) and i >= 0 for i in layers) and len(set(layers)) == len(layers)
+    vocab = card.get("draft_vocab")
+    assert vocab is None or (isinstance(vocab, int) and vocab > 0)
+    assert isinstance(card.get("trained_head", False), bool)
+    assert (DRAFT / "README.md").is_file()  # the model card
+
+
+def test_the_demo_draft_stores_no_shared_tensors_and_stays_small():
+    card = json.loads((DRAFT / "speckv_draft.json").read_text())
+    weights = DRAFT / "draft.safetensors"
+    assert weights.stat().st_size < DRAFT_BUDGET_BYTES
+    tensors = {k: v for k, v in _safetensors_header(weights).items() if k != "__metadata__"}
+    # the target's embeddings (and its tied head) are taken from the target, never stored
+    assert not [k for k in tensors if k.startswith("model.embed_tokens.")]
+    stored_head = bool(card.get("draft_vocab")) and card.get("trained_head", False)
+    assert ("lm_head.weight" in tensors) == stored_head
+    # the draft's own layers, renumbered 0..n-1, one per init layer
+    layer_ids = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")}
+    assert layer_ids == set(range(len(card["init_layers"])))
+    if card.get("draft_vocab"):
+        assert tensors["lm_head.token_ids"]["shape"] == [card["draft_vocab"]]
+    # no two tensors share bytes
+    spans = sorted(tuple(v["data_offsets"]) for v in tensors.values())
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    float_dtypes = {v["dtype"] for k, v in tensors.items() if not k.endswith("token_ids")}
+    assert float_dtypes == {"BF16"}
