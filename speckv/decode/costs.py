@@ -88,6 +88,9 @@ class CostModel:
     threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     machine: dict[str, Any] | None = None
+    #: seconds of one draft forward over n = 1, 2, ... tokens (the catch-up after plain
+    #: steps), measured by :func:`speckv.decode.decoder.measure_catchup`; None: not measured
+    cost_catchup_s: list[float] | None = None
 
     def __post_init__(self) -> None:
         verify = [float(v) for v in self.cost_verify_s]

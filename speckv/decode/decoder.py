@@ -2,32 +2,46 @@
 
 One step (the definition :mod:`speckv.policies` documents):
 
-1. the draft's first forward catches up on the tokens it has not seen yet (one, or two after
-   a fully accepted step) and yields the first proposal's logits; those logits and the
-   agreement history give the decision-time features
-   (:func:`speckv.runtime.features.step_features`);
-2. ``γ = min(policy.choose(ctx), max_gamma)``, ``max_gamma = min(8, max_new_tokens -
-   produced - 1)``; when ``max_gamma == 0`` the step is a plain target step instead;
-3. the draft proposes up to γ tokens; ``policy.keep_drafting(k, top1, entropy)`` after each;
-4. the target verifies ``[last emitted token, drafted tokens...]`` in ONE forward;
-5. greedy: accept while the target's argmax equals the draft token, then emit the target's
+1. before the draft runs, ``policy.speculate(pre_ctx)`` decides whether to speculate at all
+   (from the agreement history as settled so far, the tokens it does not cover yet, the
+   position, the compression and the costs). If not, the target decodes one token alone and
+   its agreement is deferred: nothing has scored it yet;
+2. the draft's first forward catches up on every token it has not seen (one, two after a
+   fully accepted step, more after plain steps) in one batch: its rows score the deferred
+   tokens (the history is complete again) and the last yields the first proposal. Those
+   logits and the history give the step's features
+   (:func:`speckv.runtime.features.fill_step_features`);
+3. ``γ = min(policy.choose(ctx), max_gamma)``, ``max_gamma = min(8, max_new_tokens -
+   produced - 1)``; when ``max_gamma == 0`` the step is a plain target step instead. A
+   policy may also answer ``PLAIN`` here: the target then decodes one token, and the draft's
+   proposal scores it at once;
+4. the draft proposes up to γ tokens; ``policy.keep_drafting(k, top1, entropy)`` after each
+   (the decoder computes only the statistics the policy's ``token_stats`` lists);
+5. the target verifies ``[last emitted token, drafted tokens...]`` in ONE forward;
+6. greedy: accept while the target's argmax equals the draft token, then emit the target's
    token. Sampling (temperature > 0): accept token x with probability min(1, p(x)/q(x)); on
    rejection sample from norm(max(0, p − q)); after a fully accepted step sample the bonus
    token from p. Either way the output has exactly the target's distribution;
-6. both KV caches are cropped back to the accepted prefix (no recomputation). An emitted
+7. both KV caches are cropped back to the accepted prefix (no recomputation). An emitted
    EOS ends the answer, even inside the accepted drafted tokens (nothing after it is kept).
 
 Cache invariants between steps, for the sequence ``tokens`` (prompt + emitted):
-the target's cache holds ``tokens[:-1]``; the draft's holds ``tokens[:draft_seen]`` with one
-or two tokens still unseen. With policy ``None`` ("ar") the same loop runs plain target steps.
+the target's cache holds ``tokens[:-1]``; the draft's holds ``tokens[:draft_seen]``, and the
+``len(tokens) - draft_seen - 1`` tokens in between are exactly the deferred ones. With policy
+``None`` ("ar") the same loop runs plain target steps and the draft never runs.
 
-Agreement history (:class:`speckv.runtime.features.History`) is settled with every emitted token:
-agreed = "the draft's greedy token given the true prefix equals the emitted token". Accepted
-tokens and the first rejected position are known at verification (the draft's logits there
-were computed while drafting); the bonus token after a fully accepted step is settled by the
-next step's catch-up forward, which computes the draft's logits for that position. So the
-features at every decision equal those of a trace at the same position
-(:mod:`speckv.profile.profiler`).
+Agreement history (:class:`speckv.runtime.features.History`): agreed = "the draft's greedy
+token given the true prefix equals the emitted token". Accepted tokens and the first rejected
+position are known at verification (the draft's logits there were computed while drafting);
+the bonus token and the tokens of plain steps are deferred and settled by the next catch-up
+forward. So the features at every γ decision equal those of a trace at the same position
+whatever the policy did (:mod:`speckv.profile.profiler`), and the pre-draft features are the
+trace's history where the draft last ran (what replay rebuilds).
+
+The work between the forwards (statistics, features, the two decisions, bookkeeping) is
+timed per step: records carry ``t_draft_s``, ``t_verify_s`` and ``t_decision_s`` beside
+``t_step_s``; the statistics run in numpy on the float32 logits (one pass, no softmax tensor),
+where torch's reductions over a 49,152-token row cost several times more on a CPU.
 
 Greedy losslessness, exactly: every emitted token is the argmax of the target's logits in the
 forward that verified it. :attr:`DecodeResult.target_forwards` logs every target forward
@@ -62,8 +76,17 @@ import torch
 
 from speckv.decode.costs import lm_forward, new_cache
 from speckv.errors import SpeckvError
-from speckv.policies import Learned, Policy, StepContext
-from speckv.runtime.features import GAMMA_MAX, History, step_features
+from speckv.policies import PLAIN, TOKEN_STATS, Learned, Policy, PreContext, StepContext
+from speckv.runtime.costs import CATCHUP_MAX, StepCosts
+from speckv.runtime.features import (
+    GAMMA_MAX,
+    N_FEATURES,
+    N_PRE_FEATURES,
+    History,
+    RowStats,
+    fill_pre_features,
+    fill_step_features,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -155,11 +178,15 @@ def eos_ids(model: torch.nn.Module | LoadedModel) -> frozenset[int]:
     return frozenset(found)
 
 
-def _entropy_top1(logits: torch.Tensor) -> tuple[float, float]:
-    """Entropy (nats) and top-1 probability of one row of logits (as token_stats computes)."""
-    logp = torch.log_softmax(logits.float(), -1)
-    p = logp.exp()
-    return float(-(p * logp).sum()), float(p.max())
+def _rows(logits: torch.Tensor) -> np.ndarray:
+    """float32 numpy rows of logits (no copy when they are float32 already)."""
+    return logits.float().numpy()
+
+
+def token_prob(x: np.ndarray, token: int, stats: RowStats) -> float:
+    """softmax(x)[token] for one row of logits, in the statistics' one pass."""
+    best, _, top1, _ = stats.with_argmax(x)
+    return top1 if token == best else math.exp(float(x[token]) - float(x[best])) * top1
 
 
 def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafted: list[int],
@@ -198,8 +225,8 @@ class _Sequence:
     d_cache: DynamicCache | None  # holds tokens[:draft_seen]
     draft_seen: int
     history: History
-    pending_top1: float | None = None  # target prob. of a bonus token not yet settled
     forwards: list[TargetForward] = field(default_factory=list)  # the target's, in order
+    skipped: int = 0  # plain steps the policy chose in a row
 
     @property
     def produced(self) -> int:
@@ -240,28 +267,45 @@ class _Sampler:
                               self.generator)
 
 
-#: the record columns of a plain target step: nothing drafted, no decision taken.
+#: the record columns of a plain target step: nothing drafted, no γ decision taken.
 _PLAIN_RECORD: Final = {
     "draft_entropy": None, "draft_top1": None, "draft_margin": None,
     "target_top1_prev": None, "agree_ema": None, "agree_run": None,
     "draft_entropy_k": None, "draft_top1_k": None,
     "accept_len": 0, "accept_cap": 0, "accept_prob_k": None, "gamma": 0, "drafted": 0,
+    "t_draft_s": 0.0, "t_verify_s": 0.0, "t_decision_s": 0.0,
 }
+
+
+@dataclass
+class _Clock:
+    """Seconds spent in the step's draft forwards, target forward and decisions."""
+
+    draft: float = 0.0
+    verify: float = 0.0
+    decision: float = 0.0
+
+    def record(self) -> dict[str, float]:
+        return {"t_draft_s": self.draft, "t_verify_s": self.verify,
+                "t_decision_s": self.decision}
 
 
 class SpeculativeDecoder:
     """Speculative decoding of one sequence at a time with a γ policy (``None``: target alone).
 
     ``draft``/``target``: :class:`~speckv.llm.load.LoadedModel` or bare HF causal LMs sharing a
-    vocabulary. ``costs`` feeds ``StepContext.costs``; a learned policy needs it (others
-    ignore it, and get NaN when it is missing). ``eos_token_ids`` overrides the target's.
+    vocabulary. ``costs`` feeds the decisions' costs (with its ``cost_catchup_s`` when
+    measured); a learned policy needs it (others ignore it, and get NaN when it is missing).
+    ``eos_token_ids`` overrides the target's. ``record_token_stats``: compute the draft's
+    entropy and top-1 probability at every drafted token for the records, even where the
+    policy's stopping rule reads neither (by default only those it reads are computed).
     """
 
     def __init__(self, draft: torch.nn.Module | LoadedModel | None,
                  target: torch.nn.Module | LoadedModel, policy: Policy | None,
                  costs: CostModel | None = None, *, compression: str | None = None,
                  eos_token_ids: Iterable[int] | None = None, run_id: str | None = None,
-                 max_gamma: int = GAMMA_MAX) -> None:
+                 max_gamma: int = GAMMA_MAX, record_token_stats: bool = False) -> None:
         if policy is not None and draft is None:
             raise DecodeError(f"Policy {policy.name!r} drafts tokens: pass a draft model (or "
                               "use policy 'ar' for the target alone).")
@@ -278,8 +322,16 @@ class SpeculativeDecoder:
         self.max_gamma = max_gamma
         self.compression = compression or getattr(target, "compression", None) or "fp16"
         self.eos = frozenset(eos_token_ids) if eos_token_ids is not None else eos_ids(target)
-        self._step_costs = (costs.step_costs() if costs is not None
-                            else np.full(GAMMA_MAX, np.nan, np.float32))
+        catchup = getattr(costs, "cost_catchup_s", None) if costs is not None else None
+        self._costs = (StepCosts(costs.cost_draft_s, costs.cost_verify_s, catchup)
+                       if costs is not None else None)
+        self._nan_costs = np.full(GAMMA_MAX, np.nan, np.float32)
+        needs = getattr(policy, "token_stats", TOKEN_STATS) if policy is not None else ()
+        self._token_stats = bool(record_token_stats or set(needs) & TOKEN_STATS)
+        self._speculate = getattr(policy, "speculate", None)
+        self._stats = RowStats()
+        self._features = np.empty(N_FEATURES, np.float32)
+        self._pre = np.empty(N_PRE_FEATURES, np.float32)
         dtype = getattr(target, "compute_dtype", None) or str(
             next(self.target.parameters()).dtype).removeprefix("torch.")
         cost_verify = (np.asarray(costs.cost_verify_s, np.float32) if costs is not None
@@ -292,6 +344,7 @@ class SpeculativeDecoder:
             "mode": "live", "replayable": False,
             "cost_draft_s": costs.cost_draft_s if costs is not None else None,
             "cost_verify_s": cost_verify,
+            "cost_catchup_s": np.asarray(catchup, np.float32) if catchup else None,
             "paper_mean_entropy": None, "paper_mean_confidence": None,
             "paper_max_entropy": None, "paper_min_confidence": None,
         }
@@ -332,9 +385,13 @@ class SpeculativeDecoder:
             t0 = time.perf_counter()
             max_gamma = min(self.max_gamma, max_new_tokens - seq.produced - 1)
             if self.policy is None or max_gamma == 0:
-                emitted, record = self._plain_step(seq, sampler)
+                emitted, record = self._plain_step(seq, sampler, _Clock(), defer=False)
             else:
-                emitted, record = self._speculative_step(seq, max_gamma, sampler)
+                clock = _Clock()
+                if self._decide_to_speculate(seq, max_gamma, clock):
+                    emitted, record = self._speculative_step(seq, max_gamma, sampler, clock)
+                else:
+                    emitted, record = self._plain_step(seq, sampler, clock, defer=True)
             record.update(ident, step=len(steps), position=seq.produced)
             seq.tokens.extend(emitted)
             record["t_step_s"] = time.perf_counter() - t0
@@ -365,55 +422,107 @@ class SpeculativeDecoder:
         return _Sequence(list(prompt_ids), len(prompt_ids), t_cache, d_cache,
                          len(prompt_ids) - 1, History(), forwards=forwards)
 
-    def _plain_step(self, seq: _Sequence, sampler: _Sampler | None,
-                    ) -> tuple[list[int], dict[str, Any]]:
-        """One target forward, one token (policy "ar", or one token left to produce)."""
+    def _step_costs(self, unseen: int) -> np.ndarray:
+        return self._costs.drafting(unseen) if self._costs is not None else self._nan_costs
+
+    def _decide_to_speculate(self, seq: _Sequence, max_gamma: int, clock: _Clock) -> bool:
+        """The pre-draft decision (a policy without ``speculate`` always speculates)."""
+        if self._speculate is None:
+            return True
+        started = time.perf_counter()
+        history = seq.history
+        unseen = history.unsettled + 1
+        fill_pre_features(self._pre, history, self.compression)
+        ctx = PreContext(self._pre.copy(), self.compression, seq.produced, max_gamma,
+                         self._step_costs(unseen),
+                         self._costs.plain if self._costs is not None else math.nan,
+                         unseen, seq.skipped)
+        go = bool(self._speculate(ctx))
+        seq.skipped = 0 if go else seq.skipped + 1
+        clock.decision += time.perf_counter() - started
+        return go
+
+    def _target_token(self, seq: _Sequence, sampler: _Sampler | None, clock: _Clock
+                      ) -> tuple[int, np.ndarray]:
+        """One target forward over the last token: the next token and its logits row."""
         start = seq.t_cache.get_seq_length()
+        started = time.perf_counter()
         logits = lm_forward(self.target, seq.tokens[-1:], seq.t_cache)[0]
-        token = int(logits.float().argmax()) if sampler is None else sampler.sample(logits)
+        clock.verify += time.perf_counter() - started
+        x = _rows(logits)
+        token = int(x.argmax()) if sampler is None else sampler.sample(logits)
         seq.forwards.append(TargetForward(start, (seq.tokens[-1],), 1, 1))
-        return [token], dict(_PLAIN_RECORD)
+        return token, x
+
+    def _plain_step(self, seq: _Sequence, sampler: _Sampler | None, clock: _Clock, *,
+                    defer: bool) -> tuple[list[int], dict[str, Any]]:
+        """One target forward, one token: policy "ar", the budget's last token, or a step the
+        policy declined to speculate on (``defer``: the draft scores the token later)."""
+        token, x = self._target_token(seq, sampler, clock)
+        if defer:
+            seq.history.defer(token_prob(x, token, self._stats))
+        return [token], {**_PLAIN_RECORD, **clock.record()}
 
     def _speculative_step(self, seq: _Sequence, max_gamma: int, sampler: _Sampler | None,
-                          ) -> tuple[list[int], dict[str, Any]]:
+                          clock: _Clock) -> tuple[list[int], dict[str, Any]]:
         policy, history = self.policy, seq.history
-        # 1. catch-up: the draft's first forward of the step yields the first proposal
+        # 1. catch-up: the draft's first forward of the step scores the deferred tokens and
+        #    yields the first proposal
         unseen = seq.tokens[seq.draft_seen :]
+        if len(unseen) != history.unsettled + 1:  # the cache invariant; cannot happen
+            raise DecodeError(f"internal: the draft is {len(unseen)} tokens behind with "
+                              f"{history.unsettled} deferred; please report this.")
+        costs = self._step_costs(len(unseen))
+        started = time.perf_counter()
         d_logits = lm_forward(self.draft, unseen, seq.d_cache, keep=len(unseen))
+        clock.draft += time.perf_counter() - started
+        started = time.perf_counter()
         seq.draft_seen = len(seq.tokens)
-        if seq.pending_top1 is not None:  # row 0 scores the last step's bonus token
-            history.settle(int(d_logits[0].float().argmax()) == seq.tokens[-1],
-                           seq.pending_top1)
-            seq.pending_top1 = None
-        first = d_logits[-1]
-        features = step_features(first.float().numpy(), history, self.compression)
+        rows = _rows(d_logits)
+        if history.pending:  # row r scores the token after unseen[r]
+            verdicts = rows[:-1].argmax(-1) == np.asarray(seq.tokens[-len(history.pending):])
+            history.settle_deferred(verdicts.tolist())
+        first = rows[-1]
+        best, entropy, top1, margin = self._stats.with_argmax(first)
+        fill_step_features(self._features, entropy, top1, margin, history, self.compression)
+        features = self._features.copy()
         record = {"draft_entropy": float(features[0]), "draft_top1": float(features[1]),
                   "draft_margin": float(features[2]),
                   "target_top1_prev": history.target_top1_prev, "agree_ema": history.ema,
                   "agree_run": history.run}
         ctx = StepContext(features=features, compression=self.compression,
-                          position=seq.produced, max_gamma=max_gamma, costs=self._step_costs)
-        gamma = max(1, min(int(policy.choose(ctx)), max_gamma))
+                          position=seq.produced, max_gamma=max_gamma, costs=costs)
+        choice = int(policy.choose(ctx))
+        clock.decision += time.perf_counter() - started
+        if not PLAIN <= choice <= GAMMA_MAX:
+            raise DecodeError(f"Policy {policy.name!r} chose γ={choice}; choose() must return "
+                              f"1..{GAMMA_MAX}, or {PLAIN} for a plain target step.")
+        if choice == PLAIN:  # drafted once, then a plain step: the proposal scores the token
+            token, x = self._target_token(seq, sampler, clock)
+            history.settle(best == token, token_prob(x, token, self._stats))
+            return [token], {**_PLAIN_RECORD, **record, **clock.record()}
+        gamma = min(choice, max_gamma)
         # 2. drafting, with the policy's per-token stopping rule
-        prop = self._draft(seq, first, gamma, record["draft_top1"], record["draft_entropy"],
-                           sampler)
+        prop = self._draft(seq, first, best, gamma, top1, entropy, sampler, clock)
         k = len(prop.tokens)
         # 3. verification: ONE target forward over [last emitted token, drafted tokens]
         start = seq.t_cache.get_seq_length()
         verify_ids = (seq.tokens[-1], *prop.tokens)
+        started = time.perf_counter()
         t_logits = lm_forward(self.target, list(verify_ids), seq.t_cache, keep=k + 1)
+        clock.verify += time.perf_counter() - started
         t_logits = t_logits.float()
+        t_rows = t_logits.numpy()
         if sampler is None:
-            best = t_logits.argmax(-1).tolist()
+            target_best = t_rows.argmax(-1).tolist()
             accepted = 0
-            while accepted < k and prop.tokens[accepted] == best[accepted]:
+            while accepted < k and prop.tokens[accepted] == target_best[accepted]:
                 accepted += 1
-            nxt, accept_probs = best[accepted], None
+            nxt, accept_probs = target_best[accepted], None
         else:
             accepted, nxt, accept_probs = sampler.verify(t_logits, prop)
         emitted = [*prop.tokens[:accepted], nxt]
-        p_emit = torch.softmax(t_logits[: accepted + 1], -1).gather(
-            1, torch.tensor(emitted)[:, None])[:, 0].tolist()
+        p_emit = [token_prob(t_rows[i], token, self._stats) for i, token in enumerate(emitted)]
         emitted = self._cut_at_eos(emitted)
         seq.forwards.append(TargetForward(start, verify_ids, k + 1, len(emitted)))
         from_draft = min(accepted, len(emitted))
@@ -422,7 +531,7 @@ class SpeculativeDecoder:
             if i < accepted or accepted < k:
                 history.settle(prop.greedy[i] == token, p_emit[i])
             else:
-                seq.pending_top1 = p_emit[i]
+                history.defer(p_emit[i])
         # 5. rollback: the target keeps tokens[:-1], the draft its still valid prefix
         if len(emitted) < k + 1:
             seq.t_cache.crop(len(emitted) - k - 1)
@@ -433,24 +542,30 @@ class SpeculativeDecoder:
         policy.observe(k, from_draft)
         record.update(draft_entropy_k=prop.entropy, draft_top1_k=prop.top1,
                       accept_len=from_draft, accept_cap=k, accept_prob_k=accept_probs,
-                      gamma=gamma, drafted=k)
+                      gamma=gamma, drafted=k, **clock.record())
         return emitted, record
 
-    def _draft(self, seq: _Sequence, first: torch.Tensor, gamma: int, top1: float,
-               entropy: float, sampler: _Sampler | None) -> _Proposal:
+    def _draft(self, seq: _Sequence, first: np.ndarray, best: int, gamma: int, top1: float,
+               entropy: float, sampler: _Sampler | None, clock: _Clock) -> _Proposal:
         """Propose up to ``gamma`` tokens from the first proposal's logits ``first``."""
         prop = _Proposal([], [], [], [entropy], [top1])
-        logits = first
+        x = first
         while True:
-            best = int(logits.float().argmax())
             prop.greedy.append(best)
-            prop.tokens.append(best if sampler is None else sampler.propose(logits, prop))
+            prop.tokens.append(best if sampler is None
+                               else sampler.propose(torch.from_numpy(x), prop))
             k = len(prop.tokens)
             if k >= gamma or not self.policy.keep_drafting(k, prop.top1[-1], prop.entropy[-1]):
                 return prop
+            started = time.perf_counter()
             logits = lm_forward(self.draft, prop.tokens[-1:], seq.d_cache)[0]
+            clock.draft += time.perf_counter() - started
             seq.draft_seen += 1
-            entropy, top1 = _entropy_top1(logits)
+            x = _rows(logits)
+            if self._token_stats:
+                best, entropy, top1, _ = self._stats.with_argmax(x)
+            else:  # the stopping rule reads neither: the greedy token is all it takes
+                best, entropy, top1 = int(x.argmax()), math.nan, math.nan
             prop.entropy.append(entropy)
             prop.top1.append(top1)
 
@@ -460,6 +575,54 @@ class SpeculativeDecoder:
             if tok in self.eos:
                 return emitted[: i + 1]
         return emitted
+
+
+@torch.inference_mode()
+def measure_catchup(draft: torch.nn.Module | LoadedModel, sizes: int = CATCHUP_MAX,
+                    context_len: int | None = None, repeats: int = 5, warmup: int = 1
+                    ) -> list[float]:
+    """Seconds of one draft forward over ``n = 1..sizes`` tokens (median of ``repeats``).
+
+    The forward the decoder runs to catch the draft up after plain steps (and after every
+    step, over one or two tokens), timed as :func:`speckv.decode.costs.measure_costs` times
+    the others: after a ``context_len``-token prefix, cropped back after each call, the sizes
+    round-robin. Store the list as ``CostModel.cost_catchup_s`` (see :func:`with_catchup`).
+    """
+    from speckv.decode.costs import CONTEXT_LEN
+
+    model = _module(draft)
+    context_len = CONTEXT_LEN if context_len is None else context_len
+    rng = np.random.default_rng(1)
+    vocab = int(model.config.vocab_size)
+    context = rng.integers(3, vocab, size=context_len).tolist()
+    probe = rng.integers(3, vocab, size=sizes).tolist()
+    cache = new_cache(model)
+    lm_forward(model, context, cache)
+
+    def call(n: int) -> float:
+        started = time.perf_counter()
+        lm_forward(model, probe[:n], cache, keep=n)
+        elapsed = time.perf_counter() - started
+        cache.crop(-n)
+        return elapsed
+
+    for _ in range(warmup):
+        for n in range(1, sizes + 1):
+            call(n)
+    times: list[list[float]] = [[] for _ in range(sizes)]
+    for _ in range(repeats):
+        for n in range(1, sizes + 1):
+            times[n - 1].append(call(n))
+    return [float(np.median(t)) for t in times]
+
+
+def with_catchup(costs: CostModel, draft: torch.nn.Module | LoadedModel, **kwargs: Any
+                 ) -> CostModel:
+    """``costs`` with a measured ``cost_catchup_s`` (:func:`measure_catchup`), a new object."""
+    import dataclasses
+
+    catchup = measure_catchup(draft, context_len=costs.context_len, **kwargs)
+    return dataclasses.replace(costs, cost_catchup_s=catchup)
 
 
 def records_frame(steps: list[dict[str, Any]]) -> pd.DataFrame:

@@ -18,13 +18,24 @@ from speckv.decode.decoder import (
     DecodeError,
     SpeculativeDecoder,
     TargetForward,
+    measure_catchup,
     records_frame,
     verify_sampled,
+    with_catchup,
 )
 from speckv.decode.invariant import explain_difference, first_difference, greedy_invariant
-from speckv.policies import ConfidenceStop, FixedGamma, Heuristic, Learned
+from speckv.policies import (
+    PLAIN,
+    BestStatic,
+    ConfidenceStop,
+    FixedGamma,
+    Heuristic,
+    Learned,
+    PreContext,
+    probe_due,
+)
 from speckv.records import read_records, validate, write_records
-from speckv.runtime.costs import step_costs
+from speckv.runtime.costs import CATCHUP_MAX, step_costs
 from speckv.runtime.features import GAMMA_MAX, history_arrays
 
 PROMPT = [1, 5, 17, 33, 8, 90]
@@ -87,6 +98,27 @@ class StopAfter:
         pass
 
 
+class SkipRuns(StopAfter):
+    """Declines to speculate (before the draft) in runs: 3 plain steps, then drafting while
+    the settled agreement EMA is high; γmax with a per-token stop every ``period``."""
+
+    name = "skip-runs"
+
+    def speculate(self, ctx: PreContext) -> bool:
+        if ctx.position < 3:
+            return False
+        return probe_due(ctx.skipped, 2) or bool(ctx.features[1] >= 0.5)
+
+
+class PlainAfterDraft(StopAfter):
+    """Drafts once, then a plain step where the first proposal looks unsure."""
+
+    name = "plain-after-draft"
+
+    def choose(self, ctx) -> int:
+        return PLAIN if ctx.features[1] < 0.5 else 3
+
+
 POLICIES = {
     "fixed:1": lambda: FixedGamma(1),
     "fixed:3": lambda: FixedGamma(3),
@@ -94,6 +126,9 @@ POLICIES = {
     "heuristic": Heuristic,
     "confidence:0.3": lambda: ConfidenceStop(0.3),
     "stop-after:2": lambda: StopAfter(2),
+    "skip-runs": lambda: SkipRuns(3),
+    "plain-after-draft": lambda: PlainAfterDraft(3),
+    "best_static:plain": lambda: BestStatic({"fp16": PLAIN}),
 }
 
 
@@ -109,6 +144,8 @@ def test_greedy_output_equals_plain_greedy(target, drafts, draft_name, policy_na
     assert greedy_invariant(target, PROMPT, result) == []
     assert result.stop == "length"
     assert sum(s["accept_len"] + 1 for s in result.steps) == 40
+    if policy_name in ("skip-runs", "plain-after-draft", "best_static:plain"):
+        assert any(not s["drafted"] for s in result.steps[:-1]), "the policy should skip"
     if draft_name == "copy" and policy_name == "fixed:8":
         assert [s["accept_len"] for s in result.steps] == [8, 8, 8, 8, 3]
 
@@ -151,6 +188,33 @@ def test_eos_ends_the_answer_even_inside_an_accepted_run(target, drafts, draft_n
     assert greedy_invariant(target, PROMPT, result) == []
     assert result.stop == "eos"
     assert all(r["seq_len"] == pos + 1 for r in result.steps)
+
+
+def test_the_decoder_honours_a_plain_choice_before_the_draft(target, drafts):
+    """BestStatic's plain choice: the target decodes alone and the draft never runs."""
+    calls = []
+    draft = drafts["noisy"]
+    handle = draft.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        result = SpeculativeDecoder(draft, target, BestStatic({"fp16": PLAIN}),
+                                    eos_token_ids=[]).generate(PROMPT, 20)
+    finally:
+        handle.remove()
+    assert result.token_ids == reference_greedy(target, PROMPT, 20)
+    assert [s["gamma"] for s in result.steps] == [0] * 20
+    assert len(calls) == 1  # the prefill only
+    assert all(s["t_draft_s"] == 0 for s in result.steps)
+
+
+def test_the_catchup_forward_scores_every_skipped_token(target, drafts):
+    """After a run of plain steps the next draft forward covers all of them at once."""
+    seen = []
+    decoder = SpeculativeDecoder(drafts["noisy"], target, SkipRuns(3), eos_token_ids=[])
+    result = decoder.generate(PROMPT, 30, on_step=lambda v: seen.append(
+        len(v.tokens) - v.draft_seen))
+    first_draft = next(i for i, s in enumerate(result.steps) if s["drafted"])
+    assert first_draft == 3 and seen[:3] == [2, 3, 4]  # three tokens behind, plus the last
+    assert max(seen) <= 2 + 2  # the policy probes after two plain steps in a row
 
 
 def test_default_eos_comes_from_the_model(target):
@@ -284,18 +348,20 @@ def test_a_chunk_dependent_target_parts_from_one_token_decoding_and_stays_lossle
 
 
 # ---------------------------------------------------------------------------- KV caches
-@pytest.mark.parametrize("policy_name", ["fixed:3", "fixed:8", "stop-after:2"])
+@pytest.mark.parametrize("policy_name", ["fixed:3", "fixed:8", "stop-after:2", "skip-runs",
+                                         "plain-after-draft"])
 @pytest.mark.parametrize("draft_name", ["copy", "noisy", "random"])
 def test_caches_hold_exactly_the_emitted_prefix_after_every_step(target, drafts, draft_name,
                                                                  policy_name):
     draft = drafts[draft_name]
     views = []
+    behind = 2 if policy_name != "skip-runs" else 2 + 3  # a bonus token, plus plain steps
 
     def check(view):
         n = len(view.tokens)
         assert view.target_cache.get_seq_length() == n - 1
         assert view.draft_cache.get_seq_length() == view.draft_seen
-        assert 1 <= n - view.draft_seen <= 2
+        assert 1 <= n - view.draft_seen <= behind
         # the cached keys are those of a fresh forward over the same prefix
         for model, cache, length in ((target, view.target_cache, n - 1),
                                      (draft, view.draft_cache, view.draft_seen)):
@@ -322,7 +388,8 @@ def test_per_token_stopping_is_consulted_after_each_drafted_token(target, drafts
 
 
 # -------------------------------------------------------------------- features / history
-@pytest.mark.parametrize("policy_name", ["fixed:1", "fixed:3", "heuristic", "stop-after:2"])
+@pytest.mark.parametrize("policy_name", ["fixed:1", "fixed:3", "heuristic", "stop-after:2",
+                                         "skip-runs", "plain-after-draft"])
 def test_live_history_equals_the_trace_at_every_decision(target, drafts, policy_name):
     """Features at each live decision equal the trace's features at the same position."""
     from speckv.profile.profiler import trace_prompt
@@ -337,7 +404,7 @@ def test_live_history_equals_the_trace_at_every_decision(target, drafts, policy_
     assert result.token_ids == tr.answer.tolist()
     checked = 0
     for s in result.steps:
-        if not s["drafted"]:
+        if s["draft_entropy"] is None:  # no γ decision: the draft did not run
             continue
         i = s["position"]
         assert s["agree_ema"] == pytest.approx(ema[i], abs=1e-6)
@@ -428,8 +495,17 @@ def test_sampling_bonus_token_after_full_acceptance_follows_the_target():
     assert _chi2_pvalue(counts, p[1].numpy()) > 1e-3
 
 
-@pytest.mark.parametrize("temperature", [0.9])
-def test_speculative_sampling_preserves_the_joint_distribution_of_two_tokens(temperature):
+class SkipFirst(FixedGamma):
+    """A plain step first (sampled from the target alone), then speculation."""
+
+    def speculate(self, ctx) -> bool:
+        return ctx.position > 0
+
+
+@pytest.mark.parametrize("temperature, make_policy", [(0.9, lambda: FixedGamma(2)),
+                                                      (0.9, lambda: SkipFirst(2))])
+def test_speculative_sampling_preserves_the_joint_distribution_of_two_tokens(temperature,
+                                                                            make_policy):
     """Sample (t1, t2) many times; compare with the target's exact joint distribution."""
     vocab, prompt, n = 8, [5], 1200
     target = tiny_llama(2, seed=0, vocab=vocab, hidden=16, init=0.2)
@@ -440,15 +516,15 @@ def test_speculative_sampling_preserves_the_joint_distribution_of_two_tokens(tem
         pairs = torch.tensor([[prompt[0], t] for t in range(vocab)])
         second = torch.softmax(target(input_ids=pairs).logits[:, -1] / temperature, -1)
     joint = (first[:, None] * second).numpy().ravel()
-    decoder = SpeculativeDecoder(draft, target, FixedGamma(2), eos_token_ids=[])
+    decoder = SpeculativeDecoder(draft, target, make_policy(), eos_token_ids=[])
     counts = np.zeros(vocab * vocab)
     accepted = []
     for seed in range(n):
         result = decoder.generate(prompt, 3, temperature=temperature, seed=seed)
         t1, t2 = result.token_ids[:2]
         counts[t1 * vocab + t2] += 1
-        accepted.append(result.steps[0]["accept_len"])
-    assert set(accepted) == {0, 1, 2}, "every verification path should be exercised"
+        accepted.append(next(s["accept_len"] for s in result.steps if s["drafted"]))
+    assert set(accepted) >= {0, 1}, "the verification paths should be exercised"
     assert _chi2_pvalue(counts, joint) > 1e-3
     # the same seed gives the same sample
     again = decoder.generate(prompt, 3, temperature=temperature, seed=3).token_ids
@@ -522,6 +598,62 @@ def test_measured_costs_round_trip_and_feed_the_policy(target, drafts, tmp_path)
     assert result.steps[0]["cost_draft_s"] == costs.cost_draft_s
 
 
+def test_catchup_costs_are_measured_and_priced(target, drafts, tmp_path):
+    draft = drafts["noisy"]
+    catchup = measure_catchup(draft, context_len=16, repeats=2, warmup=1)
+    assert len(catchup) == CATCHUP_MAX and all(t > 0 for t in catchup)
+    costs = measure_costs(draft, target, context_len=16, repeats=2, warmup=1)
+    assert costs.cost_catchup_s is None
+    measured = with_catchup(costs, draft, repeats=2, warmup=1)
+    assert len(measured.cost_catchup_s) == CATCHUP_MAX and costs.cost_catchup_s is None
+    assert CostModel.load(measured.save(tmp_path / "c.json")) == measured  # round trip
+
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def choose(self, features, costs):
+            self.seen.append(np.asarray(costs))
+            return 2
+
+    chooser = Recorder()
+    result = SpeculativeDecoder(draft, target, Learned(chooser), measured,
+                                eos_token_ids=[]).generate(PROMPT, 12)
+    from speckv.runtime.costs import drafting_costs
+
+    first = drafting_costs(measured.cost_draft_s, measured.cost_verify_s,
+                           measured.cost_catchup_s, 1)
+    np.testing.assert_allclose(chooser.seen[0], first)
+    np.testing.assert_allclose(result.steps[0]["cost_catchup_s"], measured.cost_catchup_s,
+                               rtol=1e-6)
+
+
+def test_steps_are_timed_by_part(target, drafts):
+    result = SpeculativeDecoder(drafts["noisy"], target, SkipRuns(3),
+                                eos_token_ids=[]).generate(PROMPT, 25)
+    for s in result.steps:
+        parts = s["t_draft_s"] + s["t_verify_s"] + s["t_decision_s"]
+        assert s["t_verify_s"] > 0 and parts <= s["t_step_s"] + 1e-9
+        assert (s["t_draft_s"] > 0) == bool(s["drafted"])
+    assert any(s["t_decision_s"] > 0 for s in result.steps)
+
+
+def test_token_statistics_are_computed_only_for_the_rules_that_read_them(target, drafts):
+    fixed = SpeculativeDecoder(drafts["copy"], target, FixedGamma(4),
+                               eos_token_ids=[]).generate(PROMPT, 20)
+    step = next(s for s in fixed.steps if s["drafted"] == 4)
+    assert np.isfinite(step["draft_top1_k"][0]) and np.isnan(step["draft_top1_k"][1:]).all()
+    full = SpeculativeDecoder(drafts["copy"], target, FixedGamma(4), eos_token_ids=[],
+                              record_token_stats=True).generate(PROMPT, 20)
+    assert full.token_ids == fixed.token_ids
+    step = next(s for s in full.steps if s["drafted"] == 4)
+    assert np.isfinite(step["draft_top1_k"]).all() and np.isfinite(step["draft_entropy_k"]).all()
+    confident = SpeculativeDecoder(drafts["copy"], target, ConfidenceStop(0.3),
+                                   eos_token_ids=[]).generate(PROMPT, 20)
+    step = next(s for s in confident.steps if s["drafted"] > 1)
+    assert np.isfinite(step["draft_top1_k"]).all()
+
+
 def test_learned_policy_without_costs_is_refused(target, drafts):
     with pytest.raises(DecodeError, match="costs"):
         SpeculativeDecoder(drafts["noisy"], target, Learned(FixedGamma(2)), None)
@@ -581,7 +713,7 @@ def test_generate_cli_with_an_onnx_controller_measures_costs(capsys, saved_pair,
     controller = FIXTURES / "controller_tiny.onnx"
     draft_dir, target_dir = saved_pair
     common = ["--prompt", "w5 w17 w33", "--target", str(target_dir), "--draft", str(draft_dir),
-              "--dtype", "float64", "--max-new-tokens", "16", "--json"]
+              "--dtype", "float64", "--max-new-tokens", "40", "--json"]
     code, out, _ = _cli(capsys, ["generate", *common, "--policy", "ar"])
     assert code == 0
     ar = json.loads(out)["outputs"][0]["token_ids"]
@@ -594,8 +726,12 @@ def test_generate_cli_with_an_onnx_controller_measures_costs(capsys, saved_pair,
     measured = CostModel.load(costs)
     records = read_records(tmp_path / "r.parquet")
     assert records["cost_draft_s"].iloc[0] == pytest.approx(measured.cost_draft_s)
-    spec = records[records["drafted"] > 0]  # γ itself depends on the measured costs
+    # whether and how far to draft depend on the measured costs; the controller may decline
+    # to speculate, but drafts at least every max_skip_run + 1 steps (a probe)
+    spec = records[records["drafted"] > 0]
     assert len(spec) and spec["gamma"].between(1, GAMMA_MAX).all()
+    plain = records[records["drafted"] == 0]
+    assert (plain["gamma"] == 0).all() and plain["draft_entropy_k"].isna().all()
     # a cost file given on the command line is used as is, nothing is measured
     code, out, _ = _cli(capsys, ["generate", *common, "--policy", f"onnx:{controller}",
                                  "--costs", str(costs)])

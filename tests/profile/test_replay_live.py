@@ -2,18 +2,34 @@
 
 This is the property the whole offline pipeline rests on: a policy scored by replaying trace
 records takes the same steps, drafts and accepts the same tokens, and sees the same
-decision-time features as the same policy run live.
+decision-time features as the same policy run live; also a policy that declines to speculate
+at some steps (before the draft runs, or after its first forward), whose pre-draft features
+come from a history the draft has not caught up on.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from locations import FIXTURES
 
+from speckv.decode.costs import CostModel
 from speckv.decode.decoder import SpeculativeDecoder
 from speckv.evaluate.replay import prepare, replay
-from speckv.policies import ConfidenceStop, FixedGamma, Heuristic
+from speckv.policies import (
+    PLAIN,
+    BestStatic,
+    ConfidenceStop,
+    FixedGamma,
+    Heuristic,
+    Learned,
+    PreContext,
+    StepContext,
+    probe_due,
+)
 from speckv.profile.profiler import trace_prompt, trace_rows
+from speckv.runtime.costs import drafting_costs
+from speckv.runtime.features import pre_from_step_features
 
 IDENT = {"run_id": "r", "draft_model": "d", "target_model": "t", "compression": "fp16",
          "compute_dtype": "float32", "task": "chat", "prompt_id": "p"}
@@ -21,9 +37,84 @@ COSTS = {"cost_draft_s": 0.01, "cost_verify_s": [0.03 + 0.002 * g for g in range
 PROMPTS = ([1, 5, 17, 33, 8], [1, 3, 40], [1, 19, 9], [1, 77, 3, 3, 12, 60])
 
 
+class SkipPattern:
+    """Declines to speculate (before the draft) at every third position; else fixed γ."""
+
+    name = "skip-pattern"
+    token_stats = frozenset()
+
+    def __init__(self, gamma: int = 3) -> None:
+        self.gamma = gamma
+
+    def reset(self) -> None:
+        pass
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return ctx.position % 3 != 1
+
+    def choose(self, ctx: StepContext) -> int:
+        return self.gamma
+
+    def keep_drafting(self, k, top1, entropy) -> bool:
+        return True
+
+    def observe(self, drafted, accepted) -> None:
+        pass
+
+
+class StaleEmaSkip(SkipPattern):
+    """Speculates while the settled agreement EMA is high, probing after 3 plain steps: its
+    decisions read the pre-draft history, which stops growing while it declines."""
+
+    name = "stale-ema-skip"
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return probe_due(ctx.skipped, 3) or bool(ctx.features[1] >= 0.55)
+
+
+class PlainAfterDraft(SkipPattern):
+    """Drafts once, then takes a plain step when the proposal looks unsure (choose -> 0)."""
+
+    name = "plain-after-draft"
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return True
+
+    def choose(self, ctx: StepContext) -> int:
+        return PLAIN if ctx.features[1] < 0.5 else 2
+
+
+class Recording:
+    """Wraps a policy; records what each decision saw."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name = inner, inner.name
+        self.token_stats = getattr(inner, "token_stats", frozenset({"top1", "entropy"}))
+        self.pre: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.step: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def speculate(self, ctx: PreContext) -> bool:
+        self.pre.append((ctx.position, np.array(ctx.features), np.array(ctx.costs)))
+        inner = getattr(self.inner, "speculate", None)
+        return True if inner is None else inner(ctx)
+
+    def choose(self, ctx: StepContext) -> int:
+        self.step.append((ctx.position, np.array(ctx.features), np.array(ctx.costs)))
+        return self.inner.choose(ctx)
+
+    def keep_drafting(self, k, top1, entropy) -> bool:
+        return self.inner.keep_drafting(k, top1, entropy)
+
+    def observe(self, drafted, accepted) -> None:
+        self.inner.observe(drafted, accepted)
+
+
 def _replay_steps(rows, policy):
-    """Per-step (drafted, accepted) of a replay, for a step-by-step comparison."""
-    from speckv.policies import StepContext
+    """Per-step (position, drafted, accepted) of a replay written out by hand (independent of
+    :func:`speckv.evaluate.replay.replay`), tracking the tokens the draft has not scored."""
     from speckv.records import feature_matrix
 
     feats = feature_matrix(rows)
@@ -31,33 +122,67 @@ def _replay_steps(rows, policy):
     top1 = np.stack(rows["draft_top1_k"])
     ent = np.stack(rows["draft_entropy_k"])
     n, budget = len(rows), int(rows["max_new_tokens"].iat[0])
-    p, out = 0, []
+    verify = np.asarray(COSTS["cost_verify_s"])
+    p = unsettled = skipped = 0
+    out = []
     policy.reset()
     while p < n:
         left = budget - p - 1
         if left == 0:
             out.append((p, 0, 0))
             break
-        g = min(policy.choose(StepContext(feats[p], "fp16", p, min(8, left),
-                                          np.ones(8, np.float32))), min(8, left))
+        costs = drafting_costs(COSTS["cost_draft_s"], verify, None, unsettled + 1)
+        speculate = getattr(policy, "speculate", None)
+        pre = pre_from_step_features(feats[p], feats[p - unsettled], unsettled)[0]
+        if speculate is not None and not speculate(PreContext(
+                pre, "fp16", p, min(8, left), costs, float(verify[0]), unsettled + 1, skipped)):
+            out.append((p, 0, 0))
+            p, unsettled, skipped = p + 1, unsettled + 1, skipped + 1
+            continue
+        skipped = unsettled = 0
+        g = policy.choose(StepContext(feats[p], "fp16", p, min(8, left), costs))
+        if g == PLAIN:
+            out.append((p, 0, 0))
+            p += 1
+            continue
+        g = min(g, 8, left)
         d = next((k for k in range(1, g) if not policy.keep_drafting(k, top1[p, k - 1],
                                                                     ent[p, k - 1])), g)
         a = min(int(accept[p]), d, n - p)  # an accepted EOS ends the answer
         policy.observe(d, a)
         out.append((p, d, a))
+        unsettled = 1 if a == d and a < n - p else 0
         p += min(a + 1, n - p)
     return out
 
 
-@pytest.mark.parametrize("make_policy", [lambda: FixedGamma(1), lambda: FixedGamma(3),
-                                         lambda: FixedGamma(8), Heuristic,
-                                         lambda: ConfidenceStop(0.4)])
+def _controller_policy():
+    from speckv.policies import load_onnx_chooser
+
+    return Learned(load_onnx_chooser(FIXTURES / "controller_tiny.onnx"))
+
+
+POLICIES = {
+    "fixed:1": lambda: FixedGamma(1), "fixed:3": lambda: FixedGamma(3),
+    "fixed:8": lambda: FixedGamma(8), "heuristic": Heuristic,
+    "confidence": lambda: ConfidenceStop(0.4),
+    "best_static:plain": lambda: BestStatic({"fp16": PLAIN}),
+    "best_static:2": lambda: BestStatic({"fp16": 2}),
+    "skip-pattern": SkipPattern, "stale-ema-skip": StaleEmaSkip,
+    "plain-after-draft": PlainAfterDraft, "learned-onnx": _controller_policy,
+}
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_replay_reproduces_live_greedy_decoding(tiny_pair, make_policy, prompt):
+def test_replay_reproduces_live_greedy_decoding(tiny_pair, policy_name, prompt):
+    make_policy = POLICIES[policy_name]
     draft, target = tiny_pair
     tr = trace_prompt(draft, target, prompt, max_new_tokens=30, eos=2, pad=0)
     rows = trace_rows(tr, IDENT, COSTS)
-    live = SpeculativeDecoder(draft, target, make_policy(), compression="fp16",
+    costs = CostModel(COSTS["cost_draft_s"], COSTS["cost_verify_s"], "fp16", "float32")
+    live_policy = Recording(make_policy())
+    live = SpeculativeDecoder(draft, target, live_policy, costs, compression="fp16",
                               eos_token_ids=[2]).generate(prompt, max_new_tokens=30)
     assert live.token_ids == tr.answer.tolist(), "greedy speculative output must be lossless"
 
@@ -65,11 +190,21 @@ def test_replay_reproduces_live_greedy_decoding(tiny_pair, make_policy, prompt):
     got = [(s["position"], s["drafted"] or 0, s["accept_len"]) for s in live.steps]
     assert got == expected
 
-    # the replay engine of `speckv evaluate` agrees on the totals
-    totals = replay(prepare(rows), make_policy())
+    # the replay engine of `speckv evaluate` agrees on the totals and on what it decided from
+    replayed = Recording(make_policy())
+    totals = replay(prepare(rows), replayed)
     assert int(totals.steps[0]) == len(live.steps)
     assert int(totals.accepted[0]) == sum(a for _, _, a in got)
     assert int(totals.drafted[0]) == sum(d for _, d, _ in got)
+    assert int(totals.chosen[0, 0]) == sum(1 for s in live.steps if not s["drafted"]
+                                           and s["position"] < 29)
+    for name in ("pre", "step"):  # same decisions, at the same positions, on the same inputs
+        seen_live, seen_replay = getattr(live_policy, name), getattr(replayed, name)
+        assert [p for p, _, _ in seen_live] == [p for p, _, _ in seen_replay], name
+        for (p, f_live, c_live), (_, f_replay, c_replay) in zip(seen_live, seen_replay,
+                                                               strict=True):
+            np.testing.assert_allclose(f_live, f_replay, atol=1e-4, err_msg=f"{name} at {p}")
+            np.testing.assert_allclose(c_live, c_replay, rtol=1e-6, err_msg=f"{name} at {p}")
 
     # live decision-time features equal the trace's at every visited position
     for step in live.steps:
@@ -79,3 +214,19 @@ def test_replay_reproduces_live_greedy_decoding(tiny_pair, make_policy, prompt):
         for col in ("draft_entropy", "draft_top1", "draft_margin", "target_top1_prev",
                     "agree_ema", "agree_run"):
             assert step[col] == pytest.approx(float(row[col]), abs=1e-4), (col, step["position"])
+
+
+def test_the_skipping_policies_skip_and_probe(tiny_pair):
+    """The parametrised test above means something only if plain steps happen, in runs."""
+    draft, target = tiny_pair
+    for name in ("skip-pattern", "stale-ema-skip", "plain-after-draft", "learned-onnx",
+                 "best_static:plain"):
+        costs = CostModel(COSTS["cost_draft_s"], COSTS["cost_verify_s"], "fp16", "float32")
+        plain = drafted = 0
+        for prompt in PROMPTS:
+            steps = SpeculativeDecoder(draft, target, POLICIES[name](), costs,
+                                       eos_token_ids=[2]).generate(prompt, 30).steps
+            plain += sum(1 for s in steps[:-1] if not s["drafted"])
+            drafted += sum(1 for s in steps if s["drafted"])
+        assert plain > 0, name
+        assert drafted > 0 or name == "best_static:plain", name
