@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# ATEN_CPU_CAPABILITY caps torch's own kernels, but oneDNN and MKL still see the CPU: on a
+# machine with AMX, ``ATEN_CPU_CAPABILITY=avx2`` alone crashes bfloat16 attention
+# ("pack_vnni2 is only supported when avx512 is supported"), which no real AVX2 machine
+# would. Cap the other two libraries to match (before torch loads them), so that asking for
+# avx2 or default simulates such a CPU instead of a mix that exists nowhere.
+_ISA = {"avx2": ("AVX2", "AVX2"), "default": ("SSE41", "SSE4_2")}
+if os.environ.get("ATEN_CPU_CAPABILITY") in _ISA:
+    onednn, mkl = _ISA[os.environ["ATEN_CPU_CAPABILITY"]]
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", onednn)
+    os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", mkl)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
