@@ -57,47 +57,229 @@ from speckv.profile.trace import (
 )
 from speckv.runtime.features import token_stats
 
-#: default rows per batched target forward, and per batched draft forward
+#: default prompts whose target answers are decoded together, and answered prompts the draft
+#: processes together (one packed row: see :func:`_packed`)
 TARGET_BATCH = 32
-DRAFT_BATCH = 8
+DRAFT_BATCH = 4
+#: prompts are encoded packed into rows of about this many tokens (when the model allows)
+PREFILL_TOKENS = 1024
 
 
 def _device(model):
     return next(model.parameters()).device
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad: int, device):
+def _compute_dtype(model):
+    """The dtype activations are computed in (quantized models keep float embeddings)."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def supports_4d_masks(model) -> bool:
+    """Does ``model`` take a custom 4-D attention mask over a full-attention KV cache?
+
+    Packing several sequences into one row (:func:`_packed`) and continuing branches from a
+    shared cache (:func:`_continue_branches`) need it; sliding-window layers and flash
+    attention do not allow it, and those models take the one-row-per-sequence path.
+    """
+    config = model.config
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    types = getattr(config, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        return False
+    return not getattr(config, "sliding_window", None) or not getattr(
+        config, "use_sliding_window", True)
+
+
+#: the old name
+supports_branch_masks = supports_4d_masks
+
+
+def _additive(allowed, model):
+    """A boolean ``[q, k]`` "may attend" matrix as the additive ``[1, 1, q, k]`` mask."""
     import torch
 
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    return ids, mask, pos
+    dtype = _compute_dtype(model)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].to(_device(model))
+
+
+def _alone(model, ids: Sequence[int], keep: int):
+    """One sequence's forward from an empty cache: its cache and its last ``keep`` logits."""
+    import torch
+
+    from speckv.decode.costs import new_cache
+
+    cache = new_cache(model)
+    logits = model(input_ids=torch.tensor([list(ids)], device=_device(model)), cache=cache,
+                   use_cache=True, logits_to_keep=keep).logits[0]
+    return cache, logits
+
+
+def _packed(model, rows: Sequence[Sequence[int]], keep: Sequence[Sequence[int]]):
+    """One forward over ``rows`` packed one after another into one row.
+
+    A block-diagonal causal 4-D mask keeps every sequence to itself and positions restart
+    at 0 for each, so each sequence is computed as if alone, without padding, in one call
+    (a CPU pays a fixed price per call to repack the weights, so few large calls win).
+    ``keep[b]``: the positions of row ``b`` whose logits are wanted. Returns the cache (one
+    row, the sequences one after another), the kept logits in order, and each row's start.
+    """
+    import torch
+
+    from speckv.decode.costs import new_cache
+
+    device = _device(model)
+    lengths = [len(r) for r in rows]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist()
+    owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+    position = torch.cat([torch.arange(n) for n in lengths])
+    allowed = (owner[:, None] == owner[None, :]) & (position[:, None] >= position[None, :])
+    ids = torch.tensor([[t for r in rows for t in r]], device=device)
+    kept = torch.tensor([s + k for s, ks in zip(starts, keep, strict=True) for k in ks],
+                        device=device)
+    cache = new_cache(model)
+    logits = model(input_ids=ids, attention_mask=_additive(allowed, model),
+                   position_ids=position[None].to(device), cache=cache, use_cache=True,
+                   logits_to_keep=kept).logits[0]
+    return cache, logits, starts
+
+
+def _groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive indices in groups of about ``budget`` tokens (at least one each)."""
+    groups: list[list[int]] = []
+    total = budget
+    for i, n in enumerate(lengths):
+        if total + n > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
+
+
+def _buffered_layer(keys, values, room: int):
+    """A KV cache layer holding ``keys``/``values`` that appends into preallocated room.
+
+    Hugging Face's ``DynamicLayer`` concatenates on every forward, copying the whole cache
+    each decoding step; with a batch's cache on a CPU that copy costs as much as the
+    attention itself. This layer writes each step's keys in place and hands out views.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        def __init__(self) -> None:
+            super().__init__()
+            b, h, n, d = keys.shape
+            self.buffers = [x.new_empty((b, h, n + room, d)) for x in (keys, values)]
+            self.buffers[0][:, :, :n], self.buffers[1][:, :, :n] = keys, values
+            self.length, self.device, self.is_initialized = n, keys.device, True
+            self._views()
+
+        def _views(self) -> None:
+            self.keys, self.values = (x[:, :, : self.length] for x in self.buffers)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, q = self.length, key_states.shape[-2]
+            if n + q > self.buffers[0].shape[-2]:  # out of room: grow (never on our paths)
+                self.buffers = [x.new_empty((*x.shape[:2], n + q + room, x.shape[-1]))
+                                .index_copy_(2, _arange(n, x), x[:, :, :n]) for x in self.buffers]
+            self.buffers[0][:, :, n : n + q] = key_states
+            self.buffers[1][:, :, n : n + q] = value_states
+            self.length = n + q
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices) -> None:
+            self.buffers = [x[indices] for x in self.buffers]
+            self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            self.length = max(0, self.length - abs(tokens_to_remove))
+            self._views()
+
+    return BufferedLayer()
+
+
+def _arange(n: int, like):
+    import torch
+
+    return torch.arange(n, device=like.device)
+
+
+def _batch_cache(model, rows_kv, lengths: Sequence[int], room: int = 0):
+    """A left-padded batch cache from each row's per-layer ``(keys, values)``
+    (``[1, H, n, D]``), with room for ``room`` more positions."""
+    import torch
+    import torch.nn.functional as F
+
+    from speckv.decode.costs import new_cache
+
+    out = new_cache(model)
+    width = max(lengths)
+    pads = [(0, 0, width - n, 0) for n in lengths]
+    for layer in range(len(rows_kv[0])):
+        keys, values = (torch.cat([F.pad(kv[layer][i], p) for kv, p in zip(rows_kv, pads,
+                                                                          strict=True)])
+                        for i in (0, 1))
+        out.layers[layer] = _buffered_layer(keys, values, room)
+    return out
+
+
+def _prefill(target, prompts: Sequence[Sequence[int]], room: int = 0):
+    """Each prompt encoded as if alone (packed when the model allows): a left-padded batch
+    cache over the prompts, and the logits of each prompt's last position."""
+    import torch
+
+    rows_kv, last = [], []
+    if supports_4d_masks(target):
+        for group in _groups([len(p) for p in prompts], PREFILL_TOKENS):
+            rows = [prompts[i] for i in group]
+            cache, logits, starts = _packed(target, rows, [[len(r) - 1] for r in rows])
+            for r, s in zip(rows, starts, strict=True):
+                cut = slice(s, s + len(r))
+                rows_kv.append([(layer.keys[:, :, cut], layer.values[:, :, cut])
+                                for layer in cache.layers])
+            last.extend(logits)
+    else:
+        for p in prompts:
+            cache, logits = _alone(target, p, 1)
+            rows_kv.append([(layer.keys, layer.values) for layer in cache.layers])
+            last.append(logits[-1])
+    return (_batch_cache(target, rows_kv, [len(p) for p in prompts], room),
+            torch.stack(last))
 
 
 def greedy_answers(target, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-                   eos: Collection[int] | int | None, pad: int,
+                   eos: Collection[int] | int | None, pad: int = 0,
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The target's greedy answers to ``prompts``, decoded as one batch.
 
-    Returns ``(answer, target_top1)`` per prompt: the answer runs to the row's budget or to
-    its first EOS (included), ``target_top1[j]`` is the target's probability of token ``j``
-    in the forward that chose it. Each token is the argmax of its row's logits (float32).
+    Each prompt is encoded as if alone (:func:`_prefill`: no padding to compute); the
+    answers are then decoded together, one token per
+    row and forward (left padding, attention mask, explicit positions); a row that reaches
+    its EOS or budget leaves the batch. Returns ``(answer, target_top1)`` per prompt: the
+    answer includes the EOS that ended it, ``target_top1[j]`` is the probability of token
+    ``j`` in the forward that chose it, as the argmax of its row's logits (in float32).
     """
     import torch
-    from transformers import DynamicCache
 
+    del pad  # padded positions are masked, never fed
     eos_set = frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
     budgets = np.broadcast_to(np.asarray(max_new_tokens), (len(prompts),))
     answers: list[list[int]] = [[] for _ in prompts]
     probs: list[list[float]] = [[] for _ in prompts]
-    ids, mask, pos = _left_pad(prompts, pad, _device(target))
-    cache = DynamicCache(config=target.config)
-    active = list(range(len(prompts)))  # prompt index of each row of the batch
+    lengths = [len(p) for p in prompts]
+    device = _device(target)
     with torch.inference_mode():
-        logits = target(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                        use_cache=True, logits_to_keep=1).logits[:, -1]
+        cache, logits = _prefill(target, prompts, room=int(budgets.max()))
+        width = max(lengths)
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)
+        pos = torch.tensor(lengths, device=device)[:, None] - 1
+        active = list(range(len(prompts)))  # prompt index of each row of the batch
         while True:
             logits = logits.float()
             tok = logits.argmax(-1)
@@ -112,116 +294,109 @@ def greedy_answers(target, prompts: Sequence[Sequence[int]], max_new_tokens: int
             if not keep:
                 break
             if len(keep) < len(active):  # finished rows leave the batch
-                sel = torch.tensor(keep, device=tok.device)
+                sel = torch.tensor(keep, device=device)
                 cache.batch_select_indices(sel)
                 tok, mask, pos = tok[sel], mask[sel], pos[sel]
                 active = [active[r] for r in keep]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-            pos = pos[:, -1:] + 1
+            pos = pos + 1
             logits = target(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     return [(np.array(a, np.int64), np.array(p, np.float32)) for a, p in zip(answers, probs,
                                                                            strict=True)]
 
 
-def supports_branch_masks(model) -> bool:
-    """Can ``model`` continue branches from a shared cache through a custom 4-D mask?"""
-    config = model.config
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return False
-    types = getattr(config, "layer_types", None)
-    if types and any(t != "full_attention" for t in types):
-        return False
-    return not getattr(config, "sliding_window", None) or not getattr(
-        config, "use_sliding_window", True)
+def _continue_branches(draft, cache, spans: Sequence[tuple[int, Sequence[tuple[int, int]]]],
+                       steps: int) -> np.ndarray:
+    """Greedy continuations of every branch, all in one packed row, from ``cache``.
 
-
-def _continue_branches(draft, cache, width: int, offsets: Sequence[int],
-                       branches: Sequence[Sequence[tuple[int, int]]], steps: int,
-                       ) -> list[np.ndarray]:
-    """Greedy continuations of every branch from the teacher-forced ``cache``.
-
-    ``cache`` holds ``width`` left-padded columns per row; row ``b``'s token at position ``a``
-    is column ``offsets[b] + a``. Branch ``(p, t)`` of row ``b`` (``p`` counts the prompt's
-    tokens too) feeds ``t`` at position ``p``
-    and attends to columns ``offsets[b] .. offsets[b] + p - 1`` and to its own tokens. Returns
-    per row ``[len(branches[b]), steps, 2]`` (entropy, top-1 after ``s`` greedy tokens).
+    ``cache`` holds one row: the sequences' teacher-forced caches one after another;
+    ``spans`` gives, per sequence, the column where it starts and its branches ``(p, t)``
+    (``p`` counts the prompt's tokens too). A branch feeds ``t`` at position ``p`` and
+    attends, through a 4-D mask, to its sequence's first ``p`` columns and to its own
+    earlier tokens; all branches advance together, one forward per step, appending their
+    tokens to the cache. Returns ``[branches, steps, 2]``: entropy and top-1 after ``s``
+    greedy tokens.
     """
     import torch
 
     device = _device(draft)
-    dtype = next(draft.parameters()).dtype
-    rows, k = len(branches), max(map(len, branches))
-    start = torch.full((rows, k), width - 1, dtype=torch.long)  # padding branches: see the
-    end = torch.full((rows, k), width, dtype=torch.long)  # last column (always a real token)
-    tokens = torch.zeros((rows, k), dtype=torch.long)
-    position = torch.zeros((rows, k), dtype=torch.long)
-    real = torch.zeros((rows, k), dtype=torch.bool)
-    for b, brs in enumerate(branches):
-        for j, (p, t) in enumerate(brs):
-            start[b, j], end[b, j] = offsets[b], offsets[b] + p
-            tokens[b, j], position[b, j], real[b, j] = t, p, True
+    width = cache.get_seq_length()
+    flat = [(start, start + p, p, t) for start, brs in spans for p, t in brs]
+    q = len(flat)
+    first = torch.tensor([f[0] for f in flat])
+    end = torch.tensor([f[1] for f in flat])
+    tokens = torch.tensor([[f[3] for f in flat]], device=device)
+    position = torch.tensor([[f[2] for f in flat]], device=device)
     col = torch.arange(width)
-    prefix = (col >= start[..., None]) & (col < end[..., None])  # [rows, k, width]
-    own = torch.eye(k, dtype=torch.bool)
-    lowest = torch.finfo(dtype).min
-    out = np.full((rows, k, steps, 2), np.nan, np.float32)
-    real_np = real.numpy()
-    tokens, position = tokens.to(device), position.to(device)
-    with torch.inference_mode():
-        for s in range(steps):
-            allowed = torch.cat([prefix, own.repeat(1, s + 1).expand(rows, k, -1)], -1)
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, lowest)
-            logits = draft(input_ids=tokens, attention_mask=mask[:, None].to(device),
-                           position_ids=position + s, cache=cache, use_cache=True).logits
-            logits = logits.float()
-            out[real_np, s] = token_stats(logits[real.to(device)].cpu().numpy())[:, :2]
-            tokens = logits.argmax(-1)
-    return [out[b, : len(brs)] for b, brs in enumerate(branches)]
+    prefix = (col >= first[:, None]) & (col < end[:, None])  # [q, width]
+    own = torch.eye(q, dtype=torch.bool)
+    out = np.empty((q, steps, 2), np.float32)
+    for s in range(steps):
+        allowed = torch.cat([prefix, own.repeat(1, s + 1)], -1)
+        logits = draft(input_ids=tokens, attention_mask=_additive(allowed, draft),
+                       position_ids=position + s, cache=cache, use_cache=True).logits[0]
+        logits = logits.float()
+        out[:, s] = token_stats(logits.cpu().numpy())[:, :2]
+        tokens = logits.argmax(-1)[None]
+    return out
 
 
 def draft_side(draft, prompts: Sequence[Sequence[int]], answers: Sequence[np.ndarray],
                max_new_tokens: int | Sequence[int], pad: int,
                target_top1: Sequence[np.ndarray], branch_masks: bool | None = None,
                ) -> list[TraceResult]:
-    """The draft's part of the traces of one batch of answered prompts."""
+    """The draft's part of the traces of a group of answered prompts.
+
+    The draft runs teacher-forced over every ``prompt + answer`` of the group in one packed
+    forward (:func:`_packed`; logits only where an answer token is predicted), and the
+    continuations of every branch then advance together from that forward's cache
+    (:func:`_continue_branches`). Without 4-D masks (``branch_masks=False``, or a model that
+    cannot take them) each sequence runs alone and each branch's context is re-encoded.
+    """
     import torch
-    from transformers import DynamicCache
 
     if branch_masks is None:
-        branch_masks = supports_branch_masks(draft)
+        branch_masks = supports_4d_masks(draft)
     budgets = np.broadcast_to(np.asarray(max_new_tokens), (len(prompts),))
-    seqs = [list(p) + a.tolist() for p, a in zip(prompts, answers, strict=True)]
+    seqs = [[*p, *a.tolist()] for p, a in zip(prompts, answers, strict=True)]
     ns = [len(a) for a in answers]
-    keep = max(ns) + 1
-    ids, mask, pos = _left_pad(seqs, pad, _device(draft))
-    width = ids.shape[1]
-    cache = DynamicCache(config=draft.config)
-    with torch.inference_mode():  # logits only where an answer token is predicted
-        logits = draft(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                       use_cache=True, logits_to_keep=keep).logits
-    stats, proposals, plans = [], [], []
-    for b, n in enumerate(ns):
-        rows = logits[b, keep - 1 - n : keep - 1].float().cpu().numpy()
-        stats.append(token_stats(rows))
-        proposals.append(rows.argmax(-1))
-        plans.append(plan_branches(answers[b], proposals[-1], int(budgets[b])))
-    del logits
-    branches = [list(plan.branches) for plan in plans]
-    if not any(branches):
-        conts = [None] * len(prompts)
-    elif branch_masks:
-        offsets = [width - len(s) for s in seqs]
-        absolute = [[(len(prompts[b]) + p, t) for p, t in brs] for b, brs in enumerate(branches)]
-        conts = _continue_branches(draft, cache, width, offsets, absolute, BRANCH_STEPS)
-    else:  # re-encode each branch's context
-        flat = [(b, list(prompts[b]) + answers[b][:p].tolist() + [t])
-                for b, brs in enumerate(branches) for p, t in brs]
-        cont = _off_track(draft, [c for _, c in flat], BRANCH_STEPS, pad)
-        owner = np.array([b for b, _ in flat])
-        conts = [cont[owner == b] for b in range(len(prompts))]
+    with torch.inference_mode():
+        if branch_masks:  # position P - 1 + j predicts answer token j
+            cache, logits, starts = _packed(draft, seqs, [range(len(p) - 1, len(p) - 1 + n)
+                                                          for p, n in zip(prompts, ns,
+                                                                          strict=True)])
+            logits = logits.float().cpu().numpy()
+        else:
+            logits = np.concatenate([_alone(draft, seq, n + 1)[1][:-1].float().cpu().numpy()
+                                     for seq, n in zip(seqs, ns, strict=True)])
+        bounds = np.cumsum([0, *ns])
+        stats, proposals, plans = [], [], []
+        for b in range(len(prompts)):
+            rows = logits[bounds[b] : bounds[b + 1]]
+            stats.append(token_stats(rows))
+            proposals.append(rows.argmax(-1))
+            plans.append(plan_branches(answers[b], proposals[-1], int(budgets[b])))
+        del logits
+        branches = [list(plan.branches) for plan in plans]
+        conts: list[np.ndarray | None] = [None] * len(prompts)
+        rows = [b for b in range(len(prompts)) if branches[b]]
+        if rows and branch_masks:
+            spans = [(starts[b], [(len(prompts[b]) + p, t) for p, t in branches[b]])
+                     for b in rows]
+            cont = _continue_branches(draft, cache, spans, BRANCH_STEPS)
+            edges = np.cumsum([0, *(len(branches[b]) for b in rows)])
+            for r, b in enumerate(rows):
+                conts[b] = cont[edges[r] : edges[r + 1]]
+        elif rows:  # re-encode each branch's context
+            flat = [(b, [*prompts[b], *answers[b][:p].tolist(), t])
+                    for b in rows for p, t in branches[b]]
+            cont = _off_track(draft, [c for _, c in flat], BRANCH_STEPS, pad)
+            owner = np.array([b for b, _ in flat])
+            for b in rows:
+                conts[b] = cont[owner == b]
     return [assemble(answers[b], target_top1[b], stats[b], proposals[b], int(budgets[b]),
-                     plans[b], conts[b] if branches[b] else None) for b in range(len(prompts))]
+                     plans[b], conts[b]) for b in range(len(prompts))]
 
 
 def trace_batch(draft, target, prompts: Sequence[Sequence[int]],

@@ -14,7 +14,8 @@ import pytest
 import torch
 from tiny_models import noisy_copy, tiny_llama
 
-from speckv.profile.batched import greedy_answers, supports_branch_masks, trace_batch
+from speckv.profile import batched
+from speckv.profile.batched import greedy_answers, supports_4d_masks, trace_batch
 from speckv.profile.trace import _target_answer, trace_prompt, trace_rows
 
 FIELDS = ("answer", "target_top1", "stats", "agree", "accept_len", "accept_cap", "ent_k",
@@ -59,15 +60,19 @@ def _same(a, b, where=""):
     assert a.max_new_tokens == b.max_new_tokens
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batched_greedy_answers_equal_one_sequence_decoding(dtype):
+@pytest.mark.parametrize(("dtype", "prefill_tokens"), [(torch.float64, 1024),
+                                                       (torch.float64, 20), (torch.float32, 20)])
+def test_batched_greedy_answers_equal_one_sequence_decoding(dtype, prefill_tokens, monkeypatch):
+    """Prompts are encoded packed (several per row, ``prefill_tokens`` a row), answers decoded
+    as a batch; each equals Hugging Face ``generate`` on the prompt alone."""
+    monkeypatch.setattr(batched, "PREFILL_TOKENS", prefill_tokens)
     _, target = _pair(dtype)
     prompts = _prompts(10, seed=3)
     eos = _eos_for(target, prompts, 24)
     budgets = [24, 5, 24, 17, 1, 24, 24, 9, 24, 24]
-    batched = greedy_answers(target, prompts, budgets, {eos}, pad=0)
+    got = greedy_answers(target, prompts, budgets, {eos}, pad=0)
     ends = 0
-    for p, m, (answer, top1) in zip(prompts, budgets, batched, strict=True):
+    for p, m, (answer, top1) in zip(prompts, budgets, got, strict=True):
         ref_answer, ref_top1 = _target_answer(target, p, m, eos)  # HF generate, one sequence
         np.testing.assert_array_equal(answer, ref_answer)
         alone_answer, alone_top1 = greedy_answers(target, [p], m, eos, pad=0)[0]
@@ -129,9 +134,19 @@ def test_per_prompt_budgets_and_the_tail_past_eos(pair64):
         _same(trace_prompt(target, target, p, 30, eos, pad=0), g)
 
 
-def test_llama_continues_branches_through_4d_masks(pair64):
+def test_llama_packs_through_4d_masks_and_sliding_windows_do_not(pair64):
     draft, _ = pair64
-    assert supports_branch_masks(draft)
+    assert supports_4d_masks(draft)
     sliding = tiny_llama(1, seed=0)
     sliding.config.layer_types = ["sliding_attention"]
-    assert not supports_branch_masks(sliding)
+    assert not supports_4d_masks(sliding)
+
+
+def test_models_without_4d_masks_take_the_one_row_path(pair64, monkeypatch):
+    """A target and draft that cannot pack still give the one-prompt traces."""
+    draft, target = pair64
+    monkeypatch.setattr(batched, "supports_4d_masks", lambda model: False)
+    prompts = _prompts(5, seed=5)
+    got = trace_batch(draft, target, prompts, 16, None, pad=0, target_batch=5, draft_batch=2)
+    for p, g in zip(prompts, got, strict=True):
+        _same(trace_prompt(draft, target, p, 16, None, pad=0), g)
