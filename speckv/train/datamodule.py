@@ -1,9 +1,18 @@
 """LightningDataModule over step records: grouped splits, train-only scaling, tensors.
 
-Each row becomes one example: the decision-time feature vector (or, for the seed paper's
-imported rows, the paper's own post-drafting features), the observed accepted length with its
-cap (a censored observation), and the measured cost of each candidate γ (for the policy
-value logged during validation).
+Each row becomes one example of each decision: the step vector (or, for the seed paper's
+imported rows, the paper's own post-drafting features) and the pre-draft vector, the observed
+accepted length with its cap (a censored observation: both decisions predict the same
+outcome, from what each knows), and the measured cost of a plain step and of a step drafting
+each candidate γ (for the policy value logged during validation).
+
+The pre-draft vector of a trace row at position p is built as the decoder would see it with
+``u`` emitted tokens not yet scored by the draft (a bonus token, plain steps): the trace's
+history at ``p - u`` (:func:`speckv.runtime.features.pre_from_step_features`). ``u`` is drawn
+per row, uniformly from 0 to ``min(p, MAX_UNSETTLED)`` (seeded), so the pre-draft network
+sees every staleness a policy with probes can meet; the row's costs include the catch-up
+over ``u + 1`` tokens. Live rows were recorded at decision time (``u = 0``); imported rows
+have no history (its prior values stand in).
 """
 
 from __future__ import annotations
@@ -28,8 +37,18 @@ from speckv.records import (
     resolve_records,
     split_prompts,
 )
-from speckv.runtime.costs import step_costs
-from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS
+from speckv.runtime.costs import catchup_table, drafting_costs
+from speckv.runtime.features import (
+    COMPRESSIONS,
+    FEATURE_NAMES,
+    GAMMA_MAX,
+    GAMMAS,
+    MAX_SKIP_RUN,
+    MAX_UNSETTLED,
+    PRE_FEATURE_NAMES,
+    assemble,
+    pre_from_step_features,
+)
 
 REFERENCE_GAMMA: Final = 4  # γ at which trace rows are scored for acceptance-rate metrics
 
@@ -40,6 +59,17 @@ def fingerprint(paths: list[Path]) -> str:
     for p in sorted(paths, key=lambda p: p.name):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _catchups(df, draft: np.ndarray) -> np.ndarray:
+    """``[n, CATCHUP_MAX]`` catch-up seconds per row: measured where the records have them."""
+    table = catchup_table(draft, None)
+    if "cost_catchup_s" not in df.columns:
+        return table
+    for i, value in enumerate(df["cost_catchup_s"]):
+        if value is not None and len(value):
+            table[i] = catchup_table(draft[i], np.asarray(value, np.float64))
+    return table
 
 
 def _detect_feature_set(paths: list[Path]) -> str:
@@ -86,7 +116,9 @@ class SpeckvDataModule(L.LightningDataModule):
         self.fingerprint = fingerprint(self.paths)
         self._splits: dict[str, TensorDataset] | None = None
         self.mean = self.std = None
-        self.parity_rows: tuple[np.ndarray, np.ndarray] | None = None
+        self.pre_mean = self.pre_std = None
+        #: held-out (features, pre_features, costs, plain_cost) for the export's parity check
+        self.parity_rows: tuple[np.ndarray, ...] | None = None
 
     # values the model needs (linked by the CLI, never typed twice)
     @property
@@ -96,6 +128,14 @@ class SpeckvDataModule(L.LightningDataModule):
     @property
     def n_features(self) -> int:
         return len(self.feature_names)
+
+    @property
+    def pre_feature_names(self) -> list[str]:
+        return list(PRE_FEATURE_NAMES)
+
+    @property
+    def max_skip_run(self) -> int:
+        return MAX_SKIP_RUN
 
     @property
     def gammas(self) -> list[int]:
@@ -127,19 +167,34 @@ class SpeckvDataModule(L.LightningDataModule):
         if not np.isfinite(x).all():
             bad = np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()
             raise RecordError(f"Features of rows {bad} are not finite; re-profile those prompts.")
+        unsettled, settled = self._staleness(df)
+        if self.feature_set == "decision":
+            x_pre = pre_from_step_features(x, x[settled], unsettled)
+        else:  # no history: its prior values, the position and the compression
+            x_pre = np.empty((len(df), len(PRE_FEATURE_NAMES)), np.float32)
+            for comp, idx in df.groupby("compression", observed=True).indices.items():
+                prior = assemble(np.zeros((len(idx), 3)), 1.0, 0.5, 0,
+                                 df["position"].to_numpy(np.float32)[idx], comp)
+                x_pre[idx] = pre_from_step_features(prior, prior, 0)
         costs = np.ones((len(df), len(GAMMAS)), np.float32)
+        plain = np.ones(len(df), np.float32)
         has_cost = df["cost_draft_s"].notna().to_numpy()
         if has_cost.any():
             measured = df.loc[has_cost]
-            costs[has_cost] = step_costs(measured["cost_draft_s"].to_numpy(),
-                                         np.stack(measured["cost_verify_s"].to_numpy()))
+            draft = measured["cost_draft_s"].to_numpy(np.float64)
+            verify = np.stack(measured["cost_verify_s"].to_numpy()).astype(np.float64)
+            costs[has_cost] = drafting_costs(draft, verify, _catchups(measured, draft),
+                                             unsettled[has_cost] + 1)
+            plain[has_cost] = verify[:, 0]
         ref = df["gamma"].fillna(REFERENCE_GAMMA).to_numpy(np.int64)
         comp = df["compression"].map({c: i for i, c in enumerate(COMPRESSIONS)}).to_numpy()
         tensors = {
             "x": torch.from_numpy(x),
+            "x_pre": torch.from_numpy(x_pre),
             "accept_len": torch.from_numpy(df["accept_len"].to_numpy(np.int64)),
             "accept_cap": torch.from_numpy(df["accept_cap"].to_numpy(np.int64)),
             "costs": torch.from_numpy(costs),
+            "plain_cost": torch.from_numpy(plain),
             "has_cost": torch.from_numpy(has_cost.copy()),
             "ref_gamma": torch.from_numpy(np.minimum(ref, GAMMA_MAX)),
             "compression": torch.from_numpy(comp.astype(np.int64)),
@@ -148,6 +203,8 @@ class SpeckvDataModule(L.LightningDataModule):
         train = split == "train"
         self.mean = x[train].mean(0)
         self.std = x[train].std(0) + 1e-6
+        self.pre_mean = x_pre[train].mean(0)
+        self.pre_std = x_pre[train].std(0) + 1e-6
         self._splits = {
             name: TensorDataset(*(t[torch.from_numpy(split == name)] for t in tensors.values()))
             for name in ("train", "val", "test")
@@ -157,8 +214,31 @@ class SpeckvDataModule(L.LightningDataModule):
                 raise RecordError(f"The {name!r} split of {', '.join(map(str, self.paths))} is "
                                   "empty: profile more prompts or change the split fractions.")
         held = np.flatnonzero(split == "val")[:512]
-        self.parity_rows = (x[held], costs[held])
+        self.parity_rows = (x[held], x_pre[held], costs[held], plain[held, None])
         self.split_sizes = {k: len(v) for k, v in self._splits.items()}
+
+    def _staleness(self, df) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: ``u`` (drawn, seeded) and the row where its settled history ends."""
+        n = len(df)
+        rows = np.arange(n)
+        position = df["position"].to_numpy(np.int64)
+        if self.feature_set != "decision":
+            return np.zeros(n, np.int64), rows
+        key = df.groupby(["run_id", "compression", "task", "prompt_id"], sort=False,
+                         observed=True).ngroup().to_numpy()
+        order = np.lexsort((position, key))
+        rng = np.random.default_rng(self.hparams.seed)
+        drawn = rng.integers(0, MAX_UNSETTLED + 1, n)
+        unsettled = np.zeros(n, np.int64)
+        settled = rows.copy()
+        trace = (df["mode"] == "trace").to_numpy()
+        for i, row in enumerate(order):
+            u = min(int(drawn[row]), int(position[row]), i) if trace[row] else 0
+            if u:
+                other = order[i - u]  # a trace has a row at every position of its answer
+                if key[other] == key[row] and position[row] - position[other] == u:
+                    unsettled[row], settled[row] = u, other
+        return unsettled, settled
 
     def batch_dict(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(zip(self.columns, batch, strict=True))

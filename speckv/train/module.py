@@ -12,6 +12,14 @@ paper's rows (cap = its γ) all train the same model. From the survival curve,
 ``E[tokens | γ] = 1 + sum_{k<=γ} s_k``, and the policy picks the γ with the most expected
 tokens per second under the measured cost of each γ (``objective="tokens_per_s"``), or the
 seed paper's tokens per step (``objective="tokens_per_step"``, kept for comparison).
+
+Two networks learn the same outcome from what each decision knows: the *pre-draft* one from
+the history before the draft runs (:data:`speckv.runtime.features.PRE_FEATURE_NAMES`), the
+*step* one after the draft's first proposal. The loss is the sum of their likelihoods. The
+policy value logged in validation runs both decisions on every row: "no speculation" is a
+candidate with E[tokens] = 1 at the plain step's cost, taken when no γ's
+``E_pre[γ] / cost(γ)`` beats it; otherwise the step network's γ, scored by the row's measured
+outcome and costs (the catch-up the row's pre-draft vector assumes included).
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ import torch
 import torchmetrics as tm
 from torch.nn import functional as F
 
-from speckv.runtime.features import COMPRESSIONS
-from speckv.train.network import SurvivalMLP, expected_tokens
+from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
+from speckv.train.network import SurvivalMLP, expected_tokens, speculate_rule
 
 
 def survival_nll(z: torch.Tensor, accept_len: torch.Tensor, accept_cap: torch.Tensor):
@@ -54,6 +62,7 @@ class SpeckvModule(L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         objective: Literal["tokens_per_s", "tokens_per_step"] = "tokens_per_s",
+        pre_feature_names: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -66,11 +75,16 @@ class SpeckvModule(L.LightningModule):
             weight_decay: AdamW weight decay.
             objective: what the policy maximises: measured tokens per second, or the seed
                 paper's tokens per step.
+            pre_feature_names: names of the pre-draft features, in order (default: speckv's,
+                which every feature set of the DataModule builds).
         """
         super().__init__()
         self.save_hyperparameters()
         self.gammas = list(gammas)
+        self.pre_feature_names = list(pre_feature_names or PRE_FEATURE_NAMES)
         self.mlp = SurvivalMLP(n_features, max(self.gammas), list(hidden), dropout)
+        self.pre_mlp = SurvivalMLP(len(self.pre_feature_names), max(self.gammas), list(hidden),
+                                   dropout)
         self.metrics = torch.nn.ModuleDict({
             stage: torch.nn.ModuleDict({
                 "auroc_s1": tm.classification.BinaryAUROC(),
@@ -88,6 +102,9 @@ class SpeckvModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if dm is not None and stage == "fit" and dm.mean is not None:
             self.mlp.set_scaling(torch.from_numpy(dm.mean), torch.from_numpy(dm.std))
+            if getattr(dm, "pre_mean", None) is not None:
+                self.pre_mlp.set_scaling(torch.from_numpy(dm.pre_mean),
+                                         torch.from_numpy(dm.pre_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp.survival(x)
@@ -107,14 +124,19 @@ class SpeckvModule(L.LightningModule):
     def _common_step(self, batch, stage: str) -> torch.Tensor:
         b = self._unpack(batch)
         z = self.mlp(b["x"])
-        loss = survival_nll(z, b["accept_len"], b["accept_cap"])
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "train", on_epoch=True,
-                 on_step=False, batch_size=len(z))
+        z_pre = self.pre_mlp(b["x_pre"])
+        loss_step = survival_nll(z, b["accept_len"], b["accept_cap"])
+        loss_pre = survival_nll(z_pre, b["accept_len"], b["accept_cap"])
+        loss = loss_step + loss_pre
+        log = {"on_epoch": True, "on_step": False, "batch_size": len(z)}
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "train", **log)
+        self.log(f"{stage}/loss_step", loss_step, **log)
+        self.log(f"{stage}/loss_pre", loss_pre, **log)
         with torch.no_grad():
-            self._update_metrics(z, b, stage)
+            self._update_metrics(z, z_pre, b, stage)
         return loss
 
-    def _update_metrics(self, z, b, stage: str) -> None:
+    def _update_metrics(self, z, z_pre, b, stage: str) -> None:
         surv = torch.exp(torch.cumsum(F.logsigmoid(z), -1))
         m = self.metrics[f"{stage}_"]
         informative = b["accept_cap"] > 0
@@ -132,15 +154,25 @@ class SpeckvModule(L.LightningModule):
             m["corr_acceptance"].update(csum[known] / g[known], actual[known] / g[known])
         if stage != "train" and b["has_cost"].any():
             sel = b["has_cost"]
-            expected = expected_tokens(surv[sel], self.gammas)
+            per_step = self.hparams.objective == "tokens_per_step"
             costs = b["costs"][sel]
-            score = expected if self.hparams.objective == "tokens_per_step" else expected / costs
-            idx = score.argmax(-1)
+            plain = b["plain_cost"][sel][:, None]
+            if per_step:
+                costs, plain = torch.ones_like(costs), torch.ones_like(plain)
+            expected = expected_tokens(surv[sel], self.gammas)
+            pre_surv = torch.exp(torch.cumsum(F.logsigmoid(z_pre[sel]), -1))
+            speculate = speculate_rule(expected_tokens(pre_surv, self.gammas), costs, plain)
+            idx = (expected / costs).argmax(-1)
             gam = torch.as_tensor(self.gammas, device=z.device)
-            acc = torch.minimum(b["accept_len"][sel][:, None], gam[None, :]) + 1.0
+            # columns: a plain step (1 token), then each γ (min(L, γ) + 1 tokens)
+            acc = torch.cat([torch.ones_like(plain),
+                             torch.minimum(b["accept_len"][sel][:, None], gam[None, :]) + 1.0],
+                            1)
+            all_costs = torch.cat([plain, costs], 1)
+            choice = torch.where(speculate, idx + 1, torch.zeros_like(idx))
             self._policy.setdefault(stage, []).append(
-                (acc.gather(1, idx[:, None])[:, 0], costs.gather(1, idx[:, None])[:, 0],
-                 acc, costs, b["compression"][sel], gam[idx]))
+                (acc.gather(1, choice[:, None])[:, 0], all_costs.gather(1, choice[:, None])[:, 0],
+                 acc, all_costs, b["compression"][sel], gam[idx], speculate))
         if stage == "val":
             self._calib.append((surv[informative, 0].cpu().numpy(),
                                 (b["accept_len"][informative] >= 1).cpu().numpy()))
@@ -158,9 +190,15 @@ class SpeckvModule(L.LightningModule):
         b = self._unpack(batch)
         surv = self.mlp.survival(b["x"])
         expected = expected_tokens(surv, self.gammas)
-        score = expected if self.hparams.objective == "tokens_per_step" else expected / b["costs"]
+        costs, plain = b["costs"], b["plain_cost"][:, None]
+        if self.hparams.objective == "tokens_per_step":
+            costs, plain = torch.ones_like(costs), torch.ones_like(plain)
+        pre_expected = expected_tokens(self.pre_mlp.survival(b["x_pre"]), self.gammas)
         gam = torch.as_tensor(self.gammas)
-        return {"survival": surv, "expected_tokens": expected, "gamma": gam[score.argmax(-1)]}
+        return {"survival": surv, "expected_tokens": expected,
+                "gamma": gam[(expected / costs).argmax(-1)],
+                "pre_expected_tokens": pre_expected,
+                "speculate": speculate_rule(pre_expected, costs, plain)}
 
     # ------------------------------------------------------------------------- epoch ends
     def _end_epoch(self, stage: str) -> None:
@@ -173,29 +211,38 @@ class SpeckvModule(L.LightningModule):
         rows = self._policy.pop(stage, [])
         if rows:
             parts = (torch.cat(c) for c in zip(*rows, strict=True))
-            chosen_acc, chosen_cost, acc, costs, comp, gam = parts
+            chosen_acc, chosen_cost, acc, costs, comp, gam, speculate = parts
             tps_policy = chosen_acc.sum() / chosen_cost.sum()
-            # the best single fixed γ on these rows, per compression level (an optimistic
-            # baseline: chosen on the evaluation rows themselves)
-            best_acc = best_cost = torch.zeros((), dtype=acc.dtype)
-            for c in comp.unique():
-                sel = comp == c
-                col = (acc[sel].sum(0) / costs[sel].sum(0)).argmax()
-                if self.hparams.objective == "tokens_per_step":
-                    col = acc[sel].sum(0).argmax()
-                best_acc = best_acc + acc[sel, col].sum()
-                best_cost = best_cost + costs[sel, col].sum()
-            tps_fixed = best_acc / best_cost
+            # the best single choice on these rows, per compression level, among fixed γ
+            # (columns 1..) and also plain decoding (column 0): optimistic baselines, chosen
+            # on the evaluation rows themselves
+            baselines = {}
+            for name, first in (("fixed", 1), ("static", 0)):
+                best_acc = best_cost = torch.zeros((), dtype=acc.dtype)
+                for c in comp.unique():
+                    sel = comp == c
+                    per_s = acc[sel, first:].sum(0) / costs[sel, first:].sum(0)
+                    col = first + (acc[sel, first:].sum(0).argmax()
+                                   if self.hparams.objective == "tokens_per_step"
+                                   else per_s.argmax())
+                    best_acc = best_acc + acc[sel, col].sum()
+                    best_cost = best_cost + costs[sel, col].sum()
+                baselines[name] = best_acc / best_cost
             self.log(f"{stage}/tokens_per_step", chosen_acc.mean())
             self.log(f"{stage}/tokens_per_s", tps_policy)
-            self.log(f"{stage}/best_fixed_tokens_per_s", tps_fixed)
-            self.log(f"{stage}/gain_over_best_fixed", tps_policy / tps_fixed)
-            self.log(f"{stage}/mean_gamma", gam.float().mean())
+            self.log(f"{stage}/best_fixed_tokens_per_s", baselines["fixed"])
+            self.log(f"{stage}/best_static_tokens_per_s", baselines["static"])
+            self.log(f"{stage}/gain_over_best_fixed", tps_policy / baselines["fixed"])
+            self.log(f"{stage}/gain_over_best_static", tps_policy / baselines["static"])
+            self.log(f"{stage}/mean_gamma", gam[speculate].float().mean() if speculate.any()
+                     else torch.zeros(()))
+            self.log(f"{stage}/skip_rate", 1.0 - speculate.float().mean())
             for i, c in enumerate(COMPRESSIONS):
                 sel = comp == i
                 if sel.any():
                     self.log(f"{stage}/tokens_per_s_{c}",
                              chosen_acc[sel].sum() / chosen_cost[sel].sum())
+                    self.log(f"{stage}/skip_rate_{c}", 1.0 - speculate[sel].float().mean())
 
     def on_train_epoch_end(self) -> None:
         self._end_epoch("train")
@@ -236,11 +283,14 @@ class SpeckvModule(L.LightningModule):
     # ------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        config = {"gamma_max": max(self.gammas), "hidden": list(self.hparams.hidden),
+                  "dropout": self.hparams.dropout}
         meta = {
-            "mlp_config": {"n_features": self.hparams.n_features,
-                           "gamma_max": max(self.gammas), "hidden": list(self.hparams.hidden),
-                           "dropout": self.hparams.dropout},
+            "mlp_config": {"n_features": self.hparams.n_features, **config},
+            "pre_mlp_config": {"n_features": len(self.pre_feature_names), **config},
             "feature_names": list(self.hparams.feature_names),
+            "pre_feature_names": list(self.pre_feature_names),
+            "max_skip_run": int(getattr(dm, "max_skip_run", MAX_SKIP_RUN)),
             "gammas": self.gammas,
             "compressions": list(COMPRESSIONS),
             "objective": self.hparams.objective,
@@ -249,6 +299,8 @@ class SpeckvModule(L.LightningModule):
         }
         if dm is not None and dm.parity_rows is not None:
             # tensors, not numpy arrays: Lightning reloads checkpoints with weights_only=True
-            meta["parity_features"], meta["parity_costs"] = (
-                torch.from_numpy(np.ascontiguousarray(a)) for a in dm.parity_rows)
+            keys = ("parity_features", "parity_pre_features", "parity_costs",
+                    "parity_plain_costs")
+            for key, array in zip(keys, dm.parity_rows, strict=True):
+                meta[key] = torch.from_numpy(np.ascontiguousarray(array))
         checkpoint["speckv"] = meta
