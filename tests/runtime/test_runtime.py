@@ -525,15 +525,40 @@ def test_bench_controller_json(capsys):
     from speckv.cli.bench_controller import main
 
     assert main(["--controller", str(ONNX), "--json", "--iters", "300",
-                 "--target-step-ms", "50"]) == 0
+                 "--target-step-ms", "50", "--vocab", "1000", "--check-threads", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
-    for method in ("onnx", "numpy", "floor"):
+    for method in ("end_to_end", "statistics", "speculate", "onnx", "locked", "numpy", "floor"):
         stats = report["batch1_us"][method]
-        assert 0 < stats["p50"] <= stats["p99"]
-        assert report["batch64_per_row_us"][method]["p50"] > 0
+        assert 0 < stats["p50"] <= stats["p99"], method
+    for method in ("onnx", "numpy", "floor"):
+        assert report["batch64_per_row_us"][method]["p99"] > 0
+    assert report["end_to_end_us"] == report["batch1_us"]["end_to_end"]
+    assert report["mlp_us"] == report["batch1_us"]["onnx"]
+    assert report["floor_us"] == report["batch1_us"]["floor"]
+    assert report["format_version"] == FORMAT_VERSION and report["vocab"] == 1000
+    check = report["thread_check"]
+    assert check == {**check, "threads": 3, "calls": 3 * 2000, "wrong": 0}
     assert report["target_step_ms"] == 50
-    assert report["ratio_p50_to_target_step"] == pytest.approx(
-        report["batch1_us"]["onnx"]["p50"] / 50_000)
+    per_step = report["end_to_end_us"]["p50"] + report["speculate_us"]["p50"]
+    assert report["ratio_p50_to_target_step"] == pytest.approx(per_step / 50_000, rel=1e-3)
+
+
+def test_bench_controller_text(capsys):
+    from speckv.cli.bench_controller import main
+
+    assert main(["--controller", str(ONNX), "--iters", "100", "--vocab", "100",
+                 "--check-threads", "2", "--target-step-ms", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "logits [100] -> γ (end to end)" in out and "0 wrong γ in 4000 calls" in out
+
+
+def test_bench_controller_refuses_a_format_1_file(tmp_path, capsys):
+    from speckv.__main__ import main
+
+    old = _variant(tmp_path, **{KEY_FORMAT_VERSION: "1"})
+    assert main(["bench-controller", "--controller", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert "format 1" in err and "speckv.train fit" in err and "speckv export" in err
 
 
 def test_bench_controller_reads_the_target_step_from_records(tmp_path):
