@@ -20,7 +20,11 @@ agreement history, the position, the target's compression); the controller
 them and the pair's measured step costs (:func:`pair_costs`: measured once per pair, machine
 and thread count, cached under ``speckv.paths.cache_dir()``); the assistant drafts γ tokens
 and Hugging Face verifies them. A γ of 0 (``speckv.policies.PLAIN``) is honoured: nothing
-more is drafted and the target decodes one token alone.
+more is drafted and the target decodes one token alone. A controller that also decides before
+the draft runs (the runtime's ``speculate_for(history, compression, costs)``, contract v2) is
+asked first, and when it declines the draft does not run at all; its next forward catches up
+on every token it skipped and scores their agreement (at most ``max_skip_run`` plain steps in a
+row, then a probe).
 
 Which door, and why
 -------------------
@@ -58,7 +62,10 @@ Guarantees (``tests/integrations/``): greedy output equals the target's own gree
 target's distribution (Hugging Face's acceptance test, fed the distribution each drafted
 token was sampled from); the features at every decision equal those of a trace of the same
 answer. Limits: batch size 1 and one shared vocabulary (as Hugging Face's assisted
-generation), decoder-only models, no padding.
+generation), decoder-only models, no padding. Under sampling, ``target_top1_prev`` is the
+target's probability after Hugging Face's logits processors (temperature, top-k/p: the
+distribution it verifies with; speckv's own decoder reads it at temperature 1), and the costs
+are measured on the CPU path of :func:`~speckv.decode.costs.measure_costs`.
 """
 
 from __future__ import annotations
