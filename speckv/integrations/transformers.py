@@ -19,12 +19,13 @@ agreement history, the position, the target's compression); the controller
 (:class:`speckv.runtime.Controller`, or any :class:`speckv.policies.Policy`) chooses γ from
 them and the pair's measured step costs (:func:`pair_costs`: measured once per pair, machine
 and thread count, cached under ``speckv.paths.cache_dir()``); the assistant drafts γ tokens
-and Hugging Face verifies them. A γ of 0 (``speckv.policies.PLAIN``) is honoured: nothing
-more is drafted and the target decodes one token alone. A controller that also decides before
-the draft runs (the runtime's ``speculate_for(history, compression, costs)``, contract v2) is
-asked first, and when it declines the draft does not run at all; its next forward catches up
-on every token it skipped and scores their agreement (at most ``max_skip_run`` plain steps in a
-row, then a probe).
+and Hugging Face verifies them. The step is the one :mod:`speckv.policies` defines and
+speckv's own decoder runs, both decisions included: before the assistant runs, the policy's
+``speculate`` (the controller's pre-draft head) may decline to speculate, and then the
+assistant does not run at all and Hugging Face's loop makes a plain target step (its next
+forward catches up on every token it skipped and scores their agreement; after the
+controller's ``max_skip_run`` plain steps in a row it drafts anyway); after the assistant's
+first forward, ``choose`` may also answer γ = 0 (``speckv.policies.PLAIN``).
 
 Which door, and why
 -------------------
@@ -74,6 +75,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -88,16 +90,13 @@ from transformers.generation.candidate_generator import CandidateGenerator
 
 from speckv.atomic import atomic_write
 from speckv.decode.costs import CostError, CostModel, measure_costs, new_cache
+from speckv.decode.decoder import with_catchup
 from speckv.errors import SpeckvError
 from speckv.machine import COST_KEYS, fingerprint, mismatch
 from speckv.paths import cache_dir
-from speckv.policies import PLAIN, Learned, Policy, StepContext
-from speckv.runtime.features import GAMMA_MAX, GAMMAS, History, step_features
-
-try:  # the runtime's contract v2: catch-up-aware step costs, a decision before drafting
-    from speckv.runtime.costs import StepCosts
-except ImportError:  # contract v1: γ >= 1 only, decided after the draft's first forward
-    StepCosts = None
+from speckv.policies import PLAIN, Learned, Policy, PreContext, StepContext
+from speckv.runtime.costs import StepCosts
+from speckv.runtime.features import GAMMA_MAX, History, pre_features, step_features
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +104,6 @@ log = logging.getLogger(__name__)
 COST_CACHE_FORMAT: Final = 1
 #: where :func:`pair_costs` keeps measured costs, under :func:`speckv.paths.cache_dir`.
 COST_CACHE_DIR: Final = "hf-costs"
-#: plain steps in a row after which drafting resumes anyway (a probe that lets the draft catch
-#: up), for a controller that decides before drafting and does not say (``max_skip_run``).
-MAX_SKIP_RUN: Final = 16
 
 ControllerLike = Any  # a Policy, a chooser with choose(features, costs), or an .onnx path
 CostsLike = Any  # a CostModel, a cost file path, or None (measure once, cached)
@@ -172,54 +168,13 @@ def as_policy(controller: ControllerLike) -> Policy:
         f"{type(controller).__name__}.")
 
 
-def candidate_costs(costs: CostModel, gammas: tuple[int, ...] = GAMMAS) -> np.ndarray:
-    """Seconds of a step drafting each of ``gammas`` (float32), from measured costs.
-
-    γ ≥ 1 by :func:`speckv.runtime.costs.step_costs` (the one formula); a γ of 0, should a
-    controller list it among its candidates, is a plain target step: ``cost_verify_s[0]``.
-    """
-    per_gamma = dict(zip(GAMMAS, costs.step_costs().tolist(), strict=True))
-    per_gamma[0] = float(costs.cost_verify_s[0])
-    missing = [g for g in gammas if g not in per_gamma]
-    if missing:
-        raise IntegrationError(f"No measured cost for γ {missing}: speckv measures γ = 0.."
-                               f"{GAMMA_MAX}. Use a controller with candidates in that range.")
-    return np.asarray([per_gamma[g] for g in gammas], np.float32)
-
-
-def _policy_costs(policy: Policy, costs: CostModel | None, compression: str,
-                  ) -> tuple[Callable[[int], np.ndarray], Callable[[History], bool] | None]:
-    """What a policy's decisions are priced with, and its decision before drafting.
-
-    Returns ``step_costs(unseen)``: the costs vector of a γ decision whose catch-up forward
-    covered ``unseen`` tokens (NaN when nothing was measured; the same for every ``unseen``
-    under contract v1); and ``speculate(history)``: the chooser's decision before the draft
-    runs (``speculate_for(history, compression, costs)``, contract v2), or None.
-    """
-    chooser = getattr(policy, "chooser", None)
-    gammas = tuple(int(g) for g in getattr(chooser, "gammas", GAMMAS))
+def step_costs_of(costs: CostModel | None) -> StepCosts | None:
+    """The runtime's :class:`~speckv.runtime.costs.StepCosts` of measured costs (as speckv's
+    decoder builds them: the catch-up table when it was measured)."""
     if costs is None:
-        nan = np.full(len(gammas), np.nan, np.float32)
-        return (lambda unseen: nan), None
-    fixed = candidate_costs(costs, gammas)
-    priced = (StepCosts(costs.cost_draft_s, costs.cost_verify_s,
-                        getattr(costs, "cost_catchup_s", None))
-              if StepCosts is not None else None)
-    if priced is not None and gammas == GAMMAS:
-        def step_costs(unseen: int) -> np.ndarray:
-            return priced.drafting(unseen)
-    else:
-        def step_costs(unseen: int) -> np.ndarray:
-            return fixed
-    speculate_for = getattr(chooser, "speculate_for", None)
-    if not callable(speculate_for):
-        return step_costs, None
-    pre_costs = priced if priced is not None else costs
-
-    def speculate(history: History) -> bool:
-        return bool(speculate_for(history, compression, pre_costs))
-
-    return step_costs, speculate
+        return None
+    return StepCosts(costs.cost_draft_s, costs.cost_verify_s,
+                     getattr(costs, "cost_catchup_s", None))
 
 
 def _load_costs(costs: CostsLike) -> CostModel | None:
@@ -274,12 +229,14 @@ def _stale(stored: Any, identity: dict[str, Any], machine: dict[str, Any]) -> li
 
 def pair_costs(target: Any, assistant: Any, *, compression: str | None = None,
                refresh: bool = False, directory: str | os.PathLike[str] | None = None,
-               measure: Callable[..., CostModel] = measure_costs,
+               catchup: bool = True, measure: Callable[..., CostModel] = measure_costs,
                **measure_kwargs: Any) -> CostModel:
     """The step costs of this target/assistant pair on this machine, measured once.
 
     Measured with :func:`speckv.decode.costs.measure_costs` (median forward times at a
-    realistic context) and kept as JSON under ``speckv.paths.cache_dir()/hf-costs/``, named by
+    realistic context) and, with ``catchup``, the assistant's catch-up forwards over several
+    tokens (:func:`speckv.decode.decoder.with_catchup`, which prices the step after plain
+    steps), and kept as JSON under ``speckv.paths.cache_dir()/hf-costs/``, named by
     a digest of both models (:func:`model_identity`), the compression, the measuring options
     and the machine fields that change costs (:data:`speckv.machine.COST_KEYS`: CPU, ISA,
     ATEN capability, threads, torch and bitsandbytes versions). A cached file is used only
@@ -291,7 +248,7 @@ def pair_costs(target: Any, assistant: Any, *, compression: str | None = None,
     threads = torch.get_num_threads()
     machine = fingerprint(threads)
     identity = {"target": model_identity(target), "assistant": model_identity(assistant),
-                "compression": compression,
+                "compression": compression, "catchup": bool(catchup),
                 "measure": {k: measure_kwargs[k] for k in sorted(measure_kwargs)}}
     key = _cost_key(identity, machine)
     path = Path(directory) if directory is not None else cache_dir() / COST_CACHE_DIR
@@ -309,6 +266,8 @@ def pair_costs(target: Any, assistant: Any, *, compression: str | None = None,
     started = time.perf_counter()
     costs = measure(_module(assistant), _module(target), compression=compression,
                     **measure_kwargs)
+    if catchup:
+        costs = with_catchup(costs, _module(assistant))
     costs.target_model = identity["target"]["name"]
     costs.draft_model = identity["assistant"]["name"]
     costs.extra = {**costs.extra, "measured_by": "speckv.integrations.transformers.pair_costs",
@@ -350,34 +309,29 @@ def _stats(logits: torch.Tensor) -> tuple[float, float]:
 
 
 class SpeckvCandidateGenerator(CandidateGenerator):
-    """Drafting for Hugging Face's assisted loop with γ chosen per step by a speckv policy.
+    """Drafting for Hugging Face's assisted loop, each step decided by a speckv policy.
 
-    State between steps: the assistant's KV cache and the ids it holds (``seen``); the
-    agreement :class:`~speckv.runtime.features.History`; the draft's greedy token at each
-    position it scored this step; answer positions whose agreement waits for the assistant's
-    next catch-up forward (``pending``: the bonus token after a fully accepted step, and every
-    token of a step decided plain before the draft ran). Hugging Face builds one per
-    ``generate`` call (see :func:`speckv_assisted`).
-
-    ``step_costs(unseen)``: the costs a γ decision gets after a catch-up over ``unseen``
-    tokens; ``speculate(history)``: an optional decision before the draft runs (False: a
-    plain target step, the draft does not run); after ``max_skip_run`` such steps in a row the
-    next one drafts anyway, so the history cannot go stale for long.
+    The step of :mod:`speckv.policies`, as speckv's decoder runs it: ``policy.speculate``
+    before the assistant runs (when the policy has it), the assistant's catch-up forward,
+    ``policy.choose`` on the step features, drafting with ``policy.keep_drafting``, and
+    ``policy.observe`` once Hugging Face has verified. State between steps: the assistant's
+    KV cache and the ids it holds (``seen``); the agreement
+    :class:`~speckv.runtime.features.History`, whose deferred tokens (the bonus token after a
+    fully accepted step, every token of a plain step decided before drafting) are always the
+    last ``history.unsettled`` ids; the draft's greedy token at each position it scored this
+    step. Hugging Face builds one per ``generate`` call (see :func:`speckv_assisted`).
     """
 
-    def __init__(self, assistant: torch.nn.Module, policy: Policy,
-                 step_costs: Callable[[int], np.ndarray], *, generation_config: Any,
-                 logits_processor: Any, compression: str, vocab_size: int,
-                 max_gamma: int = GAMMA_MAX,
-                 speculate: Callable[[History], bool] | None = None,
-                 max_skip_run: int = MAX_SKIP_RUN,
+    def __init__(self, assistant: torch.nn.Module, policy: Policy, costs: StepCosts | None, *,
+                 generation_config: Any, logits_processor: Any, compression: str,
+                 vocab_size: int, max_gamma: int = GAMMA_MAX,
                  trace: list[SpeckvStep] | None = None) -> None:
         self.assistant = assistant
         self.policy = policy
-        self.step_costs = step_costs
-        self.speculate = speculate
-        self.max_skip_run = int(max_skip_run)
-        self.skipped = 0  # plain steps in a row decided before drafting
+        self.costs = costs
+        self._nan_costs = np.full(GAMMA_MAX, np.nan, np.float32)
+        self._speculate = getattr(policy, "speculate", None)
+        self.skipped = 0  # plain steps in a row the policy chose before drafting
         self.do_sample = bool(generation_config.do_sample)
         self.max_length = int(generation_config.max_length)
         self.logits_processor = logits_processor if logits_processor else None
@@ -388,16 +342,15 @@ class SpeckvCandidateGenerator(CandidateGenerator):
         self.cache = new_cache(assistant)
         self.seen = torch.empty(0, dtype=torch.long)  # the ids the assistant's cache holds
         self.history = History()
-        #: (index in ids, target's probability); a v2 History is told too (its pre-draft
-        #: features count the unsettled tokens)
-        self.pending: list[tuple[int, float]] = []
-        self._defers = callable(getattr(self.history, "defer", None))
         self.greedy: list[int] = []  # the draft's argmax at ids[start], ids[start + 1], ...
         self.start = 0
         self.n_prompt: int | None = None
         self.step: SpeckvStep | None = None
         self._keep_logits = bool(getattr(assistant, "_supports_logits_to_keep", lambda: False)())
         policy.reset()
+
+    def _step_costs(self, unseen: int) -> np.ndarray:
+        return self.costs.drafting(unseen) if self.costs is not None else self._nan_costs
 
     # ---------------------------------------------------------------- assistant forwards
     def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
@@ -416,30 +369,23 @@ class SpeckvCandidateGenerator(CandidateGenerator):
         return logits
 
     def _catch_up(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Crop the assistant's cache to the prefix it shares with ``ids``, feed the rest, and
-        settle pending agreements from the rows that score them. Returns the last row's
-        logits (the first proposal's distribution) and the number of tokens fed."""
+        """Crop the assistant's cache to the prefix it shares with ``ids`` (never past the
+        deferred tokens, whose rows must be computed), feed the rest in one forward and settle
+        the deferred agreements from its rows. Returns the last row (the first proposal's
+        logits) and the number of tokens fed."""
         n_ids = ids.shape[0]
-        n = min(self.seen.shape[0], n_ids - 1)
-        if self.pending:  # a row that scores a pending position must be recomputed
-            n = min(n, self.pending[0][0] - 1)
+        rows = self.history.unsettled + 1
+        n = min(self.seen.shape[0], n_ids - rows)
         same = self.seen[:n] == ids[:n].cpu()
         keep_len = n if bool(same.all()) else int((~same).nonzero()[0, 0])
         cached = self.cache.get_seq_length()
         if cached > keep_len:
             self.cache.crop(keep_len - cached)
-        rows = max([1] + [n_ids - p + 1 for p, _ in self.pending])
         logits = self._forward(ids[keep_len:], rows)
         self.seen = ids.cpu().clone()
-        # row r predicts ids[n_ids - rows + r + 1]
-        agreed = [int(logits[p - n_ids + rows - 1].argmax()) == int(ids[p])
-                  for p, _ in self.pending]
-        if self._defers:
-            self.history.settle_deferred(agreed)
-        else:
-            for ok, (_, top1) in zip(agreed, self.pending, strict=True):
-                self.history.settle(ok, top1)
-        self.pending.clear()
+        if rows > 1:  # row r scores ids[n_ids - rows + r + 1], a deferred token
+            verdicts = logits[:-1].argmax(-1).cpu() == ids[n_ids - rows + 1 :].cpu()
+            self.history.settle_deferred(verdicts.tolist())
         return logits[-1], n_ids - keep_len
 
     # ------------------------------------------------------------------------- the API
@@ -456,20 +402,23 @@ class SpeckvCandidateGenerator(CandidateGenerator):
         if max_gamma <= 0:  # one token left: a plain target step, no decision (as speckv's)
             self.step = SpeckvStep(position, None)
             return input_ids, None
-        if (self.speculate is not None and self.skipped < self.max_skip_run
-                and not self.speculate(self.history)):
-            self.skipped += 1  # decided before drafting: the draft does not run at all
+        if not self._decide_to_speculate(position, max_gamma):
+            # a plain step decided before drafting: the assistant does not run at all
             self.step = SpeckvStep(position, PLAIN, seconds=time.perf_counter() - started)
             return input_ids, None
-        self.skipped = 0
         first, unseen = self._catch_up(ids)
         features = step_features(first.cpu().numpy(), self.history, self.compression)
         ctx = StepContext(features=features, compression=self.compression, position=position,
-                          max_gamma=max_gamma, costs=self.step_costs(unseen))
-        gamma = max(PLAIN, min(int(self.policy.choose(ctx)), max_gamma))
+                          max_gamma=max_gamma, costs=self._step_costs(unseen))
+        choice = int(self.policy.choose(ctx))
+        if not PLAIN <= choice <= GAMMA_MAX:
+            raise IntegrationError(f"Policy {getattr(self.policy, 'name', self.policy)!r} "
+                                   f"chose γ={choice}; choose() must return 1..{GAMMA_MAX}, or "
+                                   f"{PLAIN} for a plain target step.")
+        gamma = min(choice, max_gamma)
         self.step = SpeckvStep(position, gamma, features=features)
         self.greedy.append(int(first.argmax()))
-        if gamma == PLAIN:  # no speculation: the target decodes one token alone
+        if gamma == PLAIN:  # drafted once, then a plain step: the proposal scores the token
             self.step.seconds = time.perf_counter() - started
             return input_ids, None
         tokens, rows = self._draft(input_ids, first, gamma)
@@ -477,6 +426,19 @@ class SpeckvCandidateGenerator(CandidateGenerator):
         self.step.seconds = time.perf_counter() - started
         drafted = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
         return torch.cat([input_ids, drafted], -1), torch.stack(rows)[None].to(input_ids.device)
+
+    def _decide_to_speculate(self, position: int, max_gamma: int) -> bool:
+        """The policy's pre-draft decision (a policy without ``speculate`` always drafts)."""
+        if self._speculate is None:
+            return True
+        unseen = self.history.unsettled + 1
+        ctx = PreContext(pre_features(self.history, self.compression), self.compression,
+                         position, max_gamma, self._step_costs(unseen),
+                         self.costs.plain if self.costs is not None else math.nan, unseen,
+                         self.skipped)
+        go = bool(self._speculate(ctx))
+        self.skipped = 0 if go else self.skipped + 1
+        return go
 
     def _draft(self, input_ids: torch.Tensor, first: torch.Tensor, gamma: int,
                ) -> tuple[list[int], list[torch.Tensor]]:
@@ -510,8 +472,9 @@ class SpeckvCandidateGenerator(CandidateGenerator):
                                   num_matches: int) -> None:
         """Hugging Face's report after verification: settle each emitted token's agreement
         (the draft's greedy token at that position, given the true prefix, equals it) and the
-        target's probability of it, in position order; a token the draft never scored (the
-        bonus token after a fully accepted step) waits for the next catch-up forward."""
+        target's probability of it, in position order; a token the draft has not scored (the
+        bonus token after a fully accepted step, a plain step's token) is deferred to the
+        assistant's next catch-up forward."""
         emitted = input_ids[0, self.start :]
         n = emitted.shape[0]
         probs = torch.softmax(scores[0, :n].float(), -1)
@@ -520,9 +483,7 @@ class SpeckvCandidateGenerator(CandidateGenerator):
             if i < len(self.greedy):
                 self.history.settle(self.greedy[i] == token, top1[i])
             else:
-                self.pending.append((self.start + i, top1[i]))
-                if self._defers:
-                    self.history.defer(top1[i])
+                self.history.defer(top1[i])
         step = self.step
         if step is None:
             return
@@ -578,14 +539,11 @@ class _Session:
         head = self.target.get_output_embeddings()
         vocab = (int(head.weight.shape[0]) if head is not None and hasattr(head, "weight")
                  else int(self.target.config.get_text_config().vocab_size))
-        step_costs, speculate = _policy_costs(self.policy, self.costs, self.compression)
-        max_skip_run = getattr(getattr(self.policy, "chooser", None), "max_skip_run",
-                               MAX_SKIP_RUN)
         return SpeckvCandidateGenerator(
-            assistant_model, self.policy, step_costs, generation_config=generation_config,
-            logits_processor=logits_processor, compression=self.compression,
-            vocab_size=vocab, max_gamma=self.max_gamma, speculate=speculate,
-            max_skip_run=max_skip_run, trace=self.trace)
+            assistant_model, self.policy, step_costs_of(self.costs),
+            generation_config=generation_config, logits_processor=logits_processor,
+            compression=self.compression, vocab_size=vocab, max_gamma=self.max_gamma,
+            trace=self.trace)
 
 
 _HOOK: Final = "_get_candidate_generator"

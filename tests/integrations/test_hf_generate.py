@@ -32,10 +32,17 @@ from speckv.integrations.transformers import (
     generate_with_speckv,
     pair_costs,
     speckv_assisted,
+    step_costs_of,
 )
 from speckv.policies import PLAIN, ConfidenceStop, FixedGamma, Heuristic, Learned
 from speckv.runtime import Controller
-from speckv.runtime.features import GAMMA_MAX, GAMMAS, history_arrays, token_stats
+from speckv.runtime.features import (
+    GAMMA_MAX,
+    GAMMAS,
+    N_PRE_FEATURES,
+    history_arrays,
+    token_stats,
+)
 
 PROMPT = [1, 5, 17, 33, 8, 90]
 N_NEW = 40
@@ -137,9 +144,8 @@ def test_the_steps_equal_speckvs_own_decoder(llama, controller):
         out = generate_with_speckv(target, draft, make(), COSTS, ids_of(), max_new_tokens=N_NEW,
                                    do_sample=False, eos_token_id=None, trace=trace)
         assert out[0, len(PROMPT):].tolist() == own.token_ids
-        assert [(s.position, s.gamma, s.drafted, s.accepted) for s in trace] == [
-            (r["position"], r["gamma"] or None, r["drafted"], r["accept_len"])
-            for r in own.steps]
+        assert [(s.position, s.gamma or 0, s.drafted, s.accepted) for s in trace] == [
+            (r["position"], r["gamma"], r["drafted"], r["accept_len"]) for r in own.steps]
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 9])
@@ -210,20 +216,21 @@ def test_a_gamma_of_zero_is_a_plain_target_step(family):
 
 
 class PreDraftChooser:
-    """A chooser that also decides before the draft runs (the runtime's contract v2 names it
-    ``speculate_for(history, compression, costs)``): here it declines three steps in four, so
-    plain steps come in runs that the ``max_skip_run`` probe cuts."""
+    """A chooser with a pre-draft head, as the runtime Controller has (``speculate(
+    pre_features, costs, plain_cost)``): it declines three steps in four, so plain steps come
+    in runs that ``Learned``'s probe cuts after ``max_skip_run``."""
 
     gammas = GAMMAS
     max_skip_run = 2
 
     def __init__(self) -> None:
-        self.asked = 0
+        self.asked = []
 
-    def speculate_for(self, history, compression, costs) -> bool:
-        assert compression == "fp16" and costs is not None
-        self.asked += 1
-        return self.asked % 4 == 0
+    def speculate(self, pre_features, costs, plain_cost) -> bool:
+        assert len(pre_features) == N_PRE_FEATURES and len(costs) == len(GAMMAS)
+        assert 0 < plain_cost < costs[0]
+        self.asked.append(float(pre_features[3]))  # the unsettled feature
+        return len(self.asked) % 4 == 0
 
     def choose(self, features, costs) -> int:
         assert np.isfinite(costs).all() and len(costs) == len(GAMMAS)
@@ -236,9 +243,9 @@ def test_a_decision_before_drafting_skips_the_draft_entirely(family):
     forwards = []
     handle = draft.register_forward_hook(lambda m, args, kwargs, out: forwards.append(
         kwargs["input_ids"].shape[1]), with_kwargs=True)
-    trace = []
+    trace, chooser = [], PreDraftChooser()
     try:
-        out = generate_with_speckv(target, draft, PreDraftChooser(), COSTS, ids_of(),
+        out = generate_with_speckv(target, draft, chooser, COSTS, ids_of(),
                                    max_new_tokens=N_NEW, do_sample=False, eos_token_id=None,
                                    trace=trace)
     finally:
@@ -251,8 +258,38 @@ def test_a_decision_before_drafting_skips_the_draft_entirely(family):
     # the draft ran only in drafting steps: a catch-up forward, then one per further token
     drafting = [s for s in trace if s.drafted]
     assert len(forwards) == sum(s.drafted for s in drafting)
-    # after plain steps, one catch-up forward covers every token the draft has not seen
+    # after plain steps, one catch-up forward covers every token the draft has not seen, and
+    # the pre-draft features counted them as unsettled
     assert max(forwards[1:]) >= 3
+    assert max(chooser.asked) >= 2 / 16
+
+
+def test_the_policy_sees_each_pre_draft_context(llama):
+    target, draft = llama
+    seen, answers = [], []
+
+    class Declining(FixedGamma):
+        def speculate(self, ctx) -> bool:
+            seen.append(ctx)
+            answers.append(len(seen) % 4 == 0)
+            return answers[-1]
+
+    trace = []
+    out = generate_with_speckv(target, draft, Declining(2), COSTS, ids_of(), max_new_tokens=N_NEW,
+                               do_sample=False, eos_token_id=None, trace=trace)
+    assert torch.equal(out, hf_greedy(target, eos_token_id=None))
+    decided = [s for s in trace if s.gamma is not None]
+    assert [c.position for c in seen] == [s.position for s in decided]
+    assert [s.gamma == PLAIN for s in decided] == [not a for a in answers]
+    costs = step_costs_of(COSTS)
+    skipped = 0
+    for ctx, answer in zip(seen, answers, strict=True):
+        assert ctx.compression == "fp16" and ctx.features.shape == (N_PRE_FEATURES,)
+        assert ctx.plain_cost == pytest.approx(COSTS.cost_verify_s[0])
+        np.testing.assert_allclose(ctx.costs, costs.drafting(ctx.unseen))
+        assert ctx.skipped == skipped
+        skipped = 0 if answer else skipped + 1
+    assert max(c.unseen for c in seen) >= 4, "the draft falls behind over plain steps"
 
 
 # ------------------------------------------------------------- features = a trace's
@@ -440,6 +477,7 @@ def test_costs_are_measured_once_cached_and_validated(llama, tmp_path, monkeypat
     assert len(calls) == 1 and again.to_json() == first.to_json()
     stored = json.loads(files[0].read_text())
     assert stored["identity"]["target"]["class"] == "LlamaForCausalLM"
+    assert len(first.cost_catchup_s) >= 2, "the catch-up forwards are measured too"
     assert stored["machine"]["threads"] == torch.get_num_threads()
     # another assistant (same config, other weights) is another pair
     pair_costs(target, noisy_copy(target, 0.2, seed=3), measure=measure)
@@ -468,7 +506,7 @@ def test_a_controller_path_without_costs_measures_the_pair_once(llama, tmp_path,
                                    ids_of(), max_new_tokens=N_NEW, do_sample=False,
                                    eos_token_id=None, trace=trace, measure_kwargs=small)
         assert torch.equal(out, ref)
-        assert all(1 <= s.gamma <= GAMMA_MAX for s in trace if s.gamma is not None)
+        assert all(0 <= s.gamma <= GAMMA_MAX for s in trace if s.gamma is not None)
     assert len(list((tmp_path / hf.COST_CACHE_DIR).glob("*.json"))) == 1
 
 
@@ -549,7 +587,7 @@ def test_bad_inputs_are_refused_with_what_to_do(llama):
         generate_with_speckv(target, draft, "nowhere.onnx", None, ids_of(), max_new_tokens=4)
 
 
-def test_compression_and_candidate_costs():
+def test_compression_and_step_costs():
     target = tiny_llama(1, seed=0)
     assert hf.detect_compression(target) == "fp16"
 
@@ -559,7 +597,6 @@ def test_compression_and_candidate_costs():
     assert hf.detect_compression(Loaded()) == "nf4"
     target.is_loaded_in_8bit = True
     assert hf.detect_compression(target) == "int8"
-    np.testing.assert_allclose(hf.candidate_costs(COSTS), COSTS.step_costs())
-    # a controller listing γ = 0 among its candidates gets the plain step's cost for it
-    np.testing.assert_allclose(hf.candidate_costs(COSTS, (0, 1, 2)),
-                               [COSTS.cost_verify_s[0], *COSTS.step_costs()[:2]], rtol=1e-6)
+    # without a measured catch-up table, a step after one unseen token costs the v1 formula
+    np.testing.assert_allclose(step_costs_of(COSTS).drafting(1), COSTS.step_costs(), rtol=1e-6)
+    assert step_costs_of(None) is None
