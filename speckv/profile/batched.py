@@ -6,24 +6,31 @@ answer, the draft teacher-forced over it, and the draft's greedy continuations o
 EOS). Done one prompt at a time, the first is ``n`` one-row target forwards and the last
 re-encodes the whole context of every branch. Here:
 
-1. :func:`greedy_answers` decodes the target's answers for a batch of prompts together
-   (left padding, attention masks, explicit positions, a KV cache; each row stops at its own
-   EOS or budget and leaves the batch, so finished rows cost nothing);
-2. :func:`draft_side` runs the draft teacher-forced over a batch of ``prompt + answer`` rows
-   in one forward, and keeps that forward's KV cache;
-3. every branch of every row then continues *from that cache*: the branch token of a branch
-   at ``m`` sits at position ``P + m`` and attends, through a 4-D attention mask, to the
-   first ``P + m`` cached positions of its own row and to its own earlier tokens only. All
-   branches of all rows of a batch advance together, one forward per continuation step
-   (``BRANCH_STEPS`` forwards), with nothing re-encoded. Models whose attention cannot take
-   a custom 4-D mask (sliding-window layers, flash attention) fall back to re-encoding.
+1. :func:`greedy_answers` encodes a batch's prompts packed into rows of about
+   ``PREFILL_TOKENS`` tokens (:func:`_packed`: one sequence after another, a block-diagonal
+   causal 4-D mask, positions restarting at 0: each sequence computed as if alone, no
+   padding), then decodes the answers together, one token per row and forward (left
+   padding, an attention mask, explicit positions, a preallocated KV cache); a row leaves
+   the batch at its own EOS or budget;
+2. :func:`draft_side` runs the draft teacher-forced over a group of ``prompt + answer``
+   sequences in one packed forward, with logits only where an answer token is predicted;
+3. every branch of every sequence then continues *from that forward's cache*: the branch
+   token of a branch at ``m`` sits at position ``P + m`` and attends, through a 4-D mask,
+   to the first ``P + m`` cached positions of its own sequence and to its own earlier
+   tokens. All branches of the group advance together, one forward per continuation step
+   (``BRANCH_STEPS`` forwards), nothing re-encoded.
 
-Exactness. In exact arithmetic every piece equals its one-prompt counterpart: padding is
-masked, positions are explicit, a branch sees exactly its context. In float64 (and, up to
-near-ties, float32) the batched and one-prompt traces are identical, records included
-(``tests/profile/test_batched.py``). In bfloat16 (and with bitsandbytes, whose LLM.int8 picks
-outlier columns per forward) no forward is batch-invariant: a row's logits depend, by a
-rounding step, on what else shares the forward. What the records then hold:
+On a CPU few large forwards win twice: each forward pays a fixed price to repack the weights
+for the matrix units, and memory traffic, not arithmetic, bounds small ones. Models that
+cannot take a custom 4-D mask (sliding-window layers, flash attention) run one sequence per
+forward and re-encode branch contexts (:func:`supports_4d_masks`).
+
+Exactness. In exact arithmetic every piece equals its one-prompt counterpart: padding and
+other sequences are masked, positions are explicit, a branch sees exactly its context. In
+float64 (and, up to near-ties, float32) the batched and one-prompt traces are identical,
+records included (``tests/profile/test_batched.py``). In bfloat16 (and with bitsandbytes,
+whose LLM.int8 picks outlier columns per forward) no forward is batch-invariant: a row's
+logits depend, by a rounding step, on what else shares the forward. What the records then hold:
 
 - the answer is a *valid greedy trace of the target*: every answer token is the argmax of the
   target's logits at that position in the forward that computed it, and ``target_top1`` is
@@ -38,8 +45,9 @@ rounding step, on what else shares the forward. What the records then hold:
 - agreement, accept lengths and stop-rule outcomes are exact *with respect to that answer*,
   so replay stays exact for it.
 
-``--target-batch 1 --draft-batch 1`` computes every prompt alone, so the records do not depend
-on batching or sharding at all, in any dtype; that costs the batching speed-up.
+``--target-batch 1 --draft-batch 1`` computes every prompt apart from the others, so the
+records do not depend on batching or sharding at all, in any dtype; that costs the batching
+speed-up.
 """
 
 from __future__ import annotations
@@ -102,6 +110,24 @@ def _additive(allowed, model):
     dtype = _compute_dtype(model)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None].to(_device(model))
+
+
+#: rows of logits converted and summarised at a time (a few MB: they stay in cache)
+STATS_ROWS = 8
+
+
+def _stats(logits) -> tuple[np.ndarray, np.ndarray]:
+    """``token_stats`` and the argmax of every row of ``logits`` (``[rows, vocab]``, any
+    float dtype, any device), a few rows at a time: each pass over a large vocabulary then
+    runs in cache instead of memory. Row by row the same numbers as one call on all rows."""
+    rows = logits.shape[0]
+    stats = np.empty((rows, 3), np.float32)
+    best = np.empty(rows, np.int64)
+    for r in range(0, rows, STATS_ROWS):
+        block = logits[r : r + STATS_ROWS].float().cpu().numpy()
+        stats[r : r + STATS_ROWS] = token_stats(block)
+        best[r : r + STATS_ROWS] = block.argmax(-1)
+    return stats, best
 
 
 def _alone(model, ids: Sequence[int], keep: int):
@@ -336,9 +362,9 @@ def _continue_branches(draft, cache, spans: Sequence[tuple[int, Sequence[tuple[i
         allowed = torch.cat([prefix, own.repeat(1, s + 1)], -1)
         logits = draft(input_ids=tokens, attention_mask=_additive(allowed, draft),
                        position_ids=position + s, cache=cache, use_cache=True).logits[0]
-        logits = logits.float()
-        out[:, s] = token_stats(logits.cpu().numpy())[:, :2]
-        tokens = logits.argmax(-1)[None]
+        stats, best = _stats(logits)
+        out[:, s] = stats[:, :2]
+        tokens = torch.from_numpy(best)[None].to(device)
     return out
 
 
@@ -366,18 +392,19 @@ def draft_side(draft, prompts: Sequence[Sequence[int]], answers: Sequence[np.nda
             cache, logits, starts = _packed(draft, seqs, [range(len(p) - 1, len(p) - 1 + n)
                                                           for p, n in zip(prompts, ns,
                                                                           strict=True)])
-            logits = logits.float().cpu().numpy()
+            all_stats, all_best = _stats(logits)
+            del logits
         else:
-            logits = np.concatenate([_alone(draft, seq, n + 1)[1][:-1].float().cpu().numpy()
-                                     for seq, n in zip(seqs, ns, strict=True)])
+            each = [_stats(_alone(draft, seq, n + 1)[1][:-1])
+                    for seq, n in zip(seqs, ns, strict=True)]
+            all_stats = np.concatenate([e[0] for e in each])
+            all_best = np.concatenate([e[1] for e in each])
         bounds = np.cumsum([0, *ns])
         stats, proposals, plans = [], [], []
         for b in range(len(prompts)):
-            rows = logits[bounds[b] : bounds[b + 1]]
-            stats.append(token_stats(rows))
-            proposals.append(rows.argmax(-1))
+            stats.append(all_stats[bounds[b] : bounds[b + 1]])
+            proposals.append(all_best[bounds[b] : bounds[b + 1]])
             plans.append(plan_branches(answers[b], proposals[-1], int(budgets[b])))
-        del logits
         branches = [list(plan.branches) for plan in plans]
         conts: list[np.ndarray | None] = [None] * len(prompts)
         rows = [b for b in range(len(prompts)) if branches[b]]
