@@ -583,3 +583,41 @@ def test_bench_controller_without_a_controller(tmp_path, capsys):
     assert main(["bench-controller", "--controller", str(tmp_path / "none.onnx")]) == 2
     err = capsys.readouterr().err
     assert "speckv export" in err and "--controller" in err
+
+
+# -------------------------------------------------------------------- docs/EMBEDDING.md
+def _python_blocks(title: str) -> list[str]:
+    """The ```python blocks of a section of docs/EMBEDDING.md."""
+    text = (ROOT / "docs" / "EMBEDDING.md").read_text()
+    section = text.split(f"## {title}")[1].split("\n## ")[0]
+    return [block.split("```")[0] for block in section.split("```python\n")[1:]]
+
+
+def test_the_guides_onnxruntime_only_example_decides_like_the_runtime(controller, golden):
+    code = _python_blocks("6. Calling it from Python")[-1]
+    code = code.replace('"export/speckv.onnx"', repr(str(ONNX)))
+    for i in (0, 7, 21):
+        scope = {"features": golden["features"][i], "pre": golden["pre_features"][i],
+                 "costs": golden["costs"][i], "plain_cost": float(golden["plain_cost"][i, 0])}
+        exec(code, scope)
+        assert int(scope["gamma"][0]) == controller.choose(golden["features"][i],
+                                                           golden["costs"][i])
+        assert bool(scope["speculate"][0]) == controller.speculate(
+            golden["pre_features"][i], golden["costs"][i], float(golden["plain_cost"][i, 0]))
+        assert scope["names"] == list(FEATURE_NAMES)
+
+
+def test_the_guides_split_files_run_one_decision_each(tmp_path, controller, golden):
+    code = _python_blocks("7. Calling it from C or C++")[0]
+    code = code.replace('"export/speckv.onnx"', repr(str(ONNX)))
+    code = code.replace('"speckv.pre.onnx"', repr(str(tmp_path / "pre.onnx")))
+    code = code.replace('"speckv.step.onnx"', repr(str(tmp_path / "step.onnx")))
+    exec(code, {})
+    pre = ort.InferenceSession(str(tmp_path / "pre.onnx"), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    speculate = pre.run(["speculate"], {"pre_features": golden["pre_features"],
+                                        "costs": golden["costs"],
+                                        "plain_cost": golden["plain_cost"]})[0]
+    gamma = step.run(["gamma"], {"features": golden["features"], "costs": golden["costs"]})[0]
+    np.testing.assert_array_equal(speculate, golden["speculate"])
+    np.testing.assert_array_equal(gamma, golden["gamma"])
