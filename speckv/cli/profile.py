@@ -44,7 +44,12 @@ def main(argv: list[str]) -> int:
     from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
     from speckv.profile.batched import DRAFT_BATCH, TARGET_BATCH
 
-    ap = argparse.ArgumentParser(prog="speckv profile", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="speckv profile",
+        description="Profile speculative decoding into step records. Trace mode (greedy): the "
+                    "target's answers once, batched, and the outcome of every γ and stop rule at "
+                    "every position; live mode: the real decoder with one policy, timed. Several "
+                    "processes: --shard auto under torchrun or srun, then `speckv records merge`.")
     ap.add_argument("--draft", default=DEMO_DRAFT)
     ap.add_argument("--target", default=DEMO_TARGET)
     ap.add_argument("--compression", default="fp16,int8,nf4",

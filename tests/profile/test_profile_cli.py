@@ -78,3 +78,18 @@ def test_live_mode_agrees_with_replay_of_trace_records(pair_dirs, tmp_path):
         steps = lv[(lv["task"] == task) & (lv["prompt_id"] == prompt_id)]
         assert len(steps) == int(result.steps[s])
         assert int(steps["accept_len"].sum()) == int(result.accepted[s])
+
+
+def test_the_full_suites_profile(pair_dirs, tmp_path, capsys):
+    """--per-task 120 takes every suite prompt; more than the suites hold is refused."""
+    import json
+
+    out = tmp_path / "full.parquet"
+    assert _profile(pair_dirs, out, "--per-task", "120", "--tasks", "chat,math",
+                    "--max-new-tokens", "2", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prompts"] == 240 and summary["records_per_s"] > 0
+    df = read_records(out)
+    assert df.groupby("task")["prompt_id"].nunique().to_dict() == {"chat": 120, "math": 120}
+    assert _profile(pair_dirs, tmp_path / "x.parquet", "--per-task", "121") == 2
+    assert "1 to 120" in capsys.readouterr().err
