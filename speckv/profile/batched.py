@@ -99,10 +99,6 @@ def supports_4d_masks(model) -> bool:
         config, "use_sliding_window", True)
 
 
-#: the old name
-supports_branch_masks = supports_4d_masks
-
-
 def _additive(allowed, model):
     """A boolean ``[q, k]`` "may attend" matrix as the additive ``[1, 1, q, k]`` mask."""
     import torch
@@ -285,9 +281,9 @@ def greedy_answers(target, prompts: Sequence[Sequence[int]], max_new_tokens: int
     """The target's greedy answers to ``prompts``, decoded as one batch.
 
     Each prompt is encoded as if alone (:func:`_prefill`: no padding to compute); the
-    answers are then decoded together, one token per
-    row and forward (left padding, attention mask, explicit positions); a row that reaches
-    its EOS or budget leaves the batch. Returns ``(answer, target_top1)`` per prompt: the
+    answers are then decoded together, one token per row and forward (left padding, an
+    attention mask, explicit positions); a row that reaches its EOS or budget leaves the
+    batch. Returns ``(answer, target_top1)`` per prompt: the
     answer includes the EOS that ended it, ``target_top1[j]`` is the probability of token
     ``j`` in the forward that chose it, as the argmax of its row's logits (in float32).
     """
