@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,13 @@ from speckv.decode.bench import (
     CONTROLLER,
     DEFAULT_REPEATS,
     HF_DEFAULTS,
+    HF_SPECKV,
     ONE_PROCESS,
     RESAMPLES,
     BenchError,
+    Run,
+    Runner,
+    RunnerFactory,
     bench_compression,
     default_methods,
     held_out_prompts,
@@ -35,6 +40,7 @@ from speckv.decode.bench import (
     summarize_methods,
 )
 from speckv.errors import SpeckvError
+from speckv.paths import DEFAULT_CONTROLLER, find_file
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +200,38 @@ def fit_best_static(records):
     return fit(prepare(records.loc[usable & (assign == "train")]))
 
 
+def _hf_speckv_factory(methods: list[str]) -> RunnerFactory:
+    """``hf:speckv``: Hugging Face's assisted generation with the same controller as
+    ``speckv:onnx`` choosing each step (speckv.integrations.transformers)."""
+    from speckv.integrations.transformers import generate_with_speckv
+    from speckv.policies import from_spec
+
+    onnx = next((m.removeprefix("speckv:") for m in methods
+                 if m.startswith(CONTROLLER + ":")), f"onnx:{find_file(DEFAULT_CONTROLLER)}")
+
+    def factory(target: Any, draft: Any, costs: Any, eos: list[int], pad: int) -> Runner:
+        policy = from_spec(onnx)
+
+        def run(ids: list[int], max_new_tokens: int) -> Run:
+            trace: list[Any] = []
+            started = time.perf_counter()
+            out = generate_with_speckv(target, draft, policy, costs, torch.tensor([ids]),
+                                       max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=eos, pad_token_id=pad, trace=trace)
+            seconds = time.perf_counter() - started
+            return Run(out[0, len(ids):].tolist(), seconds,
+                       [step.accepted for step in trace if step.drafted])
+
+        return run
+
+    return factory
+
+
 def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from speckv.decode.costs import measure_costs
+    from speckv.decode.decoder import with_catchup
     from speckv.evaluate.replay import SPLIT_SEED, SPLIT_TEST, SPLIT_VAL
     from speckv.llm.load import COMPRESSIONS, load_draft_for, load_model
     from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
@@ -270,6 +304,7 @@ def main(argv: list[str]) -> int:
         policies[BEST_STATIC] = fit_best_static(records)
         log.info("%s fitted on train: %s (0 = the target alone)", BEST_STATIC,
                  policies[BEST_STATIC].choices)
+    factories = {HF_SPECKV: _hf_speckv_factory(methods)} if HF_SPECKV in methods else {}
     needs_draft = any(m not in ("ar", "hf:ar") for m in methods)
     by_comp: dict[str, Any] = {}
     draft = None
@@ -280,12 +315,13 @@ def main(argv: list[str]) -> int:
             target = load_model(args.target, comp, dtype=args.dtype)
             if needs_draft and draft is None:
                 draft = load_draft_for(args.draft, target, args.dtype)
-            costs = measure_costs(draft, target) if draft is not None else None
+            costs = (with_catchup(measure_costs(draft, target), draft)
+                     if draft is not None else None)
             bar.set_postfix_str(comp)
             by_comp[comp] = bench_compression(target, draft, prompts, methods,
                                               args.max_new_tokens, costs, bar, args.repeats,
-                                              policies=policies, resamples=args.resamples,
-                                              seed=args.seed)
+                                              policies=policies, factories=factories,
+                                              resamples=args.resamples, seed=args.seed)
             del target
     fp = fingerprint(torch.get_num_threads())
     summary = summarize_methods(by_comp, args.resamples, args.seed)

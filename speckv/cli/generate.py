@@ -20,6 +20,7 @@ from speckv.decode.decoder import (
     SpeculativeDecoder,
     StepView,
     records_frame,
+    with_catchup,
 )
 from speckv.paths import find_file
 from speckv.policies import Learned, Policy
@@ -130,7 +131,7 @@ def main(argv: list[str]) -> int:
              target.compute_dtype, target.load_s, spec)
     if costs is None and draft is not None and (needs_costs(policy) or args.save_costs is not None):
         started = time.perf_counter()
-        costs = measure_costs(draft, target)
+        costs = with_catchup(measure_costs(draft, target), draft)
         log.info("measured step costs in %.1fs: draft %.1f ms/token, verify %s ms",
                  time.perf_counter() - started, costs.cost_draft_s * 1e3,
                  " ".join(f"{v * 1e3:.0f}" for v in costs.cost_verify_s))

@@ -104,7 +104,7 @@ def default_methods() -> list[str]:
                BEST_STATIC, "speckv:heuristic"]
     controller = find_file(DEFAULT_CONTROLLER)
     if controller.is_file():
-        methods.append(f"speckv:onnx:{controller}")
+        methods += [f"speckv:onnx:{controller}", HF_SPECKV]
     return methods
 
 
@@ -114,8 +114,9 @@ def short_name(method: str) -> str:
 
 
 def is_hf(method: str) -> bool:
-    """Whether ``method`` runs Hugging Face's ``generate`` (plain or assisted)."""
-    return method.startswith("hf:")
+    """Whether ``method`` is one of Hugging Face's own configurations (plain or assisted);
+    :data:`HF_SPECKV` runs in HF's loop with speckv's controller and is not one of them."""
+    return method.startswith("hf:") and method != HF_SPECKV
 
 
 def hf_defaults() -> dict[str, Any]:
@@ -166,6 +167,12 @@ class Run:
 
 
 Runner = Callable[[list[int], int], Run]
+#: builds a runner for one loaded pair: ``(target, draft, costs, eos_ids, pad_id) -> Runner``;
+#: how a higher stage (the Hugging Face integration) adds a method to the benchmark.
+RunnerFactory = Callable[[Any, Any, Any, list[int], int], Runner]
+#: Hugging Face's assisted generation with speckv's controller choosing γ
+#: (:mod:`speckv.integrations.transformers`; its runner comes from the command line).
+HF_SPECKV: Final = "hf:speckv"
 
 
 def _hf_runner(target: torch.nn.Module, draft: torch.nn.Module | None, method: str,
@@ -345,13 +352,15 @@ def logit_gap(target, prefix: list[int], a: int, b: int) -> tuple[float, float]:
 def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens: int,
                       costs=None, progress=None, repeats: int = DEFAULT_REPEATS, *,
                       policies: Mapping[str, Policy] | None = None,
+                      factories: Mapping[str, RunnerFactory] | None = None,
                       resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """Benchmark ``methods`` on ``prompts`` for one loaded target (one compression level).
 
     Each prompt is decoded ``repeats`` times by every method in the rotated order
     (:func:`rotation`); greedy outputs repeat, so the first decoding is the one checked.
     ``policies`` maps a ``speckv:NAME`` method to a ready policy: :data:`BEST_STATIC` must
-    come that way (fitting it needs the records and replay, stages above this one). A
+    come that way (fitting it needs the records and replay, stages above this one), and
+``factories`` maps methods run by higher stages (:data:`HF_SPECKV`) to runner factories. A
     :class:`~speckv.policies.BestStatic` whose choice at this compression is ``PLAIN`` (0)
     runs as the target alone.
     """
@@ -371,8 +380,14 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
     policies = dict(policies or {})
     runners: dict[str, Runner] = {}
     best_static_choice = None
+    factories = dict(factories or {})
     for method in methods:
-        if is_hf(method):
+        if method in factories:
+            runners[method] = factories[method](target, draft, costs, eos, pad)
+        elif method == HF_SPECKV:
+            raise BenchError(f"{HF_SPECKV} runs in a higher stage: pass its runner factory "
+                             "(`speckv bench` does, from speckv.integrations.transformers).")
+        elif is_hf(method):
             runners[method] = _hf_runner(target.model, getattr(draft, "model", None), method,
                                          eos, pad)
         elif method == "ar":
