@@ -66,7 +66,9 @@ def catchup_table(cost_draft_s, cost_catchup_s=None, size: int = CATCHUP_MAX) ->
     if m == 1:
         filled = np.broadcast_to(measured[..., :1], out.shape)
     else:
-        slope = measured[..., -1:] - measured[..., -2:-1]
+        # a longer forward never costs less: timing noise can make the last two measured
+        # sizes decrease, and a negative slope would extrapolate to negative seconds
+        slope = np.maximum(measured[..., -1:] - measured[..., -2:-1], 0.0)
         extra = measured[..., -1:] + slope * np.maximum(n - m, 0)
         filled = np.where(n <= m, measured[..., np.minimum(n, m) - 1], extra)
     ok = np.isfinite(filled).all(-1, keepdims=True)
