@@ -45,6 +45,7 @@ import onnxruntime as ort
 
 from speckv import paths
 from speckv.errors import SpeckvError
+from speckv.machine import describe, fingerprint
 from speckv.runtime import Controller, History, NumpyController, RowStats, StepCosts, onnx_proto
 from speckv.runtime.controller import DEFAULT_THREADS, PROVIDERS, bound_call, session_options
 
@@ -280,6 +281,7 @@ def bench(path: Path, *, iters: int = ITERS, warmup: int = WARMUP, batch: int = 
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
         "threads": threads,
+        "machine": fingerprint(threads),
         "iters": iters,
         "batch": batch,
         "batch_iters": batch_iters,
@@ -306,6 +308,7 @@ def _table(report: dict[str, Any]) -> str:
         f"controller {report['controller']} (format {report['format_version']}, speckv "
         f"{report['speckv_version']}, {report['features']} + {report['pre_features']} "
         f"features, γ in {report['gammas']})",
+        f"machine: {describe(report['machine'])}",
         f"onnxruntime {report['onnxruntime']}, numpy {report['numpy']}, {report['threads']} "
         f"thread(s); {report['iters']} calls at batch 1, {report['batch_iters']} at batch {batch}",
         "",

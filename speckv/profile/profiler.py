@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from speckv.atomic import atomic_write
 from speckv.errors import SpeckvError
+from speckv.machine import fingerprint
 from speckv.profile.batched import DRAFT_BATCH, TARGET_BATCH, trace_batch
 from speckv.profile.trace import TraceResult, agreement_runs, trace_prompt, trace_rows
 from speckv.prompts import Prompt, chat_ids
@@ -157,8 +157,8 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         run_meta[run_id] = {
             "draft": draft, "target": target, "compression": compression,
             "compute_dtype": tgt.compute_dtype, "draft_dtype": drafter.compute_dtype,
-            "device": str(tgt.device), "mode": mode, "machine": platform.machine(),
-            "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "device": str(tgt.device), "mode": mode,
+            "machine": fingerprint(torch.get_num_threads()), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d"), "cost": cost.to_json(),
             "max_new_tokens": max_new_tokens, "load_s": tgt.load_s, "shard": list(shard),
             **({"target_batch": target_batch, "draft_batch": draft_batch}
