@@ -2,7 +2,8 @@
 # Rebuild everything speckv ships from the demo pair, in order. Each step's command is the
 # one the README quotes; figures land in runs/bundle/ (git-ignored) for the notes.
 #   1. profile (trace, all suites x fp16/int8/nf4; two shards side by side, one thread each)
-#   2. merge, figures, train (seed 0), export, evaluate (both objectives), controller latency
+#   2. merge, figures, train (seed 0), export, evaluate (both objectives), controller latency,
+#      the drafts compared, the live benchmark (nothing else should run on the machine then)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -32,4 +33,10 @@ $PY -m speckv evaluate --controller export/speckv.onnx --report "$OUT/report" --
 $PY -m speckv evaluate --controller export/speckv.onnx --objective tokens_per_step \
   --report "$OUT/report-tokens-per-step" --json > "$OUT/evaluate_tokens_per_step.json"
 $PY -m speckv bench-controller --controller export/speckv.onnx --json > "$OUT/bench_controller.json"
+# the drafts on the same answers, then the live benchmark: run it alone on the machine
+$PY -m speckv draft evaluate --draft speckv-draft,models/speckv-draft-v2 \
+  --compression fp16,int8,nf4 --per-task 5 --max-new-tokens 48 --threads 1 --json \
+  > "$OUT/draft_evaluate.json"
+$PY -m speckv bench --per-task 1 --repeats 3 --max-new-tokens 32 --compression fp16 \
+  --threads 1 --json > "$OUT/bench.json"
 echo "done: $OUT"
