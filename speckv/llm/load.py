@@ -130,7 +130,7 @@ def load_model(spec: str, compression: str = "fp16", dtype: str = "float32",
     if isinstance(where, Path) and (where / "speckv_draft.json").exists():
         from speckv.llm.draft import load_draft
 
-        model = load_draft(where).to(device)
+        model = load_draft(where, dtype=torch_dtype).to(device)  # --dtype applies here too
         tokenizer = load_tokenizer(spec)
         compute = str(next(model.parameters()).dtype).removeprefix("torch.")
         return LoadedModel(spec, model, tokenizer, "fp16", compute, time.perf_counter() - started)

@@ -49,3 +49,19 @@ def test_demo_pair_loads_offline_and_shares_a_tokenizer(compression):
     emb_t = target.model.get_input_embeddings()(ids).float()
     emb_d = draft.model.get_input_embeddings()(ids).float()
     assert torch.allclose(emb_t, emb_d, atol=1e-2)
+
+
+def test_a_saved_speckv_draft_loads_in_the_dtype_asked_for(tmp_path):
+    import torch
+    from tiny_models import save_with_tokenizer, tiny_llama
+
+    from speckv.llm.draft import DraftSpec, build_draft, save_draft
+    from speckv.llm.load import load_model
+
+    base = save_with_tokenizer(tiny_llama(2, seed=0, dtype=torch.float32), tmp_path / "base")
+    spec = DraftSpec(base=str(base), init_layers=[0])
+    save_draft(build_draft(spec), spec, tmp_path / "draft", {})
+    for dtype in ("float32", "bfloat16"):
+        loaded = load_model(str(tmp_path / "draft"), dtype=dtype)
+        assert loaded.compute_dtype == dtype
+        assert next(loaded.model.parameters()).dtype == getattr(torch, dtype)
