@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from speckv.cli.draft import positive
 from speckv.decode.bench import (
     BEST_STATIC,
     CONTROLLER,
@@ -260,7 +261,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--draft", default=DEMO_DRAFT, help="draft model (see speckv generate)")
     ap.add_argument("--target", default=DEMO_TARGET)
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype of unquantized weights")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads")
+    ap.add_argument("--threads", type=positive, help="torch intra-op threads")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args(argv)
     if args.threads:

@@ -142,6 +142,7 @@ BAD = {
         (["--repeats", "0"], "--repeats"),
         (["--prompts", f"{MISSING}.jsonl"], "does not exist"),
         (["--per-task", "1", "--prompts", "p.jsonl"], "not allowed"),
+        (["--threads", "0"], "at least 1"),
     ],
     "train": [
         (["bogus"], "bogus"),
