@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from goodness import chi2_pvalue
 from locations import FIXTURES
-from scipy import stats
 from tiny_models import EOS, VOCAB, noisy_copy, save_with_tokenizer, tiny_llama
 
 from speckv.decode.costs import CostModel, measure_costs
@@ -448,17 +448,6 @@ def test_sampled_history_uses_the_drafts_greedy_token_on_the_true_prefix(target,
 
 
 # ------------------------------------------------------------------------------ sampling
-def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:
-    """Chi-square goodness of fit, pooling the cells expected to hold < min_expected."""
-    expected = probs / probs.sum() * counts.sum()
-    small = expected < min_expected
-    obs = np.append(counts[~small], counts[small].sum())
-    exp = np.append(expected[~small], expected[small].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return float(stats.chisquare(obs, exp).pvalue)
-
-
 @pytest.mark.parametrize("k", [1, 3])
 def test_rejection_sampling_yields_the_target_distribution(k):
     gen = torch.Generator().manual_seed(0)
@@ -476,9 +465,9 @@ def test_rejection_sampling_yields_the_target_distribution(k):
         drafts_first[drafted[0]] += 1
         accepted_all += accepted == k
         assert len(probs) == k and all(0 <= x <= 1 for x in probs)
-    assert _chi2_pvalue(firsts, p[0].numpy()) > 1e-3
+    assert chi2_pvalue(firsts, p[0].numpy()) > 1e-3
     # the test has power: the draft's own distribution is told apart from the target's
-    assert _chi2_pvalue(drafts_first, p[0].numpy()) < 1e-6
+    assert chi2_pvalue(drafts_first, p[0].numpy()) < 1e-6
     assert 0 < accepted_all < n
 
 
@@ -492,7 +481,7 @@ def test_sampling_bonus_token_after_full_acceptance_follows_the_target():
         accepted, token, _ = verify_sampled(p, p[:1], [x], gen)
         assert accepted == 1
         counts[token] += 1
-    assert _chi2_pvalue(counts, p[1].numpy()) > 1e-3
+    assert chi2_pvalue(counts, p[1].numpy()) > 1e-3
 
 
 class SkipFirst(FixedGamma):
@@ -525,7 +514,7 @@ def test_speculative_sampling_preserves_the_joint_distribution_of_two_tokens(tem
         counts[t1 * vocab + t2] += 1
         accepted.append(next(s["accept_len"] for s in result.steps if s["drafted"]))
     assert set(accepted) >= {0, 1}, "the verification paths should be exercised"
-    assert _chi2_pvalue(counts, joint) > 1e-3
+    assert chi2_pvalue(counts, joint) > 1e-3
     # the same seed gives the same sample
     again = decoder.generate(prompt, 3, temperature=temperature, seed=3).token_ids
     assert again == decoder.generate(prompt, 3, temperature=temperature, seed=3).token_ids
@@ -540,7 +529,7 @@ def test_target_alone_sampling_follows_the_target():
     counts = np.zeros(vocab)
     for seed in range(n):
         counts[decoder.generate(prompt, 1, temperature=0.7, seed=seed).token_ids[0]] += 1
-    assert _chi2_pvalue(counts, p.numpy()) > 1e-3
+    assert chi2_pvalue(counts, p.numpy()) > 1e-3
 
 
 # ------------------------------------------------------------------------------- records

@@ -16,8 +16,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+from goodness import chi2_pvalue
 from locations import FIXTURES
-from scipy import stats
 from tiny_models import EOS, noisy_copy, tiny_llama
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
@@ -412,17 +412,6 @@ def test_return_dict_in_generate_with_scores_logits_and_hidden_states(family):
 
 
 # ------------------------------------------------------------------------------ sampling
-def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:
-    """Chi-square goodness of fit, pooling the cells expected to hold < min_expected."""
-    expected = probs / probs.sum() * counts.sum()
-    small = expected < min_expected
-    obs = np.append(counts[~small], counts[small].sum())
-    exp = np.append(expected[~small], expected[small].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return float(stats.chisquare(obs, exp).pvalue)
-
-
 def _joint(model, prompt: list[int], vocab: int, temperature: float) -> np.ndarray:
     """The model's exact distribution of its next two tokens at ``temperature``."""
     with torch.inference_mode():
@@ -453,8 +442,8 @@ def test_sampling_keeps_the_targets_joint_distribution_of_two_tokens(name):
         counts[t1 * vocab + t2] += 1
         accepted.append(trace[0].accepted)
     assert set(accepted) == {0, 1, 2}, "every verification path should be exercised"
-    assert _chi2_pvalue(counts, _joint(target, prompt, vocab, temperature)) > 1e-3
-    assert _chi2_pvalue(counts, _joint(draft, prompt, vocab, temperature)) < 1e-6
+    assert chi2_pvalue(counts, _joint(target, prompt, vocab, temperature)) > 1e-3
+    assert chi2_pvalue(counts, _joint(draft, prompt, vocab, temperature)) < 1e-6
 
 
 # --------------------------------------------------------------------------------- costs
