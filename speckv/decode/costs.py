@@ -202,8 +202,9 @@ def _same_model(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def _module(model: torch.nn.Module | LoadedModel) -> torch.nn.Module:
-    return model if isinstance(model, torch.nn.Module) else model.model
+def module_of(model: torch.nn.Module | LoadedModel | None) -> torch.nn.Module | None:
+    """The ``nn.Module`` of a bare model or of a :class:`~speckv.llm.load.LoadedModel`."""
+    return model if model is None or isinstance(model, torch.nn.Module) else model.model
 
 
 def _seconds(fn: Callable[[], None]) -> float:
@@ -225,7 +226,7 @@ def measure_costs(draft: torch.nn.Module | LoadedModel, target: torch.nn.Module 
     them instead of inflating one. ``draft``/``target`` are :class:`~speckv.llm.load.LoadedModel`
     (compression and dtype are read from them) or bare modules (pass ``compression``).
     """
-    d_model, t_model = _module(draft), _module(target)
+    d_model, t_model = module_of(draft), module_of(target)
     compression = compression or getattr(target, "compression", None) or "fp16"
     compute_dtype = compute_dtype or getattr(target, "compute_dtype", None) or str(
         next(t_model.parameters()).dtype).removeprefix("torch.")

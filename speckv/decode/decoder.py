@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from speckv.decode.costs import lm_forward, new_cache
+from speckv.decode.costs import lm_forward, module_of, new_cache
 from speckv.errors import SpeckvError
 from speckv.policies import PLAIN, TOKEN_STATS, Learned, Policy, PreContext, StepContext
 from speckv.runtime.costs import CATCHUP_MAX, StepCosts
@@ -159,14 +159,10 @@ class StepView:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def _module(model: torch.nn.Module | LoadedModel | None) -> torch.nn.Module | None:
-    return model if model is None or isinstance(model, torch.nn.Module) else model.model
-
-
 def eos_ids(model: torch.nn.Module | LoadedModel) -> frozenset[int]:
     """The target's end-of-sequence ids: generation config, model config and tokenizer."""
     found: set[int] = set()
-    module = _module(model)
+    module = module_of(model)
     sources = (getattr(getattr(module, "generation_config", None), "eos_token_id", None),
                getattr(module.config, "eos_token_id", None),
                getattr(getattr(model, "tokenizer", None), "eos_token_id", None))
@@ -332,8 +328,8 @@ class SpeculativeDecoder:
                               "measures them at start-up, or reads --costs FILE).")
         if not 1 <= max_gamma <= GAMMA_MAX:
             raise DecodeError(f"max_gamma must lie in 1..{GAMMA_MAX}, got {max_gamma}.")
-        self.draft = _module(draft) if policy is not None else None
-        self.target = _module(target)
+        self.draft = module_of(draft) if policy is not None else None
+        self.target = module_of(target)
         self.policy = policy
         self.costs = costs
         self.max_gamma = max_gamma
@@ -608,7 +604,7 @@ def measure_catchup(draft: torch.nn.Module | LoadedModel, sizes: int = CATCHUP_M
     """
     from speckv.decode.costs import CONTEXT_LEN
 
-    model = _module(draft)
+    model = module_of(draft)
     context_len = CONTEXT_LEN if context_len is None else context_len
     rng = np.random.default_rng(1)
     vocab = int(model.config.vocab_size)

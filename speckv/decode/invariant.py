@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from speckv.decode.decoder import DecodeError, DecodeResult, TargetForward, _module
+from speckv.decode.costs import module_of
+from speckv.decode.decoder import DecodeError, DecodeResult, TargetForward
 
 if TYPE_CHECKING:
     from speckv.llm.load import LoadedModel
@@ -130,7 +131,7 @@ def greedy_invariant(target: torch.nn.Module | LoadedModel, prompt_ids: list[int
     if result.temperature > 0:
         raise DecodeError("greedy_invariant checks greedy decoding; this result was sampled "
                           f"at temperature {result.temperature}.")
-    module = _module(target)
+    module = module_of(target)
     prompt = [int(t) for t in prompt_ids]
     answer = [int(t) for t in result.token_ids]
     full = prompt + answer
@@ -184,7 +185,7 @@ def one_token_logits(target: torch.nn.Module | LoadedModel, prompt_ids: list[int
     """The target's float32 logits for the token after ``prompt_ids + answer`` by one-token
     decoding: a fresh cache, the prefill over ``prompt[:-1]``, then one token per forward
     (the chunking of ``SpeculativeDecoder(None, target, None)``, recomputed independently)."""
-    module = _module(target)
+    module = module_of(target)
     cache = _fresh_cache(module)
     prompt = [int(t) for t in prompt_ids]
     if len(prompt) > 1:
@@ -214,7 +215,7 @@ def explain_difference(target: torch.nn.Module | LoadedModel, prompt_ids: list[i
     target_pos = len(prompt_ids) + at  # index into prompt + answer
     chunked = None
     with torch.inference_mode():
-        for _, fwd, logits, _ in _replay(_module(target), result.target_forwards):
+        for _, fwd, logits, _ in _replay(module_of(target), result.target_forwards):
             lead = len(fwd.ids) - fwd.keep
             r = target_pos - 1 - fwd.start - lead
             if 0 <= r < fwd.emitted:

@@ -557,6 +557,17 @@ def test_live_records_validate_and_round_trip(target, drafts, tmp_path):
 
 
 # --------------------------------------------------------------------------------- costs
+class CostRecorder:
+    """A chooser that records the costs it is given and always answers γ = 2."""
+
+    def __init__(self):
+        self.seen = []
+
+    def choose(self, features, costs):
+        self.seen.append(np.asarray(costs))
+        return 2
+
+
 def test_measured_costs_round_trip_and_feed_the_policy(target, drafts, tmp_path):
     costs = measure_costs(drafts["noisy"], target, context_len=16, repeats=2, warmup=1)
     assert len(costs.cost_verify_s) == GAMMA_MAX + 1
@@ -570,15 +581,7 @@ def test_measured_costs_round_trip_and_feed_the_policy(target, drafts, tmp_path)
     with pytest.raises(Exception, match="9 values"):
         CostModel(0.01, [0.02] * 3, "fp16", "float32")
 
-    class Recorder:
-        def __init__(self):
-            self.seen = []
-
-        def choose(self, features, costs):
-            self.seen.append(np.asarray(costs))
-            return 2
-
-    chooser = Recorder()
+    chooser = CostRecorder()
     decoder = SpeculativeDecoder(drafts["noisy"], target, Learned(chooser), costs,
                                  eos_token_ids=[])
     result = decoder.generate(PROMPT, 12)
@@ -597,15 +600,7 @@ def test_catchup_costs_are_measured_and_priced(target, drafts, tmp_path):
     assert len(measured.cost_catchup_s) == CATCHUP_MAX and costs.cost_catchup_s is None
     assert CostModel.load(measured.save(tmp_path / "c.json")) == measured  # round trip
 
-    class Recorder:
-        def __init__(self):
-            self.seen = []
-
-        def choose(self, features, costs):
-            self.seen.append(np.asarray(costs))
-            return 2
-
-    chooser = Recorder()
+    chooser = CostRecorder()
     result = SpeculativeDecoder(draft, target, Learned(chooser), measured,
                                 eos_token_ids=[]).generate(PROMPT, 12)
     from speckv.runtime.costs import drafting_costs
