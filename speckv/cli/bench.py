@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from speckv.cli.draft import positive
+from speckv.cli.draft import AUTO_DTYPE_HELP, DTYPES, positive
 from speckv.decode.bench import (
     BEST_STATIC,
     CONTROLLER,
@@ -233,6 +233,7 @@ def main(argv: list[str]) -> int:
 
     from speckv.decode.costs import measure_costs
     from speckv.decode.decoder import with_catchup
+    from speckv.decode.dtype import resolve_dtype
     from speckv.evaluate.replay import SPLIT_SEED, SPLIT_TEST, SPLIT_VAL
     from speckv.llm.load import COMPRESSIONS, load_draft_for, load_model
     from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
@@ -260,7 +261,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     ap.add_argument("--draft", default=DEMO_DRAFT, help="draft model (see speckv generate)")
     ap.add_argument("--target", default=DEMO_TARGET)
-    ap.add_argument("--dtype", default="bfloat16", help="compute dtype of unquantized weights")
+    ap.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                    help="compute dtype of unquantized weights, the draft's and the target's "
+                         f"(with several compressions, the draft's is the first one's). "
+                         f"{AUTO_DTYPE_HELP}")
     ap.add_argument("--threads", type=positive, help="torch intra-op threads")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args(argv)
@@ -308,14 +312,19 @@ def main(argv: list[str]) -> int:
     factories = {HF_SPECKV: _hf_speckv_factory(methods)} if HF_SPECKV in methods else {}
     needs_draft = any(m not in ("ar", "hf:ar") for m in methods)
     by_comp: dict[str, Any] = {}
+    dtypes: dict[str, Any] = {}  # --dtype auto: the choice per compression, and why
     draft = None
     load_before = os.getloadavg()
     with tqdm(total=len(comps) * len(prompts) * len(methods) * args.repeats, desc="bench",
               unit="run", file=sys.stderr) as bar:
         for comp in comps:
-            target = load_model(args.target, comp, dtype=args.dtype)
+            dtype, choice = resolve_dtype(args.dtype, args.target, comp)
+            if choice is not None:
+                log.info("%s", choice.describe())
+                dtypes[comp] = choice.to_json()
+            target = load_model(args.target, comp, dtype=dtype)
             if needs_draft and draft is None:
-                draft = load_draft_for(args.draft, target, args.dtype)
+                draft = load_draft_for(args.draft, target, dtype)
             costs = (with_catchup(measure_costs(draft, target), draft)
                      if draft is not None else None)
             bar.set_postfix_str(comp)
@@ -344,6 +353,7 @@ def main(argv: list[str]) -> int:
                                else None),
         "hf_defaults": hf_defaults(),
         "draft": args.draft if needs_draft else None, "target": args.target,
+        "dtype": args.dtype, "dtype_auto": dtypes or None,
         "threads": torch.get_num_threads(),
         "machine": fp, "machine_description": describe(fp),
         "load_average": {"start": list(load_before), "end": list(os.getloadavg())},

@@ -19,6 +19,16 @@ from speckv.llm.load import COMPRESSIONS
 from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
 
 DTYPES = ("bfloat16", "float16", "float32", "float64")
+#: what ``--dtype auto`` means, for every command that takes it.
+AUTO_DTYPE_HELP = (
+    "auto (the default): on a CPU, the faster of bfloat16 and float32 for this target and "
+    "compression, measured at start-up (a plain one-token step, then verify forwards over "
+    "2..9 tokens; the cheaper plain step wins, plain steps within 3%% are decided by the "
+    "cheaper verification) and cached per target, compression, threads and machine in "
+    "~/.cache/speckv/dtype/ (under $SPECKV_CACHE if set; delete a file there to measure "
+    "again); on a GPU "
+    "bfloat16 where it has it, else float16. One log line says what was chosen and why. "
+    "nf4's 4-bit products keep computing in bfloat16 on a CPU")
 
 
 def positive(text: str) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Final
 import torch
 
 from speckv import paths
+from speckv.cli.draft import AUTO_DTYPE_HELP
 from speckv.decode.decoder import (
     DEFAULT_MAX_NEW_TOKENS,
     DecodeError,
@@ -81,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"'{UNTRAINED}[:LAYERS]' (the target's layers, untrained)")
     ap.add_argument("--target", default=DEMO_TARGET, help="target model")
     ap.add_argument("--compression", default="fp16", choices=COMPRESSIONS)
-    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+    ap.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                     help="compute dtype of unquantized weights, the draft's and the target's "
-                         "(bfloat16 or float32 on a CPU)")
+                         f"(bfloat16 or float32 on a CPU). {AUTO_DTYPE_HELP}")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from speckv.decode.costs import CostModel, measure_costs
+    from speckv.decode.dtype import resolve_dtype
     from speckv.llm.load import load_draft_for, load_model
     from speckv.prompts import Prompt, chat_ids, load_jsonl
     from speckv.train.chooser import policy_from_spec as from_spec
@@ -120,18 +122,30 @@ def main(argv: list[str]) -> int:
     prompts = ([Prompt("chat", "prompt-0", args.prompt)] if args.prompt is not None
                else load_jsonl(args.prompts))
     costs = None
+
+    def check(dtype: str | None) -> CostModel:
+        return costs.check(compression=args.compression, target_model=args.target,
+                           draft_model=args.draft if policy is not None else None,
+                           compute_dtype=dtype, threads=torch.get_num_threads(),
+                           source=args.costs)
+
     if args.costs is not None:  # refused before minutes of loading, not after
-        costs = CostModel.load(args.costs).check(
-            compression=args.compression, target_model=args.target,
-            draft_model=args.draft if policy is not None else None,
-            compute_dtype=args.dtype, threads=torch.get_num_threads(), source=args.costs)
-    target = load_model(args.target, args.compression, dtype=args.dtype)
-    draft = load_draft_for(args.draft, target, args.dtype) if policy is not None else None
+        costs = CostModel.load(args.costs)
+        check(None if args.dtype == "auto" else args.dtype)
+    dtype, choice = resolve_dtype(args.dtype, args.target, args.compression)
+    if choice is not None:
+        log.info("%s", choice.describe())
+        if costs is not None:
+            check(dtype)
+    target = load_model(args.target, args.compression, dtype=dtype)
+    draft = load_draft_for(args.draft, target, dtype) if policy is not None else None
     log.info("target %s (%s, %s) loaded in %.1fs; policy %s", target.name, target.compression,
              target.compute_dtype, target.load_s, spec)
     if costs is None and draft is not None and (needs_costs(policy) or args.save_costs is not None):
         started = time.perf_counter()
         costs = with_catchup(measure_costs(draft, target), draft)
+        if choice is not None:  # the saved cost file says how its dtype was chosen
+            costs.extra = {**costs.extra, "dtype_auto": choice.to_json()}
         log.info("measured step costs in %.1fs: draft %.1f ms/token, verify %s ms",
                  time.perf_counter() - started, costs.cost_draft_s * 1e3,
                  " ".join(f"{v * 1e3:.0f}" for v in costs.cost_verify_s))

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from speckv import paths
-from speckv.cli.draft import DTYPES, positive
+from speckv.cli.draft import AUTO_DTYPE_HELP, DTYPES, positive
 from speckv.profile.profiler import ProfileError, parse_shard, run_profile
 from speckv.prompts import SUITE_MAX, SUITE_SIZE, TASKS, Prompt, load_jsonl, suites
 from speckv.records import merge, read_records
@@ -31,12 +31,12 @@ def _prompts(args) -> list[Prompt]:
 DEVICE_HELP = ("where the models run: cpu, cuda (cuda:N) or auto (CUDA when there is one). "
                "Every step runs on that device; int8/nf4 use bitsandbytes' kernels for it "
                "(its CPU path on cpu)")
-DTYPE_HELP = ("compute dtype of unquantized weights (and nf4's compute dtype): auto = "
-              "bfloat16 on a CPU (AVX512-BF16/AMX make it the fastest there, and CPUs compute "
-              "float16 slowly) and on a GPU with bfloat16 (compute capability >= 8: A100, H100, "
-              "L4, RTX 30xx+), float16 on an older GPU (V100, T4), whose bfloat16 is emulated. "
-              "float32/float64 make batched traces equal one-prompt traces (bfloat16 forwards "
-              "are not batch-invariant; see speckv.profile.batched)")
+DTYPE_HELP = ("compute dtype of unquantized weights (and of the modules int8/nf4 leave "
+              "unquantized), the target's and the draft's. float32/float64 make batched traces "
+              "equal one-prompt traces (bfloat16 forwards are not batch-invariant; see "
+              "speckv.profile.batched). " + AUTO_DTYPE_HELP + ". With several --compression "
+              "levels the dtype chosen for fp16 (unquantized weights) applies to all of them "
+              "(one dtype per profile run)")
 
 
 def main(argv: list[str]) -> int:
@@ -88,10 +88,23 @@ def main(argv: list[str]) -> int:
     if not 1 <= args.per_task <= SUITE_MAX and not args.prompts:
         raise ProfileError(f"--per-task {args.per_task}: the suites hold 1 to {SUITE_MAX} "
                            "prompts per task; pass --prompts FILE for more.")
+    prompts, shard = _prompts(args), parse_shard(args.shard)
+    dtype = args.dtype
+    if dtype == "auto" and comps:
+        import torch
+
+        from speckv.decode.dtype import resolve_dtype
+
+        if args.threads:  # measured with the threads the profile runs with
+            torch.set_num_threads(args.threads)
+        dtype, choice = resolve_dtype(dtype, args.target, comps[0] if len(comps) == 1 else "fp16",
+                                      device=args.device)
+        log.info("%s%s", choice.describe(), "" if len(comps) == 1 else
+                 f"; applied to every level profiled ({', '.join(comps)})")
     run = run_profile(draft=args.draft, target=args.target, compressions=comps,
-                      prompts=_prompts(args), out=args.out, mode=args.mode,
-                      max_new_tokens=args.max_new_tokens, shard=parse_shard(args.shard),
-                      dtype=args.dtype, policy=args.policy, threads=args.threads,
+                      prompts=prompts, out=args.out, mode=args.mode,
+                      max_new_tokens=args.max_new_tokens, shard=shard,
+                      dtype=dtype, policy=args.policy, threads=args.threads,
                       temperature=args.temperature, seed=args.seed, device=args.device,
                       target_batch=args.target_batch, draft_batch=args.draft_batch)
     summary = run.to_json()

@@ -97,22 +97,9 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(where)
 
 
-def load_model(spec: str, compression: str = "fp16", dtype: str = "float32",
-               device: str = "auto") -> LoadedModel:
-    """Load a causal LM for inference (eval mode, no grad) at a compression level.
-
-    ``device``: ``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when there is one). The
-    whole model goes to that one device; int8/nf4 run through bitsandbytes' kernels for it
-    (its CPU path on ``cpu``). ``dtype``: the compute dtype of unquantized weights, or
-    ``auto``: ``bfloat16`` on a CPU (fast with AVX512-BF16/AMX, and half precision is slow
-    there) and on a GPU that has it (compute capability >= 8), else ``float16``. nf4 computes
-    in ``float16`` on a GPU without bfloat16, in ``bfloat16`` otherwise.
-    """
-    from transformers import AutoModelForCausalLM
-
-    check_compression(compression)
-    quiet_quantization_warnings()
-    started = time.perf_counter()
+def resolve_device(device: str = "auto") -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` for a ``--device`` value (``auto``: CUDA when there is
+    one); refuses (:class:`ModelError`) a device this torch build cannot use."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -120,9 +107,43 @@ def load_model(spec: str, compression: str = "fp16", dtype: str = "float32",
                          f"(torch {torch.__version__}); use --device cpu or auto.")
     if device != "cpu" and not device.startswith("cuda"):
         raise ModelError(f"--device {device!r}: use cpu, cuda, cuda:N or auto.")
+    return device
+
+
+def static_dtype(device: str) -> str:
+    """``load_model``'s own rule for ``dtype="auto"``, without measuring: ``bfloat16`` on a
+    CPU and on a GPU that has it, ``float16`` on an older GPU. The command lines measure
+    instead on a CPU (:func:`speckv.decode.dtype.choose_dtype`), where which of bfloat16 and
+    float32 is faster depends on the CPU."""
+    device = resolve_device(device)
+    gpu_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return "bfloat16" if device == "cpu" or gpu_bf16 else "float16"
+
+
+def load_model(spec: str, compression: str = "fp16", dtype: str = "float32",
+               device: str = "auto") -> LoadedModel:
+    """Load a causal LM for inference (eval mode, no grad) at a compression level.
+
+    ``device``: ``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when there is one). The
+    whole model goes to that one device; int8/nf4 run through bitsandbytes' kernels for it
+    (its CPU path on ``cpu``). ``dtype``: the compute dtype of unquantized weights (and of
+    the modules int8/nf4 leave unquantized: embeddings, norms, the head), or ``auto``:
+    :func:`static_dtype`, ``bfloat16`` on a CPU (fast with AVX512-BF16/AMX, and half
+    precision is slow there) and on a GPU that has it (compute capability >= 8), else
+    ``float16``. (``speckv generate|bench|profile --dtype auto`` measure on a CPU instead,
+    :mod:`speckv.decode.dtype`, and pass the dtype they chose.) nf4's 4-bit matrix products
+    compute in ``float16`` on a GPU without bfloat16, in ``bfloat16`` otherwise, whatever
+    ``dtype`` is.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_compression(compression)
+    quiet_quantization_warnings()
+    started = time.perf_counter()
+    device = resolve_device(device)
     gpu_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cpu" or gpu_bf16 else "float16"
+        dtype = static_dtype(device)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ModelError(f"--dtype {dtype!r}: use auto, bfloat16, float16, float32 or float64.")
