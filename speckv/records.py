@@ -67,6 +67,9 @@ _LIST = pa.list_(pa.float32())
 SCHEMA: Final = (
     Column("run_id", pa.string(), "identity"),
     Column("draft_model", pa.string(), "identity"),
+    # "lm": a causal LM drafting on its own; "feature": a draft that reads the target's hidden
+    # states (speckv.llm.feature_draft), whose drafted tokens are settled one step later
+    Column("draft_kind", pa.string(), "identity", nullable=True),
     Column("target_model", pa.string(), "identity"),
     Column("compression", pa.string(), "identity"),
     Column("compute_dtype", pa.string(), "identity"),
@@ -109,7 +112,8 @@ SCHEMA: Final = (
 COLUMNS: Final = tuple(c.name for c in SCHEMA)
 #: columns added after the first record files were written: absent from a frame (an older
 #: file, an older writer), they are filled with nulls.
-ADDED_COLUMNS: Final = ("cost_catchup_s", "t_draft_s", "t_verify_s", "t_decision_s")
+ADDED_COLUMNS: Final = ("cost_catchup_s", "t_draft_s", "t_verify_s", "t_decision_s",
+                         "draft_kind")
 ARROW_SCHEMA: Final = pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in SCHEMA])
 DECISION_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "decision")
 PAPER_FEATURES: Final = ("paper_mean_entropy", "paper_mean_confidence", "paper_max_entropy",

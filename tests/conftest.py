@@ -37,3 +37,12 @@ def tiny_pair():
 
     target = tiny_llama(2, seed=0, dtype=torch.float32)
     return noisy_copy(target, 0.05, seed=1), target
+
+
+@pytest.fixture(scope="session")
+def tiny_feature_pair(tiny_pair):
+    """(draft, target): a feature-conditioned draft trained briefly on ``tiny_pair``'s target."""
+    from tiny_models import tiny_feature_draft
+
+    target = tiny_pair[1]
+    return tiny_feature_draft(target), target

@@ -14,6 +14,8 @@ import torch
 
 VOCAB = 128
 EOS = 2
+#: prompts the decoder tests decode (a tiny feature-conditioned draft is trained on them too)
+DECODE_PROMPTS = ([1, 5, 17, 33, 8], [1, 3, 40], [1, 19, 9], [1, 77, 3, 3, 12, 60])
 
 
 def tiny_llama(layers: int, seed: int, vocab: int = VOCAB, hidden: int = 32,
@@ -58,3 +60,50 @@ def save_with_tokenizer(model, out: Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def tiny_feature_draft(target, draft_vocab: int = 96, steps: int = 300, seed: int = 0,
+                       prompts: int = 24, answer: int = 32):
+    """A feature-conditioned draft (speckv.llm.feature_draft) of a tiny ``target``, trained
+    for a few seconds with speckv's own loss on the target's greedy answers and states to
+    :data:`DECODE_PROMPTS` and ``prompts`` random ones, so that it agrees with the target
+    often on what the tests decode, though not everywhere (a random tiny model leaves nothing
+    to generalise from); with ``draft_vocab`` < vocabulary some tokens it can never propose."""
+    from speckv.distill.feature import feature_loss, make_batch
+    from speckv.llm.feature_draft import FeatureDraftConfig, build_feature_draft
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = target.config.vocab_size
+    rows = []
+    with torch.no_grad():
+        randoms = [[1, *torch.randint(3, vocab, (int(torch.randint(2, 8, (1,), generator=gen)),),
+                                      generator=gen).tolist()] for _ in range(prompts)]
+        for i, prompt in enumerate([*DECODE_PROMPTS, *randoms]):
+            out = target.generate(input_ids=torch.tensor([prompt]), max_new_tokens=answer,
+                                  do_sample=False, pad_token_id=0, eos_token_id=-1)
+            seq = out[0].tolist()
+            states = target.model(input_ids=out).last_hidden_state[0].to(torch.bfloat16)
+            n_prompt = len(prompt)
+            rows.append({"prompt_id": f"p{i}", "prompt_ids": prompt, "answer_ids": seq[n_prompt:],
+                         "prompt_states": states[: n_prompt - 1],
+                         "hidden": states[n_prompt - 1 : len(seq) - 1]})
+    counts = torch.bincount(torch.tensor([t for r in rows for t in r["answer_ids"]]),
+                            minlength=vocab)
+    token_ids = torch.argsort(-counts.double() + torch.arange(vocab) / (2.0 * vocab))[:draft_vocab]
+    cfg = FeatureDraftConfig.from_target("tiny", target.config, draft_vocab)
+    state = {k: v.float() for k, v in target.state_dict().items()}
+    torch.manual_seed(seed)
+    draft = build_feature_draft(cfg, state, token_ids)
+    t2d = draft.lm_head.to_reduced()
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    for _ in range(steps):
+        pick = torch.randint(len(rows), (8,), generator=gen).tolist()
+        batch = make_batch([rows[i] for i in pick], 3, cfg.hidden_size)
+        loss, _ = feature_loss(draft, batch, t2d, 3, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    draft = draft.to(next(target.parameters()).dtype).eval()
+    draft.requires_grad_(False)
+    return draft

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from speckv.errors import SpeckvError
+from speckv.llm.feature_draft import is_feature_draft
 from speckv.machine import fingerprint as machine_fingerprint
 from speckv.machine import mismatch as machine_mismatch
 from speckv.runtime.costs import step_costs
@@ -61,9 +62,12 @@ def lm_forward(model: torch.nn.Module, ids: list[int], cache: DynamicCache,
 
 
 def new_cache(model: torch.nn.Module) -> DynamicCache:
-    """An empty KV cache for ``model`` (croppable: every layer is full attention)."""
+    """An empty KV cache for ``model`` (croppable: every layer is full attention); a model
+    with its own cache type (speckv's feature-conditioned draft) makes it."""
     from transformers import DynamicCache
 
+    if is_feature_draft(model):
+        return model.new_cache()
     return DynamicCache(config=model.config)
 
 

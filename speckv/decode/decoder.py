@@ -76,6 +76,7 @@ import torch
 
 from speckv.decode.costs import lm_forward, module_of, new_cache
 from speckv.errors import SpeckvError
+from speckv.llm.feature_draft import TargetStates, is_feature_draft
 from speckv.policies import PLAIN, TOKEN_STATS, Learned, Policy, PreContext, StepContext
 from speckv.runtime.costs import CATCHUP_MAX, StepCosts
 from speckv.runtime.features import (
@@ -238,6 +239,9 @@ class _Sequence:
     d_cache: DynamicCache | None  # holds tokens[:draft_seen]
     draft_seen: int
     history: History
+    #: a feature-conditioned draft's input: the target's last hidden state at each position
+    #: of its cache (rows below ``t_cache``'s length are valid)
+    states: TargetStates | None = None
     forwards: list[TargetForward] = field(default_factory=list)  # the target's, in order
     skipped: int = 0  # plain steps the policy chose in a row
 
@@ -330,6 +334,9 @@ class SpeculativeDecoder:
             raise DecodeError(f"max_gamma must lie in 1..{GAMMA_MAX}, got {max_gamma}.")
         self.draft = module_of(draft) if policy is not None else None
         self.target = module_of(target)
+        #: the draft reads the target's hidden states (speckv.llm.feature_draft): it
+        #: recomputes its drafted positions from them after each verification
+        self.reads_target = is_feature_draft(self.draft)
         self.policy = policy
         self.costs = costs
         self.max_gamma = max_gamma
@@ -353,6 +360,7 @@ class SpeculativeDecoder:
         self._ident = {
             "run_id": run_id or f"live-{uuid.uuid4().hex[:8]}",
             "draft_model": getattr(draft, "name", "") if policy is not None else "",
+            "draft_kind": "feature" if self.reads_target else "lm",
             "target_model": getattr(target, "name", ""),
             "compression": self.compression, "compute_dtype": dtype,
             "mode": "live", "replayable": False,
@@ -427,14 +435,30 @@ class SpeculativeDecoder:
         """Caches over the prompt but its last token, which the first step feeds."""
         t_cache = new_cache(self.target)
         d_cache = new_cache(self.draft) if self.draft is not None else None
-        forwards = []
+        states = None
+        if self.reads_target:
+            param = next(self.draft.parameters())
+            states = TargetStates(self.draft.cfg.hidden_size, param.dtype, param.device)
+            d_cache.states = states
+        seq = _Sequence(list(prompt_ids), len(prompt_ids), t_cache, d_cache,
+                        len(prompt_ids) - 1, History(), states=states)
         if len(prompt_ids) > 1:
-            lm_forward(self.target, prompt_ids[:-1], t_cache)
-            forwards.append(TargetForward(0, tuple(prompt_ids[:-1]), 1, 0))
+            self._target_forward(seq, prompt_ids[:-1], keep=1)
+            seq.forwards.append(TargetForward(0, tuple(prompt_ids[:-1]), 1, 0))
             if d_cache is not None:
                 lm_forward(self.draft, prompt_ids[:-1], d_cache)
-        return _Sequence(list(prompt_ids), len(prompt_ids), t_cache, d_cache,
-                         len(prompt_ids) - 1, History(), forwards=forwards)
+        return seq
+
+    def _target_forward(self, seq: _Sequence, ids: list[int], keep: int) -> torch.Tensor:
+        """The target's forward over ``ids`` after its cache; with a feature-conditioned
+        draft its last hidden states are kept for the draft's next catch-up."""
+        if seq.states is None:
+            return lm_forward(self.target, ids, seq.t_cache, keep=keep)
+        start = seq.t_cache.get_seq_length()
+        with seq.states.capture(self.target, start):
+            logits = lm_forward(self.target, ids, seq.t_cache, keep=keep)
+        seq.states.valid = seq.t_cache.get_seq_length()
+        return logits
 
     def _step_costs(self, unseen: int) -> np.ndarray:
         return self._costs.drafting(unseen) if self._costs is not None else self._nan_costs
@@ -461,7 +485,7 @@ class SpeculativeDecoder:
         """One target forward over the last token: the next token and its logits row."""
         start = seq.t_cache.get_seq_length()
         started = time.perf_counter()
-        logits = lm_forward(self.target, seq.tokens[-1:], seq.t_cache)[0]
+        logits = self._target_forward(seq, seq.tokens[-1:], keep=1)[0]
         clock.verify += time.perf_counter() - started
         x = self._target_rows(logits)
         token = int(x.argmax()) if sampler is None else sampler.sample(logits)
@@ -523,7 +547,7 @@ class SpeculativeDecoder:
         start = seq.t_cache.get_seq_length()
         verify_ids = (seq.tokens[-1], *prop.tokens)
         started = time.perf_counter()
-        t_logits = lm_forward(self.target, list(verify_ids), seq.t_cache, keep=k + 1)
+        t_logits = self._target_forward(seq, list(verify_ids), keep=k + 1)
         clock.verify += time.perf_counter() - started
         t_rows = self._target_rows(t_logits)
         t_logits = torch.from_numpy(t_rows)
@@ -540,16 +564,22 @@ class SpeculativeDecoder:
         emitted = self._cut_at_eos(emitted)
         seq.forwards.append(TargetForward(start, verify_ids, k + 1, len(emitted)))
         from_draft = min(accepted, len(emitted))
-        # 4. history in position order; a bonus token waits for the next catch-up forward
+        # 4. history in position order; a bonus token waits for the next catch-up forward.
+        #    A feature-conditioned draft proposed tokens 2.. from its own states, not from
+        #    the target's: its agreement there is settled by the next catch-up, which reads
+        #    the target's (what a trace scores)
         for i, token in enumerate(emitted):
-            if i < accepted or accepted < k:
+            if i == 0 or (not self.reads_target and (i < accepted or accepted < k)):
                 history.settle(prop.greedy[i] == token, p_emit[i])
             else:
                 history.defer(p_emit[i])
-        # 5. rollback: the target keeps tokens[:-1], the draft its still valid prefix
+        # 5. rollback: the target keeps tokens[:-1], the draft its still valid prefix (a
+        #    feature-conditioned draft: the positions it computed from the target's states)
         if len(emitted) < k + 1:
             seq.t_cache.crop(len(emitted) - k - 1)
-        keep = len(seq.tokens) + min(from_draft, k - 1)
+            if seq.states is not None:
+                seq.states.valid = seq.t_cache.get_seq_length()
+        keep = len(seq.tokens) + (0 if self.reads_target else min(from_draft, k - 1))
         if seq.draft_seen > keep:
             seq.d_cache.crop(keep - seq.draft_seen)
             seq.draft_seen = keep

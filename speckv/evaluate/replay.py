@@ -115,6 +115,9 @@ class Traces:
     task: np.ndarray  # [S] str
     prompt: np.ndarray  # [S] str: task/prompt_id, the unit of resampling
     catchup_measured: bool = False  # any row with a measured catch-up cost
+    #: [S] bool: the draft reads the target's states (``draft_kind == "feature"``), so every
+    #: token a step emits but the first waits for the next catch-up (None: no such sequence)
+    reads_target: np.ndarray | None = None
     _lists: dict[str, list] = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -270,7 +273,25 @@ def prepare(df: pd.DataFrame) -> Traces:
         compression=first["compression"].astype(str).to_numpy(),
         task=first["task"].astype(str).to_numpy(),
         prompt=sequence_ids(first).to_numpy(),
+        reads_target=_reads_target(first),
     )
+
+
+def _reads_target(first: pd.DataFrame) -> np.ndarray | None:
+    if "draft_kind" not in first.columns:
+        return None
+    kind = first["draft_kind"].astype(object).to_numpy()
+    reads = np.array([k == "feature" for k in kind], dtype=bool)
+    return reads if reads.any() else None
+
+
+def unsettled_after(made: int, drafted: int, accepted: int, bonus: bool,
+                    reads_target: bool) -> int:
+    """Tokens a step leaves for the next catch-up: a bonus token after a full acceptance; for
+    a draft reading the target's states, every emitted token but the first."""
+    if reads_target:
+        return made - 1
+    return 1 if bonus and accepted == drafted else 0
 
 
 # -------------------------------------------------------------------------------- replay
@@ -370,6 +391,7 @@ def replay(traces: Traces, policy: Policy) -> Replay:
         start, n = int(traces.starts[s]), int(traces.lengths[s])
         budget = int(traces.budgets[s])
         comp = str(traces.compression[s])
+        reads = traces.reads_target is not None and bool(traces.reads_target[s])
         policy.reset()
         p = tokens = steps = drafted_sum = accepted_sum = 0
         unsettled = skipped = 0  # emitted tokens the draft has not scored; plain steps in a row
@@ -438,7 +460,7 @@ def replay(traces: Traces, policy: Policy) -> Replay:
             drafted_sum += d
             accepted_sum += a
             observe(d, a)
-            unsettled = 1 if bonus and a == d else 0  # a bonus token after a full acceptance
+            unsettled = unsettled_after(made, d, a, bonus, reads)
             p += made
         out[:, s] = (tokens, steps, drafted_sum, accepted_sum, t)
         chosen[s] = counts
@@ -480,6 +502,7 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
     for s in range(S):
         start, n = int(traces.starts[s]), int(traces.lengths[s])
         budget = int(traces.budgets[s])
+        reads = traces.reads_target is not None and bool(traces.reads_target[s])
         width = n + 1  # u = 0..n
         best = np.zeros((n + 1, width + 1))
         pick = np.zeros((n, width), np.int64)
@@ -499,7 +522,7 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
             for d in range(1, min(GAMMA_MAX, budget - p - 1) + 1):
                 a = length if length < d else d
                 made = min(a + 1, n - p)
-                u_next = 1 if a == d and a < n - p else 0
+                u_next = unsettled_after(made, d, a, a < n - p, reads)
                 cost = caught + (d - 1) * draft[r] + verify[r][d] if by_time else 1.0
                 v = cost + best[p + made, u_next]
                 better = v < value * (1 - 1e-12)
@@ -537,7 +560,7 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
             t += catchup_seconds(catch[r], u + 1) + (d - 1) * draft[r] + verify[r][d]
             drafted_sum += d
             accepted_sum += a
-            u = 1 if a == d and a < n - p else 0
+            u = unsettled_after(min(a + 1, n - p), d, a, a < n - p, reads)
             p += min(a + 1, n - p)
         out[:, s] = (n, steps, drafted_sum, accepted_sum, t)
     return Replay(BOUND if plain_steps else BOUND_DRAFTING, *out, chosen=chosen)

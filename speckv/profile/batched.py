@@ -60,6 +60,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from speckv.profile.feature_trace import feature_draft_side
 from speckv.profile.trace import (
     BRANCH_STEPS,
     TraceResult,
@@ -443,8 +444,15 @@ def trace_batch(draft, target, prompts: Sequence[Sequence[int]],
         answered = greedy_answers(target, [prompts[i] for i in idx], budgets[idx], eos, pad)
         for d in range(0, len(idx), max(1, draft_batch)):
             part = list(range(d, min(d + max(1, draft_batch), len(idx))))
-            traces = draft_side(draft, [prompts[idx[j]] for j in part],
-                                [answered[j][0] for j in part], budgets[[idx[j] for j in part]],
-                                pad, [answered[j][1] for j in part], branch_masks)
+            if getattr(draft, "is_feature_draft", False):  # speckv.llm.feature_draft
+                traces = feature_draft_side(draft, target, [prompts[idx[j]] for j in part],
+                                            [answered[j][0] for j in part],
+                                            budgets[[idx[j] for j in part]],
+                                            [answered[j][1] for j in part])
+            else:
+                traces = draft_side(draft, [prompts[idx[j]] for j in part],
+                                    [answered[j][0] for j in part],
+                                    budgets[[idx[j] for j in part]], pad,
+                                    [answered[j][1] for j in part], branch_masks)
             results.update({idx[j]: tr for j, tr in zip(part, traces, strict=True)})
     return [results[i] for i in range(len(prompts))]

@@ -196,6 +196,11 @@ def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int,
     import torch
 
     answer, target_top1 = _target_answer(target, prompt_ids, max_new_tokens, eos)
+    if getattr(draft, "is_feature_draft", False):  # speckv.llm.feature_draft
+        from speckv.profile.feature_trace import feature_draft_side
+
+        return feature_draft_side(draft, target, [prompt_ids], [answer], max_new_tokens,
+                                  [target_top1])[0]
     n = len(answer)
     device = next(draft.parameters()).device
     seq = torch.tensor([list(prompt_ids) + answer.tolist()], device=device)
@@ -231,6 +236,8 @@ def trace_rows(tr: TraceResult, ident: dict, costs: dict) -> pd.DataFrame:
         "accept_prob_k": None,
         "cost_draft_s": np.float32(costs["cost_draft_s"]),
         "cost_verify_s": [np.asarray(costs["cost_verify_s"], np.float32)] * n,
+        "cost_catchup_s": ([np.asarray(costs["cost_catchup_s"], np.float32)] * n
+                           if costs.get("cost_catchup_s") else None),
         "gamma": pd.array([None] * n, dtype="Int16"),
         "drafted": pd.array([None] * n, dtype="Int16"),
         "t_step_s": np.full(n, np.nan, np.float32),

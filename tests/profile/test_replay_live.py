@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from locations import FIXTURES
+from tiny_models import DECODE_PROMPTS
 
 from speckv.decode.costs import CostModel
 from speckv.decode.decoder import SpeculativeDecoder
@@ -33,8 +34,11 @@ from speckv.runtime.features import pre_from_step_features
 
 IDENT = {"run_id": "r", "draft_model": "d", "target_model": "t", "compression": "fp16",
          "compute_dtype": "float32", "task": "chat", "prompt_id": "p"}
+#: the two kinds of draft: a causal LM (a noisy copy of the target) and a feature-conditioned
+#: draft (speckv.llm.feature_draft), whose drafted tokens read its own states
+PAIRS = {"lm": "tiny_pair", "feature": "tiny_feature_pair"}
 COSTS = {"cost_draft_s": 0.01, "cost_verify_s": [0.03 + 0.002 * g for g in range(9)]}
-PROMPTS = ([1, 5, 17, 33, 8], [1, 3, 40], [1, 19, 9], [1, 77, 3, 3, 12, 60])
+PROMPTS = DECODE_PROMPTS
 
 
 class SkipPattern:
@@ -112,9 +116,11 @@ class Recording:
         self.inner.observe(drafted, accepted)
 
 
-def _replay_steps(rows, policy):
+def _replay_steps(rows, policy, reads_target=False):
     """Per-step (position, drafted, accepted) of a replay written out by hand (independent of
-    :func:`speckv.evaluate.replay.replay`), tracking the tokens the draft has not scored."""
+    :func:`speckv.evaluate.replay.replay`), tracking the tokens the draft has not scored: a
+    bonus token after a full acceptance, or, for a feature-conditioned draft, every emitted
+    token but the first."""
     from speckv.records import feature_matrix
 
     feats = feature_matrix(rows)
@@ -151,8 +157,9 @@ def _replay_steps(rows, policy):
         a = min(int(accept[p]), d, n - p)  # an accepted EOS ends the answer
         policy.observe(d, a)
         out.append((p, d, a))
-        unsettled = 1 if a == d and a < n - p else 0
-        p += min(a + 1, n - p)
+        made = min(a + 1, n - p)
+        unsettled = made - 1 if reads_target else int(a == d and a < n - p)
+        p += made
     return out
 
 
@@ -173,20 +180,21 @@ POLICIES = {
 }
 
 
+@pytest.mark.parametrize("kind", list(PAIRS))
 @pytest.mark.parametrize("policy_name", list(POLICIES))
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_replay_reproduces_live_greedy_decoding(tiny_pair, policy_name, prompt):
+def test_replay_reproduces_live_greedy_decoding(request, kind, policy_name, prompt):
     make_policy = POLICIES[policy_name]
-    draft, target = tiny_pair
+    draft, target = request.getfixturevalue(PAIRS[kind])
     tr = trace_prompt(draft, target, prompt, max_new_tokens=30, eos=2, pad=0)
-    rows = trace_rows(tr, IDENT, COSTS)
+    rows = trace_rows(tr, {**IDENT, "draft_kind": kind}, COSTS)
     costs = CostModel(COSTS["cost_draft_s"], COSTS["cost_verify_s"], "fp16", "float32")
     live_policy = Recording(make_policy())
     live = SpeculativeDecoder(draft, target, live_policy, costs, compression="fp16",
                               eos_token_ids=[2]).generate(prompt, max_new_tokens=30)
     assert live.token_ids == tr.answer.tolist(), "greedy speculative output must be lossless"
 
-    expected = _replay_steps(rows, make_policy())
+    expected = _replay_steps(rows, make_policy(), reads_target=kind == "feature")
     got = [(s["position"], s["drafted"] or 0, s["accept_len"]) for s in live.steps]
     assert got == expected
 
@@ -216,9 +224,10 @@ def test_replay_reproduces_live_greedy_decoding(tiny_pair, policy_name, prompt):
             assert step[col] == pytest.approx(float(row[col]), abs=1e-4), (col, step["position"])
 
 
-def test_the_skipping_policies_skip_and_probe(tiny_pair):
+@pytest.mark.parametrize("kind", list(PAIRS))
+def test_the_skipping_policies_skip_and_probe(request, kind):
     """The parametrised test above means something only if plain steps happen, in runs."""
-    draft, target = tiny_pair
+    draft, target = request.getfixturevalue(PAIRS[kind])
     for name in ("skip-pattern", "stale-ema-skip", "plain-after-draft", "learned-onnx",
                  "best_static:plain"):
         costs = CostModel(COSTS["cost_draft_s"], COSTS["cost_verify_s"], "fp16", "float32")
@@ -230,3 +239,15 @@ def test_the_skipping_policies_skip_and_probe(tiny_pair):
             drafted += sum(1 for s in steps if s["drafted"])
         assert plain > 0, name
         assert drafted > 0 or name == "best_static:plain", name
+
+
+def test_the_feature_draft_accepts_chains_of_its_own_states(tiny_feature_pair):
+    """The feature-conditioned pair exercises what sets it apart: steps that accept two or
+    more drafted tokens (the second read the draft's own state), and steps that do not."""
+    draft, target = tiny_feature_pair
+    accepted = []
+    for prompt in PROMPTS:
+        tr = trace_prompt(draft, target, prompt, max_new_tokens=30, eos=2, pad=0)
+        accepted += tr.accept_len.tolist()
+    assert sum(a >= 2 for a in accepted) >= 10
+    assert sum(a == 0 for a in accepted) >= 5

@@ -1,0 +1,312 @@
+"""Training the feature-conditioned draft (:mod:`speckv.llm.feature_draft`) on the target's
+own answers and hidden states.
+
+The data are ``speckv draft data``'s chunks: the target's greedy answers with its last hidden
+state at every answer position. The draft also attends to the prompt, so the target's states
+at the prompt positions are computed once per chunk (one teacher-forced target forward) and
+kept beside it (``states/chunk-NNNN.pt``).
+
+Loss, per unrolled depth ``d = 1..depth`` (weights ``0.8**(d-1)``), on positions whose next
+token is an answer token: cross-entropy of the reduced head on the target's token (a token
+outside the head only counts as a miss) plus ``reg_weight`` x smooth-L1 between the draft's
+output and the target's state at that position (EAGLE's feature regression: the draft's
+output is the next step's input, so it must stay what the target would have computed).
+Depth ``d >= 2`` reads the draft's own output of depth ``d - 1`` (training-time test), the
+true token, and attends to the teacher-forced prefix and its own chain.
+
+Resumable: a checkpoint every few minutes; chunks that appear while it runs join the
+training set (the held-out prompts are fixed by a hash of their ids).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from speckv.atomic import atomic_write
+from speckv.distill.data import data_dir
+from speckv.distill.train import coverage, frequent_tokens, split_rows
+from speckv.llm.feature_draft import (
+    FeatureDraft,
+    FeatureDraftConfig,
+    build_feature_draft,
+    save_feature_draft,
+)
+from speckv.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+#: prompt tokens a training sequence keeps (the end of the prompt; answers stay whole)
+PROMPT_CONTEXT = 256
+
+
+def _target_weights(base: str) -> tuple[dict[str, torch.Tensor], object]:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from speckv.llm.draft import _base_dir
+
+    where = _base_dir(base)
+    return load_file(str(where / "model.safetensors")), AutoConfig.from_pretrained(where)
+
+
+@torch.no_grad()
+def _prompt_states(target, rows: list[dict], batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """The target's last hidden state at prompt positions ``0..P-2`` of each row (the
+    answer positions' are in the data already), right-padded batches of similar length."""
+    out = {}
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
+    for b in range(0, len(order), batch_size):
+        group = [rows[i] for i in order[b : b + batch_size]]
+        seqs = [r["prompt_ids"][:-1] for r in group]
+        width = max(1, max(map(len, seqs)))
+        ids = torch.full((len(seqs), width), 2)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        hidden = target.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for i, r in enumerate(group):
+            out[r["prompt_id"]] = hidden[i, : len(seqs[i])].to(torch.bfloat16).clone()
+    return out
+
+
+def load_rows(path: Path | None = None, skip: frozenset[str] | set[str] = frozenset(),
+              target=None) -> tuple[list[dict], set[str]]:
+    """Rows of every chunk (but ``skip``) with ``prompt_states`` attached, computing and
+    saving a chunk's prompt states on first use (``target``: the loaded target model)."""
+    path = path or data_dir()
+    rows, read = [], set()
+    for f in sorted(Path(path).glob("chunk-*.pt")):
+        if f.name in skip:
+            continue
+        chunk = torch.load(f, weights_only=False)
+        side = Path(path) / "states" / f.name
+        if side.exists():
+            states = torch.load(side, weights_only=False)
+        else:
+            if target is None:
+                from speckv.llm.load import load_model
+                from speckv.llm.weights import DEMO_TARGET
+
+                target = load_model(DEMO_TARGET, "fp16", dtype="bfloat16").model
+            started = time.time()
+            states = _prompt_states(target, chunk)
+            side.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(side, lambda tmp, s=states: torch.save(s, tmp))
+            log.info("prompt states of %s in %.0f s", f.name, time.time() - started)
+        for r in chunk:
+            r["prompt_states"] = states[r["prompt_id"]]
+        rows.extend(chunk)
+        read.add(f.name)
+    return rows, read
+
+
+def make_batch(rows: list[dict], depth: int, hidden: int, pad: int = 2,
+               prompt_context: int = PROMPT_CONTEXT) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of a training batch (see the module's docstring).
+
+    ``tokens[b, i]`` is the token at relative position ``i``, ``states[b, i]`` the target's
+    state at position ``i - 1``; ``labels[b, d - 1, i]`` the token depth ``d`` from origin
+    ``i`` must predict (``-100`` where none or not an answer token); ``targets[b, i + d - 1]``
+    the target's state that depth's output should equal."""
+    seqs, full_states, starts = [], [], []
+    for r in rows:
+        prompt, answer = r["prompt_ids"], r["answer_ids"]
+        ids = prompt + answer
+        states = torch.cat((torch.zeros(1, hidden, dtype=torch.bfloat16), r["prompt_states"],
+                            r["hidden"][: len(answer)]))  # row t + 1 = state at position t
+        s = max(0, len(prompt) - prompt_context)
+        seqs.append((ids[s:], len(prompt) - s))
+        full_states.append(states[s:])
+        starts.append(s)
+    width = max(len(ids) for ids, _ in seqs)
+    n = len(rows)
+    tokens = torch.full((n, width + depth), pad, dtype=torch.long)
+    states = torch.zeros((n, width, hidden), dtype=torch.bfloat16)
+    targets = torch.zeros((n, width + depth, hidden), dtype=torch.bfloat16)
+    labels = torch.full((n, depth, width), -100, dtype=torch.long)
+    for b, ((ids, n_prompt), st) in enumerate(zip(seqs, full_states, strict=True)):
+        length = len(ids)
+        tokens[b, :length] = torch.tensor(ids)
+        states[b, :length] = st[:length]
+        targets[b, : length - 1] = st[1:length]  # the state at position i (for origin i)
+        lab = torch.tensor(ids)
+        for d in range(1, depth + 1):
+            # origin i predicts ids[i + d]; only answer tokens count
+            lo = max(0, n_prompt - d)
+            hi = length - d
+            if hi > lo:
+                labels[b, d - 1, lo:hi] = lab[lo + d : hi + d]
+    return {"tokens": tokens, "states": states, "targets": targets, "labels": labels}
+
+
+def feature_loss(model: FeatureDraft, batch: dict[str, torch.Tensor], t2d: torch.Tensor,
+                 depth: int, reg_weight: float, decay: float = 0.8):
+    """Loss and per-depth agreement (draft argmax == target token) of one batch."""
+    tokens, states = batch["tokens"], batch["states"]
+    width = states.shape[1]
+    positions = torch.arange(width)[None].expand(len(tokens), -1)
+    dtype = next(model.fc.parameters()).dtype
+    outs = model.unroll(tokens[:, :width], states.to(dtype), positions, depth,
+                        next_tokens=tokens)
+    total = torch.zeros((), dtype=torch.float32)
+    agree = []
+    for d, g in enumerate(outs, start=1):
+        lab = batch["labels"][:, d - 1]
+        valid = lab != -100
+        if not valid.any():
+            agree.append(float("nan"))
+            continue
+        rows = g[valid]
+        logits = model.logits_small(rows).float()
+        small = t2d[lab[valid]]
+        held = small >= 0
+        ce = F.cross_entropy(logits[held], small[held]) if held.any() else logits.sum() * 0
+        target = batch["targets"][:, d - 1 : d - 1 + width][valid].to(rows.dtype)
+        reg = F.smooth_l1_loss(rows.float(), target.float())
+        total = total + decay ** (d - 1) * (ce + reg_weight * reg)
+        best = model.lm_head.token_ids[logits.argmax(-1)]
+        agree.append(float((best == lab[valid]).float().mean()))
+    return total, agree
+
+
+@torch.no_grad()
+def evaluate(model: FeatureDraft, rows: list[dict], t2d: torch.Tensor, depth: int,
+             batch_size: int = 8) -> list[float]:
+    """Held-out agreement per depth (depth ``d``: given ``d - 1`` right drafted tokens)."""
+    model.eval()
+    hits = [0.0] * depth
+    counts = [0] * depth
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        batch = make_batch(part, depth, model.cfg.hidden_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, agree = feature_loss(model, batch, t2d, depth, 0.0)
+        for d in range(depth):
+            n = int((batch["labels"][:, d] != -100).sum())
+            if n and not math.isnan(agree[d]):
+                hits[d] += agree[d] * n
+                counts[d] += n
+    model.train()
+    return [h / max(c, 1) for h, c in zip(hits, counts, strict=True)]
+
+
+def checkpoint_path() -> Path:
+    return cache_dir() / "feature-draft-ckpt.pt"
+
+
+def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
+                        lr: float = 5e-4, depth: int = 3, reg_weight: float = 1.0,
+                        draft_vocab: int = 8192, heldout: float = 0.03, seed: int = 0,
+                        base: str | None = None, data: Path | None = None,
+                        ckpt: Path | None = None, ckpt_every_s: float = 300.0,
+                        eval_every: int = 200, reload_every: int = 200,
+                        threads: int | None = None, max_minutes: float | None = None) -> dict:
+    """Train (or resume) the feature-conditioned draft and save it to ``out``."""
+    from tqdm import tqdm
+
+    from speckv.llm.weights import DEMO_TARGET
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = base or DEMO_TARGET
+    torch.manual_seed(seed)
+    rows, seen = load_rows(data)
+    if not rows:
+        raise RuntimeError("No distillation data: run `python -m speckv draft data` first.")
+    train_rows, held = split_rows(rows, heldout, seed)
+    weights, config = _target_weights(base)
+    ckpt = ckpt or checkpoint_path()
+    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    token_ids = (state["model"]["lm_head.token_ids"] if state is not None
+                 else frequent_tokens(train_rows, draft_vocab, int(config.vocab_size)))
+    cfg = FeatureDraftConfig.from_target(base, config, draft_vocab)
+    model = build_feature_draft(cfg, weights, token_ids)
+    t2d = model.lm_head.to_reduced()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def warmup_cosine(s: int) -> float:
+        return min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
+    step, history, spent = 0, [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, history, spent = state["step"], state["history"], state.get("seconds", 0.0)
+        log.info("resumed feature-draft training at step %d", step)
+    card = {"trainer": "speckv.distill.feature", "batch_size": batch_size, "lr": lr,
+            "depth": depth, "reg_weight": reg_weight, "seed": seed, "steps_planned": steps,
+            "coverage_heldout": coverage(held, token_ids)}
+
+    def describe_data() -> None:
+        card.update(train_sequences=len(train_rows), heldout_sequences=len(held),
+                    train_tokens=sum(len(r["answer_ids"]) for r in train_rows))
+
+    describe_data()
+    log.info("draft vocabulary %d covers %.3f of held-out answer tokens; %d training answers "
+             "(%d tokens), %d held out", draft_vocab, card["coverage_heldout"],
+             len(train_rows), card["train_tokens"], len(held))
+    g = torch.Generator().manual_seed(seed + step)
+    started, last_save = time.time(), time.time()
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc="feature draft")
+
+    def save() -> None:
+        seconds = spent + time.time() - started
+        st = {"model": {k: v for k, v in model.state_dict().items()
+                        if not k.startswith("embed_tokens.") and k != "lm_head.weight"},
+              "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+              "history": history, "seconds": seconds}
+        atomic_write(ckpt, lambda tmp: torch.save(st, tmp))
+        save_feature_draft(model, out, {**card, "steps": step, "cpu_seconds": seconds,
+                                        "threads": torch.get_num_threads(),
+                                        "history": history})
+
+    while step < steps:
+        idx = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()
+        batch = make_batch([train_rows[i] for i in idx], depth, cfg.hidden_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, agree = feature_loss(model, batch, t2d, depth, reg_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", agree=f"{agree[0]:.3f}")
+        if reload_every and step % reload_every == 0:
+            new, files = load_rows(data, skip=seen)
+            if new:
+                seen |= files
+                more, more_held = split_rows(new, heldout, seed)
+                train_rows += more
+                held += more_held
+                describe_data()
+                log.info("step %d: %d new answers joined (%d training, %d held out)", step,
+                         len(new), len(train_rows), len(held))
+        out_of_time = max_minutes is not None and (time.time() - started) / 60 > max_minutes
+        if step % eval_every == 0 or step == steps or out_of_time:
+            held_agree = evaluate(model, held, t2d, depth)
+            history.append({"step": step, "loss": float(loss), "train_agree": agree,
+                            "heldout_agree": held_agree,
+                            "seconds": spent + time.time() - started})
+            log.info("step %d loss %.3f train agree %s held-out agree %s", step, float(loss),
+                     [round(a, 3) for a in agree], [round(a, 3) for a in held_agree])
+        if time.time() - last_save > ckpt_every_s or step == steps or out_of_time:
+            save()
+            last_save = time.time()
+        if out_of_time:
+            log.info("stopping after %.0f minutes (--max-minutes)", max_minutes)
+            break
+    bar.close()
+    return history[-1] if history else {}
