@@ -63,10 +63,10 @@ def save_with_tokenizer(model, out: Path) -> Path:
 
 
 def tiny_feature_draft(target, draft_vocab: int = 96, steps: int = 300, seed: int = 0,
-                       prompts: int = 24, answer: int = 32):
+                       prompts: int = 24, answer: int = 32, extra: tuple = ()):
     """A feature-conditioned draft (speckv.llm.feature_draft) of a tiny ``target``, trained
     for a few seconds with speckv's own loss on the target's greedy answers and states to
-    :data:`DECODE_PROMPTS` and ``prompts`` random ones, so that it agrees with the target
+    :data:`DECODE_PROMPTS`, ``extra`` and ``prompts`` random ones, so that it agrees with the target
     often on what the tests decode, though not everywhere (a random tiny model leaves nothing
     to generalise from); with ``draft_vocab`` < vocabulary some tokens it can never propose."""
     from speckv.distill.feature import feature_loss, make_batch
@@ -78,7 +78,7 @@ def tiny_feature_draft(target, draft_vocab: int = 96, steps: int = 300, seed: in
     with torch.no_grad():
         randoms = [[1, *torch.randint(3, vocab, (int(torch.randint(2, 8, (1,), generator=gen)),),
                                       generator=gen).tolist()] for _ in range(prompts)]
-        for i, prompt in enumerate([*DECODE_PROMPTS, *randoms]):
+        for i, prompt in enumerate([*DECODE_PROMPTS, *extra, *randoms]):
             out = target.generate(input_ids=torch.tensor([prompt]), max_new_tokens=answer,
                                   do_sample=False, pad_token_id=0, eos_token_id=-1)
             seq = out[0].tolist()

@@ -78,6 +78,19 @@ def main(argv: list[str]) -> int:
                         "embeddings of those tokens, frozen, stored as ids only)")
     t.add_argument("--eval-every", type=positive, default=100,
                    help="steps between held-out agreement checks")
+    t.add_argument("--arch", choices=("layers", "feature"), default="layers",
+                   help="layers: the target's architecture with --layers of its own (a causal "
+                        "LM); feature: one layer reading the target's last hidden state "
+                        "(EAGLE-style, speckv.llm.feature_draft), trained with --depth "
+                        "unrolled steps of its own states")
+    t.add_argument("--depth", type=positive, default=3,
+                   help="feature: unrolled drafting steps per training position (default 3)")
+    t.add_argument("--reg-weight", type=float, default=1.0,
+                   help="feature: weight of the state regression beside cross-entropy")
+    t.add_argument("--max-minutes", type=positive_float, default=None,
+                   help="stop (and save) after this many minutes of this run")
+    t.add_argument("--out", default=None,
+                   help="where the draft is saved (default models/speckv-draft)")
     e = sub.add_parser("evaluate", help="agreement and costs on held-out prompts")
     e.add_argument("--draft", default=DEMO_DRAFT,
                    help="draft(s) to compare on the same answers, comma-separated: the demo "
@@ -113,6 +126,21 @@ def main(argv: list[str]) -> int:
                             threads=args.threads)
         print(f"distillation data in {out}")
     elif args.cmd == "distill":
+        if args.arch == "feature":
+            from pathlib import Path
+
+            from speckv.distill.feature import train_feature_draft
+            from speckv.paths import DRAFT_DIR
+
+            started = time.time()
+            last = train_feature_draft(
+                Path(args.out) if args.out else DRAFT_DIR, steps=args.steps,
+                batch_size=args.batch_size, lr=args.lr, depth=args.depth,
+                reg_weight=args.reg_weight, draft_vocab=args.draft_vocab or 8192,
+                seed=args.seed, threads=args.threads, eval_every=args.eval_every,
+                max_minutes=args.max_minutes)
+            print(json.dumps({**last, "wall_s": time.time() - started}))
+            return 0
         from speckv.distill.train import train
         from speckv.llm.draft import DraftSpec
 

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from speckv.decode.costs import measure_costs
+from speckv.llm.feature_draft import is_feature_draft
 from speckv.llm.load import load_model
 from speckv.machine import fingerprint
+from speckv.profile.feature_trace import feature_draft_side
 from speckv.profile.profiler import agreement_runs
 from speckv.prompts import TASKS, chat_ids, suite
 from speckv.runtime.features import GAMMA_MAX
@@ -27,11 +29,16 @@ def replay_runs(runs: list[np.ndarray], budget: int, cost_draft_s: float,
     """Tokens/s that a draft's agreement allows, replayed with measured costs.
 
     ``runs[j][i]``: how many drafted tokens the target would accept at position ``i`` of
-    answer ``j`` (the run of agreements starting there; greedy decoding is lossless, so this
-    is the whole outcome of any γ). Every static choice (plain decoding, fixed γ = 1..8) is
-    replayed as the decoder runs it (``max_gamma = min(8, budget - p - 1)``); the best of
-    them is ``best_static`` (chosen on these same answers: a draft's ceiling for static γ, not
-    a held-out baseline), and ``upper_bound`` is the exact per-answer optimum (dynamic
+    answer ``j`` (the run of agreements starting there, or for a feature-conditioned draft
+    the leading run of its own chain that equals the answer; greedy decoding is lossless, so
+    this is the whole outcome of any γ). A step's draft forwards are ``γ`` x the one-token
+    cost (its first is a catch-up over the tokens the last step emitted: about one token's
+    cost for a one-layer draft; ``speckv evaluate`` replays the measured catch-up).
+
+    Every static choice (plain decoding, fixed γ = 1..8) is replayed as the decoder runs it
+    (``max_gamma = min(8, budget - p - 1)``); the best of them is ``best_static`` (chosen on
+    these same answers: a draft's ceiling for static γ, not a held-out baseline), and
+    ``upper_bound`` is the exact per-answer optimum (dynamic
     programme over positions, plain steps allowed).
     """
     cv = np.asarray(cost_verify_s, np.float64)
@@ -107,12 +114,19 @@ def evaluate_drafts(draft_specs: list[str], target_spec: str, compressions: list
             hits = {t: [0, 0] for t in TASKS}
             runs = []
             for task, out, n_prompt in answers:
-                with torch.inference_mode():
-                    logits = draft.model(input_ids=out).logits[0, n_prompt - 1 : -1]
-                agree = (logits.argmax(-1) == out[0, n_prompt:]).numpy()
+                if is_feature_draft(draft.model):  # its γ > 1 proposals read its own states
+                    answer = out[0, n_prompt:].numpy()
+                    tr = feature_draft_side(draft.model, target.model, [out[0, :n_prompt].tolist()],
+                                            [answer], max_new_tokens, [np.ones(len(answer))])[0]
+                    agree, run = tr.agree, tr.accept_len
+                else:
+                    with torch.inference_mode():
+                        logits = draft.model(input_ids=out).logits[0, n_prompt - 1 : -1]
+                    agree = (logits.argmax(-1) == out[0, n_prompt:]).numpy()
+                    run = agreement_runs(agree)
                 hits[task][0] += int(agree.sum())
                 hits[task][1] += len(agree)
-                runs.append(agreement_runs(agree))
+                runs.append(run)
             cost = measure_costs(draft, target)
             total = np.array(list(hits.values())).sum(0)
             row = {

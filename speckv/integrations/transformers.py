@@ -92,6 +92,7 @@ from speckv.atomic import atomic_write
 from speckv.decode.costs import CostError, CostModel, measure_costs, new_cache
 from speckv.decode.decoder import with_catchup
 from speckv.errors import SpeckvError
+from speckv.llm.feature_draft import TargetStates, final_norm, is_feature_draft
 from speckv.machine import COST_KEYS, fingerprint, mismatch
 from speckv.paths import cache_dir
 from speckv.policies import PLAIN, Learned, Policy, PreContext, StepContext
@@ -341,6 +342,14 @@ class SpeckvCandidateGenerator(CandidateGenerator):
         self.trace = trace
         self.cache = new_cache(assistant)
         self.seen = torch.empty(0, dtype=torch.long)  # the ids the assistant's cache holds
+        #: a feature-conditioned assistant (speckv.llm.feature_draft) reads the target's last
+        #: hidden states: a hook on the target's final norm keeps them (see record_states)
+        self.states: TargetStates | None = None
+        self.states_end = 0  # the position after the target's next forward
+        if is_feature_draft(assistant):
+            param = next(assistant.parameters())
+            self.states = TargetStates(assistant.cfg.hidden_size, param.dtype, param.device)
+            self.cache.states = self.states
         self.history = History()
         self.greedy: list[int] = []  # the draft's argmax at ids[start], ids[start + 1], ...
         self.start = 0
@@ -351,6 +360,11 @@ class SpeckvCandidateGenerator(CandidateGenerator):
 
     def _step_costs(self, unseen: int) -> np.ndarray:
         return self.costs.drafting(unseen) if self.costs is not None else self._nan_costs
+
+    def record_states(self, _module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        """The target's final-norm output of one forward, which ends at ``states_end``."""
+        if self.states is not None:
+            self.states.write(self.states_end - output.shape[1], output[0])
 
     # ---------------------------------------------------------------- assistant forwards
     def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
@@ -394,12 +408,19 @@ class SpeckvCandidateGenerator(CandidateGenerator):
         started = time.perf_counter()
         ids = input_ids[0]
         n_ids = ids.shape[0]
-        if self.n_prompt is None:
+        first_step = self.n_prompt is None
+        if first_step:
             self.n_prompt = n_ids
         self.start, self.greedy = n_ids, []
+        self.states_end = n_ids  # a plain step; drafted tokens move it below
+        if self.states is not None:
+            self.states.valid = 0 if first_step else n_ids - 1
         position = n_ids - self.n_prompt
         max_gamma = min(self.max_gamma, self.max_length - n_ids - 1)
-        if max_gamma <= 0:  # one token left: a plain target step, no decision (as speckv's)
+        if max_gamma <= 0 or (first_step and self.states is not None):
+            # one token left: a plain target step, no decision (as speckv's); a
+            # feature-conditioned assistant also lets the first step be plain, since Hugging
+            # Face's loop runs the target over the prompt only then (it has no prefill)
             self.step = SpeckvStep(position, None)
             return input_ids, None
         if not self._decide_to_speculate(position, max_gamma):
@@ -423,6 +444,7 @@ class SpeckvCandidateGenerator(CandidateGenerator):
             return input_ids, None
         tokens, rows = self._draft(input_ids, first, gamma)
         self.step.drafted = len(tokens)
+        self.states_end = n_ids + len(tokens)
         self.step.seconds = time.perf_counter() - started
         drafted = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
         return torch.cat([input_ids, drafted], -1), torch.stack(rows)[None].to(input_ids.device)
@@ -464,7 +486,9 @@ class SpeckvCandidateGenerator(CandidateGenerator):
                 return tokens, rows
             current = torch.cat([current, current.new_tensor([[token]])], -1)
             raw = self._forward(torch.tensor([token]), 1)[0]
-            self.seen = torch.cat([self.seen, torch.tensor([token])])
+            if self.states is None:  # a feature-conditioned assistant's drafted positions
+                # read its own states: the next catch-up recomputes them from the target's
+                self.seen = torch.cat([self.seen, torch.tensor([token])])
             self.greedy.append(int(raw.argmax()))
             entropy, top1 = _stats(raw)
 
@@ -479,8 +503,9 @@ class SpeckvCandidateGenerator(CandidateGenerator):
         n = emitted.shape[0]
         probs = torch.softmax(scores[0, :n].float(), -1)
         top1 = probs.gather(1, emitted[:, None].to(probs.device))[:, 0].tolist()
+        scored = len(self.greedy) if self.states is None else min(len(self.greedy), 1)
         for i, token in enumerate(emitted.tolist()):
-            if i < len(self.greedy):
+            if i < scored:
                 self.history.settle(self.greedy[i] == token, top1[i])
             else:
                 self.history.defer(top1[i])
@@ -507,6 +532,7 @@ class _Session:
     max_gamma: int
     trace: list[SpeckvStep] | None
     measure_kwargs: dict[str, Any] = field(default_factory=dict)
+    hook: Any = None  # the target-state hook of a feature-conditioned assistant
 
     def build(self, *, generation_config: Any, input_ids: torch.Tensor,
               logits_processor: Any, model_kwargs: dict[str, Any],
@@ -521,7 +547,8 @@ class _Session:
                 "speckv needs an assistant that shares the target's vocabulary; Hugging "
                 "Face's universal assisted generation (tokenizer= and assistant_tokenizer=) "
                 "is not supported. Drop those arguments, or use a same-tokenizer assistant.")
-        if self.target.config.is_encoder_decoder or assistant_model.config.is_encoder_decoder:
+        if self.target.config.is_encoder_decoder or getattr(assistant_model.config,
+                                                              "is_encoder_decoder", False):
             raise IntegrationError("speckv's generator drafts for decoder-only models; an "
                                    "encoder-decoder pair needs Hugging Face's own assisted "
                                    "generation.")
@@ -539,11 +566,20 @@ class _Session:
         head = self.target.get_output_embeddings()
         vocab = (int(head.weight.shape[0]) if head is not None and hasattr(head, "weight")
                  else int(self.target.config.get_text_config().vocab_size))
-        return SpeckvCandidateGenerator(
+        generator = SpeckvCandidateGenerator(
             assistant_model, self.policy, step_costs_of(self.costs),
             generation_config=generation_config, logits_processor=logits_processor,
             compression=self.compression, vocab_size=vocab, max_gamma=self.max_gamma,
             trace=self.trace)
+        self.close()
+        if generator.states is not None:  # this generate call's target states
+            self.hook = final_norm(self.target).register_forward_hook(generator.record_states)
+        return generator
+
+    def close(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
 
 
 _HOOK: Final = "_get_candidate_generator"
@@ -615,6 +651,7 @@ def speckv_assisted(target: Any, controller: ControllerLike, costs: CostsLike = 
     try:
         yield policy
     finally:
+        session.close()
         stack = sessions[id(model)]
         stack.remove(session)
         if not stack:

@@ -49,7 +49,7 @@ class ReducedHead(torch.nn.Module):
     EAGLE-3's ``draft_vocab_size`` with its d2t map).
 
     ``small(hidden)`` gives the ``[.., N]`` logits; calling the head gives full-vocabulary
-    logits with every other token at the dtype's lowest value, so every consumer of a
+    logits with every other token at a very low finite value, so every consumer of a
     causal LM's logits (the decoder, the trace profiler, Hugging Face's assisted generation)
     works unchanged: the argmax is always one of the ``N`` tokens, and softmax statistics
     (entropy, top-1, margin) equal those of the ``N`` logits exactly, since the others get
@@ -68,7 +68,10 @@ class ReducedHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         small = self.small(hidden)
-        full = small.new_full((*small.shape[:-1], self.vocab_size), torch.finfo(small.dtype).min)
+        # a large finite value that stays finite in float32 and after subtracting the row's
+        # maximum (float64's lowest would become -inf in float32, and 0 * -inf is NaN)
+        low = -0.5 * min(torch.finfo(small.dtype).max, torch.finfo(torch.float32).max)
+        full = small.new_full((*small.shape[:-1], self.vocab_size), low)
         return full.index_copy_(-1, self.token_ids, small)
 
     def to_reduced(self) -> torch.Tensor:
@@ -144,10 +147,16 @@ def save_draft(model, spec: DraftSpec, out: Path, card: dict) -> None:
 
 
 def load_draft(path: Path, dtype=torch.bfloat16):
-    """Rebuild a saved draft: base embeddings/head + the draft's own layers."""
+    """Rebuild a saved draft: base embeddings/head + the draft's own layers (a
+    feature-conditioned one too, :mod:`speckv.llm.feature_draft`)."""
     from safetensors.torch import load_file
 
     meta = json.loads((Path(path) / "speckv_draft.json").read_text())
+    if meta.get("kind") == "feature":
+        from speckv.llm.feature_draft import load_feature_draft
+
+        base = _base_dir(meta["base"])
+        return load_feature_draft(path, load_file(str(base / "model.safetensors")), dtype)
     spec = DraftSpec(base=meta["base"], init_layers=meta["init_layers"],
                      draft_vocab=meta.get("draft_vocab"),
                      trained_head=bool(meta.get("trained_head", False)))

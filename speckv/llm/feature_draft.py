@@ -258,10 +258,20 @@ class FeatureDraft(nn.Module):
         self.layer = _Layer(cfg)
         self.norm = _RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = head
-        # what the decoder, the cost model and the profiler read from a causal LM's config
+        # what the decoder, the cost model, the profiler and Hugging Face's assisted
+        # generation read from a causal LM's config
         self.config = SimpleNamespace(vocab_size=cfg.vocab_size, hidden_size=h,
-                                      model_type="speckv-feature-draft", eos_token_id=None)
+                                      model_type="speckv-feature-draft", eos_token_id=None,
+                                      is_encoder_decoder=False)
+        self.config.get_text_config = lambda *a, **k: self.config
         self.generation_config = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    def _supports_logits_to_keep(self) -> bool:
+        return True
 
     # ------------------------------------------------------------------------ the parts
     def _inputs(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -362,7 +372,9 @@ class FeatureDraft(nn.Module):
             s1 = (q @ k1e.transpose(-1, -2)) * scale
             s1 = s1.masked_fill(~causal, float("-inf"))
             sc = torch.stack([(q * kk).sum(-1) for kk in chain_k], -1) * scale  # [B,h,T,d-1]
-            weights = torch.softmax(torch.cat((s1, sc), -1).float(), -1).to(q.dtype)
+            scores = torch.cat((s1, sc), -1)
+            wide = torch.float32 if scores.dtype in (torch.bfloat16, torch.float16) else None
+            weights = torch.softmax(scores, -1, dtype=wide).to(q.dtype)
             attn = weights[..., :t] @ v1e
             attn = attn + (weights[..., t:, None] * torch.stack(chain_v, -2)).sum(-2)
             prev = self.norm(self.layer.finish(x, attn))

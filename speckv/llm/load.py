@@ -209,6 +209,8 @@ def check_croppable(model: LoadedModel | torch.nn.Module, role: str = "model") -
 
     module = model.model if isinstance(model, LoadedModel) else model
     name = model.name if isinstance(model, LoadedModel) else type(module).__name__
+    if getattr(module, "is_feature_draft", False):  # its own cache, croppable by design
+        return
     config = module.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kinds = sorted({t for t in (getattr(text, "layer_types", None) or [])

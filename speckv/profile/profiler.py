@@ -116,6 +116,8 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
     from tqdm import tqdm
 
     from speckv.decode.costs import measure_costs
+    from speckv.decode.decoder import with_catchup
+    from speckv.llm.feature_draft import is_feature_draft
     from speckv.llm.load import load_draft_for, load_model
 
     if threads:
@@ -152,7 +154,9 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         tok = tgt.tokenizer
         eos = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        cost = measure_costs(drafter, tgt)
+        # the catch-up forward (over the tokens the last step emitted, more after plain
+        # steps; every emitted token for a feature-conditioned draft) is timed too
+        cost = with_catchup(measure_costs(drafter, tgt), drafter)
         run_id = f"{compression}-{uuid.uuid4().hex[:8]}"
         run_meta[run_id] = {
             "draft": draft, "target": target, "compression": compression,
@@ -166,9 +170,12 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         }
         mine = {k: v for k, v in run_meta.items() if v.get("shard") == list(shard)}
         atomic_write(meta_path, lambda tmp, mine=mine: tmp.write_text(json.dumps(mine, indent=2)))
-        ident = {"run_id": run_id, "draft_model": draft, "target_model": target,
-                 "compression": compression, "compute_dtype": tgt.compute_dtype}
-        costs = {"cost_draft_s": cost.cost_draft_s, "cost_verify_s": cost.cost_verify_s}
+        ident = {"run_id": run_id, "draft_model": draft,
+                 "draft_kind": "feature" if is_feature_draft(drafter.model) else "lm",
+                 "target_model": target, "compression": compression,
+                 "compute_dtype": tgt.compute_dtype}
+        costs = {"cost_draft_s": cost.cost_draft_s, "cost_verify_s": cost.cost_verify_s,
+                 "cost_catchup_s": cost.cost_catchup_s}
         ids = {p: chat_ids(tok, p.text) for p in todo}
         rows_done, busy_s = 0, 0.0
         bar = tqdm(total=len(todo), desc=f"{mode} {compression}", unit="prompt")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from goodness import chi2_pvalue
 from locations import FIXTURES
-from tiny_models import EOS, noisy_copy, tiny_llama
+from tiny_models import EOS, noisy_copy, tiny_feature_draft, tiny_llama
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
 from transformers.generation.streamers import BaseStreamer
@@ -130,6 +130,30 @@ def test_greedy_output_equals_the_targets_own_generate(family, controller, draft
         assert [s.accepted for s in trace] == [8, 8, 8, 8, 3]  # the last: 4 tokens were left
     if draft_name == "copy":
         assert all(s.accepted == s.drafted for s in trace)
+
+
+@pytest.fixture(scope="module")
+def feature_llama():
+    """The llama target with a feature-conditioned assistant (speckv.llm.feature_draft)."""
+    target = tiny_llama(2, seed=0)
+    return target, tiny_feature_draft(target, extra=(PROMPT,))
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+def test_a_feature_conditioned_assistant_keeps_the_targets_greedy_output(feature_llama,
+                                                                        controller,
+                                                                        policy_name):
+    target, draft = feature_llama
+    ref = hf_greedy(target, eos_token_id=None)
+    trace = []
+    out = generate_with_speckv(target, draft, POLICIES[policy_name](controller), COSTS,
+                               ids_of(), max_new_tokens=N_NEW, do_sample=False,
+                               eos_token_id=None, trace=trace)
+    assert torch.equal(out, ref)
+    assert sum(s.emitted for s in trace) == N_NEW
+    assert trace[0].gamma is None  # Hugging Face runs the target over the prompt only then
+    if policy_name != "fixed:1":  # chains read the assistant's own states, and hold
+        assert any(s.accepted >= 2 for s in trace)
 
 
 def test_the_steps_equal_speckvs_own_decoder(llama, controller):
