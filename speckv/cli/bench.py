@@ -38,6 +38,7 @@ from speckv.decode.bench import (
     default_methods,
     held_out_prompts,
     hf_defaults,
+    is_hf,
     summarize_methods,
 )
 from speckv.errors import SpeckvError
@@ -260,6 +261,13 @@ def main(argv: list[str]) -> int:
                     help=f"bootstrap resamples for the CIs (default {RESAMPLES})")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     ap.add_argument("--draft", default=DEMO_DRAFT, help="draft model (see speckv generate)")
+    ap.add_argument("--hf-draft", default=None,
+                    help="the assistant of Hugging Face's own assisted rows (hf:constant:K, "
+                         "hf:heuristic, hf:defaults); default --draft. Hugging Face runs its "
+                         "assistant's own generate(), which a feature-conditioned draft (one "
+                         "that reads the target's states) has not: with one, name a causal-LM "
+                         "draft here (e.g. models/speckv-draft-v2), the best a Hugging Face "
+                         "user could run")
     ap.add_argument("--target", default=DEMO_TARGET)
     ap.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                     help="compute dtype of unquantized weights, the draft's and the target's "
@@ -313,7 +321,8 @@ def main(argv: list[str]) -> int:
     needs_draft = any(m not in ("ar", "hf:ar") for m in methods)
     by_comp: dict[str, Any] = {}
     dtypes: dict[str, Any] = {}  # --dtype auto: the choice per compression, and why
-    draft = None
+    draft = hf_draft = None
+    needs_hf_draft = any(is_hf(m) and m != "hf:ar" for m in methods)
     load_before = os.getloadavg()
     with tqdm(total=len(comps) * len(prompts) * len(methods) * args.repeats, desc="bench",
               unit="run", file=sys.stderr) as bar:
@@ -325,13 +334,17 @@ def main(argv: list[str]) -> int:
             target = load_model(args.target, comp, dtype=dtype)
             if needs_draft and draft is None:
                 draft = load_draft_for(args.draft, target, dtype)
+            if needs_hf_draft and hf_draft is None:
+                hf_draft = (load_draft_for(args.hf_draft, target, dtype) if args.hf_draft
+                            else draft)
             costs = (with_catchup(measure_costs(draft, target), draft)
                      if draft is not None else None)
             bar.set_postfix_str(comp)
             by_comp[comp] = bench_compression(target, draft, prompts, methods,
                                               args.max_new_tokens, costs, bar, args.repeats,
                                               policies=policies, factories=factories,
-                                              resamples=args.resamples, seed=args.seed)
+                                              resamples=args.resamples, seed=args.seed,
+                                              hf_draft=hf_draft)
             del target
     fp = fingerprint(torch.get_num_threads())
     summary = summarize_methods(by_comp, args.resamples, args.seed)
@@ -353,6 +366,7 @@ def main(argv: list[str]) -> int:
                                else None),
         "hf_defaults": hf_defaults(),
         "draft": args.draft if needs_draft else None, "target": args.target,
+        "hf_draft": (args.hf_draft or args.draft) if needs_hf_draft else None,
         "dtype": args.dtype, "dtype_auto": dtypes or None,
         "threads": torch.get_num_threads(),
         "machine": fp, "machine_description": describe(fp),

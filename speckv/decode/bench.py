@@ -60,8 +60,10 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
+from speckv.decode.costs import module_of
 from speckv.decode.invariant import first_difference
 from speckv.errors import SpeckvError
+from speckv.llm.feature_draft import is_feature_draft
 from speckv.policies import HEURISTIC_START, PLAIN, BestStatic, Policy
 
 if TYPE_CHECKING:
@@ -353,7 +355,8 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
                       costs=None, progress=None, repeats: int = DEFAULT_REPEATS, *,
                       policies: Mapping[str, Policy] | None = None,
                       factories: Mapping[str, RunnerFactory] | None = None,
-                      resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+                      resamples: int = RESAMPLES, seed: int = 0,
+                      hf_draft=None) -> dict[str, Any]:
     """Benchmark ``methods`` on ``prompts`` for one loaded target (one compression level).
 
     Each prompt is decoded ``repeats`` times by every method in the rotated order
@@ -362,7 +365,8 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
     come that way (fitting it needs the records and replay, stages above this one), and
 ``factories`` maps methods run by higher stages (:data:`HF_SPECKV`) to runner factories. A
     :class:`~speckv.policies.BestStatic` whose choice at this compression is ``PLAIN`` (0)
-    runs as the target alone.
+    runs as the target alone. ``hf_draft``: the assistant of Hugging Face's own assisted
+    methods (default ``draft``; a feature-conditioned draft cannot be one).
     """
     from speckv.decode.decoder import SpeculativeDecoder, eos_ids
     from speckv.decode.invariant import explain_difference, greedy_invariant
@@ -388,8 +392,14 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
             raise BenchError(f"{HF_SPECKV} runs in a higher stage: pass its runner factory "
                              "(`speckv bench` does, from speckv.integrations.transformers).")
         elif is_hf(method):
-            runners[method] = _hf_runner(target.model, getattr(draft, "model", None), method,
-                                         eos, pad)
+            assistant = module_of(hf_draft if hf_draft is not None else draft)
+            if method != "hf:ar" and is_feature_draft(assistant):
+                raise BenchError(
+                    f"{method}: Hugging Face's assisted generation runs its assistant's own "
+                    "generate(), which a feature-conditioned draft (it reads the target's "
+                    "states) has not. Pass --hf-draft with a causal-LM draft for Hugging "
+                    "Face's rows (e.g. models/speckv-draft-v2), or leave them out.")
+            runners[method] = _hf_runner(target.model, assistant, method, eos, pad)
         elif method == "ar":
             runners[method] = _speckv_runner(SpeculativeDecoder(None, target, None))
         elif method.startswith("speckv:"):
