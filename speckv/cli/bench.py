@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from speckv.cli.draft import AUTO_DTYPE_HELP, DTYPES, positive
+from speckv.cli.draft import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPES, positive
 from speckv.decode.bench import (
     BEST_STATIC,
     CONTROLLER,
@@ -274,6 +274,7 @@ def main(argv: list[str]) -> int:
                          f"(with several compressions, the draft's is the first one's). "
                          f"{AUTO_DTYPE_HELP}")
     ap.add_argument("--threads", type=positive, help="torch intra-op threads")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args(argv)
     if args.threads:
@@ -327,11 +328,11 @@ def main(argv: list[str]) -> int:
     with tqdm(total=len(comps) * len(prompts) * len(methods) * args.repeats, desc="bench",
               unit="run", file=sys.stderr) as bar:
         for comp in comps:
-            dtype, choice = resolve_dtype(args.dtype, args.target, comp)
+            dtype, choice = resolve_dtype(args.dtype, args.target, comp, device=args.device)
             if choice is not None:
                 log.info("%s", choice.describe())
                 dtypes[comp] = choice.to_json()
-            target = load_model(args.target, comp, dtype=dtype)
+            target = load_model(args.target, comp, dtype=dtype, device=args.device)
             if needs_draft and draft is None:
                 draft = load_draft_for(args.draft, target, dtype)
             if needs_hf_draft and hf_draft is None:

@@ -31,6 +31,12 @@ AUTO_DTYPE_HELP = (
     "nf4's 4-bit products keep computing in bfloat16 on a CPU")
 
 
+#: what ``--device`` means, for every command that runs models.
+DEVICE_HELP = ("where the models run: cpu, cuda (cuda:N) or auto (CUDA when there is one). "
+               "Every step runs on that device; int8/nf4 use bitsandbytes' kernels for it "
+               "(its CPU path on cpu)")
+
+
 def positive(text: str) -> int:
     """argparse type: a whole number of at least 1 (bad input is a usage error, exit 2)."""
     try:
@@ -101,6 +107,7 @@ def main(argv: list[str]) -> int:
     e.add_argument("--max-new-tokens", type=positive, default=64)
     e.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     e.add_argument("--threads", type=positive)
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--cold", action="store_true", help="also time a cold (GGUF) load")
     e.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -157,7 +164,8 @@ def main(argv: list[str]) -> int:
         report = evaluate_drafts(specs, args.target,
                                  [c.strip() for c in args.compression.split(",")],
                                  per_task=args.per_task, max_new_tokens=args.max_new_tokens,
-                                 dtype=args.dtype, threads=args.threads, cold=args.cold)
+                                 dtype=args.dtype, threads=args.threads, cold=args.cold,
+                                 device=args.device)
         if args.json:
             print(json.dumps(report))
         else:

@@ -14,7 +14,7 @@ from typing import Any, Final
 import torch
 
 from speckv import paths
-from speckv.cli.draft import AUTO_DTYPE_HELP
+from speckv.cli.draft import AUTO_DTYPE_HELP, DEVICE_HELP
 from speckv.decode.decoder import (
     DEFAULT_MAX_NEW_TOKENS,
     DecodeError,
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-costs", type=Path, help="measure the cost model and save it here")
     ap.add_argument("--records", type=Path, help="write the live step records (.parquet)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return ap
 
@@ -132,12 +133,13 @@ def main(argv: list[str]) -> int:
     if args.costs is not None:  # refused before minutes of loading, not after
         costs = CostModel.load(args.costs)
         check(None if args.dtype == "auto" else args.dtype)
-    dtype, choice = resolve_dtype(args.dtype, args.target, args.compression)
+    dtype, choice = resolve_dtype(args.dtype, args.target, args.compression,
+                                  device=args.device)
     if choice is not None:
         log.info("%s", choice.describe())
         if costs is not None:
             check(dtype)
-    target = load_model(args.target, args.compression, dtype=dtype)
+    target = load_model(args.target, args.compression, dtype=dtype, device=args.device)
     draft = load_draft_for(args.draft, target, dtype) if policy is not None else None
     log.info("target %s (%s, %s) loaded in %.1fs; policy %s", target.name, target.compression,
              target.compute_dtype, target.load_s, spec)

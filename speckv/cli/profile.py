@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from speckv import paths
-from speckv.cli.draft import AUTO_DTYPE_HELP, DTYPES, positive
+from speckv.cli.draft import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPES, positive
 from speckv.profile.profiler import ProfileError, parse_shard, run_profile
 from speckv.prompts import SUITE_MAX, SUITE_SIZE, TASKS, Prompt, load_jsonl, suites
 from speckv.records import merge, read_records
@@ -28,9 +28,6 @@ def _prompts(args) -> list[Prompt]:
     return suites(tasks, n=args.per_task)
 
 
-DEVICE_HELP = ("where the models run: cpu, cuda (cuda:N) or auto (CUDA when there is one). "
-               "Every step runs on that device; int8/nf4 use bitsandbytes' kernels for it "
-               "(its CPU path on cpu)")
 DTYPE_HELP = ("compute dtype of unquantized weights (and of the modules int8/nf4 leave "
               "unquantized), the target's and the draft's. float32/float64 make batched traces "
               "equal one-prompt traces (bfloat16 forwards are not batch-invariant; see "

@@ -57,7 +57,9 @@ def lm_forward(model: torch.nn.Module, ids: list[int], cache: DynamicCache,
     target verification, plain target steps), so the cost model times exactly it. Returns
     ``[keep, vocab]`` in the model's compute dtype; the cache grows by ``len(ids)``.
     """
-    out = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=keep)
+    device = getattr(model, "device", None)  # on the model's device (cpu, cuda)
+    out = model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True,
+                logits_to_keep=keep)
     return out.logits[0]
 
 
@@ -212,8 +214,11 @@ def module_of(model: torch.nn.Module | LoadedModel | None) -> torch.nn.Module | 
 
 
 def _seconds(fn: Callable[[], None]) -> float:
+    """Wall seconds of ``fn`` (on a GPU, until its kernels have finished)."""
     started = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 

@@ -187,7 +187,7 @@ class _RowBuffer:
         self._tensor = torch.empty(0, dtype=torch.float32)
 
     def __call__(self, logits: torch.Tensor) -> np.ndarray:
-        if logits.dtype == torch.float32:
+        if logits.dtype == torch.float32 and logits.device.type == "cpu":
             return logits.numpy()
         size = logits.numel()
         if self._tensor.numel() < size:

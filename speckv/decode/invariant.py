@@ -83,7 +83,8 @@ class Difference:
 def _forward(module: torch.nn.Module, ids: list[int] | tuple[int, ...], cache: Any,
              keep: int) -> torch.Tensor:
     """One HF forward (not through speckv's lm_forward): float32 logits of the last ``keep``."""
-    out = module(input_ids=torch.tensor([list(ids)]), cache=cache, use_cache=True,
+    out = module(input_ids=torch.tensor([list(ids)], device=getattr(module, "device", None)),
+                 cache=cache, use_cache=True,
                  logits_to_keep=keep)
     return out.logits[0].float()
 

@@ -75,7 +75,8 @@ def replay_runs(runs: list[np.ndarray], budget: int, cost_draft_s: float,
 
 def evaluate_drafts(draft_specs: list[str], target_spec: str, compressions: list[str], *,
                     per_task: int = 10, max_new_tokens: int = 64, dtype: str = "bfloat16",
-                    threads: int | None = None, cold: bool = False) -> dict:
+                    threads: int | None = None, cold: bool = False,
+                    device: str = "auto") -> dict:
     """Every draft against the same target answers, in one run on one machine: agreement per
     task and compression, draft and target cost per token, and the tokens/s the agreement
     allows (:func:`replay_runs`)."""
@@ -96,10 +97,10 @@ def evaluate_drafts(draft_specs: list[str], target_spec: str, compressions: list
                     os.environ.pop("SPECKV_CACHE")
                 else:
                     os.environ["SPECKV_CACHE"] = old
-    drafts = {spec: load_model(spec, "fp16", dtype) for spec in draft_specs}
+    drafts = {spec: load_model(spec, "fp16", dtype, device=device) for spec in draft_specs}
     prompts = [p for t in TASKS for p in suite(t)[: per_task]]
     for comp in compressions:
-        target = load_model(target_spec, comp, dtype)
+        target = load_model(target_spec, comp, dtype, device=device)
         tok = target.tokenizer
         answers = []
         for p in prompts:

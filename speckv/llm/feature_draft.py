@@ -7,7 +7,7 @@ with the target's last hidden state ``f[t-1]`` (after the final norm, the vector
 LM head turns into the logits for ``x[t]``), fused by one linear map and one decoder layer
 initialised from the target's last, then the target's final norm. Its output ``g[t]`` is
 trained to *be* ``f[t]``: the head
-(a :class:`~speckv.llm.draft.ReducedHead` over the target's most frequent answer tokens,
+(a :class:`~speckv.llm.head.ReducedHead` over the target's most frequent answer tokens,
 the target's own output embeddings of them) turns it into the next token's logits.
 
 Where does ``f[t-1]`` come from? After a verify forward the target has computed it for every
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speckv.llm.draft import ReducedHead
+from speckv.llm.head import ReducedHead
 
 #: the ``kind`` a saved feature-conditioned draft names in its ``speckv_draft.json``.
 KIND = "feature"

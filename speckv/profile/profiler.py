@@ -37,7 +37,9 @@ from speckv.atomic import atomic_write
 from speckv.errors import SpeckvError
 from speckv.machine import fingerprint
 from speckv.profile.batched import DRAFT_BATCH, TARGET_BATCH, trace_batch
-from speckv.profile.trace import TraceResult, agreement_runs, trace_prompt, trace_rows
+from speckv.profile.feature_trace import feature_draft_side
+from speckv.profile.trace import TraceResult, _target_answer, agreement_runs, trace_rows
+from speckv.profile.trace import trace_prompt as _trace_prompt_lm
 from speckv.prompts import Prompt, chat_ids
 from speckv.records import read_records, write_records
 
@@ -99,6 +101,19 @@ class ProfileRun:
                 "busy_s": round(self.busy_s, 3), "records_per_s": self.records_per_s,
                 "per_compression": self.per_compression}
 
+
+
+def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int, eos: int | None,
+                 pad: int) -> TraceResult:
+    """One prompt's trace, the plain way (the reference :func:`trace_batch` is tested
+    against): :func:`speckv.profile.trace.trace_prompt` for a causal-LM draft, the target's
+    answer then :func:`~speckv.profile.feature_trace.feature_draft_side` for a
+    feature-conditioned one."""
+    if not getattr(draft, "is_feature_draft", False):
+        return _trace_prompt_lm(draft, target, prompt_ids, max_new_tokens, eos, pad)
+    answer, target_top1 = _target_answer(target, prompt_ids, max_new_tokens, eos)
+    return feature_draft_side(draft, target, [prompt_ids], [answer], max_new_tokens,
+                              [target_top1])[0]
 
 def _part_name(compression: str, prompt: Prompt) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in prompt.prompt_id)

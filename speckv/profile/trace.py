@@ -195,12 +195,11 @@ def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int,
     """Profile one prompt in trace mode (greedy), the plain way (the reference)."""
     import torch
 
+    if getattr(draft, "is_feature_draft", False):
+        raise TypeError("A feature-conditioned draft (speckv.llm.feature_draft) is traced by "
+                        "speckv.profile.feature_trace: use speckv.profile.profiler.trace_prompt "
+                        "or trace_batch, which pick the right implementation.")
     answer, target_top1 = _target_answer(target, prompt_ids, max_new_tokens, eos)
-    if getattr(draft, "is_feature_draft", False):  # speckv.llm.feature_draft
-        from speckv.profile.feature_trace import feature_draft_side
-
-        return feature_draft_side(draft, target, [prompt_ids], [answer], max_new_tokens,
-                                  [target_top1])[0]
     n = len(answer)
     device = next(draft.parameters()).device
     seq = torch.tensor([list(prompt_ids) + answer.tolist()], device=device)
