@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild everything speckv ships from the demo pair, in order. Each step's command is the
 # one the README quotes; figures land in runs/bundle/ (git-ignored) for the notes.
-#   1. profile (trace, all suites x fp16/int8/nf4; two shards side by side, one thread each)
+#   1. profile (trace, every suite prompt x fp16/int8/nf4; two shards side by side, one
+#      thread each), and trace against live profiling speed on the same prompts
 #   2. merge, figures, train (seed 0), export, evaluate (both objectives), controller latency,
 #      the drafts compared, the live benchmark (nothing else should run on the machine then)
 set -euo pipefail
@@ -12,7 +13,7 @@ OUT=runs/bundle
 mkdir -p "$OUT"
 if [ ! -f "$REC" ]; then
   for i in 0 1; do
-    $PY -m speckv profile --compression fp16,int8,nf4 --mode trace --per-task 30 \
+    $PY -m speckv profile --compression fp16,int8,nf4 --mode trace --per-task 120 \
       --max-new-tokens 96 --threads 1 --shard $i/2 --out "$REC" &
   done
   wait
@@ -20,6 +21,12 @@ if [ ! -f "$REC" ]; then
     datamodules/smollm2-demo/smollm2-demo.shard1of2.parquet --out "$REC"
   rm -rf datamodules/smollm2-demo/smollm2-demo.shard*.parquet "$REC.parts"
 fi
+# records/s of trace and live profiling, same pair, prompts and machine (one process)
+for mode in trace live; do
+  $PY -m speckv profile --compression fp16 --mode $mode --per-task 2 --max-new-tokens 96 \
+    --threads 1 --out "$OUT/speed-$mode.parquet" --json > "$OUT/profile_$mode.json"
+  rm -rf "$OUT/speed-$mode.parquet" "$OUT/speed-$mode.parquet.parts"
+done
 $PY -m speckv records figures "$REC" --out datamodules/smollm2-demo/figures --json > "$OUT/figures.json"
 start=$(date +%s%N)
 $PY -m speckv.train fit --trainer.enable_progress_bar false 2> "$OUT/fit.log"
@@ -34,9 +41,13 @@ $PY -m speckv evaluate --controller export/speckv.onnx --objective tokens_per_st
   --report "$OUT/report-tokens-per-step" --json > "$OUT/evaluate_tokens_per_step.json"
 $PY -m speckv bench-controller --controller export/speckv.onnx --json > "$OUT/bench_controller.json"
 # the drafts on the same answers, then the live benchmark: run it alone on the machine
-$PY -m speckv draft evaluate --draft speckv-draft,models/speckv-draft-v2 \
+$PY -m speckv draft evaluate --draft models/speckv-draft-v1,models/speckv-draft-v2,speckv-draft \
   --compression fp16,int8,nf4 --per-task 5 --max-new-tokens 48 --threads 1 --json \
   > "$OUT/draft_evaluate.json"
+# Hugging Face's own assisted rows need a causal-LM assistant: the best one speckv has
 $PY -m speckv bench --per-task 1 --repeats 3 --max-new-tokens 32 --compression fp16 \
-  --threads 1 --json > "$OUT/bench.json"
+  --hf-draft models/speckv-draft-v2 --threads 1 --json > "$OUT/bench.json"
+$PY -m speckv bench --per-task 1 --repeats 3 --max-new-tokens 32 --compression int8,nf4 \
+  --methods ar,speckv:fixed:1,speckv:fixed:3,speckv:best_static,speckv:onnx:export/speckv.onnx \
+  --threads 1 --json > "$OUT/bench_quantized.json"
 echo "done: $OUT"

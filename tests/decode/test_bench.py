@@ -453,3 +453,25 @@ def test_logit_gap_is_relative_to_the_top_logit():
     gap, rel = logit_gap(model, [4, 5], *top2)
     assert gap == pytest.approx(float(logits[top2[0]] - logits[top2[1]]))
     assert rel == pytest.approx(gap / float(logits.abs().max()))
+
+
+def test_hf_rows_need_a_causal_lm_assistant_and_take_one_apart(saved_pair, prompts):
+    """A feature-conditioned draft has no generate() for Hugging Face's assisted rows: they
+    are refused with what to pass, and run with the --hf-draft assistant instead while
+    speckv's rows keep the feature-conditioned draft."""
+    from tiny_models import tiny_feature_draft
+
+    from speckv.llm.load import LoadedModel
+    from speckv.prompts import load_jsonl
+
+    target, lm_draft = _loaded(saved_pair)
+    feature = tiny_feature_draft(target.model, steps=20)
+    draft = LoadedModel("feature", feature, target.tokenizer, "fp16", "float64", 0.0)
+    methods = ["ar", "hf:constant:2", "speckv:fixed:2"]
+    with pytest.raises(bench.BenchError, match="--hf-draft"):
+        bench.bench_compression(target, draft, load_jsonl(prompts), methods, 6, repeats=1,
+                                resamples=50)
+    block = bench.bench_compression(target, draft, load_jsonl(prompts), methods, 6, repeats=1,
+                                    resamples=50, hf_draft=lm_draft)
+    assert block["identical_greedy"]
+    assert set(block["methods"]) == set(methods)
