@@ -273,6 +273,9 @@ class FeatureDraft(nn.Module):
     def _supports_logits_to_keep(self) -> bool:
         return True
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
     # ------------------------------------------------------------------------ the parts
     def _inputs(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         emb = self.embed_tokens(tokens).to(states.dtype)

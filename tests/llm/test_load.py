@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import save_with_tokenizer, tiny_llama
 
+from speckv.llm.feature_draft import is_feature_draft
 from speckv.llm.load import check_same_tokenizer, load_model, load_tokenizer
 from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET, ModelError, resolve
 
@@ -40,7 +41,11 @@ def test_demo_pair_loads_offline_and_shares_a_tokenizer(compression):
     draft = load_model(DEMO_DRAFT, "fp16", dtype="bfloat16")
     check_same_tokenizer(draft.tokenizer, target.tokenizer)
     assert target.model.config.num_hidden_layers == 30
-    assert draft.model.config.num_hidden_layers == 2
+    # the demo draft is feature-conditioned: one layer reading the target's hidden states,
+    # with a reduced head
+    assert is_feature_draft(draft.model)
+    assert draft.model.cfg.hidden_size == target.model.config.hidden_size
+    assert draft.model.cfg.draft_vocab < target.model.config.vocab_size
     if compression != "fp16":  # bitsandbytes replaced the linear layers
         names = {type(m).__name__ for m in target.model.modules()}
         assert names & {"Linear8bitLt", "Linear4bit"}
