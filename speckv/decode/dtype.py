@@ -8,7 +8,9 @@ over several tokens grows faster with its length. No static rule gets both right
 it, picks one, and caches the decision (JSON under ``speckv.paths.cache_dir()/dtype/``) keyed
 by target, compression, threads, torch version and the machine fingerprint
 (:data:`speckv.machine.COST_KEYS`): a later start-up on the same machine reads the file, any
-other machine or thread count measures again.
+other machine or thread count measures again. A choice timed while other work loaded the
+machine (:func:`machine_busy`) is used for that run and not cached: the two dtypes were timed
+at different moments, so the comparison says more about the load than about the CPU.
 
 **What is timed** (:func:`measure_target`, with :func:`speckv.decode.costs.lm_forward`, the
 decoder's own forward call, after a context of :data:`~speckv.decode.costs.CONTEXT_LEN`
@@ -38,6 +40,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import re
 import statistics
 import time
@@ -68,6 +71,8 @@ TOKENS: Final = tuple(range(1, GAMMA_MAX + 2))
 #: timed rounds over all token counts (the median is kept) and untimed rounds before them.
 REPEATS: Final = 5
 WARMUP: Final = 1
+#: load average beyond the measuring threads, per core, above which a choice is not cached.
+BUSY_LOAD: Final = 0.5
 #: bump when the cache's layout or key changes (older files are then re-measured).
 DTYPE_CACHE_FORMAT: Final = 1
 #: the cache folder under :func:`speckv.paths.cache_dir`.
@@ -342,12 +347,20 @@ def _locked(path: Path) -> Iterator[None]:
         fh.close()  # releases the lock
 
 
+def machine_busy(threads: int) -> float | None:
+    """The 1-minute load average when other work competes for the cores (more than
+    :data:`BUSY_LOAD` per core beyond the measuring threads), else ``None``."""
+    load = os.getloadavg()[0]
+    return load if load - threads > BUSY_LOAD * (os.cpu_count() or 1) else None
+
+
 def _measure_and_cache(target: str, compression: str, device: str, threads: int,
                        key: dict[str, Any], machine: dict[str, Any], path: Path,
                        measure: Callable[[str, str, str], DtypeCosts]) -> DtypeChoice:
     from speckv.llm.weights import ModelError
 
     before = torch.get_num_threads()
+    busy_before = machine_busy(threads)
     measured: dict[str, DtypeCosts] = {}
     failed: dict[str, str] = {}
     started = time.perf_counter()
@@ -379,6 +392,15 @@ def _measure_and_cache(target: str, compression: str, device: str, threads: int,
                          "measured": {d: asdict(c) for d, c in measured.items()},
                          "failed": failed}}
     text = json.dumps(record, indent=2, default=str) + "\n"
+    busy = busy_before or machine_busy(threads)
+    if busy is not None:
+        # timed while other processes competed for the cores: the two dtypes were timed at
+        # different moments, so the comparison is noise; use it now, measure again next time
+        log.warning("--dtype auto: the machine was busy while measuring (load average %.1f "
+                    "on %d cores): %s is used for this run and not cached", busy,
+                    os.cpu_count() or 1, dtype)
+        choice.cache = None
+        return choice
     try:
         atomic_write(path, lambda tmp: tmp.write_text(text))
     except OSError as exc:  # a read-only cache: the choice stands, it is measured next time

@@ -31,6 +31,23 @@ AVX2 = {"bfloat16": (0.054, 0.090), "float32": (0.042, 0.070)}
 AMX = {"bfloat16": (0.030, 0.034), "float32": (0.042, 0.060)}
 
 
+@pytest.fixture(autouse=True)
+def _quiet_machine(monkeypatch):
+    """The machine counts as quiet (a test run may well load it): choices get cached."""
+    monkeypatch.setattr(dt, "machine_busy", lambda threads: None)
+
+
+def test_a_choice_measured_on_a_busy_machine_is_used_but_not_cached(model_dir, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(dt, "machine_busy", lambda threads: 3.7)
+    fake = Fake(AMX)
+    first = choose_dtype(str(model_dir), "fp16", measure=fake, directory=tmp_path)
+    assert first.dtype == "bfloat16" and first.cache is None
+    assert not list(tmp_path.rglob("*.json"))
+    choose_dtype(str(model_dir), "fp16", measure=fake, directory=tmp_path)
+    assert len(fake.calls) == 2 * len(CANDIDATES), "measured again the next time"
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_with_tokenizer(tiny_llama(1, seed=0, dtype=torch.float32),
