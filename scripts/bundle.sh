@@ -12,6 +12,9 @@ REC=datamodules/smollm2-demo/smollm2-demo.parquet
 OUT=runs/bundle
 mkdir -p "$OUT"
 if [ ! -f "$REC" ]; then
+  # --dtype auto, measured once on the quiet machine and cached, so both shards read one choice
+  $PY -c "from speckv.decode.dtype import choose_dtype; from speckv.llm.weights import DEMO_TARGET
+print(choose_dtype(DEMO_TARGET, 'fp16', threads=1).describe())" | tee "$OUT/dtype_auto.txt"
   for i in 0 1; do
     $PY -m speckv profile --compression fp16,int8,nf4 --mode trace --per-task 120 \
       --max-new-tokens 96 --threads 1 --shard $i/2 --out "$REC" &
