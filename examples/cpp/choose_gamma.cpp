@@ -1,0 +1,190 @@
+// speckv's exported controller called from C++ through ONNX Runtime's C++ API.
+//
+//   choose_gamma CONTROLLER.onnx              < decisions      one session, the whole file
+//   choose_gamma PRE.onnx STEP.onnx           < decisions      the two extracted decisions
+//
+// Each input line is one decision's inputs, 27 numbers: the step vector (10 features), the
+// pre-draft vector (8), the costs of a step drafting γ = 1..8 and the cost of a plain step.
+// Each output line is {"speculate": true|false, "gamma": γ}. A decoder asks for speculate
+// before its draft runs and for γ only when it drafts (docs/EMBEDDING.md, sections 2 and 7);
+// this program asks for both on every line. Build it with examples/cpp/build.sh.
+#include <onnxruntime_cxx_api.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+// The contract (speckv/runtime/contract.py): the format this program reads, and the vectors
+// it builds, in input order. A file that lists other ones was trained for other inputs.
+constexpr int kFormatVersion = 2;
+const std::vector<std::string> kFeatureNames = {
+    "draft_entropy", "draft_top1", "draft_margin", "target_top1_prev", "agree_ema",
+    "agree_run", "log_position", "compression_fp16", "compression_int8", "compression_nf4"};
+const std::vector<std::string> kPreFeatureNames = {
+    "target_top1_prev", "agree_ema", "agree_run", "unsettled", "log_position",
+    "compression_fp16", "compression_int8", "compression_nf4"};
+const std::vector<std::string> kGammas = {"1", "2", "3", "4", "5", "6", "7", "8"};
+constexpr int64_t N = 10, M = 8, G = 8;
+
+// The buffers bound to the sessions once and refilled for every decision.
+struct Buffers {
+  std::array<float, N> features{};
+  std::array<float, M> pre_features{};
+  std::array<float, G> costs{};
+  std::array<float, 1> plain_cost{};
+  std::array<int64_t, 1> speculate{}, gamma{};
+};
+
+std::string metadata(const Ort::Session& session, const char* key) {
+  Ort::AllocatorWithDefaultOptions alloc;
+  auto value = session.GetModelMetadata().LookupCustomMetadataMapAllocated(key, alloc);
+  return value ? std::string(value.get()) : std::string();
+}
+
+// The items of a JSON list of plain names or integers, as speckv writes them.
+std::vector<std::string> json_list(const std::string& text) {
+  std::vector<std::string> items;
+  std::string item;
+  bool quoted = false;
+  for (char c : text) {
+    if (c == '"') quoted = !quoted;
+    else if (quoted || (c != '[' && c != ']' && c != ',' && c != ' ')) item += c;
+    else if ((c == ',' || c == ']') && !item.empty()) items.push_back(item), item.clear();
+  }
+  return items;
+}
+
+// Refuse a file that is not speckv's format 2 for these vectors, saying what to do.
+void check_contract(const Ort::Session& session, const std::string& path) {
+  const std::string version = metadata(session, "speckv.format_version");
+  if (version.empty())
+    throw std::runtime_error(path + " is not a speckv controller (no speckv.format_version "
+                             "metadata): export one with `python -m speckv export`.");
+  if (version != std::to_string(kFormatVersion)) {
+    const bool older = std::atoi(version.c_str()) < kFormatVersion;
+    throw std::runtime_error(
+        path + " uses controller format " + version + "; this program reads format " +
+        std::to_string(kFormatVersion) + ": " +
+        (older ? "retrain and re-export it (`python -m speckv.train fit`, then `python -m "
+                 "speckv export`)."
+               : "update this program to the new format (docs/EMBEDDING.md), or export the "
+                 "controller with a speckv that writes format " +
+                     std::to_string(kFormatVersion) + "."));
+  }
+  if (metadata(session, "speckv.inputs") != "features")
+    throw std::runtime_error(path + " takes '" + metadata(session, "speckv.inputs") +
+                             "' as input; this program feeds 'features' vectors.");
+  const struct { const char* key; const std::vector<std::string>& expected; } lists[] = {
+      {"speckv.feature_names", kFeatureNames},
+      {"speckv.pre_feature_names", kPreFeatureNames},
+      {"speckv.gammas", kGammas}};
+  for (const auto& list : lists) {
+    const std::string found = metadata(session, list.key);
+    if (json_list(found) != list.expected)
+      throw std::runtime_error(path + ": " + list.key + " is " + found +
+                               ", not what this program builds; retrain and re-export the "
+                               "controller for these inputs, or change the program.");
+  }
+}
+
+template <typename T, size_t K>
+Ort::Value tensor(const Ort::MemoryInfo& mem, std::array<T, K>& buffer,
+                  std::vector<int64_t> shape) {
+  return Ort::Value::CreateTensor<T>(mem, buffer.data(), K, shape.data(), shape.size());
+}
+
+// Bind every input the session has, and the decisions among its outputs, to the buffers.
+Ort::IoBinding bind(Ort::Session& session, Buffers& b, const Ort::MemoryInfo& mem) {
+  Ort::IoBinding io(session);
+  Ort::AllocatorWithDefaultOptions alloc;
+  for (size_t i = 0; i < session.GetInputCount(); ++i) {
+    const std::string name = session.GetInputNameAllocated(i, alloc).get();
+    if (name == "features") io.BindInput(name.c_str(), tensor(mem, b.features, {1, N}));
+    else if (name == "pre_features")
+      io.BindInput(name.c_str(), tensor(mem, b.pre_features, {1, M}));
+    else if (name == "costs") io.BindInput(name.c_str(), tensor(mem, b.costs, {1, G}));
+    else if (name == "plain_cost") io.BindInput(name.c_str(), tensor(mem, b.plain_cost, {1, 1}));
+    else throw std::runtime_error("unexpected input " + name + ": re-export the controller.");
+  }
+  for (size_t i = 0; i < session.GetOutputCount(); ++i) {
+    const std::string name = session.GetOutputNameAllocated(i, alloc).get();
+    if (name == "speculate") io.BindOutput("speculate", tensor(mem, b.speculate, {1}));
+    else if (name == "gamma") io.BindOutput("gamma", tensor(mem, b.gamma, {1}));
+  }
+  return io;
+}
+
+// Parse one line into the buffers; the graph assumes finite features and positive costs.
+void fill(const std::string& line, Buffers& b) {
+  std::istringstream in(line);
+  std::vector<float> v;
+  for (float x; in >> x;) v.push_back(x);
+  if (!in.eof() || v.size() != N + M + G + 1)
+    throw std::runtime_error("expected 27 numbers (10 features, 8 pre-draft features, 8 costs, "
+                             "the plain cost), got: " + line);
+  const float* x = v.data();
+  std::copy(x, x + N, b.features.begin());
+  std::copy(x + N, x + N + M, b.pre_features.begin());
+  std::copy(x + N + M, x + N + M + G, b.costs.begin());
+  b.plain_cost[0] = x[N + M + G];
+  for (float value : v)
+    if (!std::isfinite(value)) throw std::runtime_error("a number is not finite: " + line);
+  for (float c : b.costs)
+    if (!(c > 0)) throw std::runtime_error("costs must be > 0: " + line);
+  if (!(b.plain_cost[0] > 0)) throw std::runtime_error("the plain cost must be > 0: " + line);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || argc > 3) {
+    std::cerr << "usage: " << argv[0] << " CONTROLLER.onnx [STEP.onnx] < decisions\n";
+    return 2;
+  }
+  try {
+    Ort::Env env(ORT_LOGGING_LEVEL_ERROR, "speckv");
+    Ort::SessionOptions opts;  // speckv.runtime.session_options(): one thread, sequential
+    opts.SetIntraOpNumThreads(1);
+    opts.SetInterOpNumThreads(1);
+    opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
+    opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    std::vector<Ort::Session> sessions;
+    for (int i = 1; i < argc; ++i) {
+      sessions.emplace_back(env, argv[i], opts);  // a wchar_t* path on Windows
+      check_contract(sessions.back(), argv[i]);
+    }
+    std::cerr << "ONNX Runtime " << Ort::GetVersionString() << ", speckv controller format "
+              << kFormatVersion << " (speckv " << metadata(sessions[0], "speckv.version")
+              << "), max_skip_run " << metadata(sessions[0], "speckv.max_skip_run") << "\n";
+
+    Buffers b;
+    const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    std::vector<Ort::IoBinding> bindings;
+    for (auto& session : sessions) bindings.push_back(bind(session, b, mem));
+
+    for (std::string line; std::getline(std::cin, line);) {
+      if (line.find_first_not_of(" \t\r") == std::string::npos || line[0] == '#') continue;
+      fill(line, b);
+      b.speculate[0] = b.gamma[0] = -1;
+      for (size_t i = 0; i < sessions.size(); ++i)
+        sessions[i].Run(Ort::RunOptions{nullptr}, bindings[i]);
+      if (b.speculate[0] < 0 || b.gamma[0] < 0)
+        throw std::runtime_error("the files gave no speculate or no gamma output");
+      std::cout << "{\"speculate\": " << (b.speculate[0] ? "true" : "false")
+                << ", \"gamma\": " << b.gamma[0] << "}" << std::endl;
+    }
+  } catch (const std::exception& e) {  // Ort::Exception included
+    std::cerr << "choose_gamma: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
