@@ -44,7 +44,11 @@ $PY -m speckv evaluate --controller export/speckv.onnx --objective tokens_per_st
   --report "$OUT/report-tokens-per-step" --json > "$OUT/evaluate_tokens_per_step.json"
 $PY -m speckv bench-controller --controller export/speckv.onnx --json > "$OUT/bench_controller.json"
 # the drafts on the same answers, then the live benchmark: run it alone on the machine
-$PY -m speckv draft evaluate --draft models/speckv-draft-v1,models/speckv-draft-v2,speckv-draft \
+# "+ reduced vocabulary": v1 with the demo draft's 8,192-token head, nothing retrained
+$PY scripts/reduce_head.py models/speckv-draft-v1 --tokens-from models/speckv-draft \
+  --out runs/drafts/speckv-draft-v1-reduced
+$PY -m speckv draft evaluate \
+  --draft models/speckv-draft-v1,runs/drafts/speckv-draft-v1-reduced,models/speckv-draft-v2,speckv-draft \
   --compression fp16,int8,nf4 --per-task 5 --max-new-tokens 48 --threads 1 --json \
   > "$OUT/draft_evaluate.json"
 # Hugging Face's own assisted rows need a causal-LM assistant: the best one speckv has
