@@ -23,8 +23,9 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
 AUTO_DTYPE_HELP = (
     "auto (the default): on a CPU, the faster of bfloat16 and float32 for this target and "
     "compression, measured at start-up (a plain one-token step, then verify forwards over "
-    "2..9 tokens; the cheaper plain step wins, plain steps within 3%% are decided by the "
-    "cheaper verification) and cached per target, compression, threads and machine in "
+    "2..9 tokens; the fewer target seconds per token wins, plain steps or the best fixed "
+    "gamma at a per-token acceptance of 0.6, and within 3%% the cheaper plain step) and "
+    "cached per target, compression, threads and machine in "
     "~/.cache/speckv/dtype/ (under $SPECKV_CACHE if set; delete a file there to measure "
     "again); on a GPU "
     "bfloat16 where it has it, else float16. One log line says what was chosen and why. "

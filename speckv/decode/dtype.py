@@ -17,11 +17,14 @@ decoder's own forward call, after a context of :data:`~speckv.decode.costs.CONTE
 tokens): a plain step (a target forward over 1 token) and verify forwards over ``2 ..
 GAMMA_MAX + 1`` tokens (γ = 1 .. GAMMA_MAX drafted tokens plus the last emitted one).
 
-**The criterion** (:func:`pick`): the lowest plain-step cost wins; candidates whose plain
-steps are within :data:`NEAR_TIE` (3 %) of the fastest are told apart by the lower mean
-verify cost. Plain decoding speed comes first because it is the floor: the controller can
-always decline to speculate, so a dtype with cheaper plain steps is never worse than the
-target alone, whereas cheaper verification pays only while drafts are accepted.
+**The criterion** (:func:`pick`): the fewest expected target seconds per emitted token
+(:func:`seconds_per_token`): plain steps, or the best fixed γ when each drafted token is
+accepted with probability :data:`REFERENCE_ACCEPTANCE` given the ones before it. Verification
+is what speculation buys tokens with, so a dtype whose plain step is a little cheaper but whose
+verify forward grows fast with its length (float32 on an AMX CPU: 52 ms for one token, 111 ms
+for nine, against bfloat16's 56 and 64) decodes slower once drafts are accepted. Candidates
+within :data:`NEAR_TIE` (3 %) per token are told apart by the cheaper plain step, the floor
+when speculation does not pay (the controller can always decline to speculate).
 
 **Scope.** On CUDA nothing is measured: the static rule of
 :func:`speckv.llm.load.static_dtype` (bfloat16 where the GPU has it, else float16). The
@@ -64,8 +67,12 @@ log = logging.getLogger(__name__)
 
 #: the compute dtypes ``auto`` chooses between on a CPU (float16 is slow there).
 CANDIDATES: Final = ("bfloat16", "float32")
-#: plain steps closer than this (relative) are a tie, broken by the mean verify cost.
+#: seconds per token closer than this (relative) are a tie, broken by the plain step.
 NEAR_TIE: Final = 0.03
+#: the per-token acceptance the choice assumes: the demo draft agrees with the target on
+#: about 0.6 of held-out positions (a draft that agrees less moves the choice toward the
+#: cheaper plain step, which stays the floor)
+REFERENCE_ACCEPTANCE: Final = 0.6
 #: token counts of the timed forwards: 1 (a plain step), 2 .. GAMMA_MAX + 1 (verifications).
 TOKENS: Final = tuple(range(1, GAMMA_MAX + 2))
 #: timed rounds over all token counts (the median is kept) and untimed rounds before them.
@@ -152,29 +159,51 @@ class DtypeChoice:
         return out
 
 
-def pick(measured: dict[str, DtypeCosts], near_tie: float = NEAR_TIE) -> tuple[str, str]:
-    """The dtype to decode in, and why: the lowest plain-step cost; candidates within
-    ``near_tie`` (relative) of it are a tie, won by the lowest mean verify cost."""
+def seconds_per_token(costs: DtypeCosts, acceptance: float = REFERENCE_ACCEPTANCE
+                      ) -> tuple[float, int]:
+    """Expected target seconds per emitted token under the best fixed γ (0 = plain steps),
+    when each drafted token is accepted with probability ``acceptance`` given the ones before
+    it: a step verifying γ drafted tokens emits ``1 + a + ... + a^γ`` tokens on average.
+    Returns the seconds and that γ (drafting costs are left out: the draft is the same in
+    both dtypes and a small share of a step)."""
+    best, best_gamma = costs.plain_s, 0
+    for i, verify in enumerate(costs.verify_s):
+        gamma = i + 1
+        tokens = sum(acceptance**k for k in range(gamma + 1))
+        if verify / tokens < best:
+            best, best_gamma = verify / tokens, gamma
+    return best, best_gamma
+
+
+def pick(measured: dict[str, DtypeCosts], near_tie: float = NEAR_TIE,
+         acceptance: float = REFERENCE_ACCEPTANCE) -> tuple[str, str]:
+    """The dtype to decode in, and why: the lowest expected seconds per token
+    (:func:`seconds_per_token` at ``acceptance``: plain steps, or the best fixed γ);
+    candidates within ``near_tie`` (relative) of it are a tie, won by the cheaper plain step
+    (the floor when speculation does not pay)."""
     if not measured:
         raise DtypeError("No candidate dtype was measured.")
-    fastest = min(measured.values(), key=lambda c: c.plain_s)
-    close = [c for c in measured.values() if c.plain_s <= fastest.plain_s * (1 + near_tie)]
+    per_token = {d: seconds_per_token(c, acceptance) for d, c in measured.items()}
+    if len(measured) == 1:
+        return next(iter(measured)), "the only candidate that ran here"
+    fastest = min(per_token, key=lambda d: per_token[d][0])
+    close = [d for d in measured if per_token[d][0] <= per_token[fastest][0] * (1 + near_tie)]
+
+    def figures(d: str) -> str:
+        secs, gamma = per_token[d]
+        how = "plain steps" if gamma == 0 else f"γ={gamma}"
+        return f"{secs * 1e3:.1f} ms/token {d} ({how})"
+
     if len(close) == 1:
-        others = [c for c in measured.values() if c is not fastest]
-        if not others:
-            return fastest.dtype, "the only candidate that ran here"
-        slower = min(others, key=lambda c: c.plain_s)
-        return fastest.dtype, (f"the cheaper plain step ({fastest.plain_s * 1e3:.1f} vs "
-                               f"{slower.plain_s * 1e3:.1f} ms {slower.dtype})")
-    best = min(close, key=lambda c: (c.mean_verify_s, c.plain_s))
-    return best.dtype, (f"plain steps within {near_tie:.0%} of each other, the cheaper "
-                        f"verification (mean {best.mean_verify_s * 1e3:.1f} ms vs "
-                        + ", ".join(f"{c.mean_verify_s * 1e3:.1f} ms {c.dtype}"
-                                    for c in close if c is not best) + ")")
+        others = ", ".join(figures(d) for d in measured if d != fastest)
+        return fastest, (f"the fewer target seconds per token at acceptance {acceptance:g} "
+                         f"({figures(fastest)} vs {others})")
+    best = min(close, key=lambda d: (measured[d].plain_s, per_token[d][0]))
+    return best, (f"within {near_tie:.0%} per token at acceptance {acceptance:g} ("
+                  + ", ".join(figures(d) for d in close) + "), the cheaper plain step "
+                  f"({measured[best].plain_s * 1e3:.1f} ms {best})")
 
 
-# ------------------------------------------------------------------------------ measuring
-@torch.inference_mode()
 def measure_target(model: torch.nn.Module, dtype: str = "", *, context_len: int = CONTEXT_LEN,
                    tokens: tuple[int, ...] = TOKENS, repeats: int = REPEATS,
                    warmup: int = WARMUP) -> DtypeCosts:
