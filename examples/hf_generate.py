@@ -58,6 +58,10 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true",
                         help="time HF plain, HF assisted (constant γ=1, heuristic) and speckv")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--hf-draft", default="models/speckv-draft-v2",
+                        help="--compare: the assistant of HF's own assisted rows when --draft "
+                             "reads the target's states (HF runs its assistant's generate(), "
+                             "which such a draft has not)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -98,12 +102,19 @@ def compare(target, assistant, tokenizer, controller, costs, args) -> None:
               "pad_token_id": tokenizer.eos_token_id}
     steps: list[SpeckvStep] = []
 
+    helper = assistant
+    if getattr(assistant, "is_feature_draft", False):  # speckv's feature-conditioned draft
+        from speckv.llm.load import load_draft_for, load_model
+
+        helper = load_draft_for(args.hf_draft, load_model(args.target, "fp16", args.dtype),
+                                args.dtype).model
+
     def assisted(schedule: str, start: int):
         def run(ids):
-            cfg = assistant.generation_config  # HF keeps the heuristic's γ between calls
+            cfg = helper.generation_config  # HF keeps the heuristic's γ between calls
             cfg.num_assistant_tokens_schedule, cfg.num_assistant_tokens = schedule, start
             cfg.assistant_confidence_threshold = 0.0
-            return target.generate(ids, assistant_model=assistant, **common)
+            return target.generate(ids, assistant_model=helper, **common)
         return run
 
     methods = {
