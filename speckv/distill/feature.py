@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from speckv.atomic import atomic_write
 from speckv.distill.data import data_dir
-from speckv.distill.train import coverage, frequent_tokens, split_rows
+from speckv.distill.train import coverage, frequent_tokens, optimizer_step, split_rows
 from speckv.llm.feature_draft import (
     FeatureDraft,
     FeatureDraftConfig,
@@ -276,14 +276,10 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
         batch = make_batch([train_rows[i] for i in idx], depth, cfg.hidden_size)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, agree = feature_loss(model, batch, t2d, depth, reg_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, params)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", agree=f"{agree[0]:.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{agree[0]:.3f}")
         if reload_every and step % reload_every == 0:
             new, files = load_rows(data, skip=seen)
             if new:
@@ -297,10 +293,10 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
         out_of_time = max_minutes is not None and (time.time() - started) / 60 > max_minutes
         if step % eval_every == 0 or step == steps or out_of_time:
             held_agree = evaluate(model, held, t2d, depth)
-            history.append({"step": step, "loss": float(loss), "train_agree": agree,
+            history.append({"step": step, "loss": loss.item(), "train_agree": agree,
                             "heldout_agree": held_agree,
                             "seconds": spent + time.time() - started})
-            log.info("step %d loss %.3f train agree %s held-out agree %s", step, float(loss),
+            log.info("step %d loss %.3f train agree %s held-out agree %s", step, loss.item(),
                      [round(a, 3) for a in agree], [round(a, 3) for a in held_agree])
         if time.time() - last_save > ckpt_every_s or step == steps or out_of_time:
             save()

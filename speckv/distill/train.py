@@ -125,6 +125,16 @@ def split_rows(rows: list[dict], heldout: float, seed: int) -> tuple[list[dict],
     return [r for r in rows if not is_heldout(r["prompt_id"], heldout, seed)], held
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params,
+                   clip: float = 1.0) -> None:
+    """One update: backward, gradient norm clipped to ``clip``, optimizer and schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+
+
 def checkpoint_path() -> Path:
     return cache_dir() / "distill-v2-ckpt.pt"
 
@@ -199,11 +209,7 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
             logits, valid = _answer_logits(model, ids, mask, lab)
         loss, ce, agree = draft_loss(logits, lab[:, 1:][valid], tids[:, :-1][valid],
                                      tlp[:, :-1][valid], t2d=t2d)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, params)
         step += 1
         bar.update(1)
         bar.set_postfix(ce=f"{ce:.3f}", agree=f"{agree:.3f}")
