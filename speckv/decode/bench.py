@@ -191,7 +191,7 @@ def _hf_runner(target: torch.nn.Module, draft: torch.nn.Module | None, method: s
             for key, value in settings.items():
                 setattr(cfg, key, value)
             extra["assistant_model"] = draft
-        input_ids = torch.tensor([ids], device=target.device)
+        input_ids = torch.tensor([ids], device=getattr(target, "device", None))
         started = time.perf_counter()
         with torch.inference_mode():
             out = target.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -346,7 +346,7 @@ def summarize(names: Sequence[str], tokens: np.ndarray, seconds: np.ndarray,
 def logit_gap(target, prefix: list[int], a: int, b: int) -> tuple[float, float]:
     """The target's logit gap between tokens ``a`` and ``b`` after ``prefix``, and its size
     relative to the top logit (one full forward, no cache)."""
-    logits = target(input_ids=torch.tensor([prefix], device=target.device),
+    logits = target(input_ids=torch.tensor([prefix], device=getattr(target, "device", None)),
                     logits_to_keep=1).logits[0, -1].float()
     gap = abs(float(logits[a] - logits[b]))
     return gap, gap / max(float(logits.abs().max()), 1e-6)
