@@ -31,8 +31,10 @@ target's states in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -175,21 +177,14 @@ class TargetStates:
         self._room(start + len(states))
         self.rows[start : start + len(states)] = states.to(self.rows.dtype)
 
-    def capture(self, target: nn.Module, start: int):
-        norm = final_norm(target)
-        store = self
-
-        class _Hook:
-            def __enter__(self):
-                self.handle = norm.register_forward_hook(
-                    lambda _m, _i, out: store.write(start, out[0]))
-                return store
-
-            def __exit__(self, *exc):
-                self.handle.remove()
-                return False
-
-        return _Hook()
+    @contextlib.contextmanager
+    def capture(self, target: nn.Module, start: int) -> Iterator[TargetStates]:
+        handle = final_norm(target).register_forward_hook(
+            lambda _m, _i, out: self.write(start, out[0]))
+        try:
+            yield self
+        finally:
+            handle.remove()
 
 
 def final_norm(target: nn.Module) -> nn.Module:
@@ -354,7 +349,7 @@ class FeatureDraft(nn.Module):
         """
         g, (k1, v1) = self.features(tokens, states, positions)
         outs = [g]
-        b, t = tokens.shape
+        t = tokens.shape[1]
         idx = torch.arange(t, device=tokens.device)
         causal = idx[None, :] <= idx[:, None]  # [query origin, key]
         scale = 1.0 / math.sqrt(self.cfg.head_dim)
@@ -382,7 +377,6 @@ class FeatureDraft(nn.Module):
             attn = attn + (weights[..., t:, None] * torch.stack(chain_v, -2)).sum(-2)
             prev = self.norm(self.layer.finish(x, attn))
             outs.append(prev)
-        del b
         return outs
 
 
