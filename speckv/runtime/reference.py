@@ -4,7 +4,7 @@ A second, independent implementation of what the exported graph computes: the pa
 of the runtime, and the numpy column of ``speckv bench-controller`` (is onnxruntime worth it
 over a few matrix products in numpy?). It understands the graphs ``speckv export`` writes:
 for each of the two inputs ``features`` and ``pre_features``, optional feature scaling (Sub,
-Div) and dense layers (Gemm, each optionally followed by Gelu), then the fixed heads
+Div) and dense layers (Gemm, each optionally followed by Relu or Gelu), then the fixed heads
 
     s = exp(cumsum(logsigmoid(z))),  E[γ] = 1 + cumsum(s)[γ - 1]
     γ* = argmax_γ E[γ] / cost[γ]                          (from the step vector)
@@ -47,9 +47,9 @@ from speckv.runtime.errors import ControllerFormatError
 from speckv.runtime.features import FEATURE_NAMES, GAMMAS, PRE_FEATURE_NAMES
 
 #: node types the head may contain (the survival curve, expected tokens and the argmax).
-HEAD_OPS: Final = frozenset({"Sigmoid", "Log", "CumSum", "Exp", "Gather", "Add", "Div",
-                             "ArgMax", "Reshape", "Identity", "ReduceMax", "Mul", "Greater",
-                             "Cast", "Squeeze", "Slice", "Constant", "Neg", "Softplus"})
+HEAD_OPS: Final = frozenset({"Sigmoid", "Log", "CumSum", "MatMul", "Gemm", "Exp", "Gather",
+                             "Add", "Div", "ArgMax", "Reshape", "Identity", "ReduceMax", "Mul",
+                             "Greater", "Cast", "Squeeze", "Slice", "Constant", "Neg", "Softplus"})
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - poly(t) exp(-x^2), t = 1/(1 + p x), x >= 0; its
 # absolute error is below 1.5e-7, under float32's resolution of the GELU it feeds.
 _ERF_P: Final = 0.3275911
@@ -81,7 +81,8 @@ class Dense:
 
     weight: np.ndarray
     bias: np.ndarray
-    activation: str | None = None  # None, "none" (exact GELU) or "tanh" (approximate GELU)
+    #: None, "relu", "none" (exact GELU) or "tanh" (approximate GELU)
+    activation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,9 @@ class Network:
             x = x / self.std
         for layer in self.layers:
             x = x @ layer.weight + layer.bias
-            if layer.activation is not None:
+            if layer.activation == "relu":
+                x = np.maximum(x, np.float32(0.0))
+            elif layer.activation is not None:
                 x = gelu(x, layer.activation)
         return x
 
@@ -266,6 +269,8 @@ def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str, sta
             approx = node.attrs.get("approximate", b"none")
             approx = approx.decode() if isinstance(approx, bytes) else str(approx)
             layers[-1] = Dense(layers[-1].weight, layers[-1].bias, approx)
+        elif node.op_type == "Relu" and layers and layers[-1].activation is None:
+            layers[-1] = Dense(layers[-1].weight, layers[-1].bias, "relu")
         else:
             break
         walked.add(id(node))

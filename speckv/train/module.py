@@ -59,6 +59,7 @@ class SpeckvModule(L.LightningModule):
         feature_names: list[str],
         hidden: list[int] = (32, 32),
         dropout: float = 0.0,
+        activation: Literal["relu", "gelu"] = "relu",
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         objective: Literal["tokens_per_s", "tokens_per_step"] = "tokens_per_s",
@@ -71,6 +72,8 @@ class SpeckvModule(L.LightningModule):
             feature_names: names of the features, in order (linked from the data).
             hidden: widths of the MLP's hidden layers.
             dropout: dropout after each hidden layer.
+            activation: the hidden layers' activation; ReLU fuses into the Gemm before it in
+                onnxruntime (one node fewer per layer at decision time).
             lr: AdamW learning rate (cosine-annealed over the run).
             weight_decay: AdamW weight decay.
             objective: what the policy maximises: measured tokens per second, or the seed
@@ -82,9 +85,9 @@ class SpeckvModule(L.LightningModule):
         self.save_hyperparameters()
         self.gammas = list(gammas)
         self.pre_feature_names = list(pre_feature_names or PRE_FEATURE_NAMES)
-        self.mlp = SurvivalMLP(n_features, max(self.gammas), list(hidden), dropout)
+        self.mlp = SurvivalMLP(n_features, max(self.gammas), list(hidden), dropout, activation)
         self.pre_mlp = SurvivalMLP(len(self.pre_feature_names), max(self.gammas), list(hidden),
-                                   dropout)
+                                   dropout, activation)
         self.metrics = torch.nn.ModuleDict({
             stage: torch.nn.ModuleDict({
                 "auroc_s1": tm.classification.BinaryAUROC(),
@@ -284,7 +287,7 @@ class SpeckvModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         config = {"gamma_max": max(self.gammas), "hidden": list(self.hparams.hidden),
-                  "dropout": self.hparams.dropout}
+                  "dropout": self.hparams.dropout, "activation": self.hparams.activation}
         meta = {
             "mlp_config": {"n_features": self.hparams.n_features, **config},
             "pre_mlp_config": {"n_features": len(self.pre_feature_names), **config},

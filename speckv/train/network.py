@@ -15,6 +15,13 @@ the step vector after the draft's first proposal and picks γ >= 1 with the most
 tokens per unit of cost, where ``costs[γ]`` is the machine's measured time for that step.
 
 Feature scaling is a buffer of each network, so the exported graph takes raw features.
+
+Written for the latency of the exported graph at batch 1, where each ONNX node costs a few
+hundred nanoseconds whatever its size: the hidden activation is ReLU, which onnxruntime fuses
+into the Gemm before it (GELU stays a node of its own; checkpoints from before
+``activation`` existed load as GELU), and the two cumulative sums of the survival head are
+products with constant triangular matrices, the second with the ``1 +`` as its bias (one Gemm
+instead of CumSum, Gather and Add).
 """
 
 from __future__ import annotations
@@ -25,17 +32,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+#: hidden activations by name (``mlp_config["activation"]``; absent means GELU, the first one)
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+
 
 class SurvivalMLP(nn.Module):
     """Feature vector -> per-depth continuation logits (hazard form of the survival curve)."""
 
     def __init__(self, n_features: int, gamma_max: int, hidden: Sequence[int] = (32, 32),
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, activation: str = "gelu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r}: one of {sorted(ACTIVATIONS)}")
         layers: list[nn.Module] = []
         width = n_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.GELU()]
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = h
@@ -89,11 +101,17 @@ class ControllerGraph(nn.Module):
         self.mlp = mlp
         self.pre_mlp = pre_mlp
         self.register_buffer("gammas", torch.as_tensor(list(gammas), dtype=torch.long))
-        self.register_buffer("index", torch.as_tensor([g - 1 for g in gammas], dtype=torch.long))
+        gamma_max = mlp.gamma_max
+        # upto[j, k] = 1 where j <= k: x @ upto is the cumulative sum of x along its last axis
+        upto = torch.triu(torch.ones(gamma_max, gamma_max))
+        self.register_buffer("upto", upto)
+        # its columns for the candidate γs: 1 + survival @ upto_gammas = E[tokens | γ]
+        self.register_buffer("upto_gammas", upto[:, [g - 1 for g in gammas]].contiguous())
+        self.register_buffer("one", torch.ones(1, len(self.gammas)))
 
     def _expected(self, mlp: SurvivalMLP, x: torch.Tensor):
-        survival = mlp.survival(x)
-        return 1.0 + torch.cumsum(survival, dim=-1).index_select(-1, self.index), survival
+        survival = torch.exp(F.logsigmoid(mlp(x)) @ self.upto)
+        return torch.addmm(self.one, survival, self.upto_gammas), survival
 
     def forward(self, features: torch.Tensor, costs: torch.Tensor):
         expected, survival = self._expected(self.mlp, features)

@@ -270,6 +270,47 @@ def test_degenerate_scaling_keeps_the_mean_out_of_the_bias(tmp_path):
     assert report["parity"]["max_abs_diff_expected_tokens"] < 1e-4
 
 
+def test_relu_networks_export_lean_and_match_torch_and_numpy(tmp_path):
+    """ReLU (the default of training) exports as Relu nodes that onnxruntime fuses into their
+    Gemm, the survival head has no CumSum (products with triangular constants), and the
+    graph, PyTorch and the numpy reference agree on both decisions."""
+    import onnxruntime as ort
+
+    torch.manual_seed(7)
+    mlp = SurvivalMLP(N, GAMMA_MAX, hidden=(16, 16), activation="relu")
+    pre_mlp = SurvivalMLP(M, GAMMA_MAX, hidden=(16, 16), activation="relu")
+    with torch.no_grad():
+        mlp.net[-1].bias.add_(1.5)
+    meta = {**small_meta(64), "pre_mlp": pre_mlp}
+    out = tmp_path / "relu.onnx"
+    report = export_controller(mlp, meta, out, latency_calls=0)
+    assert report["parity"]["max_abs_diff_expected_tokens"] < 1e-4
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("Relu") == 4 and "Gelu" not in ops and "CumSum" not in ops
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert "Relu" not in fused and len(fused) < len(ops)
+    features, costs = rows(12, 64)
+    gamma, expected, _ = torch_outputs(mlp, features, costs)
+    ref = NumpyController.load(out).predict(features, costs)
+    got = Controller.load(out).predict(features, costs)
+    np.testing.assert_allclose(ref.expected_tokens, expected, atol=1e-5)
+    np.testing.assert_allclose(got.expected_tokens, expected, atol=1e-5)
+    decided = decided_rows(expected, costs)
+    np.testing.assert_array_equal(ref.gamma[decided], gamma[decided])
+    np.testing.assert_array_equal(got.gamma[decided], gamma[decided])
+
+
+def test_a_checkpoint_without_an_activation_loads_as_gelu():
+    """Checkpoints from before ``activation`` existed were GELU networks."""
+    mlp = SurvivalMLP(N, GAMMA_MAX, hidden=(4,))
+    assert isinstance(mlp.net[1], torch.nn.GELU)
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        SurvivalMLP(N, GAMMA_MAX, activation="tanh")
+
+
 def test_synthetic_parity_rows_without_checkpoint_rows(tmp_path):
     meta = {"feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS),
             "pre_mlp": small_pre_mlp(5)}
