@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from speckv.distill.data import ANSWER_TOKENS, POOL_PER_TASK
@@ -94,6 +95,16 @@ def main(argv: list[str]) -> int:
                    help="feature: unrolled drafting steps per training position (default 3)")
     t.add_argument("--reg-weight", type=float, default=1.0,
                    help="feature: weight of the state regression beside cross-entropy")
+    t.add_argument("--soft-weight", type=float, default=0.0,
+                   help="feature: share of the cross-entropy taken against the target's "
+                        "distribution over the head's tokens instead of its token (EAGLE's "
+                        "loss is 1; default 0)")
+    t.add_argument("--init", default=None,
+                   help="feature: start from this saved draft (folder) or checkpoint file, "
+                        "with a fresh optimizer and schedule")
+    t.add_argument("--ckpt", default=None,
+                   help="feature: the resumable checkpoint file (default in the speckv cache); "
+                        "a run resumes from it when it exists")
     t.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop (and save) after this many minutes of this run")
     t.add_argument("--out", default=None,
@@ -120,6 +131,10 @@ def main(argv: list[str]) -> int:
         if not any(d.strip() for d in args.draft.split(",")):
             e.error("--draft: name at least one draft.")
     if args.cmd == "distill":
+        if not 0.0 <= args.soft_weight <= 1.0:
+            t.error(f"--soft-weight {args.soft_weight}: a share between 0 and 1.")
+        if args.init and not os.path.exists(args.init):
+            t.error(f"--init {args.init}: no such draft folder or checkpoint file.")
         try:
             layers = [int(x) for x in args.layers.split(",")]
         except ValueError:
@@ -144,7 +159,10 @@ def main(argv: list[str]) -> int:
             last = train_feature_draft(
                 Path(args.out) if args.out else DRAFT_DIR, steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, depth=args.depth,
-                reg_weight=args.reg_weight, draft_vocab=args.draft_vocab or 8192,
+                reg_weight=args.reg_weight, soft_weight=args.soft_weight,
+                init=Path(args.init) if args.init else None,
+                ckpt=Path(args.ckpt) if args.ckpt else None,
+                draft_vocab=args.draft_vocab or 8192,
                 seed=args.seed, threads=args.threads, eval_every=args.eval_every,
                 max_minutes=args.max_minutes)
             print(json.dumps({**last, "wall_s": time.time() - started}))

@@ -7,10 +7,13 @@ at the prompt positions are computed once per chunk (one teacher-forced target f
 kept beside it (``states/chunk-NNNN.pt``).
 
 Loss, per unrolled depth ``d = 1..depth`` (weights ``0.8**(d-1)``), on positions whose next
-token is an answer token: cross-entropy of the reduced head on the target's token (a token
-outside the head only counts as a miss) plus ``reg_weight`` x smooth-L1 between the draft's
-output and the target's state at that position (EAGLE's feature regression: the draft's
-output is the next step's input, so it must stay what the target would have computed).
+token is an answer token: cross-entropy of the reduced head, against the target's token (a
+token outside the head only counts as a miss) and, with weight ``soft_weight``, against the
+target's own distribution over the head's tokens (EAGLE's classification loss: the head is
+the target's, so that distribution is the head applied to the target's stored state), plus
+``reg_weight`` x smooth-L1 between the draft's output and the target's state at that
+position (EAGLE's feature regression: the draft's output is the next step's input, so it
+must stay what the target would have computed).
 Depth ``d >= 2`` reads the draft's own output of depth ``d - 1`` (training-time test), the
 true token, and attends to the teacher-forced prefix and its own chain.
 
@@ -147,8 +150,11 @@ def make_batch(rows: list[dict], depth: int, hidden: int, pad: int = 2,
 
 
 def feature_loss(model: FeatureDraft, batch: dict[str, torch.Tensor], t2d: torch.Tensor,
-                 depth: int, reg_weight: float, decay: float = 0.8):
-    """Loss and per-depth agreement (draft argmax == target token) of one batch."""
+                 depth: int, reg_weight: float, decay: float = 0.8, soft_weight: float = 0.0):
+    """Loss and per-depth agreement (draft argmax == target token) of one batch.
+
+    The cross-entropy term is ``(1 - soft_weight)`` x against the target's token plus
+    ``soft_weight`` x against the target's distribution over the head's tokens."""
     tokens, states = batch["tokens"], batch["states"]
     width = states.shape[1]
     positions = torch.arange(width)[None].expand(len(tokens), -1)
@@ -169,6 +175,11 @@ def feature_loss(model: FeatureDraft, batch: dict[str, torch.Tensor], t2d: torch
         held = small >= 0
         ce = F.cross_entropy(logits[held], small[held]) if held.any() else logits.sum() * 0
         target = batch["targets"][:, d - 1 : d - 1 + width][valid].to(rows.dtype)
+        if soft_weight:
+            with torch.no_grad():
+                teacher = model.logits_small(target).float().softmax(-1)
+            soft = -(teacher * logits.log_softmax(-1)).sum(-1).mean()
+            ce = (1 - soft_weight) * ce + soft_weight * soft
         reg = F.smooth_l1_loss(rows.float(), target.float())
         total = total + decay ** (d - 1) * (ce + reg_weight * reg)
         best = model.lm_head.token_ids[logits.argmax(-1)]
@@ -197,18 +208,42 @@ def evaluate(model: FeatureDraft, rows: list[dict], t2d: torch.Tensor, depth: in
     return [h / max(c, 1) for h, c in zip(hits, counts, strict=True)]
 
 
+def _initial_weights(init: Path) -> dict[str, torch.Tensor]:
+    """The draft's own tensors from a saved draft folder or a training checkpoint."""
+    init = Path(init)
+    if init.is_dir():
+        from safetensors.torch import load_file
+
+        if not (init / "draft.safetensors").exists():
+            raise FileNotFoundError(f"--init {init}: no draft.safetensors there; name a folder "
+                                    "`speckv draft distill --arch feature` saved, or its "
+                                    "checkpoint file.")
+        own = load_file(str(init / "draft.safetensors"))
+    elif init.is_file():
+        own = torch.load(init, weights_only=False)["model"]
+    else:
+        raise FileNotFoundError(f"--init {init}: no such draft folder or checkpoint.")
+    return {k: v if k.endswith("token_ids") else v.float() for k, v in own.items()}
+
+
 def checkpoint_path() -> Path:
     return cache_dir() / "feature-draft-ckpt.pt"
 
 
 def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
                         lr: float = 5e-4, depth: int = 3, reg_weight: float = 1.0,
+                        soft_weight: float = 0.0, init: Path | None = None,
                         draft_vocab: int = 8192, heldout: float = 0.03, seed: int = 0,
                         base: str | None = None, data: Path | None = None,
                         ckpt: Path | None = None, ckpt_every_s: float = 300.0,
                         eval_every: int = 200, reload_every: int = 200,
                         threads: int | None = None, max_minutes: float | None = None) -> dict:
-    """Train (or resume) the feature-conditioned draft and save it to ``out``."""
+    """Train (or resume) the feature-conditioned draft and save it to ``out``.
+
+    ``init``: start from a saved draft's weights (a folder ``save_feature_draft`` wrote, or a
+    training checkpoint) with a fresh optimizer and schedule, e.g. to go on training the
+    shipped draft with more data or another loss; its head's tokens are kept. Ignored when
+    ``ckpt`` exists (that run resumes)."""
     from tqdm import tqdm
 
     from speckv.llm.weights import DEMO_TARGET
@@ -224,7 +259,9 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
     weights, config = _target_weights(base)
     ckpt = ckpt or checkpoint_path()
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
-    token_ids = (state["model"]["lm_head.token_ids"] if state is not None
+    start = _initial_weights(init) if state is None and init is not None else None
+    own = state["model"] if state is not None else start
+    token_ids = (own["lm_head.token_ids"] if own is not None
                  else frequent_tokens(train_rows, draft_vocab, int(config.vocab_size)))
     cfg = FeatureDraftConfig.from_target(base, config, draft_vocab)
     model = build_feature_draft(cfg, weights, token_ids)
@@ -237,6 +274,9 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     step, history, spent = 0, [], 0.0
+    if start is not None:
+        model.load_state_dict(start, strict=False)
+        log.info("starting from the weights of %s", init)
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["opt"])
@@ -244,7 +284,9 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
         step, history, spent = state["step"], state["history"], state.get("seconds", 0.0)
         log.info("resumed feature-draft training at step %d", step)
     card = {"trainer": "speckv.distill.feature", "batch_size": batch_size, "lr": lr,
-            "depth": depth, "reg_weight": reg_weight, "seed": seed, "steps_planned": steps,
+            "depth": depth, "reg_weight": reg_weight, "soft_weight": soft_weight,
+            "init": str(init) if init is not None else None, "seed": seed,
+            "steps_planned": steps,
             "coverage_heldout": coverage(held, token_ids)}
 
     def describe_data() -> None:
@@ -275,7 +317,8 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
         idx = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()
         batch = make_batch([train_rows[i] for i in idx], depth, cfg.hidden_size)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, agree = feature_loss(model, batch, t2d, depth, reg_weight)
+            loss, agree = feature_loss(model, batch, t2d, depth, reg_weight,
+                                       soft_weight=soft_weight)
         optimizer_step(loss, opt, sched, params)
         step += 1
         bar.update(1)
