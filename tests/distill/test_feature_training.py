@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import VOCAB, save_with_tokenizer, tiny_llama
 
 from speckv.distill.feature import train_feature_draft
@@ -57,3 +59,68 @@ def test_training_saves_a_loadable_draft_and_resumes(tmp_path):
     assert [h["step"] for h in history] == [2, 4, 6, 8]  # resumed, not restarted
     draft = load_draft(out, dtype=torch.float32)
     assert is_feature_draft(draft) and draft.cfg.draft_vocab == 64
+
+
+def _tiny_setup(tmp_path, n: int = 24):
+    target = tiny_llama(2, seed=0, dtype=torch.float32)
+    base = save_with_tokenizer(target, tmp_path / "base")
+    data = tmp_path / "data"
+    (data / "states").mkdir(parents=True)
+    rows, states = _chunk(target, n)
+    torch.save(rows, data / "chunk-0000.pt")
+    torch.save(states, data / "states" / "chunk-0000.pt")
+    return base, data
+
+
+def test_soft_loss_is_least_when_the_draft_reproduces_the_targets_state(tmp_path):
+    """With ``soft_weight=1`` the cross-entropy is against the target's own distribution over
+    the head's tokens: a draft whose output is the target's state scores that distribution's
+    entropy, the least possible; any other output scores more."""
+    from speckv.distill.feature import _target_weights, feature_loss, load_rows, make_batch
+    from speckv.llm.feature_draft import FeatureDraftConfig, build_feature_draft
+
+    base, data = _tiny_setup(tmp_path, 6)
+    rows, _ = load_rows(data)
+    weights, config = _target_weights(str(base))
+    cfg = FeatureDraftConfig.from_target(str(base), config, 64)
+    model = build_feature_draft(cfg, weights, torch.arange(64))
+    batch = make_batch(rows, 1, cfg.hidden_size)
+    width = batch["states"].shape[1]
+    exact = batch["targets"][:, :width].float()
+
+    def loss_with(outputs):
+        model.unroll = lambda *a, **k: [outputs]
+        loss, _ = feature_loss(model, batch, model.lm_head.to_reduced(), 1, reg_weight=0.0,
+                               soft_weight=1.0)
+        return float(loss)
+
+    valid = batch["labels"][:, 0] != -100
+    teacher = model.logits_small(exact[valid]).float().softmax(-1)
+    entropy = float(-(teacher * teacher.clamp_min(1e-30).log()).sum(-1).mean())
+    assert abs(loss_with(exact) - entropy) < 1e-4
+    noisy = exact + 0.5 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(0))
+    assert loss_with(noisy) > entropy + 1e-3
+
+
+def test_init_starts_from_a_saved_draft_with_a_fresh_schedule(tmp_path):
+    base, data = _tiny_setup(tmp_path)
+    first = tmp_path / "first"
+    train_feature_draft(first, steps=6, batch_size=4, lr=3e-3, depth=2, draft_vocab=64,
+                        heldout=0.2, base=str(base), data=data, ckpt=tmp_path / "a.pt",
+                        eval_every=3)
+    # a learning rate too small to move anything: the saved weights are the initial ones
+    second = tmp_path / "second"
+    last = train_feature_draft(second, steps=1, batch_size=4, lr=1e-30, depth=2,
+                               draft_vocab=64, heldout=0.2, base=str(base), data=data,
+                               ckpt=tmp_path / "b.pt", eval_every=1, init=first,
+                               soft_weight=0.5)
+    assert last["step"] == 1  # a fresh schedule, not the first run's step 6
+    a, b = load_file(str(first / "draft.safetensors")), load_file(str(second / "draft.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    meta = json.loads((second / "speckv_draft.json").read_text())
+    assert meta["soft_weight"] == 0.5 and meta["init"] == str(first)
+    with pytest.raises(FileNotFoundError, match=r"no draft\.safetensors"):
+        train_feature_draft(tmp_path / "x", steps=1, base=str(base), data=data,
+                            ckpt=tmp_path / "c.pt", init=tmp_path)
