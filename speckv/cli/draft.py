@@ -99,6 +99,11 @@ def main(argv: list[str]) -> int:
                    help="feature: share of the cross-entropy taken against the target's "
                         "distribution over the head's tokens instead of its token (EAGLE's "
                         "loss is 1; default 0)")
+    t.add_argument("--feature-noise", type=float, default=0.0,
+                   help="feature: uniform noise in [-a, a] on the target states the draft "
+                        "reads while training (EAGLE's augmentation; the states' std is ~2)")
+    t.add_argument("--weight-decay", type=float, default=0.0,
+                   help="feature: AdamW weight decay")
     t.add_argument("--init", default=None,
                    help="feature: start from this saved draft (folder) or checkpoint file, "
                         "with a fresh optimizer and schedule")
@@ -133,6 +138,8 @@ def main(argv: list[str]) -> int:
     if args.cmd == "distill":
         if not 0.0 <= args.soft_weight <= 1.0:
             t.error(f"--soft-weight {args.soft_weight}: a share between 0 and 1.")
+        if args.feature_noise < 0 or args.weight_decay < 0:
+            t.error("--feature-noise and --weight-decay: 0 or more.")
         if args.init and not os.path.exists(args.init):
             t.error(f"--init {args.init}: no such draft folder or checkpoint file.")
         try:
@@ -160,6 +167,7 @@ def main(argv: list[str]) -> int:
                 Path(args.out) if args.out else DRAFT_DIR, steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, depth=args.depth,
                 reg_weight=args.reg_weight, soft_weight=args.soft_weight,
+                feature_noise=args.feature_noise, weight_decay=args.weight_decay,
                 init=Path(args.init) if args.init else None,
                 ckpt=Path(args.ckpt) if args.ckpt else None,
                 draft_vocab=args.draft_vocab or 8192,

@@ -233,12 +233,17 @@ def checkpoint_path() -> Path:
 def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
                         lr: float = 5e-4, depth: int = 3, reg_weight: float = 1.0,
                         soft_weight: float = 0.0, init: Path | None = None,
+                        feature_noise: float = 0.0, weight_decay: float = 0.0,
                         draft_vocab: int = 8192, heldout: float = 0.03, seed: int = 0,
                         base: str | None = None, data: Path | None = None,
                         ckpt: Path | None = None, ckpt_every_s: float = 300.0,
                         eval_every: int = 200, reload_every: int = 200,
                         threads: int | None = None, max_minutes: float | None = None) -> dict:
     """Train (or resume) the feature-conditioned draft and save it to ``out``.
+
+    ``feature_noise``: uniform noise in ``[-a, a]`` added to the target states the draft reads
+    (not to those it is trained to reproduce), EAGLE's augmentation against overfitting and
+    against drift when it reads its own states; ``weight_decay``: AdamW's.
 
     ``init``: start from a saved draft's weights (a folder ``save_feature_draft`` wrote, or a
     training checkpoint) with a fresh optimizer and schedule, e.g. to go on training the
@@ -267,7 +272,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
     model = build_feature_draft(cfg, weights, token_ids)
     t2d = model.lm_head.to_reduced()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def warmup_cosine(s: int) -> float:
         return min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -285,6 +290,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
         log.info("resumed feature-draft training at step %d", step)
     card = {"trainer": "speckv.distill.feature", "batch_size": batch_size, "lr": lr,
             "depth": depth, "reg_weight": reg_weight, "soft_weight": soft_weight,
+            "feature_noise": feature_noise, "weight_decay": weight_decay,
             "init": str(init) if init is not None else None, "seed": seed,
             "steps_planned": steps,
             "coverage_heldout": coverage(held, token_ids)}
@@ -298,6 +304,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
              "(%d tokens), %d held out", draft_vocab, card["coverage_heldout"],
              len(train_rows), card["train_tokens"], len(held))
     g = torch.Generator().manual_seed(seed + step)
+    noise_gen = torch.Generator().manual_seed(seed + step + 1)  # the batches stay as without
     started, last_save = time.time(), time.time()
     model.train()
     bar = tqdm(total=steps, initial=step, desc="feature draft")
@@ -316,6 +323,9 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
     while step < steps:
         idx = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()
         batch = make_batch([train_rows[i] for i in idx], depth, cfg.hidden_size)
+        if feature_noise:  # EAGLE's augmentation: the draft must not rely on exact states
+            noise = torch.rand(batch["states"].shape, generator=noise_gen) * 2 - 1
+            batch["states"] = batch["states"] + (feature_noise * noise).to(torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, agree = feature_loss(model, batch, t2d, depth, reg_weight,
                                        soft_weight=soft_weight)

@@ -107,7 +107,9 @@ def test_init_starts_from_a_saved_draft_with_a_fresh_schedule(tmp_path):
     first = tmp_path / "first"
     train_feature_draft(first, steps=6, batch_size=4, lr=3e-3, depth=2, draft_vocab=64,
                         heldout=0.2, base=str(base), data=data, ckpt=tmp_path / "a.pt",
-                        eval_every=3)
+                        eval_every=3, feature_noise=0.2, weight_decay=0.01)
+    card = json.loads((first / "speckv_draft.json").read_text())
+    assert card["feature_noise"] == 0.2 and card["weight_decay"] == 0.01
     # a learning rate too small to move anything: the saved weights are the initial ones
     second = tmp_path / "second"
     last = train_feature_draft(second, steps=1, batch_size=4, lr=1e-30, depth=2,
