@@ -102,6 +102,9 @@ def main(argv: list[str]) -> int:
     t.add_argument("--feature-noise", type=float, default=0.0,
                    help="feature: uniform noise in [-a, a] on the target states the draft "
                         "reads while training (EAGLE's augmentation; the states' std is ~2)")
+    t.add_argument("--prompt-labels", action="store_true",
+                   help="feature: also learn the target's distribution at prompt positions "
+                        "(with --soft-weight > 0; the prompt's tokens are not the target's)")
     t.add_argument("--weight-decay", type=float, default=0.0,
                    help="feature: AdamW weight decay")
     t.add_argument("--init", default=None,
@@ -168,6 +171,7 @@ def main(argv: list[str]) -> int:
                 batch_size=args.batch_size, lr=args.lr, depth=args.depth,
                 reg_weight=args.reg_weight, soft_weight=args.soft_weight,
                 feature_noise=args.feature_noise, weight_decay=args.weight_decay,
+                prompt_labels=args.prompt_labels,
                 init=Path(args.init) if args.init else None,
                 ckpt=Path(args.ckpt) if args.ckpt else None,
                 draft_vocab=args.draft_vocab or 8192,

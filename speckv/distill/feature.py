@@ -111,13 +111,20 @@ def load_rows(path: Path | None = None, skip: frozenset[str] | set[str] = frozen
 
 
 def make_batch(rows: list[dict], depth: int, hidden: int, pad: int = 2,
-               prompt_context: int = PROMPT_CONTEXT) -> dict[str, torch.Tensor]:
+               prompt_context: int = PROMPT_CONTEXT, prompt_labels: bool = False
+               ) -> dict[str, torch.Tensor]:
     """Right-padded tensors of a training batch (see the module's docstring).
 
     ``tokens[b, i]`` is the token at relative position ``i``, ``states[b, i]`` the target's
     state at position ``i - 1``; ``labels[b, d - 1, i]`` the token depth ``d`` from origin
     ``i`` must predict (``-100`` where none or not an answer token); ``targets[b, i + d - 1]``
-    the target's state that depth's output should equal."""
+    the target's state that depth's output should equal.
+
+    ``prompt_labels``: also label origins whose depth-``d`` token lies in the prompt (the
+    prompt's own token; ``answer[b, d - 1, i]`` is False there). The target did not write
+    the prompt, so only its distribution there (from its state) teaches the draft: such
+    positions count for the soft cross-entropy and the state regression, never for the
+    cross-entropy against the token or for agreement."""
     seqs, full_states, starts = [], [], []
     for r in rows:
         prompt, answer = r["prompt_ids"], r["answer_ids"]
@@ -134,6 +141,7 @@ def make_batch(rows: list[dict], depth: int, hidden: int, pad: int = 2,
     states = torch.zeros((n, width, hidden), dtype=torch.bfloat16)
     targets = torch.zeros((n, width + depth, hidden), dtype=torch.bfloat16)
     labels = torch.full((n, depth, width), -100, dtype=torch.long)
+    answer = torch.zeros((n, depth, width), dtype=torch.bool)
     for b, ((ids, n_prompt), st) in enumerate(zip(seqs, full_states, strict=True)):
         length = len(ids)
         tokens[b, :length] = torch.tensor(ids)
@@ -141,12 +149,16 @@ def make_batch(rows: list[dict], depth: int, hidden: int, pad: int = 2,
         targets[b, : length - 1] = st[1:length]  # the state at position i (for origin i)
         lab = torch.tensor(ids)
         for d in range(1, depth + 1):
-            # origin i predicts ids[i + d]; only answer tokens count
+            # origin i predicts ids[i + d]; answer tokens count (prompt ones if asked)
             lo = max(0, n_prompt - d)
             hi = length - d
             if hi > lo:
                 labels[b, d - 1, lo:hi] = lab[lo + d : hi + d]
-    return {"tokens": tokens, "states": states, "targets": targets, "labels": labels}
+                answer[b, d - 1, lo:hi] = True
+            if prompt_labels and min(lo, hi) > 0:
+                labels[b, d - 1, :min(lo, hi)] = lab[d : min(lo, hi) + d]
+    return {"tokens": tokens, "states": states, "targets": targets, "labels": labels,
+            "answer": answer}
 
 
 def feature_loss(model: FeatureDraft, batch: dict[str, torch.Tensor], t2d: torch.Tensor,
@@ -172,18 +184,25 @@ def feature_loss(model: FeatureDraft, batch: dict[str, torch.Tensor], t2d: torch
         rows = g[valid]
         logits = model.logits_small(rows).float()
         small = t2d[lab[valid]]
-        held = small >= 0
+        answer = batch["answer"][:, d - 1][valid] if "answer" in batch else torch.ones_like(
+            small, dtype=torch.bool)
+        held = (small >= 0) & answer
         ce = F.cross_entropy(logits[held], small[held]) if held.any() else logits.sum() * 0
         target = batch["targets"][:, d - 1 : d - 1 + width][valid].to(rows.dtype)
         if soft_weight:
             with torch.no_grad():
                 teacher = model.logits_small(target).float().softmax(-1)
-            soft = -(teacher * logits.log_softmax(-1)).sum(-1).mean()
-            ce = (1 - soft_weight) * ce + soft_weight * soft
+            soft = -(teacher * logits.log_softmax(-1)).sum(-1)
+            if answer.all():
+                ce = (1 - soft_weight) * ce + soft_weight * soft.mean()
+            else:  # prompt positions: the soft term alone
+                ce = ((1 - soft_weight) * ce * answer.float().mean()
+                      + (soft_weight * soft * answer + soft * ~answer).mean())
         reg = F.smooth_l1_loss(rows.float(), target.float())
         total = total + decay ** (d - 1) * (ce + reg_weight * reg)
         best = model.lm_head.token_ids[logits.argmax(-1)]
-        agree.append(float((best == lab[valid]).float().mean()))
+        agree.append(float((best == lab[valid])[answer].float().mean()) if answer.any()
+                     else float("nan"))
     return total, agree
 
 
@@ -234,6 +253,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
                         lr: float = 5e-4, depth: int = 3, reg_weight: float = 1.0,
                         soft_weight: float = 0.0, init: Path | None = None,
                         feature_noise: float = 0.0, weight_decay: float = 0.0,
+                        prompt_labels: bool = False,
                         draft_vocab: int = 8192, heldout: float = 0.03, seed: int = 0,
                         base: str | None = None, data: Path | None = None,
                         ckpt: Path | None = None, ckpt_every_s: float = 300.0,
@@ -243,7 +263,9 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
 
     ``feature_noise``: uniform noise in ``[-a, a]`` added to the target states the draft reads
     (not to those it is trained to reproduce), EAGLE's augmentation against overfitting and
-    against drift when it reads its own states; ``weight_decay``: AdamW's.
+    against drift when it reads its own states; ``weight_decay``: AdamW's; ``prompt_labels``:
+    also learn the target's distribution at prompt positions (:func:`make_batch`; needs
+    ``soft_weight`` > 0 to teach anything there but the state).
 
     ``init``: start from a saved draft's weights (a folder ``save_feature_draft`` wrote, or a
     training checkpoint) with a fresh optimizer and schedule, e.g. to go on training the
@@ -291,6 +313,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
     card = {"trainer": "speckv.distill.feature", "batch_size": batch_size, "lr": lr,
             "depth": depth, "reg_weight": reg_weight, "soft_weight": soft_weight,
             "feature_noise": feature_noise, "weight_decay": weight_decay,
+            "prompt_labels": prompt_labels,
             "init": str(init) if init is not None else None, "seed": seed,
             "steps_planned": steps,
             "coverage_heldout": coverage(held, token_ids)}
@@ -322,7 +345,8 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
 
     while step < steps:
         idx = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()
-        batch = make_batch([train_rows[i] for i in idx], depth, cfg.hidden_size)
+        batch = make_batch([train_rows[i] for i in idx], depth, cfg.hidden_size,
+                           prompt_labels=prompt_labels)
         if feature_noise:  # EAGLE's augmentation: the draft must not rely on exact states
             noise = torch.rand(batch["states"].shape, generator=noise_gen) * 2 - 1
             batch["states"] = batch["states"] + (feature_noise * noise).to(torch.bfloat16)

@@ -115,14 +115,32 @@ def test_init_starts_from_a_saved_draft_with_a_fresh_schedule(tmp_path):
     last = train_feature_draft(second, steps=1, batch_size=4, lr=1e-30, depth=2,
                                draft_vocab=64, heldout=0.2, base=str(base), data=data,
                                ckpt=tmp_path / "b.pt", eval_every=1, init=first,
-                               soft_weight=0.5)
+                               soft_weight=0.5, prompt_labels=True)
     assert last["step"] == 1  # a fresh schedule, not the first run's step 6
     a, b = load_file(str(first / "draft.safetensors")), load_file(str(second / "draft.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     meta = json.loads((second / "speckv_draft.json").read_text())
-    assert meta["soft_weight"] == 0.5 and meta["init"] == str(first)
+    assert meta["soft_weight"] == 0.5 and meta["init"] == str(first) and meta["prompt_labels"]
     with pytest.raises(FileNotFoundError, match=r"no draft\.safetensors"):
         train_feature_draft(tmp_path / "x", steps=1, base=str(base), data=data,
                             ckpt=tmp_path / "c.pt", init=tmp_path)
+
+
+def test_prompt_labels_mark_prompt_positions_apart_from_answer_ones():
+    hidden = 8
+    row = {"prompt_ids": [1, 5, 6, 7], "answer_ids": [9, 10, 11],
+           "prompt_states": torch.randn(3, hidden).to(torch.bfloat16),
+           "hidden": torch.randn(3, hidden).to(torch.bfloat16)}
+    from speckv.distill.feature import make_batch
+
+    plain = make_batch([row], 2, hidden)
+    both = make_batch([row], 2, hidden, prompt_labels=True)
+    # without: only answer tokens are labels; with: the prompt's too, marked as not answers
+    assert plain["labels"][0, 0].tolist() == [-100, -100, -100, 9, 10, 11, -100]
+    assert both["labels"][0, 0].tolist() == [5, 6, 7, 9, 10, 11, -100]
+    assert both["answer"][0, 0].tolist() == [False] * 3 + [True] * 3 + [False]
+    assert both["labels"][0, 1].tolist() == [6, 7, 9, 10, 11, -100, -100]
+    assert both["answer"][0, 1].tolist() == [False, False, True, True, True, False, False]
+    assert torch.equal(plain["answer"], plain["labels"] != -100)
