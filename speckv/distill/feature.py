@@ -33,7 +33,14 @@ import torch.nn.functional as F
 
 from speckv.atomic import atomic_write
 from speckv.distill.data import data_dir
-from speckv.distill.train import coverage, frequent_tokens, optimizer_step, split_rows
+from speckv.distill.train import (
+    coverage,
+    frequent_tokens,
+    join_new_chunks,
+    optimizer_step,
+    split_rows,
+)
+from speckv.errors import SpeckvError
 from speckv.llm.feature_draft import (
     FeatureDraft,
     FeatureDraftConfig,
@@ -227,22 +234,28 @@ def evaluate(model: FeatureDraft, rows: list[dict], t2d: torch.Tensor, depth: in
     return [h / max(c, 1) for h, c in zip(hits, counts, strict=True)]
 
 
-def _initial_weights(init: Path) -> dict[str, torch.Tensor]:
-    """The draft's own tensors from a saved draft folder or a training checkpoint."""
+def _initial_weights(init: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The draft's own tensors from a saved draft folder or a training checkpoint, and the
+    seed it was trained with (None where not recorded)."""
     init = Path(init)
     if init.is_dir():
+        import json
+
         from safetensors.torch import load_file
 
         if not (init / "draft.safetensors").exists():
-            raise FileNotFoundError(f"--init {init}: no draft.safetensors there; name a folder "
+            raise SpeckvError(f"--init {init}: no draft.safetensors there; name a folder "
                                     "`speckv draft distill --arch feature` saved, or its "
                                     "checkpoint file.")
         own = load_file(str(init / "draft.safetensors"))
+        card = init / "speckv_draft.json"
+        seed = json.loads(card.read_text()).get("seed") if card.exists() else None
     elif init.is_file():
-        own = torch.load(init, weights_only=False)["model"]
+        state = torch.load(init, weights_only=False)
+        own, seed = state["model"], state.get("seed")
     else:
-        raise FileNotFoundError(f"--init {init}: no such draft folder or checkpoint.")
-    return {k: v if k.endswith("token_ids") else v.float() for k, v in own.items()}
+        raise SpeckvError(f"--init {init}: no such draft folder or checkpoint.")
+    return {k: v if k.endswith("token_ids") else v.float() for k, v in own.items()}, seed
 
 
 def checkpoint_path() -> Path:
@@ -286,7 +299,14 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
     weights, config = _target_weights(base)
     ckpt = ckpt or checkpoint_path()
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
-    start = _initial_weights(init) if state is None and init is not None else None
+    start = None
+    if state is None and init is not None:
+        start, init_seed = _initial_weights(init)
+        if init_seed is not None and init_seed != seed:
+            # the held-out prompts are drawn by seed: another seed's would include prompts the
+            # starting draft trained on, and its held-out agreement would flatter it
+            raise SpeckvError(f"--init {init} was trained with --seed {init_seed}; go on with "
+                             f"--seed {init_seed} so that its held-out prompts stay held out.")
     own = state["model"] if state is not None else start
     token_ids = (own["lm_head.token_ids"] if own is not None
                  else frequent_tokens(train_rows, draft_vocab, int(config.vocab_size)))
@@ -337,7 +357,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
         st = {"model": {k: v for k, v in model.state_dict().items()
                         if not k.startswith("embed_tokens.") and k != "lm_head.weight"},
               "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-              "history": history, "seconds": seconds}
+              "history": history, "seconds": seconds, "seed": seed}
         atomic_write(ckpt, lambda tmp: torch.save(st, tmp))
         save_feature_draft(model, out, {**card, "steps": step, "cpu_seconds": seconds,
                                         "threads": torch.get_num_threads(),
@@ -358,15 +378,11 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{agree[0]:.3f}")
         if reload_every and step % reload_every == 0:
-            new, files = load_rows(data, skip=seen)
-            if new:
-                seen |= files
-                more, more_held = split_rows(new, heldout, seed)
-                train_rows += more
-                held += more_held
+            joined = join_new_chunks(load_rows, data, seen, heldout, seed, train_rows, held)
+            if joined:
                 describe_data()
                 log.info("step %d: %d new answers joined (%d training, %d held out)", step,
-                         len(new), len(train_rows), len(held))
+                         joined, len(train_rows), len(held))
         out_of_time = max_minutes is not None and (time.time() - started) / 60 > max_minutes
         if step % eval_every == 0 or step == steps or out_of_time:
             held_agree = evaluate(model, held, t2d, depth)

@@ -125,6 +125,19 @@ def split_rows(rows: list[dict], heldout: float, seed: int) -> tuple[list[dict],
     return [r for r in rows if not is_heldout(r["prompt_id"], heldout, seed)], held
 
 
+def join_new_chunks(load, data: Path | None, seen: set[str], heldout: float, seed: int,
+                    train_rows: list[dict], held: list[dict]) -> int:
+    """Add the answers of chunks that appeared since ``seen`` (``load(data, skip=seen)`` ->
+    ``(rows, files)``) to the training and held-out lists in place; returns how many."""
+    new, files = load(data, skip=seen)
+    if new:
+        seen |= files
+        more, more_held = split_rows(new, heldout, seed)
+        train_rows += more
+        held += more_held
+    return len(new)
+
+
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params,
                    clip: float = 1.0) -> None:
     """One update: backward, gradient norm clipped to ``clip``, optimizer and schedule step."""
@@ -214,17 +227,14 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
         bar.update(1)
         bar.set_postfix(ce=f"{ce:.3f}", agree=f"{agree:.3f}")
         if reload_every and step % reload_every == 0:
-            new, files = load_data(data, skip=seen_files)
-            if new:
-                seen_files |= files
-                more, more_held = split_rows(new, heldout, seed)
-                train_rows += more
-                held += more_held
+            joined = join_new_chunks(load_data, data, seen_files, heldout, seed, train_rows,
+                                     held)
+            if joined:
                 card["train_sequences"] = len(train_rows)
                 card["train_tokens"] = sum(len(r["answer_ids"]) for r in train_rows)
                 card["heldout_sequences"] = len(held)
                 log.info("step %d: %d new answers joined (%d training, %d held out)", step,
-                         len(new), len(train_rows), len(held))
+                         joined, len(train_rows), len(held))
         if step % eval_every == 0 or step == steps:
             held_agree = evaluate_agreement(model, held, pad)
             history.append({"step": step, "train_ce": float(ce), "train_agree": float(agree),

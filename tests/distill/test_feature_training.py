@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import VOCAB, save_with_tokenizer, tiny_llama
 
 from speckv.distill.feature import train_feature_draft
+from speckv.errors import SpeckvError
 from speckv.llm.draft import load_draft
 from speckv.llm.feature_draft import is_feature_draft
 
@@ -123,9 +124,16 @@ def test_init_starts_from_a_saved_draft_with_a_fresh_schedule(tmp_path):
         assert torch.equal(a[key], b[key]), key
     meta = json.loads((second / "speckv_draft.json").read_text())
     assert meta["soft_weight"] == 0.5 and meta["init"] == str(first) and meta["prompt_labels"]
-    with pytest.raises(FileNotFoundError, match=r"no draft\.safetensors"):
+    with pytest.raises(SpeckvError, match=r"no draft\.safetensors"):
         train_feature_draft(tmp_path / "x", steps=1, base=str(base), data=data,
                             ckpt=tmp_path / "c.pt", init=tmp_path)
+    # another seed would hold out other prompts, some of which the first draft trained on
+    with pytest.raises(SpeckvError, match="--seed 0"):
+        train_feature_draft(tmp_path / "y", steps=1, base=str(base), data=data,
+                            ckpt=tmp_path / "d.pt", init=first, seed=1)
+    with pytest.raises(SpeckvError, match="--seed 0"):
+        train_feature_draft(tmp_path / "z", steps=1, base=str(base), data=data,
+                            ckpt=tmp_path / "e.pt", init=tmp_path / "a.pt", seed=1)
 
 
 def test_prompt_labels_mark_prompt_positions_apart_from_answer_ones():
