@@ -9,10 +9,11 @@ carries speckv's metadata.
 
 How it is made:
 
-1. ``torch.onnx.export(..., dynamo=True)`` at opset 20, where GELU is one ONNX op (``Gelu``).
-   torch 2.13's TorchScript exporter (``dynamo=False``) also handles this graph, since the
-   network writes the survival curve as ``exp(cumsum(logsigmoid(z)))`` rather than ``cumprod``,
-   but it is deprecated and spells GELU as five nodes.
+1. ``torch.onnx.export(..., dynamo=True)`` at opset 20. The network is written for few nodes
+   at batch 1 (:mod:`speckv.train.network`): ReLU layers, which onnxruntime fuses into their
+   Gemm (GELU, still read for older checkpoints, is one ``Gelu`` node at this opset), and
+   the survival head's cumulative sums as products with triangular constants. torch 2.13's
+   TorchScript exporter (``dynamo=False``) also handles this graph but is deprecated.
 2. Hand simplification for latency (a few hundred nanoseconds per node at batch 1): each
    input's feature scaling is folded into its first Gemm, an index Gather that selects every column
    and a Reshape to [-1] of a vector are removed, unused initializers dropped, the exporter's
