@@ -11,6 +11,8 @@ of them alike), with ``time.perf_counter_ns`` around every call after a warm-up:
   from a :class:`~speckv.runtime.History` (pre-draft vector, checks, the pre-draft head);
 - ``onnx``: :meth:`~speckv.runtime.Controller.choose`, from a ready feature vector (the MLP
   part: input checks, IOBinding, onnxruntime; ``mlp_us``);
+- ``graph``: the step head's onnxruntime call alone, its inputs already in the bound buffers
+  (what ``choose`` spends outside its input copies and checks; ``graph_us``);
 - ``numpy``: the same MLP in numpy (:class:`speckv.runtime.NumpyController`);
 - ``floor``: an ONNX graph that only copies its input (Identity), run through the same
   session options and, at batch 1, the same bound-buffer call as ``choose`` (at batch 64,
@@ -234,6 +236,13 @@ def bench(path: Path, *, iters: int = ITERS, warmup: int = WARMUP, batch: int = 
     def onnx_1(i: int) -> object:
         return controller.choose(*rows[i % pool])
 
+    graph_state = controller._state()  # this thread's bound buffers, filled once
+    graph_state.step_row.fill(*rows[0])
+    run_graph = graph_state.run_step
+
+    def graph_1(i: int) -> object:
+        return run_graph()
+
     def locked_1(i: int) -> object:
         with lock:
             return controller.choose(*rows[i % pool])
@@ -255,7 +264,8 @@ def bench(path: Path, *, iters: int = ITERS, warmup: int = WARMUP, batch: int = 
 
     log.info("timing batch 1: %d calls each", iters)
     one = measure({"end_to_end": end_to_end, "statistics": stats_1, "speculate": speculate_1,
-                   "onnx": onnx_1, "locked": locked_1, "numpy": numpy_1, "floor": floor_1},
+                   "onnx": onnx_1, "graph": graph_1, "locked": locked_1, "numpy": numpy_1,
+                   "floor": floor_1},
                   iters, warmup)
     batch_iters = max(iters // 10, 100)
     log.info("timing batch %d: %d calls each", batch, batch_iters)
@@ -287,6 +297,7 @@ def bench(path: Path, *, iters: int = ITERS, warmup: int = WARMUP, batch: int = 
         "batch_iters": batch_iters,
         "end_to_end_us": batch1["end_to_end"],
         "mlp_us": batch1["onnx"],
+        "graph_us": batch1["graph"],
         "floor_us": batch1["floor"],
         "speculate_us": batch1["speculate"],
         "statistics_us": batch1["statistics"],
@@ -318,6 +329,7 @@ def _table(report: dict[str, Any]) -> str:
              "statistics": "  of which the draft statistics",
              "speculate": "speculate or not (pre-draft, end to end)",
              "onnx": "feature vector -> γ (Controller.choose)",
+             "graph": "  of which the onnxruntime call",
              "locked": "  the same inside a lock",
              "numpy": "the same MLP in numpy", "floor": "floor (Identity graph)"}
     for i, (name, label) in enumerate(names.items()):

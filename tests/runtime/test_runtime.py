@@ -527,13 +527,15 @@ def test_bench_controller_json(capsys):
     assert main(["--controller", str(ONNX), "--json", "--iters", "300",
                  "--target-step-ms", "50", "--vocab", "1000", "--check-threads", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
-    for method in ("end_to_end", "statistics", "speculate", "onnx", "locked", "numpy", "floor"):
+    for method in ("end_to_end", "statistics", "speculate", "onnx", "graph", "locked", "numpy",
+                   "floor"):
         stats = report["batch1_us"][method]
         assert 0 < stats["p50"] <= stats["p99"], method
     for method in ("onnx", "numpy", "floor"):
         assert report["batch64_per_row_us"][method]["p99"] > 0
     assert report["end_to_end_us"] == report["batch1_us"]["end_to_end"]
     assert report["mlp_us"] == report["batch1_us"]["onnx"]
+    assert report["graph_us"] == report["batch1_us"]["graph"]
     assert report["floor_us"] == report["batch1_us"]["floor"]
     assert report["format_version"] == FORMAT_VERSION and report["vocab"] == 1000
     check = report["thread_check"]
