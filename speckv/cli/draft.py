@@ -70,6 +70,13 @@ def main(argv: list[str]) -> int:
     d.add_argument("--max-new-tokens", type=positive, default=ANSWER_TOKENS)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=positive, help="torch threads (default: torch's)")
+    d.add_argument("--prompts", default=None,
+                   help="answer your own prompts instead of the pool: a JSONL file, one "
+                        '{"task", "prompt"} a line (prompts that repeat a profiling-suite '
+                        "prompt are left out); train on them with distill --data")
+    d.add_argument("--out", default=None,
+                   help="the data folder (default: the pool's in the speckv cache; with "
+                        "--prompts, distill-<file name> there)")
     t = sub.add_parser("distill", help="train the draft (resumable)")
     t.add_argument("--steps", type=positive, default=3000)
     t.add_argument("--batch-size", type=positive, default=8)
@@ -107,6 +114,9 @@ def main(argv: list[str]) -> int:
                         "(with --soft-weight > 0; the prompt's tokens are not the target's)")
     t.add_argument("--weight-decay", type=float, default=0.0,
                    help="feature: AdamW weight decay")
+    t.add_argument("--data", default=None,
+                   help="feature: data folder(s) to train on, comma-separated (default: the "
+                        "pool's; add folders `draft data --prompts` wrote)")
     t.add_argument("--init", default=None,
                    help="feature: start from this saved draft (folder) or checkpoint file, "
                         "with a fresh optimizer and schedule")
@@ -145,6 +155,14 @@ def main(argv: list[str]) -> int:
             t.error("--feature-noise and --weight-decay: 0 or more.")
         if args.init and not os.path.exists(args.init):
             t.error(f"--init {args.init}: no such draft folder or checkpoint file.")
+        folders = [d.strip() for d in (args.data or "").split(",") if d.strip()]
+        missing = [d for d in folders if not os.path.isdir(d)]
+        if missing:
+            t.error(f"--data: no such data folder {', '.join(missing)}; make one with "
+                    "`speckv draft data --prompts FILE --out DIR`.")
+        if folders and args.arch != "feature":
+            t.error("--data trains the feature-conditioned draft (--arch feature).")
+        args.data = folders or None
         try:
             layers = [int(x) for x in args.layers.split(",")]
         except ValueError:
@@ -152,11 +170,20 @@ def main(argv: list[str]) -> int:
         if not layers or min(layers) < 0:
             t.error(f"--layers {args.layers!r}: write target layer indices, e.g. 0,1,2,3.")
     if args.cmd == "data":
-        from speckv.distill.data import generate_data
+        from pathlib import Path
 
+        from speckv.distill.data import generate_data
+        from speckv.paths import cache_dir
+
+        prompts, out = None, Path(args.out) if args.out else None
+        if args.prompts:
+            from speckv.prompts import load_jsonl
+
+            prompts = load_jsonl(args.prompts)
+            out = out or cache_dir() / f"distill-{Path(args.prompts).stem}"
         out = generate_data(per_task=args.per_task, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, seed=args.seed,
-                            threads=args.threads)
+                            threads=args.threads, prompts=prompts, out=out)
         print(f"distillation data in {out}")
     elif args.cmd == "distill":
         if args.arch == "feature":
@@ -173,6 +200,7 @@ def main(argv: list[str]) -> int:
                 feature_noise=args.feature_noise, weight_decay=args.weight_decay,
                 prompt_labels=args.prompt_labels,
                 init=Path(args.init) if args.init else None,
+                data=[Path(d) for d in args.data] if args.data else None,
                 ckpt=Path(args.ckpt) if args.ckpt else None,
                 draft_vocab=args.draft_vocab or 8192,
                 seed=args.seed, threads=args.threads, eval_every=args.eval_every,

@@ -17,7 +17,7 @@ import torch
 from speckv.atomic import atomic_write
 from speckv.llm.weights import DEMO_TARGET
 from speckv.paths import cache_dir
-from speckv.prompts import chat_ids, distill_pool
+from speckv.prompts import Prompt, PromptError, chat_ids, distill_pool
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,26 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
 
 
+def without_suite_prompts(prompts: list[Prompt]) -> tuple[list[Prompt], list[str]]:
+    """``prompts`` minus those that are, or nearly are, profiling-suite prompts (a draft
+    trained on them would flatter every held-out figure), and the ids dropped."""
+    from speckv.prompts import SUITE_MAX, overlap, suites
+
+    clash = {pid for pid, _ in overlap(prompts, suites(n=SUITE_MAX))}
+    return [p for p in prompts if p.prompt_id not in clash], sorted(clash)
+
+
 @torch.no_grad()
 def generate_data(per_task: int = POOL_PER_TASK, batch_size: int = 16,
                   max_new_tokens: int = ANSWER_TOKENS, chunk: int = 64, seed: int = 0,
-                  out: Path | None = None, threads: int | None = None) -> Path:
+                  out: Path | None = None, threads: int | None = None,
+                  prompts: list[Prompt] | None = None, target: str = DEMO_TARGET) -> Path:
     """Generate the target's greedy answers to the pool in resumable chunks (one file each,
-    written atomically; a chunk already on disk is skipped)."""
+    written atomically; a chunk already on disk is skipped).
+
+    ``prompts``: answer these instead of the pool (a user's own in-domain prompts, e.g. from
+    :func:`speckv.prompts.load_jsonl`), minus any that repeat a profiling-suite prompt; train
+    on them beside the pool with ``speckv draft distill --data``."""
     from tqdm import tqdm
 
     from speckv.llm.load import load_model
@@ -108,13 +122,26 @@ def generate_data(per_task: int = POOL_PER_TASK, batch_size: int = 16,
         torch.set_num_threads(threads)
     out = out or data_dir()
     out.mkdir(parents=True, exist_ok=True)
-    target = load_model(DEMO_TARGET, "fp16", dtype="bfloat16")
-    tok, model = target.tokenizer, target.model
-    pool = distill_pool(per_task, seed=seed)
+    dropped: list[str] = []
+    if prompts is None:
+        pool = distill_pool(per_task, seed=seed)
+    else:
+        pool, dropped = without_suite_prompts(list(prompts))
+        if dropped:
+            log.warning("%d of %d prompts repeat profiling-suite prompts and are left out: %s",
+                        len(dropped), len(prompts), ", ".join(dropped[:10]))
+        if not pool:
+            raise PromptError("Every prompt given repeats a profiling-suite prompt; answers to "
+                              "them would leak the held-out prompts into the draft.")
+    loaded = load_model(target, "fp16", dtype="bfloat16")
+    tok, model = loaded.tokenizer, loaded.model
     chunks = [pool[i : i + chunk] for i in range(0, len(pool), chunk)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     manifest = {"per_task": per_task, "seed": seed, "max_new_tokens": max_new_tokens,
                 "chunks": [[p.prompt_id for p in c] for c in chunks]}
+    if prompts is not None:
+        manifest = {"source": "prompts", "max_new_tokens": max_new_tokens,
+                    "chunks": manifest["chunks"], "left_out": dropped}
     _check_manifest(out / "manifest.json", manifest)
     todo = [ci for ci in range(len(chunks)) if not (out / f"chunk-{ci:04d}.pt").exists()]
     log.info("%d prompts in %d chunks; %d to generate into %s", len(pool), len(chunks),

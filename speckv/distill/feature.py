@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -86,17 +87,21 @@ def _prompt_states(target, rows: list[dict], batch_size: int = 16) -> dict[str, 
     return out
 
 
-def load_rows(path: Path | None = None, skip: frozenset[str] | set[str] = frozenset(),
-              target=None) -> tuple[list[dict], set[str]]:
-    """Rows of every chunk (but ``skip``) with ``prompt_states`` attached, computing and
-    saving a chunk's prompt states on first use (``target``: the loaded target model)."""
-    path = path or data_dir()
+def load_rows(path: Path | Sequence[Path] | None = None,
+              skip: frozenset[str] | set[str] = frozenset(), target=None
+              ) -> tuple[list[dict], set[str]]:
+    """Rows of every chunk of the data folder(s) ``path`` (but the files in ``skip``) with
+    ``prompt_states`` attached, computing and saving a chunk's prompt states on first use
+    (``target``: the loaded target model); and the files read."""
+    folders = [data_dir()] if path is None else (
+        [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path])
     rows, read = [], set()
-    for f in sorted(Path(path).glob("chunk-*.pt")):
-        if f.name in skip:
+    files = [f for folder in folders for f in sorted(folder.glob("chunk-*.pt"))]
+    for f in files:
+        if str(f) in skip:
             continue
         chunk = torch.load(f, weights_only=False)
-        side = Path(path) / "states" / f.name
+        side = f.parent / "states" / f.name
         if side.exists():
             states = torch.load(side, weights_only=False)
         else:
@@ -113,7 +118,7 @@ def load_rows(path: Path | None = None, skip: frozenset[str] | set[str] = frozen
         for r in chunk:
             r["prompt_states"] = states[r["prompt_id"]]
         rows.extend(chunk)
-        read.add(f.name)
+        read.add(str(f))
     return rows, read
 
 
@@ -268,7 +273,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
                         feature_noise: float = 0.0, weight_decay: float = 0.0,
                         prompt_labels: bool = False,
                         draft_vocab: int = 8192, heldout: float = 0.03, seed: int = 0,
-                        base: str | None = None, data: Path | None = None,
+                        base: str | None = None, data: Path | Sequence[Path] | None = None,
                         ckpt: Path | None = None, ckpt_every_s: float = 300.0,
                         eval_every: int = 200, reload_every: int = 200,
                         threads: int | None = None, max_minutes: float | None = None) -> dict:

@@ -152,3 +152,65 @@ def test_prompt_labels_mark_prompt_positions_apart_from_answer_ones():
     assert both["labels"][0, 1].tolist() == [6, 7, 9, 10, 11, -100, -100]
     assert both["answer"][0, 1].tolist() == [False, False, True, True, True, False, False]
     assert torch.equal(plain["answer"], plain["labels"] != -100)
+
+
+def test_own_prompts_are_answered_into_their_own_folder_without_suite_prompts(tmp_path,
+                                                                               monkeypatch):
+    """``speckv draft data --prompts``: a user's prompts are answered (greedy, with the
+    target's states), a prompt that repeats a profiling-suite prompt is left out and named in
+    the manifest, a second run resumes, and the feature trainer reads that folder beside
+    another whose chunk files have the same names."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    import speckv.llm.load as load_mod
+    from speckv.distill.data import generate_data
+    from speckv.distill.feature import load_rows
+    from speckv.prompts import Prompt, suite
+
+    target = tiny_llama(2, seed=0, dtype=torch.float32)
+    base = save_with_tokenizer(target, tmp_path / "base")
+    calls = []
+
+    def fake_load(spec, compression="fp16", dtype="float32", **_):
+        calls.append(spec)
+        return SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(base), model=target)
+
+    monkeypatch.setattr(load_mod, "load_model", fake_load)
+    copied = suite("chat", 1)[0]
+    prompts = [Prompt("code", f"mine-{i}", " ".join(f"w{3 + (i * 7 + j) % 90}"
+                                                     for j in range(6))) for i in range(5)]
+    prompts.append(Prompt("chat", "copied", copied.text))
+    out = tmp_path / "mine"
+    generate_data(prompts=prompts, out=out, chunk=4, batch_size=2, max_new_tokens=6)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["left_out"] == ["copied"] and manifest["source"] == "prompts"
+    rows = [r for f in sorted(out.glob("chunk-*.pt")) for r in torch.load(f, weights_only=False)]
+    assert sorted(r["prompt_id"] for r in rows) == [f"mine-{i}" for i in range(5)]
+    for r in rows:
+        assert 1 <= len(r["answer_ids"]) <= 6
+        assert r["hidden"].shape == (len(r["answer_ids"]), target.config.hidden_size)
+    stamp = {f.name: f.stat().st_mtime_ns for f in out.glob("chunk-*.pt")}
+    generate_data(prompts=prompts, out=out, chunk=4, batch_size=2, max_new_tokens=6)
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("chunk-*.pt")} == stamp  # resumed
+    # beside a pool folder whose chunk files carry the same names
+    pool = tmp_path / "pool"
+    (pool / "states").mkdir(parents=True)
+    pool_rows, states = _chunk(target, 3)
+    torch.save(pool_rows, pool / "chunk-0000.pt")
+    torch.save(states, pool / "states" / "chunk-0000.pt")
+    both, read = load_rows([pool, out], target=target)
+    assert len(both) == 3 + 5 and len(read) == 1 + len(stamp)
+    assert all("prompt_states" in r for r in both)
+    again, _ = load_rows([pool, out], skip=read, target=target)
+    assert again == []
+
+
+def test_distill_refuses_a_data_folder_that_does_not_exist(tmp_path, capsys):
+    from speckv.cli.draft import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--arch", "feature", "--data", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2
+    assert "speckv draft data --prompts" in capsys.readouterr().err
