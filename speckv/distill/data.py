@@ -137,11 +137,11 @@ def generate_data(per_task: int = POOL_PER_TASK, batch_size: int = 16,
     tok, model = loaded.tokenizer, loaded.model
     chunks = [pool[i : i + chunk] for i in range(0, len(pool), chunk)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    manifest = {"per_task": per_task, "seed": seed, "max_new_tokens": max_new_tokens,
-                "chunks": [[p.prompt_id for p in c] for c in chunks]}
-    if prompts is not None:
-        manifest = {"source": "prompts", "max_new_tokens": max_new_tokens,
-                    "chunks": manifest["chunks"], "left_out": dropped}
+    ids = [[p.prompt_id for p in c] for c in chunks]
+    manifest = ({"per_task": per_task, "seed": seed, "max_new_tokens": max_new_tokens,
+                 "chunks": ids} if prompts is None else
+                {"source": "prompts", "max_new_tokens": max_new_tokens, "chunks": ids,
+                 "left_out": dropped})
     _check_manifest(out / "manifest.json", manifest)
     todo = [ci for ci in range(len(chunks)) if not (out / f"chunk-{ci:04d}.pt").exists()]
     log.info("%d prompts in %d chunks; %d to generate into %s", len(pool), len(chunks),

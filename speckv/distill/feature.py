@@ -23,6 +23,7 @@ training set (the held-out prompts are fixed by a hash of their ids).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -46,6 +47,7 @@ from speckv.llm.feature_draft import (
     FeatureDraft,
     FeatureDraftConfig,
     build_feature_draft,
+    own_tensors,
     save_feature_draft,
 )
 from speckv.paths import cache_dir
@@ -196,8 +198,7 @@ def feature_loss(model: FeatureDraft, batch: dict[str, torch.Tensor], t2d: torch
         rows = g[valid]
         logits = model.logits_small(rows).float()
         small = t2d[lab[valid]]
-        answer = batch["answer"][:, d - 1][valid] if "answer" in batch else torch.ones_like(
-            small, dtype=torch.bool)
+        answer = batch["answer"][:, d - 1][valid]  # the rest are prompt positions
         held = (small >= 0) & answer
         ce = F.cross_entropy(logits[held], small[held]) if held.any() else logits.sum() * 0
         target = batch["targets"][:, d - 1 : d - 1 + width][valid].to(rows.dtype)
@@ -205,11 +206,9 @@ def feature_loss(model: FeatureDraft, batch: dict[str, torch.Tensor], t2d: torch
             with torch.no_grad():
                 teacher = model.logits_small(target).float().softmax(-1)
             soft = -(teacher * logits.log_softmax(-1)).sum(-1)
-            if answer.all():
-                ce = (1 - soft_weight) * ce + soft_weight * soft.mean()
-            else:  # prompt positions: the soft term alone
-                ce = ((1 - soft_weight) * ce * answer.float().mean()
-                      + (soft_weight * soft * answer + soft * ~answer).mean())
+            # answer positions mix the two; prompt positions take the soft term alone
+            ce = ((1 - soft_weight) * ce * answer.float().mean()
+                  + torch.where(answer, soft_weight * soft, soft).mean())
         reg = F.smooth_l1_loss(rows.float(), target.float())
         total = total + decay ** (d - 1) * (ce + reg_weight * reg)
         best = model.lm_head.token_ids[logits.argmax(-1)]
@@ -244,23 +243,17 @@ def _initial_weights(init: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     seed it was trained with (None where not recorded)."""
     init = Path(init)
     if init.is_dir():
-        import json
-
-        from safetensors.torch import load_file
-
         if not (init / "draft.safetensors").exists():
             raise SpeckvError(f"--init {init}: no draft.safetensors there; name a folder "
-                                    "`speckv draft distill --arch feature` saved, or its "
-                                    "checkpoint file.")
-        own = load_file(str(init / "draft.safetensors"))
+                              "`speckv draft distill --arch feature` saved, or its "
+                              "checkpoint file.")
         card = init / "speckv_draft.json"
         seed = json.loads(card.read_text()).get("seed") if card.exists() else None
-    elif init.is_file():
-        state = torch.load(init, weights_only=False)
-        own, seed = state["model"], state.get("seed")
-    else:
+        return own_tensors(init), seed
+    if not init.is_file():
         raise SpeckvError(f"--init {init}: no such draft folder or checkpoint.")
-    return {k: v if k.endswith("token_ids") else v.float() for k, v in own.items()}, seed
+    state = torch.load(init, weights_only=False)
+    return state["model"], state.get("seed")
 
 
 def checkpoint_path() -> Path:
@@ -311,7 +304,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
             # the held-out prompts are drawn by seed: another seed's would include prompts the
             # starting draft trained on, and its held-out agreement would flatter it
             raise SpeckvError(f"--init {init} was trained with --seed {init_seed}; go on with "
-                             f"--seed {init_seed} so that its held-out prompts stay held out.")
+                              f"--seed {init_seed} so that its held-out prompts stay held out.")
     own = state["model"] if state is not None else start
     token_ids = (own["lm_head.token_ids"] if own is not None
                  else frequent_tokens(train_rows, draft_vocab, int(config.vocab_size)))

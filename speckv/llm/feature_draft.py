@@ -433,18 +433,24 @@ def save_feature_draft(model: FeatureDraft, out: Path, card: dict) -> None:
         (tmp / "speckv_draft.json").write_text(json.dumps(meta, indent=2))
 
 
+def own_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors a saved feature draft stores (``draft.safetensors``), in float32 but the
+    head's token ids, ready for ``load_state_dict(..., strict=False)``."""
+    from safetensors.torch import load_file
+
+    own = load_file(str(Path(path) / "draft.safetensors"))
+    return {k: v if k.endswith("token_ids") else v.float() for k, v in own.items()}
+
+
 def load_feature_draft(path: Path, target_state: dict[str, torch.Tensor],
                        dtype: torch.dtype = torch.bfloat16) -> FeatureDraft:
     """Rebuild a saved feature draft on the target's weights ``target_state``."""
-    from safetensors.torch import load_file
-
     meta = json.loads((Path(path) / "speckv_draft.json").read_text())
     fields = FeatureDraftConfig.__dataclass_fields__
     cfg = FeatureDraftConfig(**{k: meta[k] for k in fields})
-    own = load_file(str(Path(path) / "draft.safetensors"))
+    own = own_tensors(path)
     model = build_feature_draft(cfg, target_state, own["lm_head.token_ids"])
-    model.load_state_dict({k: v if k.endswith("token_ids") else v.float()
-                           for k, v in own.items()}, strict=False)
+    model.load_state_dict(own, strict=False)
     model = model.to(dtype).eval()
     model.requires_grad_(False)
     return model
