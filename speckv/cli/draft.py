@@ -1,5 +1,7 @@
 """``speckv draft data|distill|evaluate``: make, train and measure the demo draft.
 
+- ``prompts``: prompts the target writes itself (its own chat template's user turns), for
+  ``data --prompts`` when there are no in-domain prompts at hand;
 - ``data``: the target's greedy answers (+ top-k log-probs) to the distillation prompt pool,
   in resumable chunks under the cache directory;
 - ``distill``: train the draft on them (resumable; writes ``models/speckv-draft/``);
@@ -77,6 +79,16 @@ def main(argv: list[str]) -> int:
     d.add_argument("--out", default=None,
                    help="the data folder (default: the pool's in the speckv cache; with "
                         "--prompts, distill-<file name> there)")
+    w = sub.add_parser("prompts", help="prompts written by the target itself (Magpie-style), "
+                       "for `draft data --prompts` when you have none of your own")
+    w.add_argument("--out", required=True, help="JSONL file to write (resumed if it exists)")
+    w.add_argument("--per-task", type=positive, default=500)
+    w.add_argument("--tasks", default="chat,code,math,summarization",
+                   help="comma-separated, among chat, code, math, summarization")
+    w.add_argument("--batch-size", type=positive, default=16)
+    w.add_argument("--temperature", type=positive_float, default=1.0)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--threads", type=positive, help="torch threads (default: torch's)")
     t = sub.add_parser("distill", help="train the draft (resumable)")
     t.add_argument("--steps", type=positive, default=3000)
     t.add_argument("--batch-size", type=positive, default=8)
@@ -169,6 +181,22 @@ def main(argv: list[str]) -> int:
             layers = []
         if not layers or min(layers) < 0:
             t.error(f"--layers {args.layers!r}: write target layer indices, e.g. 0,1,2,3.")
+    if args.cmd == "prompts":
+        from pathlib import Path
+
+        from speckv.distill.self_prompts import write_self_prompts
+        from speckv.prompts import TASKS
+
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            w.error(f"--tasks {args.tasks!r}: name tasks among {', '.join(TASKS)}.")
+        made = write_self_prompts(Path(args.out), args.per_task, tasks,
+                                  batch_size=args.batch_size, seed=args.seed,
+                                  temperature=args.temperature, threads=args.threads)
+        print(f"{len(made)} prompts in {args.out}; answer them with `speckv draft data "
+              f"--prompts {args.out} --out DIR`")
+        return 0
     if args.cmd == "data":
         from pathlib import Path
 
