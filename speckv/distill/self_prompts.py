@@ -22,7 +22,6 @@ one would have.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import zlib
@@ -30,9 +29,15 @@ from pathlib import Path
 
 import torch
 
-from speckv.atomic import atomic_write
 from speckv.llm.weights import DEMO_TARGET
-from speckv.prompts import TASKS, Prompt, PromptError, template_key
+from speckv.prompts import (
+    TASKS,
+    Prompt,
+    PromptError,
+    load_jsonl,
+    template_key,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +113,7 @@ def _order(p: Prompt) -> tuple:
 
 
 def read_prompts(path: Path) -> list[Prompt]:
-    if not path.exists():
-        return []
-    from speckv.prompts import load_jsonl
-
-    return load_jsonl(path)
+    return load_jsonl(path) if path.exists() else []
 
 
 def write_self_prompts(out: Path, per_task: int, tasks: tuple[str, ...] = TASKS,
@@ -161,9 +162,7 @@ def write_self_prompts(out: Path, per_task: int, tasks: tuple[str, ...] = TASKS,
                     have += 1
             bar.update(min(have, per_task) - bar.n)
             prompts.sort(key=_order)  # a resumed file reads as one written in one go
-            lines = "".join(json.dumps({"task": p.task, "id": p.prompt_id, "prompt": p.text})
-                            + "\n" for p in prompts)
-            atomic_write(out, lambda tmp, lines=lines: Path(tmp).write_text(lines))
+            write_jsonl(out, prompts)
             batch += 1
             if batch > 50 + 4 * per_task // batch_size and have < per_task:
                 raise PromptError(f"The target wrote too few usable {task} prompts "

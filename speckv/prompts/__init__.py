@@ -296,6 +296,16 @@ def load_jsonl(path: str | Path) -> list[Prompt]:
     return out
 
 
+def write_jsonl(path: str | Path, prompts: Iterable[Prompt]) -> None:
+    """Write prompts in the form :func:`load_jsonl` reads, atomically (a temporary file, then
+    a rename: an interrupted write leaves the old file whole)."""
+    from speckv.atomic import atomic_write
+
+    lines = "".join(json.dumps({"task": p.task, "id": p.prompt_id, "prompt": p.text}) + "\n"
+                    for p in prompts)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(lines))
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a user turn, through the tokenizer's chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
