@@ -97,19 +97,24 @@ def _sample_turns(model, tok, prefix: str, lead: str, n: int, max_new_tokens: in
     return turns
 
 
+def _batch_row(p: Prompt) -> tuple[int, int] | None:
+    """(batch, row) of a prompt this module wrote (id ``self-<task>-<batch>-<row>``), else
+    None (a line of the user's own in the same file)."""
+    if not p.prompt_id.startswith(f"self-{p.task}-"):
+        return None
+    batch, row = p.prompt_id.split("-")[-2:]
+    return int(batch), int(row)
+
+
 def _next_batch(prompts: list[Prompt], task: str) -> int:
-    """The batch to sample next for ``task``: one after the last on file (ids are
-    ``self-<task>-<batch>-<row>``)."""
-    done = [int(p.prompt_id.split("-")[-2]) for p in prompts
-            if p.task == task and p.prompt_id.startswith(f"self-{task}-")]
+    """The batch to sample next for ``task``: one after the last on file."""
+    done = [at[0] for p in prompts if p.task == task and (at := _batch_row(p)) is not None]
     return max(done) + 1 if done else 0
 
 
 def _order(p: Prompt) -> tuple:
-    if not p.prompt_id.startswith(f"self-{p.task}-"):
-        return (-1, 0, 0)  # a line of the user's own stays where it is, first
-    batch, row = p.prompt_id.split("-")[-2:]
-    return (TASKS.index(p.task), int(batch), int(row))
+    at = _batch_row(p)  # a line of the user's own stays where it is, first
+    return (-1, 0, 0) if at is None else (TASKS.index(p.task), *at)
 
 
 def read_prompts(path: Path) -> list[Prompt]:
