@@ -403,6 +403,12 @@ class SpeckvCandidateGenerator(CandidateGenerator):
         return logits[-1], n_ids - keep_len
 
     # ------------------------------------------------------------------------- the API
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens one step drafts (transformers >= 5.25 asks, to size what a cache
+        with recurrent layers records for rollback; speckv's targets have none)."""
+        return self.max_gamma
+
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any,
                        ) -> tuple[torch.LongTensor, torch.Tensor | None]:
         started = time.perf_counter()

@@ -141,7 +141,8 @@ def test_a_cached_choice_made_on_another_machine_is_not_used(model_dir, tmp_path
     path = choose_dtype(str(model_dir), directory=tmp_path, measure=fake,
                         fingerprint=fp()).cache
     stored = json.loads(path.read_text())
-    stored["machine"]["isa"] = {**stored["machine"]["isa"], "amx_bf16": False}
+    isa = stored["machine"]["isa"]  # another machine: this one's AMX flag flipped, either way
+    stored["machine"]["isa"] = {**isa, "amx_bf16": not isa["amx_bf16"]}
     stored["choice"]["dtype"] = "bfloat16"
     path.write_text(json.dumps(stored))
     caplog.set_level(logging.WARNING, logger="speckv.decode.dtype")

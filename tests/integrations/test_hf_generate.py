@@ -613,3 +613,42 @@ def test_compression_and_step_costs():
     # without a measured catch-up table, a step after one unseen token costs the v1 formula
     np.testing.assert_allclose(step_costs_of(COSTS).drafting(1), COSTS.step_costs(), rtol=1e-6)
     assert step_costs_of(None) is None
+
+
+# ----------------------------------------------- the candidate-generator contract, per version
+def _attributes_the_loop_reads() -> set[str]:
+    """Every ``candidate_generator.NAME`` the installed transformers' generation code reads.
+
+    transformers 5.25 began to ask for ``num_drafting_tokens`` before the first step (an
+    AttributeError on every assisted call); a new name in a later release fails here, by name,
+    before a user meets it (``make test-latest``).
+    """
+    import inspect
+    import re
+
+    from transformers.generation import utils
+
+    source = inspect.getsource(utils)
+    return set(re.findall(r"candidate_generator\.([A-Za-z_]\w*)", source))
+
+
+def test_the_generator_answers_everything_the_installed_assisted_loop_asks():
+    import transformers
+
+    draft, target = tiny_llama(1, seed=1), tiny_llama(2, seed=0)
+    config = target.generation_config
+    config.max_length = 64
+    gen = SpeckvCandidateGenerator(
+        draft, FixedGamma(3), None, generation_config=config, logits_processor=None,
+        compression="fp16", vocab_size=target.config.vocab_size)
+    asked = _attributes_the_loop_reads()
+    assert {"get_candidates", "update_candidate_strategy"} <= asked  # the parse still works
+    # names read only behind a guard this generator does not pass: Hugging Face's own
+    # heuristic schedule (an isinstance check on its AssistedCandidateGenerator), and the
+    # target's outputs handed to generators that ask for them
+    assert not gen.requires_model_outputs and not isinstance(gen, AssistedCandidateGenerator)
+    guarded = {"assistant_model", "num_assistant_tokens", "model_kwargs_overrides"}
+    missing = sorted(n for n in asked - guarded if not hasattr(gen, n))
+    assert not missing, (f"transformers {transformers.__version__}'s assisted loop reads "
+                         f"{missing} of a candidate generator; SpeckvCandidateGenerator lacks it")
+    assert gen.num_drafting_tokens == GAMMA_MAX  # the most one step drafts
