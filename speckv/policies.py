@@ -56,6 +56,7 @@ import numpy as np
 
 from speckv.errors import SpeckvError
 from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, GAMMAS, MAX_SKIP_RUN
+from speckv.runtime.proposal import TREE_SIZES, tree_by_size, tree_code
 
 Objective = Literal["tokens_per_s", "tokens_per_step"]
 OBJECTIVES: Final = ("tokens_per_s", "tokens_per_step")
@@ -82,8 +83,8 @@ PLAIN: Final = 0
 #: ``token_stats`` (the decoder computes only those), and one without the attribute gets both.
 TOKEN_STATS: Final = frozenset({"top1", "entropy"})
 
-SPECS: Final = ("ar", "fixed:K", "heuristic", "confidence:T", "entropy:T", "ema", "oracle",
-                "onnx:PATH", "ckpt:PATH")
+SPECS: Final = ("ar", "fixed:K", "tree:N", "heuristic", "confidence:T", "entropy:T", "ema",
+                "oracle", "onnx:PATH", "ckpt:PATH")
 
 
 class PolicyError(SpeckvError, ValueError):
@@ -192,6 +193,23 @@ class FixedGamma(_Stateless):
 
     def choose(self, ctx: StepContext) -> int:
         return self.gamma
+
+
+class FixedTree(_Stateless):
+    """Every step verifies the same tree of ``size`` nodes grown from the draft
+    (:data:`speckv.runtime.proposal.TREES`; near the budget's end no deeper than the tokens
+    left)."""
+
+    def __init__(self, size: int) -> None:
+        try:
+            self.code = tree_code(tree_by_size(size))
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
+        self.size = size
+        self.name = f"tree:{size}"
+
+    def choose(self, ctx: StepContext) -> int:
+        return self.code
 
 
 class BestFixed(_Stateless):
@@ -591,6 +609,11 @@ def _build(spec: str, objective: Objective,
         if not arg:
             raise PolicyError(f"Policy {spec!r}: write fixed:K with K in 1..{GAMMA_MAX}.")
         return FixedGamma(_number(spec, arg, int))
+    if kind == "tree":
+        if not arg:
+            raise PolicyError(f"Policy {spec!r}: write tree:N with N in "
+                              f"{', '.join(map(str, TREE_SIZES))}.")
+        return FixedTree(_number(spec, arg, int))
     if kind == "confidence":
         return ConfidenceStop(_number(spec, arg, float) if arg else CONFIDENCE_THRESHOLD)
     if kind == "entropy":

@@ -93,12 +93,22 @@ SCHEMA: Final = (
     Column("accept_len", pa.int16(), "outcome"),
     Column("accept_cap", pa.int16(), "outcome"),
     Column("accept_prob_k", _LIST, "outcome", nullable=True),
+    # trace rows: the accepted length of each tree of speckv.runtime.proposal.TREES grown
+    # from this position (depth cut to the budget left, as the decoder cuts it)
+    Column("tree_accept_len", _LIST, "outcome", nullable=True),
     Column("cost_draft_s", pa.float32(), "cost", nullable=True, finite=True),
     Column("cost_verify_s", _LIST, "cost", nullable=True),
     # seconds of one draft forward over n = 1, 2, ... tokens (the catch-up after plain steps)
     Column("cost_catchup_s", _LIST, "cost", nullable=True),
+    # seconds per tree of TREES: growing it after the catch-up (its draft forwards and their
+    # bookkeeping), and the target's forward over its nodes and the root with the tree's mask
+    Column("cost_tree_draft_s", _LIST, "cost", nullable=True),
+    Column("cost_tree_verify_s", _LIST, "cost", nullable=True),
     Column("gamma", pa.int16(), "live", nullable=True),
     Column("drafted", pa.int16(), "live", nullable=True),
+    # the nodes of the tree a live step verified (null: a chain or a plain step); ``drafted``
+    # then counts its nodes and ``accept_cap`` is its depth
+    Column("tree_size", pa.int16(), "live", nullable=True),
     Column("t_step_s", pa.float32(), "live", nullable=True),
     # the step's draft forwards, its target forward, and its decisions (features + policy)
     Column("t_draft_s", pa.float32(), "live", nullable=True),
@@ -113,7 +123,8 @@ COLUMNS: Final = tuple(c.name for c in SCHEMA)
 #: columns added after the first record files were written: absent from a frame (an older
 #: file, an older writer), they are filled with nulls.
 ADDED_COLUMNS: Final = ("cost_catchup_s", "t_draft_s", "t_verify_s", "t_decision_s",
-                         "draft_kind")
+                         "draft_kind", "tree_accept_len", "cost_tree_draft_s",
+                         "cost_tree_verify_s", "tree_size")
 ARROW_SCHEMA: Final = pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in SCHEMA])
 DECISION_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "decision")
 PAPER_FEATURES: Final = ("paper_mean_entropy", "paper_mean_confidence", "paper_max_entropy",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
+from speckv.decode.tree import additive_mask, verify_mask
 from speckv.errors import SpeckvError
 from speckv.llm.feature_draft import is_feature_draft
 from speckv.machine import fingerprint as machine_fingerprint
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from transformers import DynamicCache
 
     from speckv.llm.load import LoadedModel
+    from speckv.runtime.proposal import Proposal
 
 #: context length of the timing runs: the middle of a typical prompt plus answer.
 CONTEXT_LEN: Final = 200
@@ -50,16 +52,25 @@ class CostError(SpeckvError, ValueError):
 
 
 def lm_forward(model: torch.nn.Module, ids: list[int], cache: DynamicCache,
-               keep: int = 1) -> torch.Tensor:
+               keep: int = 1, tree: Proposal | None = None) -> torch.Tensor:
     """One causal-LM forward over ``ids`` appended to ``cache``; logits of the last ``keep``.
 
     This is the only forward call speculative decoding makes (draft catch-up and proposals,
     target verification, plain target steps), so the cost model times exactly it. Returns
-    ``[keep, vocab]`` in the model's compute dtype; the cache grows by ``len(ids)``.
+    ``[keep, vocab]`` in the model's compute dtype; the cache grows by ``len(ids)``. With
+    ``tree`` (``ids`` = ``[root, *tree.tokens]``, a tree that is not a chain) each position
+    attends to the cache and its own ancestors, at position ``past + depth``
+    (:func:`speckv.decode.tree.verify_mask`).
     """
     device = getattr(model, "device", None)  # on the model's device (cpu, cuda)
+    kwargs = {}
+    if tree is not None and not tree.is_chain:
+        past = cache.get_seq_length()
+        depths = torch.from_numpy(np.concatenate([[0], tree.depths]))
+        kwargs = {"attention_mask": additive_mask(verify_mask(tree, past), model),
+                  "position_ids": (past + depths)[None].to(device)}
     out = model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True,
-                logits_to_keep=keep)
+                logits_to_keep=keep, **kwargs)
     return out.logits[0]
 
 

@@ -75,6 +75,15 @@ import numpy as np
 import torch
 
 from speckv.decode.costs import lm_forward, module_of, new_cache
+from speckv.decode.tree import (
+    Root,
+    Slots,
+    TreeDraft,
+    grow,
+    keep_rows,
+    keep_state_rows,
+    verify_sampled_tree,
+)
 from speckv.errors import SpeckvError
 from speckv.llm.feature_draft import TargetStates, is_feature_draft
 from speckv.policies import PLAIN, TOKEN_STATS, Learned, Policy, PreContext, StepContext
@@ -88,6 +97,7 @@ from speckv.runtime.features import (
     fill_pre_features,
     fill_step_features,
 )
+from speckv.runtime.proposal import N_OPTIONS, TREES, Proposal, TreeShape, tree_index
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -121,6 +131,24 @@ class TargetForward:
     ids: tuple[int, ...]
     keep: int
     emitted: int
+    #: a tree's verify forward: the parent of each node ``ids[1:]`` (-1: the root ``ids[0]``),
+    #: fed with :func:`speckv.decode.tree.verify_mask` at positions ``start + depth``, all rows
+    #: kept; ``path``: the accepted nodes, which with the root stay in the cache
+    parents: tuple[int, ...] | None = None
+    path: tuple[int, ...] = ()
+
+    def emitting_rows(self) -> list[int]:
+        """The kept logit row that emitted each emitted token, in order."""
+        if self.parents is None:
+            return list(range(self.emitted))
+        return [0, *(1 + j for j in self.path)][: self.emitted]
+
+    def kept_ids(self) -> list[int]:
+        """The ids that stay in the target's cache after the forward (before the next
+        forward's crop): all of them, or a tree's root and its accepted path."""
+        if self.parents is None:
+            return list(self.ids)
+        return [self.ids[r] for r in [0, *(1 + j for j in self.path)][: self.emitted]]
 
 
 @dataclass
@@ -268,19 +296,19 @@ class _Sampler:
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, -1)
 
     def sample(self, logits: torch.Tensor) -> int:
-        return int(torch.multinomial(self._probs(logits), 1, generator=self.generator))
+        return int(torch.multinomial(self.probs(logits), 1, generator=self.generator))
 
     def propose(self, logits: torch.Tensor, prop: _Proposal) -> int:
-        q = self._probs(logits)
+        q = self.probs(logits)
         prop.probs.append(q)
         return int(torch.multinomial(q, 1, generator=self.generator))
 
     def verify(self, t_logits: torch.Tensor, prop: _Proposal) -> tuple[int, int, list[float]]:
-        return verify_sampled(self._probs(t_logits), torch.stack(prop.probs), prop.tokens,
+        return verify_sampled(self.probs(t_logits), torch.stack(prop.probs), prop.tokens,
                               self.generator)
 
 
@@ -290,8 +318,13 @@ _PLAIN_RECORD: Final = {
     "target_top1_prev": None, "agree_ema": None, "agree_run": None,
     "draft_entropy_k": None, "draft_top1_k": None,
     "accept_len": 0, "accept_cap": 0, "accept_prob_k": None, "gamma": 0, "drafted": 0,
+    "tree_size": None,
     "t_draft_s": 0.0, "t_verify_s": 0.0, "t_decision_s": 0.0,
 }
+
+
+def _array_or_none(values: Any) -> np.ndarray | None:
+    return np.asarray(values, np.float32) if values else None
 
 
 @dataclass
@@ -367,6 +400,9 @@ class SpeculativeDecoder:
             "cost_draft_s": costs.cost_draft_s if costs is not None else None,
             "cost_verify_s": cost_verify,
             "cost_catchup_s": np.asarray(catchup, np.float32) if catchup else None,
+            "cost_tree_draft_s": _array_or_none(getattr(costs, "cost_tree_draft_s", None)),
+            "cost_tree_verify_s": _array_or_none(getattr(costs, "cost_tree_verify_s", None)),
+            "tree_accept_len": None,
             "paper_mean_entropy": None, "paper_mean_confidence": None,
             "paper_max_entropy": None, "paper_min_confidence": None,
         }
@@ -449,14 +485,16 @@ class SpeculativeDecoder:
                 lm_forward(self.draft, prompt_ids[:-1], d_cache)
         return seq
 
-    def _target_forward(self, seq: _Sequence, ids: list[int], keep: int) -> torch.Tensor:
-        """The target's forward over ``ids`` after its cache; with a feature-conditioned
-        draft its last hidden states are kept for the draft's next catch-up."""
+    def _target_forward(self, seq: _Sequence, ids: list[int], keep: int,
+                        tree: Proposal | None = None) -> torch.Tensor:
+        """The target's forward over ``ids`` after its cache (``tree``: a tree's verify
+        forward); with a feature-conditioned draft its last hidden states are kept for the
+        draft's next catch-up."""
         if seq.states is None:
-            return lm_forward(self.target, ids, seq.t_cache, keep=keep)
+            return lm_forward(self.target, ids, seq.t_cache, keep=keep, tree=tree)
         start = seq.t_cache.get_seq_length()
         with seq.states.capture(self.target, start):
-            logits = lm_forward(self.target, ids, seq.t_cache, keep=keep)
+            logits = lm_forward(self.target, ids, seq.t_cache, keep=keep, tree=tree)
         seq.states.valid = seq.t_cache.get_seq_length()
         return logits
 
@@ -532,13 +570,19 @@ class SpeculativeDecoder:
                           position=seq.produced, max_gamma=max_gamma, costs=costs)
         choice = int(policy.choose(ctx))
         clock.decision += time.perf_counter() - started
-        if not PLAIN <= choice <= GAMMA_MAX:
-            raise DecodeError(f"Policy {policy.name!r} chose γ={choice}; choose() must return "
-                              f"1..{GAMMA_MAX}, or {PLAIN} for a plain target step.")
+        if not PLAIN <= choice < N_OPTIONS:
+            raise DecodeError(f"Policy {policy.name!r} chose {choice}; choose() must return "
+                              f"1..{GAMMA_MAX} (a chain of γ tokens), {GAMMA_MAX + 1}.."
+                              f"{N_OPTIONS - 1} (a tree, speckv.runtime.proposal.TREES), or "
+                              f"{PLAIN} for a plain target step.")
         if choice == PLAIN:  # drafted once, then a plain step: the proposal scores the token
             token, x = self._target_token(seq, sampler, clock)
             history.settle(best == token, token_prob(x, token, self._stats))
             return [token], {**_PLAIN_RECORD, **record, **clock.record()}
+        tree = tree_index(choice)
+        if tree is not None:
+            return self._tree_step(seq, TREES[tree], max_gamma, first, best, sampler, clock,
+                                   record)
         gamma = min(choice, max_gamma)
         # 2. drafting, with the policy's per-token stopping rule
         prop = self._draft(seq, first, best, gamma, top1, entropy, sampler, clock)
@@ -586,7 +630,65 @@ class SpeculativeDecoder:
         policy.observe(k, from_draft)
         record.update(draft_entropy_k=prop.entropy, draft_top1_k=prop.top1,
                       accept_len=from_draft, accept_cap=k, accept_prob_k=accept_probs,
-                      gamma=gamma, drafted=k, **clock.record())
+                      gamma=gamma, drafted=k, tree_size=None, **clock.record())
+        return emitted, record
+
+    def _tree_step(self, seq: _Sequence, shape: TreeShape, max_gamma: int, first: np.ndarray,
+                   best: int, sampler: _Sampler | None, clock: _Clock,
+                   record: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+        """Grow a tree from the first proposal, verify it in ONE target forward, keep the
+        accepted path (:mod:`speckv.decode.tree`). Near the budget's end the tree is no deeper
+        than the tokens left (a trace records the same cut).
+
+        Every emitted token but the first waits for the next catch-up, whatever the draft's
+        kind: the draft's cache keeps none of the tree (its nodes sit in tree order), so the
+        catch-up feeds the emitted tokens again and scores them on the true prefix.
+        """
+        history = seq.history
+        shape = TreeShape(shape.size, min(shape.depth, max_gamma), shape.branch)
+        started = time.perf_counter()
+        base = seq.d_cache.get_seq_length()
+        root = Root(torch.from_numpy(first), 0, base, base,
+                    getattr(seq.d_cache, "own", None))
+        draft = TreeDraft(self.draft, seq.d_cache, [root])
+        slots = Slots() if sampler is None else Slots(sampler.temperature, sampler.generator)
+        try:
+            grown = grow(draft, [root], shape.depth, shape.branch, slots)[0].top(shape)
+        finally:
+            draft.reset()
+        prop = grown.proposal
+        clock.draft += time.perf_counter() - started
+        # verification: [last emitted token, nodes...] with the tree's mask
+        start = seq.t_cache.get_seq_length()
+        verify_ids = (seq.tokens[-1], *prop.tokens.tolist())
+        started = time.perf_counter()
+        t_logits = self._target_forward(seq, list(verify_ids), keep=len(verify_ids), tree=prop)
+        clock.verify += time.perf_counter() - started
+        t_rows = self._target_rows(t_logits)
+        if sampler is None:
+            path = prop.walk(lambda node: int(t_rows[node + 1].argmax()))
+            nxt = int(t_rows[path[-1] + 1 if path else 0].argmax())
+        else:
+            path, nxt = verify_sampled_tree(sampler.probs(torch.from_numpy(t_rows)), grown,
+                                            sampler.generator)
+        rows = [0, *(1 + j for j in path)]
+        emitted = [*prop.tokens[path].tolist(), nxt]
+        p_emit = [token_prob(t_rows[r], token, self._stats)
+                  for r, token in zip(rows, emitted, strict=True)]
+        emitted = self._cut_at_eos(emitted)
+        seq.forwards.append(TargetForward(start, verify_ids, len(verify_ids), len(emitted),
+                                          tuple(prop.parents.tolist()), tuple(path)))
+        keep_rows(seq.t_cache, start, rows[: len(emitted)])
+        if seq.states is not None:
+            keep_state_rows(seq.states, start, rows[: len(emitted)])
+        history.settle(best == emitted[0], p_emit[0])
+        for p in p_emit[1 : len(emitted)]:
+            history.defer(p)
+        from_draft = min(len(path), len(emitted))
+        self.policy.observe(shape.depth, from_draft)
+        record.update(draft_entropy_k=None, draft_top1_k=None, accept_len=from_draft,
+                      accept_cap=shape.depth, accept_prob_k=None, gamma=None,
+                      drafted=len(prop), tree_size=shape.size, **clock.record())
         return emitted, record
 
     def _draft(self, seq: _Sequence, first: np.ndarray, best: int, gamma: int, top1: float,
@@ -677,6 +779,7 @@ def records_frame(steps: list[dict[str, Any]]) -> pd.DataFrame:
 
     df = pd.DataFrame(steps, columns=list(COLUMNS))
     for name, dtype in (("agree_run", "Int32"), ("gamma", "Int16"), ("drafted", "Int16"),
+                        ("tree_size", "Int16"),
                         ("seq_len", "Int32"), ("max_new_tokens", "Int32")):
         df[name] = df[name].astype(dtype)
     return validate(df)

@@ -15,10 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from speckv.decode.costs import module_of
 from speckv.decode.decoder import DecodeError, DecodeResult, TargetForward
+from speckv.decode.tree import additive_mask, keep_rows, verify_mask
+from speckv.runtime.proposal import Proposal
 
 if TYPE_CHECKING:
     from speckv.llm.load import LoadedModel
@@ -81,11 +84,20 @@ class Difference:
 
 
 def _forward(module: torch.nn.Module, ids: list[int] | tuple[int, ...], cache: Any,
-             keep: int) -> torch.Tensor:
-    """One HF forward (not through speckv's lm_forward): float32 logits of the last ``keep``."""
-    out = module(input_ids=torch.tensor([list(ids)], device=getattr(module, "device", None)),
-                 cache=cache, use_cache=True,
-                 logits_to_keep=keep)
+             keep: int, parents: tuple[int, ...] | None = None) -> torch.Tensor:
+    """One HF forward (not through speckv's lm_forward): float32 logits of the last ``keep``.
+    ``parents``: a tree's verify forward (its mask and depth positions, built here from the
+    logged parents with :mod:`speckv.decode.tree`'s mask)."""
+    kwargs = {}
+    device = getattr(module, "device", None)
+    if parents is not None:
+        tree = Proposal(np.asarray(ids[1:], np.int64), np.asarray(parents, np.int64))
+        past = cache.get_seq_length()
+        depths = torch.from_numpy(np.concatenate([[0], tree.depths]))
+        kwargs = {"attention_mask": additive_mask(verify_mask(tree, past), module),
+                  "position_ids": (past + depths)[None].to(device)}
+    out = module(input_ids=torch.tensor([list(ids)], device=device), cache=cache,
+                 use_cache=True, logits_to_keep=keep, **kwargs)
     return out.logits[0].float()
 
 
@@ -110,8 +122,10 @@ def _replay(module: torch.nn.Module, forwards: Iterable[TargetForward],
         if len(context) > fwd.start:
             cache.crop(fwd.start - len(context))
             del context[fwd.start :]
-        logits = _forward(module, fwd.ids, cache, fwd.keep)
-        context.extend(fwd.ids)
+        logits = _forward(module, fwd.ids, cache, fwd.keep, fwd.parents)
+        if fwd.parents is not None:  # a tree: the root and the accepted path stay
+            keep_rows(cache, fwd.start, [0, *(1 + j for j in fwd.path)][: fwd.emitted])
+        context.extend(fwd.kept_ids())
         yield i, fwd, logits, context
 
 
@@ -151,7 +165,7 @@ def greedy_invariant(target: torch.nn.Module | LoadedModel, prompt_ids: list[int
             out.append(Violation(None, None, None, f"forward {i} emits {fwd.emitted} rows of "
                                  f"{fwd.keep} kept over {len(fwd.ids)} ids"))
             continue
-        best = logits[: fwd.emitted].argmax(-1).tolist()
+        best = logits[fwd.emitting_rows()].argmax(-1).tolist()
         for r in range(fwd.emitted):
             at = fwd.start + lead + r + 1  # index into ``full`` of the token row r emitted
             pos = at - n_prompt
@@ -220,7 +234,7 @@ def explain_difference(target: torch.nn.Module | LoadedModel, prompt_ids: list[i
             lead = len(fwd.ids) - fwd.keep
             r = target_pos - 1 - fwd.start - lead
             if 0 <= r < fwd.emitted:
-                chunked = logits[r]
+                chunked = logits[fwd.emitting_rows()[r]]
                 break
     return Difference(
         at, ref_tok, out_tok, int(one.argmax()),
