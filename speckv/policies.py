@@ -56,7 +56,7 @@ import numpy as np
 
 from speckv.errors import SpeckvError
 from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, GAMMAS, MAX_SKIP_RUN
-from speckv.runtime.proposal import TREE_SIZES, tree_by_size, tree_code
+from speckv.runtime.proposal import N_OPTIONS, TREE_SIZES, tree_by_size, tree_code
 
 Objective = Literal["tokens_per_s", "tokens_per_step"]
 OBJECTIVES: Final = ("tokens_per_s", "tokens_per_step")
@@ -100,12 +100,17 @@ class StepContext:
     position: int  # tokens generated before this step
     max_gamma: int  # most tokens this step may draft (γmax, or fewer near the end)
     costs: np.ndarray  # [len(GAMMAS)] seconds of a step drafting each candidate γ
+    #: [len(TREES)] seconds of a step verifying each tree (speckv.runtime.proposal.TREES), or
+    #: None where tree costs were not measured (no tree can be priced)
+    tree_costs: np.ndarray | None = None
     #: the step's true accepted length (of γmax drafted tokens), less one when it runs to the
     #: answer's end (an accepted EOS ends the answer without a bonus token, so those drafted
     #: tokens gain nothing over the target's own): the step makes min(L, γ) + 1 tokens. Only
     #: offline replay knows it and fills it in; only :class:`Oracle` may read it. ``None``
     #: in the live decoder.
     oracle_accept_len: int | None = None
+    #: the same for each tree (replay only, for :class:`Oracle`)
+    oracle_tree_accept: np.ndarray | None = None
 
 
 @dataclass
@@ -122,6 +127,8 @@ class PreContext:
     skipped: int  # plain steps this policy chose in a row just before this one
     #: as :attr:`StepContext.oracle_accept_len` (replay only, for :class:`Oracle`)
     oracle_accept_len: int | None = None
+    tree_costs: np.ndarray | None = None  # as StepContext.tree_costs (catch-up included)
+    oracle_tree_accept: np.ndarray | None = None
 
 
 def probe_due(skipped: int, max_skip_run: int = MAX_SKIP_RUN) -> bool:
@@ -294,25 +301,25 @@ class BestStatic(_Stateless):
 
     def __init__(self, choices: Mapping[str, int], name: str = "best_static") -> None:
         for comp, g in choices.items():
-            if comp not in COMPRESSIONS or not PLAIN <= int(g) <= GAMMA_MAX:
-                raise PolicyError(f"BestStatic needs 0 (plain) or γ in 1..{GAMMA_MAX} per "
-                                  f"compression ({', '.join(COMPRESSIONS)}); got {comp!r}: "
-                                  f"{g!r}.")
+            if comp not in COMPRESSIONS or not PLAIN <= int(g) < N_OPTIONS:
+                raise PolicyError(f"BestStatic needs 0 (plain), γ in 1..{GAMMA_MAX} or a tree "
+                                  f"code {GAMMA_MAX + 1}..{N_OPTIONS - 1} per compression "
+                                  f"({', '.join(COMPRESSIONS)}); got {comp!r}: {g!r}.")
         self.choices = {c: int(g) for c, g in choices.items()}
         self.name = name
 
     @classmethod
     def from_scores(cls, scores: Mapping[str, Any]) -> BestStatic:
-        """From ``{compression: [plain, fixed:1, ..., fixed:8]}`` objective values (as
-        :func:`speckv.evaluate.baselines.static_scores` gives); near-ties go to plain, then
-        the smaller γ."""
+        """From ``{compression: [plain, fixed:1, ..., fixed:8(, tree:N...)]}`` objective
+        values (as :func:`speckv.evaluate.baselines.static_scores` gives, the trees where the
+        records have them); near-ties go to plain, then the smaller γ, then the chains."""
         out = {}
         for comp, row in scores.items():
             row = np.asarray(row, np.float64)
-            if row.shape != (GAMMA_MAX + 1,):
+            if row.shape not in ((GAMMA_MAX + 1,), (N_OPTIONS,)):
                 raise PolicyError(f"BestStatic.from_scores needs {GAMMA_MAX + 1} scores (plain, "
-                                  f"γ=1..{GAMMA_MAX}) per compression; got {row.shape} for "
-                                  f"{comp!r}.")
+                                  f"γ=1..{GAMMA_MAX}) or {N_OPTIONS} (and every tree) per "
+                                  f"compression; got {row.shape} for {comp!r}.")
             out[comp] = _best_choice(row, PLAIN)
         return cls(out)
 
@@ -454,25 +461,30 @@ class Oracle(_Stateless):
         self.name = "oracle"
         self._gammas = np.asarray(GAMMAS, dtype=np.float64)
 
-    def _values(self, accept_len: int | None, max_gamma: int, costs) -> np.ndarray:
-        if accept_len is None:
+    def _values(self, ctx: StepContext | PreContext) -> np.ndarray:
+        """Per option code 1..: chains ``1..max_gamma`` (the rest -inf), then the trees
+        when the step knows their outcomes and costs."""
+        if ctx.oracle_accept_len is None:
             raise PolicyError("The oracle needs each step's true accepted length, which only "
                               "offline replay of trace records knows (`speckv evaluate`); it "
                               "cannot drive the live decoder.")
-        m = max(int(max_gamma), 1)
-        tokens = np.minimum(float(accept_len), self._gammas[:m]) + 1.0
+        m = max(int(ctx.max_gamma), 1)
+        tokens = np.full(GAMMA_MAX, -np.inf)
+        tokens[:m] = np.minimum(float(ctx.oracle_accept_len), self._gammas[:m]) + 1.0
+        costs = np.asarray(ctx.costs, dtype=np.float64)[:GAMMA_MAX]
+        if ctx.oracle_tree_accept is not None and ctx.tree_costs is not None:
+            tokens = np.concatenate([tokens, np.asarray(ctx.oracle_tree_accept, float) + 1.0])
+            costs = np.concatenate([costs, np.asarray(ctx.tree_costs, np.float64)])
         if self.objective == "tokens_per_s":
-            tokens = tokens / np.asarray(costs, dtype=np.float64)[:m]
+            tokens = tokens / costs
         return tokens
 
     def speculate(self, ctx: PreContext) -> bool:
-        values = self._values(ctx.oracle_accept_len, ctx.max_gamma, ctx.costs)
         plain = 1.0 / ctx.plain_cost if self.objective == "tokens_per_s" else 1.0
-        return bool(values.max() > plain)
+        return bool(self._values(ctx).max() > plain)
 
     def choose(self, ctx: StepContext) -> int:
-        values = self._values(ctx.oracle_accept_len, ctx.max_gamma, ctx.costs)
-        return int(np.argmax(values)) + 1  # argmax takes the first (smallest γ) of ties
+        return int(np.argmax(self._values(ctx))) + 1  # ties: the first, the smallest γ
 
 
 class Chooser(Protocol):

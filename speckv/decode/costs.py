@@ -34,6 +34,7 @@ from speckv.machine import fingerprint as machine_fingerprint
 from speckv.machine import mismatch as machine_mismatch
 from speckv.runtime.costs import step_costs
 from speckv.runtime.features import GAMMA_MAX
+from speckv.runtime.proposal import TREES
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -108,6 +109,10 @@ class CostModel:
     #: seconds of one draft forward over n = 1, 2, ... tokens (the catch-up after plain
     #: steps), measured by :func:`speckv.decode.decoder.measure_catchup`; None: not measured
     cost_catchup_s: list[float] | None = None
+    #: per tree of speckv.runtime.proposal.TREES: seconds of its growth after the catch-up
+    #: and of the target's forward over it (:func:`measure_tree_costs`); None: not measured
+    cost_tree_draft_s: list[float] | None = None
+    cost_tree_verify_s: list[float] | None = None
 
     def __post_init__(self) -> None:
         verify = [float(v) for v in self.cost_verify_s]
@@ -121,6 +126,16 @@ class CostModel:
                             f"verify {verify}. Re-measure with speckv.decode.costs.measure_costs.")
         self.cost_draft_s = float(self.cost_draft_s)
         self.cost_verify_s = verify
+        for name in ("cost_tree_draft_s", "cost_tree_verify_s"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            values = [float(v) for v in values]
+            if len(values) != len(TREES) or not all(np.isfinite(v) and v > 0 for v in values):
+                raise CostError(f"{name} needs {len(TREES)} positive seconds (one per tree of "
+                                f"speckv.runtime.proposal.TREES), got {values}. Re-measure "
+                                "with speckv.decode.costs.measure_tree_costs.")
+            setattr(self, name, values)
         if self.machine is not None and not isinstance(self.machine, dict):
             raise CostError(f"machine must be a fingerprint object (speckv.machine.fingerprint),"
                             f" got {type(self.machine).__name__}. Re-measure with "
@@ -288,3 +303,53 @@ def measure_costs(draft: torch.nn.Module | LoadedModel, target: torch.nn.Module 
         threads=torch.get_num_threads(),
         machine=machine_fingerprint(torch.get_num_threads()),
     )
+
+
+@torch.inference_mode()
+def measure_tree_costs(costs: CostModel, draft: torch.nn.Module | LoadedModel,
+                       target: torch.nn.Module | LoadedModel, repeats: int = REPEATS,
+                       warmup: int = WARMUP) -> CostModel:
+    """``costs`` with each tree's measured costs (a new object), timed as the decoder runs
+    them after a ``costs.context_len``-token context: the growth of the tree from the draft's
+    distribution after the context (:func:`speckv.decode.tree.grow`, its draft forwards and
+    bookkeeping, then the draft's cache dropped back) and the target's forward over the grown
+    tree with its mask, cropped back after each call. The trees are timed round-robin."""
+    import dataclasses
+
+    from speckv.decode.tree import Root, TreeDraft, grow
+
+    d_model, t_model = module_of(draft), module_of(target)
+    vocab = min(int(d_model.config.vocab_size), int(t_model.config.vocab_size))
+    context = np.random.default_rng(2).integers(3, vocab, size=costs.context_len).tolist()
+    d_cache, t_cache = new_cache(d_model), new_cache(t_model)
+    root_logits = lm_forward(d_model, context, d_cache)[-1]
+    lm_forward(t_model, context[:-1], t_cache)
+    base = d_cache.get_seq_length()
+    root = Root(root_logits, 0, base, base, getattr(d_cache, "own", None))
+    grown = {}
+
+    def grow_call(i: int) -> None:
+        shape = TREES[i]
+        tree_draft = TreeDraft(d_model, d_cache, [root])
+        grown[i] = grow(tree_draft, [root], shape.depth, shape.branch)[0].top(shape).proposal
+        tree_draft.reset()
+
+    def verify_call(i: int) -> None:
+        tree = grown[i]
+        lm_forward(t_model, [context[-1], *tree.tokens.tolist()], t_cache, keep=len(tree) + 1,
+                   tree=tree)
+        t_cache.crop(-(len(tree) + 1))
+
+    for _ in range(warmup):
+        for i in range(len(TREES)):
+            grow_call(i)
+            verify_call(i)
+    grow_times: list[list[float]] = [[] for _ in TREES]
+    verify_times: list[list[float]] = [[] for _ in TREES]
+    for _ in range(repeats):
+        for i in range(len(TREES)):
+            grow_times[i].append(_seconds(lambda i=i: grow_call(i)))
+            verify_times[i].append(_seconds(lambda i=i: verify_call(i)))
+    return dataclasses.replace(
+        costs, cost_tree_draft_s=[statistics.median(t) for t in grow_times],
+        cost_tree_verify_s=[statistics.median(t) for t in verify_times])

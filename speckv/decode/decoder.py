@@ -82,6 +82,7 @@ from speckv.decode.tree import (
     grow,
     keep_rows,
     keep_state_rows,
+    supports_4d_masks,
     verify_sampled_tree,
 )
 from speckv.errors import SpeckvError
@@ -376,7 +377,9 @@ class SpeculativeDecoder:
         self.compression = compression or getattr(target, "compression", None) or "fp16"
         self.eos = frozenset(eos_token_ids) if eos_token_ids is not None else eos_ids(target)
         catchup = getattr(costs, "cost_catchup_s", None) if costs is not None else None
-        self._costs = (StepCosts(costs.cost_draft_s, costs.cost_verify_s, catchup)
+        self._costs = (StepCosts(costs.cost_draft_s, costs.cost_verify_s, catchup,
+                                 getattr(costs, "cost_tree_draft_s", None),
+                                 getattr(costs, "cost_tree_verify_s", None))
                        if costs is not None else None)
         self._nan_costs = np.full(GAMMA_MAX, np.nan, np.float32)
         needs = getattr(policy, "token_stats", TOKEN_STATS) if policy is not None else ()
@@ -498,6 +501,9 @@ class SpeculativeDecoder:
         seq.states.valid = seq.t_cache.get_seq_length()
         return logits
 
+    def _tree_costs(self, unseen: int) -> np.ndarray | None:
+        return self._costs.trees(unseen) if self._costs is not None else None
+
     def _step_costs(self, unseen: int) -> np.ndarray:
         return self._costs.drafting(unseen) if self._costs is not None else self._nan_costs
 
@@ -512,7 +518,7 @@ class SpeculativeDecoder:
         ctx = PreContext(self._pre.copy(), self.compression, seq.produced, max_gamma,
                          self._step_costs(unseen),
                          self._costs.plain if self._costs is not None else math.nan,
-                         unseen, seq.skipped)
+                         unseen, seq.skipped, tree_costs=self._tree_costs(unseen))
         go = bool(self._speculate(ctx))
         seq.skipped = 0 if go else seq.skipped + 1
         clock.decision += time.perf_counter() - started
@@ -567,7 +573,8 @@ class SpeculativeDecoder:
                   "target_top1_prev": history.target_top1_prev, "agree_ema": history.ema,
                   "agree_run": history.run}
         ctx = StepContext(features=features, compression=self.compression,
-                          position=seq.produced, max_gamma=max_gamma, costs=costs)
+                          position=seq.produced, max_gamma=max_gamma, costs=costs,
+                          tree_costs=self._tree_costs(len(unseen)))
         choice = int(policy.choose(ctx))
         clock.decision += time.perf_counter() - started
         if not PLAIN <= choice < N_OPTIONS:
@@ -645,6 +652,13 @@ class SpeculativeDecoder:
         catch-up feeds the emitted tokens again and scores them on the true prefix.
         """
         history = seq.history
+        for role, model in (("target", self.target), ("draft", self.draft)):
+            if not supports_4d_masks(model):
+                raise DecodeError(
+                    f"Policy {self.policy.name!r} chose a tree, but the {role} cannot take the "
+                    "4-D attention mask a tree needs (sliding-window layers, or an attention "
+                    "implementation other than sdpa/eager): use chains (fixed:K, a chain-only "
+                    "controller) with this pair.")
         shape = TreeShape(shape.size, min(shape.depth, max_gamma), shape.branch)
         started = time.perf_counter()
         base = seq.d_cache.get_seq_length()

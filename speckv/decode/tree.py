@@ -56,6 +56,24 @@ def additive_mask(allowed: torch.Tensor, model: torch.nn.Module) -> torch.Tensor
     return mask[None, None].to(next(model.parameters()).device)
 
 
+def supports_4d_masks(model) -> bool:
+    """Does ``model`` take a custom 4-D attention mask over a full-attention KV cache?
+
+    Trees need it (a tree's mask), and so do the batched trace profiler's packed rows and
+    branch continuations (:mod:`speckv.profile.batched`); sliding-window layers and flash
+    attention do not allow it: such models take chains only, and the profiler's
+    one-row-per-sequence path.
+    """
+    config = model.config
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    types = getattr(config, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        return False
+    return not getattr(config, "sliding_window", None) or not getattr(
+        config, "use_sliding_window", True)
+
+
 def verify_mask(proposal: Proposal, past: int) -> torch.Tensor:
     """``[N + 1, past + N + 1]`` bool: what each row of a verify forward over ``[root,
     *proposal.tokens]`` may attend to (the whole cache, then :meth:`Proposal.mask`)."""
@@ -188,22 +206,26 @@ class Slots:
     def sampling(self) -> bool:
         return self.temperature > 0
 
-    def fill(self, logits: torch.Tensor, k: int) -> tuple[list[int], list[float],
-                                                         torch.Tensor | None]:
-        """``(tokens, log-probabilities of the k best, q)`` for one row of draft logits;
-        ``q`` (sampling only) is the distribution the tokens were drawn from."""
+    def fill(self, logits: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]],
+                                                         list[torch.Tensor | None]]:
+        """For each row of draft logits ``[q, V]``: the slot tokens, the log-probabilities of
+        the ``k`` most likely tokens (the slots' scores) and (sampling) the distribution the
+        tokens were drawn from."""
         x = logits.float()
         if not self.sampling:
-            logp = torch.log_softmax(x, -1)
-            best, tokens = logp.topk(k)
-            return tokens.tolist(), best.tolist(), None
-        q = torch.softmax(x / self.temperature, -1)
-        logq = torch.log(q)
-        best = logq.topk(k).values
-        u = torch.rand(q.shape, generator=self.generator, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        drawn = (logq.double() + gumbel).topk(min(k, int((q > 0).sum()))).indices
-        return drawn.tolist(), best.tolist(), q
+            best, tokens = torch.log_softmax(x, -1).topk(k)
+            return tokens.tolist(), best.tolist(), [None] * len(x)
+        out_t, out_s, out_q = [], [], []
+        for row in x:
+            q = torch.softmax(row / self.temperature, -1)
+            logq = torch.log(q)
+            u = torch.rand(q.shape, generator=self.generator, dtype=torch.float64)
+            gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+            drawn = (logq.double() + gumbel).topk(min(k, int((q > 0).sum()))).indices
+            out_t.append(drawn.tolist())
+            out_s.append(logq.topk(k).values.tolist())
+            out_q.append(q)
+        return out_t, out_s, out_q
 
 
 @torch.inference_mode()
@@ -214,11 +236,12 @@ def grow(draft: TreeDraft, roots: Sequence[Root], depth: int, branch: int,
     slots = slots or Slots()
     trees: list[list[_Node]] = [[] for _ in roots]
     qs: list[dict[int, torch.Tensor]] = [{} for _ in roots]
-    for b, root in enumerate(roots):
-        tokens, logp, q = slots.fill(root.logits, branch)
-        trees[b] = [_Node(t, -1, 1, s) for t, s in zip(tokens, logp, strict=False)]
-        if q is not None:
-            qs[b][-1] = q
+    if roots:
+        tokens, logp, q = slots.fill(torch.stack([r.logits for r in roots]), branch)
+        for b in range(len(roots)):
+            trees[b] = [_Node(t, -1, 1, s) for t, s in zip(tokens[b], logp[b], strict=False)]
+            if q[b] is not None:
+                qs[b][-1] = q[b]
     fed_total = 0
     level_start = [0] * len(roots)
     for d in range(2, depth + 1):
@@ -247,13 +270,13 @@ def grow(draft: TreeDraft, roots: Sequence[Root], depth: int, branch: int,
             sources.append(-1 - b if node.parent < 0 else trees[b][node.parent].fed)
         logits = draft.forward(tokens, positions, allowed, sources)
         fed_total += q_len
+        filled, logp, q = slots.fill(logits, branch)
         for i, (b, j) in enumerate(feed):
             parent = trees[b][j]
-            tokens_i, logp, q = slots.fill(logits[i], branch)
             trees[b].extend(_Node(t, j, d, parent.score + s)
-                            for t, s in zip(tokens_i, logp, strict=False))
-            if q is not None:
-                qs[b][j] = q
+                            for t, s in zip(filled[i], logp[i], strict=False))
+            if q[i] is not None:
+                qs[b][j] = q[i]
     return [_ordered(nodes, q) for nodes, q in zip(trees, qs, strict=True)]
 
 

@@ -18,6 +18,7 @@ from speckv.policies import (
     EmaRule,
     EntropyStop,
     FixedGamma,
+    FixedTree,
     Heuristic,
     Objective,
     Oracle,
@@ -26,15 +27,18 @@ from speckv.policies import (
     from_spec,
 )
 from speckv.runtime.features import GAMMAS
+from speckv.runtime.proposal import TREES
 
 
 def static_scores(traces: Traces, objective: Objective = "tokens_per_s"
                   ) -> dict[str, np.ndarray]:
-    """Objective of plain decoding and every fixed γ per compression, by replay:
-    ``{compression: [plain, fixed:1, ..., fixed:8]}`` (index = the choice, 0 = plain)."""
+    """Objective of plain decoding, every fixed γ and (where the records hold them) every
+    fixed tree per compression, by replay: ``{compression: [plain, fixed:1, ..., fixed:8,
+    tree:N...]}`` (index = the option code, 0 = plain)."""
     target = traces.target_time()
     scores: dict[str, list[float]] = {c: [] for c in sorted(set(traces.compression))}
-    for pol in [Plain(), *(FixedGamma(g) for g in GAMMAS)]:
+    trees = [FixedTree(t.size) for t in TREES] if traces.has_trees else []
+    for pol in [Plain(), *(FixedGamma(g) for g in GAMMAS), *trees]:
         parts = replay(traces, pol).parts(target)
         for comp in scores:
             m = metrics(parts[traces.compression == comp].sum(0))
@@ -58,13 +62,17 @@ def fixed_scores(traces: Traces, objective: Objective = "tokens_per_s") -> dict[
 # ----------------------------------------------------------------------------- pipeline
 def baseline_policies(train: Traces | None, objective: Objective,
                       extra: Sequence[str] = ()) -> list[Policy]:
-    """best_static and best_fixed (both fitted on ``train``), fixed:1..8, heuristic,
-    confidence, entropy, ema, oracle, and any extra specs."""
+    """best_static and best_fixed (both fitted on ``train``), fixed:1..8, every fixed tree
+    (where the training records hold trees), heuristic, confidence, entropy, ema, oracle,
+    and any extra specs."""
     policies: list[Policy] = []
     if train is not None:
         scores = static_scores(train, objective)  # one replay serves both fits
-        policies += [BestStatic.from_scores(scores), BestFixed.from_scores(scores)]
+        policies += [BestStatic.from_scores(scores),
+                     BestFixed.from_scores({c: v[: len(GAMMAS) + 1] for c, v in scores.items()})]
     policies += [FixedGamma(g) for g in GAMMAS]
+    if train is not None and train.has_trees:
+        policies += [FixedTree(t.size) for t in TREES]
     policies += [Heuristic(), ConfidenceStop(), EntropyStop(), EmaRule(), Oracle(objective)]
     for spec in extra:
         pol = from_spec(spec, objective=objective)

@@ -60,8 +60,15 @@ import pandas as pd
 from speckv.errors import SpeckvError
 from speckv.policies import PLAIN, Objective, Policy, PreContext, StepContext, probe_due
 from speckv.records import feature_matrix, sequence_ids
-from speckv.runtime.costs import catchup_seconds, catchup_table, catchup_vector, drafting_costs
+from speckv.runtime.costs import (
+    catchup_seconds,
+    catchup_table,
+    catchup_vector,
+    drafting_costs,
+    tree_step_costs,
+)
 from speckv.runtime.features import GAMMA_MAX, pre_from_step_features
+from speckv.runtime.proposal import N_OPTIONS, TREES
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,12 @@ class Traces:
     #: [S] bool: the draft reads the target's states (``draft_kind == "feature"``), so every
     #: token a step emits but the first waits for the next catch-up (None: no such sequence)
     reads_target: np.ndarray | None = None
+    #: [n, len(TREES)] each tree's accepted length, its nodes, and its measured growth and
+    #: verify seconds (None: records without trees, or without their costs)
+    tree_accept: np.ndarray | None = None
+    tree_nodes: np.ndarray | None = None
+    tree_draft: np.ndarray | None = None
+    tree_verify: np.ndarray | None = None
     _lists: dict[str, list] = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -147,6 +160,22 @@ class Traces:
             self._cache[key] = drafting_costs(self.draft, self.verify, self.catchup, unseen)
         return self._cache[key]
 
+    @property
+    def has_trees(self) -> bool:
+        """Every row holds each tree's outcome and costs, so tree policies replay."""
+        return self.tree_accept is not None and self.tree_draft is not None
+
+    def tree_costs_for(self, unseen: int) -> np.ndarray | None:
+        """``[n, len(TREES)]`` float32: a step verifying each tree after a catch-up over
+        ``unseen`` tokens (None without trees)."""
+        if not self.has_trees:
+            return None
+        key = ("trees", unseen)
+        if key not in self._cache:
+            self._cache[key] = tree_step_costs(self.draft, self.tree_draft, self.tree_verify,
+                                               self.catchup, unseen)
+        return self._cache[key]
+
     def pre_features_for(self, unsettled: int) -> np.ndarray:
         """``[n, N_PRE_FEATURES]``: each row's pre-draft vector with ``unsettled`` tokens
         unsettled (rows closer than that to their answer's start are never asked for)."""
@@ -166,6 +195,10 @@ class Traces:
                                entropy=self.entropy_k.tolist(), draft=self.draft.tolist(),
                                verify=self.verify.tolist(), catch=self.catchup.tolist(),
                                verify0=self.verify0.tolist())
+            if self.has_trees:
+                self._lists.update(
+                    tree_accept=self.tree_accept.tolist(), tree_nodes=self.tree_nodes.tolist(),
+                    tree_cost=(self.tree_draft + self.tree_verify).tolist())
         return self._lists
 
     def target_time(self) -> np.ndarray:
@@ -258,6 +291,7 @@ def prepare(df: pd.DataFrame) -> Traces:
                             "profile's cost measurement failed, re-profile.")
     catchup, measured = _catchup(df, draft)
     first = df.iloc[starts]
+    trees = _trees(df, pos, budget)
     return Traces(
         features=feature_matrix(df),
         draft=draft,
@@ -274,7 +308,36 @@ def prepare(df: pd.DataFrame) -> Traces:
         task=first["task"].astype(str).to_numpy(),
         prompt=sequence_ids(first).to_numpy(),
         reads_target=_reads_target(first),
+        **trees,
     )
+
+
+def _column_or_none(df: pd.DataFrame, name: str, width: int) -> np.ndarray | None:
+    """``[n, width]`` from a list column present in every row, else None."""
+    if name not in df.columns or df[name].isna().any():
+        return None
+    return _stack(df[name], width, name)
+
+
+def _trees(df: pd.DataFrame, position: np.ndarray, budget: np.ndarray) -> dict:
+    """The tree columns of :class:`Traces` (all None unless every row has them)."""
+    accept = _column_or_none(df, "tree_accept_len", len(TREES))
+    grow = _column_or_none(df, "cost_tree_draft_s", len(TREES))
+    verify = _column_or_none(df, "cost_tree_verify_s", len(TREES))
+    if accept is None or grow is None or verify is None:
+        return {}
+    if not (np.isfinite(grow).all() and (grow > 0).all() and np.isfinite(verify).all()
+            and (verify > 0).all()):
+        raise EvaluateError("cost_tree_draft_s / cost_tree_verify_s must be finite and "
+                            "positive; the profile's tree cost measurement failed, re-profile.")
+    # the nodes a live step verifies: the tree is no deeper than the budget left, and a
+    # tree of depth d has at most branch + (d - 1) * branch**2 nodes to keep
+    left = (budget - position - 1)[:, None]
+    depth = np.minimum([t.depth for t in TREES], np.maximum(left, 1))
+    grown = [t.branch for t in TREES] + (depth - 1) * np.square([t.branch for t in TREES])
+    nodes = np.minimum([t.size for t in TREES], grown)
+    return {"tree_accept": accept.astype(np.int64), "tree_nodes": nodes.astype(np.int64),
+            "tree_draft": grow, "tree_verify": verify}
 
 
 def _reads_target(first: pd.DataFrame) -> np.ndarray | None:
@@ -305,8 +368,9 @@ class Replay:
     drafted: np.ndarray
     accepted: np.ndarray
     time_s: np.ndarray
-    chosen: np.ndarray  # [S, GAMMA_MAX + 1]: how often the policy chose each γ (index = γ;
-    #                     index 0 = a plain target step the policy chose)
+    chosen: np.ndarray  # [S, N_OPTIONS]: how often the policy chose each option code
+    #                     (index 0 = a plain target step the policy chose, 1..8 = γ, then the
+    #                     trees of speckv.runtime.proposal.TREES)
 
     def parts(self, target_time: np.ndarray) -> np.ndarray:
         """``[S, len(PARTS)]`` sums in ``PARTS`` order."""
@@ -323,9 +387,10 @@ def _gain(accept_len: int, left: int) -> int:
 
 def _checked(name: str, gamma: Any) -> int:
     g = int(gamma)
-    if not PLAIN <= g <= GAMMA_MAX:
-        raise EvaluateError(f"Policy {name!r} chose γ={gamma}; choose() must return 1.."
-                            f"{GAMMA_MAX}, or {PLAIN} for a plain target step.")
+    if not PLAIN <= g < N_OPTIONS:
+        raise EvaluateError(f"Policy {name!r} chose {gamma}; choose() must return 1.."
+                            f"{GAMMA_MAX} (a chain), {GAMMA_MAX + 1}..{N_OPTIONS - 1} (a tree) "
+                            f"or {PLAIN} for a plain target step.")
     return g
 
 
@@ -347,7 +412,7 @@ class _Decisions:
             if len(got) != t.n_rows:
                 raise EvaluateError(f"Policy {self.policy.name!r}: choose_batch returned "
                                     f"{len(got)} choices for {t.n_rows} rows.")
-            bad = (got < PLAIN) | (got > GAMMA_MAX)
+            bad = (got < PLAIN) | (got >= N_OPTIONS)
             if bad.any():
                 _checked(self.policy.name, got[np.flatnonzero(bad)[0]])
             self._gammas[unseen] = got.astype(np.int64).tolist()
@@ -382,11 +447,15 @@ def replay(traces: Traces, policy: Policy) -> Replay:
     draft, verify, catch, verify0 = lists["draft"], lists["verify"], lists["catch"], \
         lists["verify0"]
     feats = traces.features
+    trees = traces.has_trees
+    if trees:
+        tree_accept, tree_nodes, tree_cost = (lists["tree_accept"], lists["tree_nodes"],
+                                              lists["tree_cost"])
     batch = _Decisions(traces, policy)
     speculate = getattr(policy, "speculate", None)
     choose, keep, observe = policy.choose, policy.keep_drafting, policy.observe
     out = np.zeros((5, S), np.float64)
-    chosen = np.zeros((S, GAMMA_MAX + 1), np.int64)
+    chosen = np.zeros((S, N_OPTIONS), np.int64)
     for s in range(S):
         start, n = int(traces.starts[s]), int(traces.lengths[s])
         budget = int(traces.budgets[s])
@@ -396,7 +465,7 @@ def replay(traces: Traces, policy: Policy) -> Replay:
         p = tokens = steps = drafted_sum = accepted_sum = 0
         unsettled = skipped = 0  # emitted tokens the draft has not scored; plain steps in a row
         t = 0.0
-        counts = [0] * (GAMMA_MAX + 1)
+        counts = [0] * N_OPTIONS
         while p < n:
             r = start + p
             left = budget - p - 1
@@ -415,7 +484,8 @@ def replay(traces: Traces, policy: Policy) -> Replay:
                     pre = traces.pre_features_for(unsettled)[r]
                     go = bool(speculate(PreContext(
                         pre, comp, p, max_gamma, traces.costs_for(unseen)[r], verify0[r],
-                        unseen, skipped, _gain(accept[r], n - p))))
+                        unseen, skipped, _gain(accept[r], n - p),
+                        *_tree_context(traces, unseen, r, n - p))))
                 if not go:  # no speculation this step: the target decodes one token alone
                     t += verify0[r]
                     tokens += 1
@@ -430,8 +500,9 @@ def replay(traces: Traces, policy: Policy) -> Replay:
             if batch.choose_batch is not None:
                 g = batch.gammas(unseen)[r]
             else:
+                tree_costs, tree_gain = _tree_context(traces, unseen, r, n - p)
                 ctx = StepContext(feats[r], comp, p, max_gamma, traces.costs_for(unseen)[r],
-                                  _gain(accept[r], n - p))
+                                  tree_costs, _gain(accept[r], n - p), tree_gain)
                 g = _checked(policy.name, choose(ctx))
             counts[g] += 1
             if g == PLAIN:  # the draft ran (its proposal scores this position), then plain
@@ -440,6 +511,24 @@ def replay(traces: Traces, policy: Policy) -> Replay:
                 steps += 1
                 p += 1
                 unsettled = 0
+                continue
+            if g > GAMMA_MAX:  # a tree: its outcome and cost come from the records
+                if not trees:
+                    raise EvaluateError(
+                        f"Policy {policy.name!r} chose a tree, but these records hold no tree "
+                        "outcomes or tree costs: re-profile them with this version of speckv "
+                        "(`speckv profile --mode trace`), or replay chain policies only.")
+                i = g - GAMMA_MAX - 1
+                a = tree_accept[r][i]
+                made = a + 1 if a < n - p else n - p  # an accepted EOS: no bonus token
+                t += caught + tree_cost[r][i]
+                tokens += made
+                steps += 1
+                drafted_sum += tree_nodes[r][i]
+                accepted_sum += a
+                observe(min(TREES[i].depth, max_gamma), a)
+                unsettled = made - 1  # the draft keeps none of the tree: all but the first
+                p += made
                 continue
             if g > max_gamma:
                 g = max_gamma
@@ -467,9 +556,18 @@ def replay(traces: Traces, policy: Policy) -> Replay:
     return Replay(policy.name, *out, chosen=chosen)
 
 
+def _tree_context(traces: Traces, unseen: int, r: int, left: int
+                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A row's tree costs and (for the oracle) each tree's gain, as :func:`_gain` counts it."""
+    if not traces.has_trees:
+        return None, None
+    accept = traces.tree_accept[r]
+    return traces.tree_costs_for(unseen)[r], np.where(accept >= left, accept - 1, accept)
+
+
 #: codes of the bound's choices besides γ = 1..GAMMA_MAX
 _SKIP: Final = 0  # a plain step before the draft
-_PLAIN_AFTER_DRAFT: Final = GAMMA_MAX + 1  # the draft ran, then a plain step
+_PLAIN_AFTER_DRAFT: Final = N_OPTIONS  # the draft ran, then a plain step
 
 
 def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
@@ -497,8 +595,9 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
         lists["catch"]
     verify0 = lists["verify0"]
     by_time = objective == "tokens_per_s"
+    trees = traces.has_trees
     out = np.zeros((5, S), np.float64)
-    chosen = np.zeros((S, GAMMA_MAX + 1), np.int64)
+    chosen = np.zeros((S, N_OPTIONS), np.int64)
     for s in range(S):
         start, n = int(traces.starts[s]), int(traces.lengths[s])
         budget = int(traces.budgets[s])
@@ -528,6 +627,13 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
                 better = v < value * (1 - 1e-12)
                 value = np.where(better, v, value)
                 choice[better] = d
+            for i in range(len(TREES) if trees else 0):  # every tree; all but one token wait
+                made = min(lists["tree_accept"][r][i] + 1, n - p)
+                cost = caught + lists["tree_cost"][r][i] if by_time else 1.0
+                v = cost + best[p + made, made - 1]
+                better = v < value * (1 - 1e-12)
+                value = np.where(better, v, value)
+                choice[better] = GAMMA_MAX + 1 + i
             if plain_steps:
                 v = (caught + verify0[r] if by_time else 1.0) + best[p + 1, 0]
                 better = v < value * (1 - 1e-12)
@@ -555,8 +661,17 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
                     u = 0
                 p += 1
                 continue
-            a = min(accept[r], d)
             chosen[s, d] += 1
+            if d > GAMMA_MAX:  # a tree
+                i = d - GAMMA_MAX - 1
+                a = lists["tree_accept"][r][i]
+                t += catchup_seconds(catch[r], u + 1) + lists["tree_cost"][r][i]
+                drafted_sum += lists["tree_nodes"][r][i]
+                accepted_sum += a
+                u = min(a + 1, n - p) - 1
+                p += min(a + 1, n - p)
+                continue
+            a = min(accept[r], d)
             t += catchup_seconds(catch[r], u + 1) + (d - 1) * draft[r] + verify[r][d]
             drafted_sum += d
             accepted_sum += a

@@ -11,7 +11,7 @@ import numpy as np
 
 from speckv.atomic import atomic_write
 from speckv.evaluate.replay import COMPARISONS, LEARNED, ORACLE
-from speckv.runtime.features import GAMMAS
+from speckv.runtime.proposal import OPTION_NAMES
 
 
 # ------------------------------------------------------------------------------- output
@@ -180,10 +180,10 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
                 for name, e in _rows_of(result)]
         md += [_md_table(["policy", *keys], rows), ""]
     if LEARNED in result["gamma_chosen"]:
-        md += ["## γ chosen by the learned policy", ""]
+        md += ["## What the learned policy chose (steps per option)", ""]
         rows = [[c] + [str(n) for n in hist]
                 for c, hist in result["gamma_chosen"][LEARNED].items()]
-        md += [_md_table(["compression", *map(str, GAMMAS)], rows), ""]
+        md += [_md_table(["compression", *OPTION_NAMES[1:]], rows), ""]
     if result["oracle_beaten_on_sequences"]:
         md += ["The per-step oracle is greedy, not an exact bound: on a few sequences another "
                f"policy beats it ({result['oracle_beaten_on_sequences']}, policy: sequences). "
@@ -228,14 +228,16 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
         axes = fig.subplots(1, len(comps), squeeze=False, sharey=True)[0]
         for ax, comp in zip(axes, comps, strict=True):
             counts = np.asarray(hist[comp], float)
-            ax.bar(GAMMAS, counts / max(counts.sum(), 1), color="tab:red", alpha=0.75)
+            codes = np.arange(1, len(counts) + 1)
+            ax.bar(codes, counts / max(counts.sum(), 1), color="tab:red", alpha=0.75)
             best = result["best_fixed_gamma"].get(comp)
             if best:
                 ax.axvline(best, color="black", ls="--", lw=1, label=f"best fixed γ={best}")
                 ax.legend(fontsize="small")
-            ax.set_title(f"{comp}: γ chosen by learned")
-            ax.set_xlabel("γ")
-            ax.set_xticks(GAMMAS)
+            ax.set_title(f"{comp}: options chosen by learned")
+            ax.set_xlabel("γ (chains), then trees")
+            ax.set_xticks(codes, [OPTION_NAMES[c].removeprefix("fixed:") for c in codes],
+                          rotation=60, fontsize="small")
         axes[0].set_ylabel("share of steps")
         written.append(_save(fig, out / "learned_gamma.png"))
 

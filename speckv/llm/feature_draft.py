@@ -298,6 +298,12 @@ class FeatureDraft(nn.Module):
                 **_: Any) -> SimpleNamespace:
         """The decoder's forward: ``input_ids`` ``[1, n]`` after ``cache``'s tokens; the input
         state of each is the target's where it has one, else the draft's own last output."""
+        g = self.encode(input_ids, cache)
+        return SimpleNamespace(logits=self.lm_head(g[:, -logits_to_keep:]))
+
+    def encode(self, input_ids: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """:meth:`forward`'s outputs ``g`` ``[1, n, H]`` at every fed position (a trace's
+        tree roots read them)."""
         n, start = input_ids.shape[1], cache.length
         p = next(self.parameters())
         states = p.new_zeros(1, n, self.cfg.hidden_size)
@@ -330,7 +336,7 @@ class FeatureDraft(nn.Module):
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
         g = self.norm(self.layer.finish(x, attn))
         cache.own = g[0, -1]
-        return SimpleNamespace(logits=self.lm_head(g[:, -logits_to_keep:]))
+        return g
 
     def tree_forward(self, tokens: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
                      cache: FeatureCache, allowed: torch.Tensor

@@ -60,6 +60,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from speckv.decode.tree import supports_4d_masks
 from speckv.profile.feature_trace import feature_draft_side
 from speckv.profile.trace import (
     BRANCH_STEPS,
@@ -68,6 +69,7 @@ from speckv.profile.trace import (
     assemble,
     plan_branches,
 )
+from speckv.profile.tree_trace import TreeSeq, tree_accept_lengths
 from speckv.runtime.features import token_stats
 
 #: default prompts whose target answers are decoded together, and answered prompts the draft
@@ -87,30 +89,11 @@ def _compute_dtype(model):
     return model.get_input_embeddings().weight.dtype
 
 
-def supports_4d_masks(model) -> bool:
-    """Does ``model`` take a custom 4-D attention mask over a full-attention KV cache?
-
-    Packing several sequences into one row (:func:`_packed`) and continuing branches from a
-    shared cache (:func:`_continue_branches`) need it; sliding-window layers and flash
-    attention do not allow it, and those models take the one-row-per-sequence path.
-    """
-    config = model.config
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return False
-    types = getattr(config, "layer_types", None)
-    if types and any(t != "full_attention" for t in types):
-        return False
-    return not getattr(config, "sliding_window", None) or not getattr(
-        config, "use_sliding_window", True)
-
-
 def _additive(allowed, model):
     """A boolean ``[q, k]`` "may attend" matrix as the additive ``[1, 1, q, k]`` mask."""
-    import torch
+    from speckv.decode.tree import additive_mask
 
-    dtype = _compute_dtype(model)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None].to(_device(model))
+    return additive_mask(allowed, model)
 
 
 #: rows of logits converted and summarised at a time (a few MB: they stay in cache)
@@ -389,15 +372,25 @@ def draft_side(draft, prompts: Sequence[Sequence[int]], answers: Sequence[np.nda
     seqs = [[*p, *a.tolist()] for p, a in zip(prompts, answers, strict=True)]
     ns = [len(a) for a in answers]
     with torch.inference_mode():
+        trees = None
         if branch_masks:  # position P - 1 + j predicts answer token j
             cache, logits, starts = _packed(draft, seqs, [range(len(p) - 1, len(p) - 1 + n)
                                                           for p, n in zip(prompts, ns,
                                                                           strict=True)])
             all_stats, all_best = _stats(logits)
+            edges = np.cumsum([0, *ns])
+            trees = tree_accept_lengths(draft, cache, [
+                TreeSeq(starts[b], len(prompts[b]), answers[b], int(budgets[b]),
+                        logits[edges[b] : edges[b + 1]]) for b in range(len(prompts))])
             del logits
-        else:
-            each = [_stats(_alone(draft, seq, n + 1)[1][:-1])
-                    for seq, n in zip(seqs, ns, strict=True)]
+        else:  # each sequence alone; trees too where the draft takes 4-D masks
+            each, trees = [], [] if supports_4d_masks(draft) else None
+            for b, (seq, n) in enumerate(zip(seqs, ns, strict=True)):
+                cache, logits = _alone(draft, seq, n + 1)
+                each.append(_stats(logits[:-1]))
+                if trees is not None:
+                    trees += tree_accept_lengths(draft, cache, [TreeSeq(
+                        0, len(prompts[b]), answers[b], int(budgets[b]), logits[:-1])])
             all_stats = np.concatenate([e[0] for e in each])
             all_best = np.concatenate([e[1] for e in each])
         bounds = np.cumsum([0, *ns])
@@ -423,8 +416,11 @@ def draft_side(draft, prompts: Sequence[Sequence[int]], answers: Sequence[np.nda
             owner = np.array([b for b, _ in flat])
             for b in rows:
                 conts[b] = cont[owner == b]
-    return [assemble(answers[b], target_top1[b], stats[b], proposals[b], int(budgets[b]),
-                     plans[b], conts[b]) for b in range(len(prompts))]
+    out = [assemble(answers[b], target_top1[b], stats[b], proposals[b], int(budgets[b]),
+                    plans[b], conts[b]) for b in range(len(prompts))]
+    for b, tr in enumerate(out):
+        tr.tree_accept = trees[b] if trees is not None else None
+    return out
 
 
 def trace_batch(draft, target, prompts: Sequence[Sequence[int]],

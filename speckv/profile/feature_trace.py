@@ -72,7 +72,31 @@ def feature_draft_side(draft, target, prompts: Sequence[Sequence[int]],
                 best[d] = draft.lm_head.token_ids.cpu().numpy()[small.argmax(-1)]
             results.append(_assemble(np.asarray(answer), target_top1[r], stats, best,
                                      int(budgets[r])))
+            results[-1].tree_accept = _tree_accepts(draft, seqs[r], states[r], len(prompt),
+                                                    np.asarray(answer), int(budgets[r]))
     return results
+
+
+def _tree_accepts(draft, seq: Sequence[int], states, prompt_len: int, answer: np.ndarray,
+                  budget: int) -> np.ndarray:
+    """Each tree's accepted length at each answer position (:mod:`speckv.profile.tree_trace`):
+    the draft's cached forward over the sequence reads the target's states (as the live
+    catch-up does), and its outputs at the positions before the answer tokens are the roots."""
+    import torch
+
+    from speckv.llm.feature_draft import TargetStates
+    from speckv.profile.tree_trace import TreeSeq, tree_accept_lengths
+
+    param = next(draft.parameters())
+    target = TargetStates(draft.cfg.hidden_size, param.dtype, param.device)
+    target.write(0, states[: len(seq)])
+    target.valid = len(seq)
+    cache = draft.new_cache(target)
+    g = draft.encode(torch.tensor([list(seq)], device=param.device), cache)[0]
+    n = len(answer)
+    roots = g[prompt_len - 1 : prompt_len - 1 + n]
+    return tree_accept_lengths(draft, cache, [TreeSeq(0, prompt_len, answer, budget,
+                                                      draft.lm_head(roots), roots)])[0]
 
 
 def _assemble(answer: np.ndarray, target_top1: np.ndarray, stats: np.ndarray, best: np.ndarray,

@@ -130,8 +130,9 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
     import torch
     from tqdm import tqdm
 
-    from speckv.decode.costs import measure_costs
+    from speckv.decode.costs import measure_costs, measure_tree_costs
     from speckv.decode.decoder import with_catchup
+    from speckv.decode.tree import supports_4d_masks
     from speckv.llm.feature_draft import is_feature_draft
     from speckv.llm.load import load_draft_for, load_model
 
@@ -172,6 +173,8 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         # the catch-up forward (over the tokens the last step emitted, more after plain
         # steps; every emitted token for a feature-conditioned draft) is timed too
         cost = with_catchup(measure_costs(drafter, tgt), drafter)
+        if supports_4d_masks(tgt.model) and supports_4d_masks(drafter.model):
+            cost = measure_tree_costs(cost, drafter, tgt)
         run_id = f"{compression}-{uuid.uuid4().hex[:8]}"
         run_meta[run_id] = {
             "draft": draft, "target": target, "compression": compression,
@@ -190,7 +193,9 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
                  "target_model": target, "compression": compression,
                  "compute_dtype": tgt.compute_dtype}
         costs = {"cost_draft_s": cost.cost_draft_s, "cost_verify_s": cost.cost_verify_s,
-                 "cost_catchup_s": cost.cost_catchup_s}
+                 "cost_catchup_s": cost.cost_catchup_s,
+                 "cost_tree_draft_s": cost.cost_tree_draft_s,
+                 "cost_tree_verify_s": cost.cost_tree_verify_s}
         ids = {p: chat_ids(tok, p.text) for p in todo}
         rows_done, busy_s = 0, 0.0
         bar = tqdm(total=len(todo), desc=f"{mode} {compression}", unit="prompt")

@@ -51,6 +51,9 @@ class TraceResult:
     accept_cap: np.ndarray  # [n]
     ent_k: np.ndarray  # [n, GAMMA_MAX]
     top1_k: np.ndarray  # [n, GAMMA_MAX]
+    #: [n, len(TREES)] each tree's accepted length (speckv.profile.tree_trace); None where the
+    #: draft cannot grow trees (a model without custom 4-D attention masks)
+    tree_accept: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -199,18 +202,26 @@ def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int,
         raise TypeError("A feature-conditioned draft (speckv.llm.feature_draft) is traced by "
                         "speckv.profile.feature_trace: use speckv.profile.profiler.trace_prompt "
                         "or trace_batch, which pick the right implementation.")
+    from speckv.decode.costs import lm_forward, new_cache
+    from speckv.decode.tree import supports_4d_masks
+    from speckv.profile.tree_trace import TreeSeq, tree_accept_lengths
+
     answer, target_top1 = _target_answer(target, prompt_ids, max_new_tokens, eos)
     n = len(answer)
-    device = next(draft.parameters()).device
-    seq = torch.tensor([list(prompt_ids) + answer.tolist()], device=device)
+    cache = new_cache(draft)
     with torch.inference_mode():  # logits only where an answer token is predicted
-        logits = draft(input_ids=seq, logits_to_keep=n + 1).logits[0, :-1].float().cpu().numpy()
+        rows = lm_forward(draft, list(prompt_ids) + answer.tolist(), cache, keep=n + 1)[:-1]
+    logits = rows.float().cpu().numpy()
     stats = token_stats(logits)
     proposal = logits.argmax(-1)
     plan = plan_branches(answer, proposal, max_new_tokens)
     contexts = [list(prompt_ids) + answer[:p].tolist() + [t] for p, t in plan.branches]
     cont = _off_track(draft, contexts, GAMMA_MAX, pad) if contexts else None
-    return assemble(answer, target_top1, stats, proposal, max_new_tokens, plan, cont)
+    tr = assemble(answer, target_top1, stats, proposal, max_new_tokens, plan, cont)
+    if supports_4d_masks(draft):  # trees need them (speckv.decode.tree)
+        tr.tree_accept = tree_accept_lengths(draft, cache, [TreeSeq(
+            0, len(prompt_ids), answer, max_new_tokens, rows)])[0]
+    return tr
 
 
 def trace_rows(tr: TraceResult, ident: dict, costs: dict) -> pd.DataFrame:
@@ -233,10 +244,12 @@ def trace_rows(tr: TraceResult, ident: dict, costs: dict) -> pd.DataFrame:
         "accept_len": tr.accept_len.astype(np.int16),
         "accept_cap": tr.accept_cap.astype(np.int16),
         "accept_prob_k": None,
+        "tree_accept_len": (list(tr.tree_accept.astype(np.float32))
+                            if tr.tree_accept is not None else None),
         "cost_draft_s": np.float32(costs["cost_draft_s"]),
         "cost_verify_s": [np.asarray(costs["cost_verify_s"], np.float32)] * n,
-        "cost_catchup_s": ([np.asarray(costs["cost_catchup_s"], np.float32)] * n
-                           if costs.get("cost_catchup_s") else None),
+        **{name: ([np.asarray(costs[name], np.float32)] * n if costs.get(name) else None)
+           for name in ("cost_catchup_s", "cost_tree_draft_s", "cost_tree_verify_s")},
         "gamma": pd.array([None] * n, dtype="Int16"),
         "drafted": pd.array([None] * n, dtype="Int16"),
         "t_step_s": np.full(n, np.nan, np.float32),

@@ -111,6 +111,26 @@ def drafting_costs(cost_draft_s, cost_verify_s, cost_catchup_s=None, unseen=1) -
     return (catch + (gammas - 1) * draft[..., None] + verify[..., gammas]).astype(np.float32)
 
 
+def tree_step_costs(cost_draft_s, cost_tree_draft_s, cost_tree_verify_s, cost_catchup_s=None,
+                    unseen=1) -> np.ndarray:
+    """``cost(tree | n)`` for every tree of :data:`speckv.runtime.proposal.TREES`:
+    ``t_catchup[n] + t_tree_draft[i] + t_tree_verify[i]``, ``[..., len(TREES)]`` float32.
+
+    ``t_tree_draft[i]`` is the tree's growth after the catch-up (its draft forwards over the
+    frontier and their bookkeeping), ``t_tree_verify[i]`` the target's forward over its nodes
+    and the root with the tree's mask; both measured
+    (:func:`speckv.decode.costs.measure_tree_costs`).
+    """
+    draft, unseen = np.broadcast_arrays(np.asarray(cost_draft_s, dtype=np.float64),
+                                        np.asarray(unseen, dtype=np.int64))
+    size = max(CATCHUP_MAX, int(unseen.max(initial=1)))
+    table = np.broadcast_to(catchup_table(draft, cost_catchup_s, size), (*draft.shape, size))
+    catch = np.take_along_axis(table, (unseen - 1)[..., None], -1)
+    grow = np.asarray(cost_tree_draft_s, dtype=np.float64)
+    verify = np.asarray(cost_tree_verify_s, dtype=np.float64)
+    return (catch + grow + verify).astype(np.float32)
+
+
 class StepCosts:
     """One machine's step costs, ready for the controller at any catch-up size.
 
@@ -122,7 +142,9 @@ class StepCosts:
     """
 
     def __init__(self, t_draft: float, t_verify: Sequence[float],
-                 t_catchup: Sequence[float] | None = None) -> None:
+                 t_catchup: Sequence[float] | None = None,
+                 t_tree_draft: Sequence[float] | None = None,
+                 t_tree_verify: Sequence[float] | None = None) -> None:
         verify = np.asarray(t_verify, dtype=np.float64)
         if verify.shape != (GAMMA_MAX + 1,):
             raise ValueError(f"t_verify needs {GAMMA_MAX + 1} values (a target forward over "
@@ -140,12 +162,34 @@ class StepCosts:
                                     np.arange(1, CATCHUP_MAX + 1))
         self._rows.setflags(write=False)
         self._plain = np.full(1, self.plain, np.float32)
+        self.t_tree_draft = self.t_tree_verify = None
+        self._tree_rows = None
+        if t_tree_draft is not None and t_tree_verify is not None:
+            grow = np.asarray(t_tree_draft, np.float64).ravel()
+            verify = np.asarray(t_tree_verify, np.float64).ravel()
+            if grow.shape != verify.shape or not all(map(_positive, [*grow, *verify])):
+                raise ValueError(f"tree costs need one positive draft and verify time per "
+                                 f"tree; got {grow.tolist()} and {verify.tolist()}.")
+            self.t_tree_draft, self.t_tree_verify = tuple(grow), tuple(verify)
+            self._tree_rows = tree_step_costs(self.t_draft, grow, verify, self.t_catchup,
+                                              np.arange(1, CATCHUP_MAX + 1))
+            self._tree_rows.setflags(write=False)
 
     def drafting(self, unseen: int = 1) -> np.ndarray:
         """``[len(GAMMAS)]`` float32 costs of a step whose catch-up covers ``unseen`` tokens."""
         if 1 <= unseen <= CATCHUP_MAX:
             return self._rows[unseen - 1]
         return drafting_costs(self.t_draft, self.t_verify, self.t_catchup, max(unseen, 1))
+
+    def trees(self, unseen: int = 1) -> np.ndarray | None:
+        """``[len(TREES)]`` float32 costs of a step verifying each tree after a catch-up over
+        ``unseen`` tokens; None without tree costs."""
+        if self._tree_rows is None:
+            return None
+        if 1 <= unseen <= CATCHUP_MAX:
+            return self._tree_rows[unseen - 1]
+        return tree_step_costs(self.t_draft, self.t_tree_draft, self.t_tree_verify,
+                               self.t_catchup, max(unseen, 1))
 
     def __repr__(self) -> str:
         return (f"StepCosts(t_draft={self.t_draft:.4g}, t_verify[0]={self.plain:.4g}, "

@@ -274,10 +274,10 @@ def test_sampled_trees_keep_the_targets_joint_distribution_of_two_tokens():
 def test_sampled_slots_are_distinct_draws_scored_by_rank():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -9.0])
     slots = Slots(1.0, torch.Generator().manual_seed(0))
-    tokens, logp, q = slots.fill(logits, 4)
+    (tokens,), (logp,), (q,) = slots.fill(logits[None], 4)
     assert len(set(tokens)) == 4 and torch.allclose(q, torch.softmax(logits, -1))
     np.testing.assert_allclose(logp, torch.log_softmax(logits, -1).topk(4).values, rtol=1e-6)
-    firsts = [Slots(1.0, torch.Generator().manual_seed(s)).fill(logits, 2)[0][0]
+    firsts = [Slots(1.0, torch.Generator().manual_seed(s)).fill(logits[None], 2)[0][0][0]
               for s in range(2000)]
     counts = np.bincount(firsts, minlength=6)
     assert chi2_pvalue(counts, q.numpy()) > 1e-3  # the first draw follows q
@@ -287,3 +287,28 @@ def test_tree_shapes_are_checked():
     with pytest.raises(ValueError):
         TreeShape(4, 5, 4)
     assert FixedGamma(2).choose(None) == 2
+
+
+# ---------------------------------------------------------------------------------- costs
+def test_tree_costs_are_measured_priced_and_round_trip(target, drafts, tmp_path):
+    from speckv.decode.costs import CostError, CostModel, measure_costs, measure_tree_costs
+    from speckv.runtime.costs import StepCosts, tree_step_costs
+
+    costs = measure_tree_costs(measure_costs(drafts["noisy"], target, repeats=1, warmup=0),
+                               drafts["noisy"], target, repeats=1, warmup=0)
+    assert len(costs.cost_tree_draft_s) == len(costs.cost_tree_verify_s) == len(TREES)
+    assert min(costs.cost_tree_draft_s + costs.cost_tree_verify_s) > 0
+    again = CostModel.load(costs.save(tmp_path / "c.json"))
+    assert again.cost_tree_verify_s == costs.cost_tree_verify_s
+    step = StepCosts(costs.cost_draft_s, costs.cost_verify_s, None, costs.cost_tree_draft_s,
+                     costs.cost_tree_verify_s)
+    for unseen in (1, 3):  # a catch-up, its tree's growth, the tree's verify forward
+        np.testing.assert_allclose(step.trees(unseen), tree_step_costs(
+            costs.cost_draft_s, costs.cost_tree_draft_s, costs.cost_tree_verify_s, None, unseen))
+        np.testing.assert_allclose(
+            step.trees(unseen), costs.cost_draft_s + np.add(costs.cost_tree_draft_s,
+                                                             costs.cost_tree_verify_s),
+            rtol=1e-6)
+    assert StepCosts(0.1, [1.0] * 9).trees() is None
+    with pytest.raises(CostError, match="one per tree"):
+        CostModel(0.1, [1.0] * 9, "fp16", "float32", cost_tree_draft_s=[1.0])

@@ -14,6 +14,7 @@ from speckv.__main__ import main as speckv_main
 from speckv.machine import describe, fingerprint
 from speckv.records import read_metadata, write_records
 from speckv.runtime.features import GAMMA_MAX
+from speckv.runtime.proposal import N_OPTIONS
 
 CONTROLLER = FIXTURES / "controller_tiny.onnx"
 #: one run with a fingerprint, one written before speckv recorded the machine
@@ -49,7 +50,7 @@ def test_controller_tokens_per_second_with_the_machines_behind_it(records_file, 
     assert lo <= learned["tokens_per_s"] <= hi
     hist = result["gamma_chosen"]["learned"]
     assert set(hist) == {"fp16", "int8", "nf4"}
-    assert all(len(counts) == GAMMA_MAX for counts in hist.values())
+    assert all(len(counts) == N_OPTIONS - 1 for counts in hist.values())  # codes 1..
     assert sum(map(sum, hist.values())) > 0
     for key in ("p_value_vs_fixed4", "p_value_vs_best_fixed", "p_value_vs_best_static"):
         assert 0 < result[key]["p"] <= 1
@@ -79,7 +80,8 @@ def test_tokens_per_step_objective_always_drafts_the_most(records_file, capsys):
     assert result["best_fixed_gamma"] == {"fp16": GAMMA_MAX, "int8": GAMMA_MAX,
                                           "nf4": GAMMA_MAX}
     for counts in result["gamma_chosen"]["learned"].values():
-        assert sum(counts[:-1]) == 0 and counts[-1] > 0
+        # codes 1..: always γ = 8 (the unit-cost objective's choice), never a tree
+        assert counts[GAMMA_MAX - 1] == sum(counts) > 0
     step = {name: e["tokens_per_step"] for name, e in result["policies"].items()}
     assert step["learned"] == pytest.approx(step[f"fixed:{GAMMA_MAX}"])
     assert step["learned"] >= max(step[f"fixed:{g}"] for g in range(1, GAMMA_MAX + 1)) - 1e-9

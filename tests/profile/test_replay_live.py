@@ -22,6 +22,7 @@ from speckv.policies import (
     BestStatic,
     ConfidenceStop,
     FixedGamma,
+    FixedTree,
     Heuristic,
     Learned,
     PreContext,
@@ -29,15 +30,24 @@ from speckv.policies import (
     probe_due,
 )
 from speckv.profile.profiler import trace_prompt, trace_rows
-from speckv.runtime.costs import drafting_costs
+from speckv.runtime.costs import drafting_costs, tree_step_costs
 from speckv.runtime.features import pre_from_step_features
+from speckv.runtime.proposal import TREES, tree_code, tree_index
 
 IDENT = {"run_id": "r", "draft_model": "d", "target_model": "t", "compression": "fp16",
          "compute_dtype": "float32", "task": "chat", "prompt_id": "p"}
 #: the two kinds of draft: a causal LM (a noisy copy of the target) and a feature-conditioned
 #: draft (speckv.llm.feature_draft), whose drafted tokens read its own states
 PAIRS = {"lm": "tiny_pair", "feature": "tiny_feature_pair"}
-COSTS = {"cost_draft_s": 0.01, "cost_verify_s": [0.03 + 0.002 * g for g in range(9)]}
+COSTS = {"cost_draft_s": 0.01, "cost_verify_s": [0.03 + 0.002 * g for g in range(9)],
+         "cost_tree_draft_s": [0.01 * t.draft_forwards + 0.002 for t in TREES],
+         "cost_tree_verify_s": [0.03 + 0.001 * t.size for t in TREES]}
+
+
+def _cost_model() -> CostModel:
+    return CostModel(COSTS["cost_draft_s"], COSTS["cost_verify_s"], "fp16", "float32",
+                     cost_tree_draft_s=COSTS["cost_tree_draft_s"],
+                     cost_tree_verify_s=COSTS["cost_tree_verify_s"])
 PROMPTS = DECODE_PROMPTS
 
 
@@ -88,6 +98,32 @@ class PlainAfterDraft(SkipPattern):
         return PLAIN if ctx.features[1] < 0.5 else 2
 
 
+class Mixed(SkipPattern):
+    """Trees, chains and plain steps by position, decided before and after the draft."""
+
+    name = "mixed"
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return ctx.position % 5 != 2
+
+    def choose(self, ctx: StepContext) -> int:
+        return [tree_code(1), 2, PLAIN, tree_code(3), tree_code(0), 5][ctx.position % 6]
+
+
+class CheapestTree(SkipPattern):
+    """Chooses by the tree costs it is handed: the tree with the best (depth + 1) / cost
+    (what replay hands it must equal what the decoder hands it)."""
+
+    name = "cheapest-tree"
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return True
+
+    def choose(self, ctx: StepContext) -> int:
+        value = [(t.depth + 1) / c for t, c in zip(TREES, ctx.tree_costs, strict=True)]
+        return tree_code(int(np.argmax(value)))
+
+
 class Recording:
     """Wraps a policy; records what each decision saw."""
 
@@ -106,7 +142,8 @@ class Recording:
         return True if inner is None else inner(ctx)
 
     def choose(self, ctx: StepContext) -> int:
-        self.step.append((ctx.position, np.array(ctx.features), np.array(ctx.costs)))
+        costs = np.concatenate([ctx.costs, ctx.tree_costs])  # chains and trees, both priced
+        self.step.append((ctx.position, np.array(ctx.features), costs))
         return self.inner.choose(ctx)
 
     def keep_drafting(self, k, top1, entropy) -> bool:
@@ -125,6 +162,7 @@ def _replay_steps(rows, policy, reads_target=False):
 
     feats = feature_matrix(rows)
     accept = rows["accept_len"].to_numpy()
+    tree_accept = np.stack(rows["tree_accept_len"]).astype(int)
     top1 = np.stack(rows["draft_top1_k"])
     ent = np.stack(rows["draft_entropy_k"])
     n, budget = len(rows), int(rows["max_new_tokens"].iat[0])
@@ -146,10 +184,22 @@ def _replay_steps(rows, policy, reads_target=False):
             p, unsettled, skipped = p + 1, unsettled + 1, skipped + 1
             continue
         skipped = unsettled = 0
-        g = policy.choose(StepContext(feats[p], "fp16", p, min(8, left), costs))
+        g = policy.choose(StepContext(feats[p], "fp16", p, min(8, left), costs, tree_step_costs(
+            COSTS["cost_draft_s"], COSTS["cost_tree_draft_s"], COSTS["cost_tree_verify_s"])))
         if g == PLAIN:
             out.append((p, 0, 0))
             p += 1
+            continue
+        if tree_index(g) is not None:  # a tree: every emitted token but the first waits
+            shape = TREES[tree_index(g)]
+            depth = min(shape.depth, left)
+            a = int(tree_accept[p, tree_index(g)])
+            assert a <= min(depth, n - p)
+            policy.observe(depth, a)
+            out.append((p, "tree", a))
+            made = min(a + 1, n - p)
+            unsettled = made - 1
+            p += made
             continue
         g = min(g, 8, left)
         d = next((k for k in range(1, g) if not policy.keep_drafting(k, top1[p, k - 1],
@@ -177,6 +227,8 @@ POLICIES = {
     "best_static:2": lambda: BestStatic({"fp16": 2}),
     "skip-pattern": SkipPattern, "stale-ema-skip": StaleEmaSkip,
     "plain-after-draft": PlainAfterDraft, "learned-onnx": _controller_policy,
+    "tree:4": lambda: FixedTree(4), "tree:16": lambda: FixedTree(16),
+    "tree:64": lambda: FixedTree(64), "mixed": Mixed, "cheapest-tree": CheapestTree,
 }
 
 
@@ -188,22 +240,24 @@ def test_replay_reproduces_live_greedy_decoding(request, kind, policy_name, prom
     draft, target = request.getfixturevalue(PAIRS[kind])
     tr = trace_prompt(draft, target, prompt, max_new_tokens=30, eos=2, pad=0)
     rows = trace_rows(tr, {**IDENT, "draft_kind": kind}, COSTS)
-    costs = CostModel(COSTS["cost_draft_s"], COSTS["cost_verify_s"], "fp16", "float32")
+    costs = _cost_model()
     live_policy = Recording(make_policy())
     live = SpeculativeDecoder(draft, target, live_policy, costs, compression="fp16",
                               eos_token_ids=[2]).generate(prompt, max_new_tokens=30)
     assert live.token_ids == tr.answer.tolist(), "greedy speculative output must be lossless"
 
     expected = _replay_steps(rows, make_policy(), reads_target=kind == "feature")
-    got = [(s["position"], s["drafted"] or 0, s["accept_len"]) for s in live.steps]
+    got = [(s["position"], "tree" if s["tree_size"] else s["drafted"] or 0, s["accept_len"])
+           for s in live.steps]
     assert got == expected
+    drafted = [s["drafted"] or 0 for s in live.steps]
 
     # the replay engine of `speckv evaluate` agrees on the totals and on what it decided from
     replayed = Recording(make_policy())
     totals = replay(prepare(rows), replayed)
     assert int(totals.steps[0]) == len(live.steps)
     assert int(totals.accepted[0]) == sum(a for _, _, a in got)
-    assert int(totals.drafted[0]) == sum(d for _, d, _ in got)
+    assert int(totals.drafted[0]) == sum(drafted)  # a tree's nodes count as drafted
     assert int(totals.chosen[0, 0]) == sum(1 for s in live.steps if not s["drafted"]
                                            and s["position"] < 29)
     for name in ("pre", "step"):  # same decisions, at the same positions, on the same inputs
@@ -229,8 +283,8 @@ def test_the_skipping_policies_skip_and_probe(request, kind):
     """The parametrised test above means something only if plain steps happen, in runs."""
     draft, target = request.getfixturevalue(PAIRS[kind])
     for name in ("skip-pattern", "stale-ema-skip", "plain-after-draft", "learned-onnx",
-                 "best_static:plain"):
-        costs = CostModel(COSTS["cost_draft_s"], COSTS["cost_verify_s"], "fp16", "float32")
+                 "best_static:plain", "mixed"):
+        costs = _cost_model()
         plain = drafted = 0
         for prompt in PROMPTS:
             steps = SpeculativeDecoder(draft, target, POLICIES[name](), costs,
