@@ -21,7 +21,8 @@ from speckv.prompts import TASKS
 from speckv.records import read_metadata, read_records
 
 #: columns that differ between any two runs: run ids and measured times.
-TIMING = ("run_id", "cost_draft_s", "cost_verify_s", "cost_catchup_s", "t_step_s")
+TIMING = ("run_id", "cost_draft_s", "cost_verify_s", "cost_catchup_s", "cost_tree_draft_s",
+          "cost_tree_verify_s", "t_step_s")
 KEY = ["compression", "task", "prompt_id", "position"]
 
 
