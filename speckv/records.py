@@ -21,6 +21,7 @@ Column groups (``SCHEMA`` below is the single definition):
 - cost: the run's measured draft cost per token, target cost to verify g drafted tokens and
   (optional) draft cost of a catch-up forward over n tokens;
 - live: what a live step actually did and how long it took (in total and its parts);
+- lookup: what the context lookup proposes at the position and how much of it is accepted;
 - paper: the seed paper's post-drafting statistics (imported rows only; never decision-time).
 """
 
@@ -96,6 +97,14 @@ SCHEMA: Final = (
     # trace rows: the accepted length of each tree of speckv.runtime.proposal.TREES grown
     # from this position (depth cut to the budget left, as the decoder cuts it)
     Column("tree_accept_len", _LIST, "outcome", nullable=True),
+    # trace rows: what the context lookup (speckv.runtime.lookup) proposes at this position
+    # (tokens, the matched suffix's length, its earlier occurrences and how many of them the
+    # first proposed token followed) and how many leading proposed tokens the answer accepts
+    Column("lookup_accept", pa.int16(), "lookup", nullable=True),
+    Column("lookup_length", pa.int16(), "lookup", nullable=True),
+    Column("lookup_match", pa.int16(), "lookup", nullable=True),
+    Column("lookup_occurrences", pa.int16(), "lookup", nullable=True),
+    Column("lookup_agreeing", pa.int16(), "lookup", nullable=True),
     Column("cost_draft_s", pa.float32(), "cost", nullable=True, finite=True),
     Column("cost_verify_s", _LIST, "cost", nullable=True),
     # seconds of one draft forward over n = 1, 2, ... tokens (the catch-up after plain steps)
@@ -124,7 +133,8 @@ COLUMNS: Final = tuple(c.name for c in SCHEMA)
 #: file, an older writer), they are filled with nulls.
 ADDED_COLUMNS: Final = ("cost_catchup_s", "t_draft_s", "t_verify_s", "t_decision_s",
                          "draft_kind", "tree_accept_len", "cost_tree_draft_s",
-                         "cost_tree_verify_s", "tree_size")
+                         "cost_tree_verify_s", "tree_size", "lookup_accept", "lookup_length",
+                         "lookup_match", "lookup_occurrences", "lookup_agreeing")
 ARROW_SCHEMA: Final = pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in SCHEMA])
 DECISION_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "decision")
 PAPER_FEATURES: Final = ("paper_mean_entropy", "paper_mean_confidence", "paper_max_entropy",

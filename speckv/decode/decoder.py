@@ -792,8 +792,9 @@ def records_frame(steps: list[dict[str, Any]]) -> pd.DataFrame:
     from speckv.records import COLUMNS, validate
 
     df = pd.DataFrame(steps, columns=list(COLUMNS))
+    lookup = [(c, "Int16") for c in COLUMNS if c.startswith("lookup_")]
     for name, dtype in (("agree_run", "Int32"), ("gamma", "Int16"), ("drafted", "Int16"),
-                        ("tree_size", "Int16"),
-                        ("seq_len", "Int32"), ("max_new_tokens", "Int32")):
+                        ("tree_size", "Int16"), ("seq_len", "Int32"),
+                        ("max_new_tokens", "Int32"), *lookup):
         df[name] = df[name].astype(dtype)
     return validate(df)

@@ -450,5 +450,6 @@ def trace_batch(draft, target, prompts: Sequence[Sequence[int]],
                                     [answered[j][0] for j in part],
                                     budgets[[idx[j] for j in part]], pad,
                                     [answered[j][1] for j in part], branch_masks)
-            results.update({idx[j]: tr for j, tr in zip(part, traces, strict=True)})
+            results.update({idx[j]: tr.add_lookup(prompts[idx[j]])
+                            for j, tr in zip(part, traces, strict=True)})
     return [results[i] for i in range(len(prompts))]

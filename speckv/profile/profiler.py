@@ -113,7 +113,7 @@ def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int, eos:
         return _trace_prompt_lm(draft, target, prompt_ids, max_new_tokens, eos, pad)
     answer, target_top1 = _target_answer(target, prompt_ids, max_new_tokens, eos)
     return feature_draft_side(draft, target, [prompt_ids], [answer], max_new_tokens,
-                              [target_top1])[0]
+                              [target_top1])[0].add_lookup(prompt_ids)
 
 def _part_name(compression: str, prompt: Prompt) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in prompt.prompt_id)

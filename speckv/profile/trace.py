@@ -54,6 +54,15 @@ class TraceResult:
     #: [n, len(TREES)] each tree's accepted length (speckv.profile.tree_trace); None where the
     #: draft cannot grow trees (a model without custom 4-D attention masks)
     tree_accept: np.ndarray | None = None
+    #: what the context lookup (speckv.runtime.lookup) offers at each position and how much
+    #: of it the answer accepts (:func:`~speckv.runtime.lookup.lookup_trace`'s lists)
+    lookup: dict[str, list[int]] | None = None
+
+    def add_lookup(self, prompt_ids) -> TraceResult:
+        from speckv.runtime.lookup import lookup_trace
+
+        self.lookup = lookup_trace(list(prompt_ids), self.answer.tolist(), self.max_new_tokens)
+        return self
 
 
 @dataclass(frozen=True)
@@ -221,7 +230,7 @@ def trace_prompt(draft, target, prompt_ids: list[int], max_new_tokens: int,
     if supports_4d_masks(draft):  # trees need them (speckv.decode.tree)
         tr.tree_accept = tree_accept_lengths(draft, cache, [TreeSeq(
             0, len(prompt_ids), answer, max_new_tokens, rows)])[0]
-    return tr
+    return tr.add_lookup(prompt_ids)
 
 
 def trace_rows(tr: TraceResult, ident: dict, costs: dict) -> pd.DataFrame:
@@ -246,6 +255,9 @@ def trace_rows(tr: TraceResult, ident: dict, costs: dict) -> pd.DataFrame:
         "accept_prob_k": None,
         "tree_accept_len": (list(tr.tree_accept.astype(np.float32))
                             if tr.tree_accept is not None else None),
+        **{f"lookup_{key}": (pd.array(tr.lookup[key], dtype="Int16") if tr.lookup
+                             else pd.array([None] * n, dtype="Int16"))
+           for key in ("accept", "length", "match", "occurrences", "agreeing")},
         "cost_draft_s": np.float32(costs["cost_draft_s"]),
         "cost_verify_s": [np.asarray(costs["cost_verify_s"], np.float32)] * n,
         **{name: ([np.asarray(costs[name], np.float32)] * n if costs.get(name) else None)

@@ -312,3 +312,24 @@ def test_tree_costs_are_measured_priced_and_round_trip(target, drafts, tmp_path)
     assert StepCosts(0.1, [1.0] * 9).trees() is None
     with pytest.raises(CostError, match="one per tree"):
         CostModel(0.1, [1.0] * 9, "fp16", "float32", cost_tree_draft_s=[1.0])
+
+
+# --------------------------------------------------------------------------------- lookup
+def test_context_lookup_proposes_what_followed_the_longest_earlier_match():
+    from speckv.runtime.lookup import ContextLookup, lookup_trace
+
+    index = ContextLookup(tokens=[5, 6, 7, 8, 9, 1, 6, 7])
+    prop = index.propose()
+    assert prop.tokens == (8, 9, 1, 6, 7) and prop.match == 2 and prop.occurrences == 1
+    assert index.propose(limit=2).tokens == (8, 9)
+    index.extend([3])  # ...7 3: "3" never occurred before
+    assert index.propose().tokens == ()
+    index = ContextLookup(tokens=[4, 2, 4, 3, 4])  # "4" twice before: the latest wins
+    prop = index.propose()
+    assert prop.tokens == (3, 4) and prop.match == 1 and prop.occurrences == 2
+    assert prop.agreeing == 1  # one of the two occurrences was followed by 3
+    trace = lookup_trace([5, 6, 7, 8], [5, 6, 9, 5, 6, 9], budget=10)
+    # after 5 6 7 8: no match; after ...5: "5" -> 6 7 8 5, accepts 6 then wants 9
+    assert trace["length"][0] == 0 and trace["accept"][1] == 1
+    assert trace["accept"][4] == 2  # after ...9 5: "9 5" is new, "5" -> 6 9 5 accepts 6 9
+    assert all(a <= min(8, 10 - i - 1, 6 - i) for i, a in enumerate(trace["accept"]))
