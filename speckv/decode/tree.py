@@ -109,15 +109,17 @@ def keep_state_rows(states: Any, start: int, rows: Sequence[int]) -> None:
 # -------------------------------------------------------------------- where a tree drafts
 @dataclass
 class Root:
-    """One tree to grow: the draft's logits for the next token (``[V]``), the cache columns
-    ``[lo, hi)`` its nodes may see, the position of its first level, and (a
-    feature-conditioned draft) the draft's output state at the root."""
+    """One tree to grow: the draft's logits for the next token (``[V]``, or over a reduced
+    head's tokens ``vocab``), the cache columns ``[lo, hi)`` its nodes may see, the position
+    of its first level, and (a feature-conditioned draft) the draft's output state at the
+    root."""
 
     logits: torch.Tensor
     lo: int
     hi: int
     position: int
     state: torch.Tensor | None = None
+    vocab: torch.Tensor | None = None  # the token of each logit (a reduced head), else None
 
 
 class TreeDraft:
@@ -138,10 +140,18 @@ class TreeDraft:
         self._outputs: list[torch.Tensor] = []  # feature draft: outputs of fed nodes, in order
         self._roots = [r.state for r in roots]
 
+    @property
+    def vocab(self) -> torch.Tensor | None:
+        """The token of each column of :meth:`forward`'s ``reduced`` logits (a draft with a
+        reduced head, :class:`speckv.llm.head.ReducedHead`), else None."""
+        head = getattr(self.model, "lm_head", None)
+        return getattr(head, "token_ids", None) if self.feature else None
+
     def forward(self, tokens: list[int], positions: list[int], allowed: torch.Tensor,
-                sources: list[int]) -> torch.Tensor:
-        """Logits ``[q, V]`` of the fed nodes; ``sources[i]``: the fed node whose output node
-        ``i`` reads, or ``-1 - b`` for root ``b``."""
+                sources: list[int], reduced: bool = False) -> torch.Tensor:
+        """Logits ``[q, V]`` of the fed nodes (``reduced``: over :attr:`vocab` only, where the
+        draft has a reduced head); ``sources[i]``: the fed node whose output node ``i``
+        reads, or ``-1 - b`` for root ``b``."""
         device = next(self.model.parameters()).device
         ids = torch.tensor([tokens], device=device)
         pos = torch.tensor([positions], device=device)
@@ -152,9 +162,10 @@ class TreeDraft:
             return out.logits[0]
         states = torch.stack([self._roots[-1 - s] if s < 0 else self._outputs[s]
                               for s in sources])
-        g, logits = self.model.tree_forward(ids[0], states, pos[0], self.cache, allowed)
+        g = self.model.tree_forward(ids[0], states, pos[0], self.cache, allowed)
         self._outputs.extend(g)
-        return logits
+        head = self.model.lm_head
+        return head.small(g) if reduced and self.vocab is not None else head(g)
 
     def reset(self) -> None:
         """The cache as it was before the first :meth:`forward`."""
@@ -206,15 +217,21 @@ class Slots:
     def sampling(self) -> bool:
         return self.temperature > 0
 
-    def fill(self, logits: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]],
-                                                         list[torch.Tensor | None]]:
-        """For each row of draft logits ``[q, V]``: the slot tokens, the log-probabilities of
-        the ``k`` most likely tokens (the slots' scores) and (sampling) the distribution the
-        tokens were drawn from."""
+    def fill(self, logits: torch.Tensor, k: int, vocab: torch.Tensor | None = None
+             ) -> tuple[list[list[int]], list[list[float]], list[torch.Tensor | None]]:
+        """For each row of draft logits ``[q, V]`` (``vocab``: the token of each column, when
+        they cover a reduced head's tokens; greedy only): the slot tokens, the
+        log-probabilities of the ``k`` most likely tokens (the slots' scores) and
+        (sampling) the distribution the tokens were drawn from."""
         x = logits.float()
         if not self.sampling:
             best, tokens = torch.log_softmax(x, -1).topk(k)
+            if vocab is not None:
+                tokens = vocab[tokens]
             return tokens.tolist(), best.tolist(), [None] * len(x)
+        if vocab is not None:
+            raise ValueError("sampled slots need full-vocabulary logits (the target's "
+                             "distribution is compared token by token).")
         out_t, out_s, out_q = [], [], []
         for row in x:
             q = torch.softmax(row / self.temperature, -1)
@@ -237,7 +254,8 @@ def grow(draft: TreeDraft, roots: Sequence[Root], depth: int, branch: int,
     trees: list[list[_Node]] = [[] for _ in roots]
     qs: list[dict[int, torch.Tensor]] = [{} for _ in roots]
     if roots:
-        tokens, logp, q = slots.fill(torch.stack([r.logits for r in roots]), branch)
+        tokens, logp, q = slots.fill(torch.stack([r.logits for r in roots]), branch,
+                                     roots[0].vocab)
         for b in range(len(roots)):
             trees[b] = [_Node(t, -1, 1, s) for t, s in zip(tokens[b], logp[b], strict=False)]
             if q[b] is not None:
@@ -268,9 +286,10 @@ def grow(draft: TreeDraft, roots: Sequence[Root], depth: int, branch: int,
             tokens.append(node.token)
             positions.append(root.position + node.depth - 1)
             sources.append(-1 - b if node.parent < 0 else trees[b][node.parent].fed)
-        logits = draft.forward(tokens, positions, allowed, sources)
+        reduced = not slots.sampling and draft.vocab is not None
+        logits = draft.forward(tokens, positions, allowed, sources, reduced)
         fed_total += q_len
-        filled, logp, q = slots.fill(logits, branch)
+        filled, logp, q = slots.fill(logits, branch, draft.vocab if reduced else None)
         for i, (b, j) in enumerate(feed):
             parent = trees[b][j]
             trees[b].extend(_Node(t, j, d, parent.score + s)

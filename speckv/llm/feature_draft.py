@@ -339,13 +339,12 @@ class FeatureDraft(nn.Module):
         return g
 
     def tree_forward(self, tokens: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
-                     cache: FeatureCache, allowed: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     cache: FeatureCache, allowed: torch.Tensor) -> torch.Tensor:
         """Tree nodes after ``cache``'s tokens (:mod:`speckv.decode.tree`): ``tokens``
         ``[q]`` with their input ``states`` ``[q, H]`` (each its parent's output, the way a
         drafted chain token reads the one before) at ``positions`` ``[q]``, attending where
         ``allowed`` ``[q, cache.length + q]`` says. Appends their keys; returns their outputs
-        ``g`` ``[q, H]`` and full-vocabulary logits ``[q, V]``."""
+        ``g`` ``[q, H]`` (the head turns them into logits)."""
         p = next(self.parameters())
         x = self._inputs(tokens.to(p.device)[None], states.to(p.dtype)[None])
         q, k, v = self.layer.qkv(x, positions.to(p.device)[None])
@@ -354,8 +353,7 @@ class FeatureDraft(nn.Module):
         values = self.layer.expand(cache.v[:, :, : cache.length])
         attn = F.scaled_dot_product_attention(q, keys, values,
                                               attn_mask=allowed.to(p.device))
-        g = self.norm(self.layer.finish(x, attn))[0]
-        return g, self.lm_head(g)
+        return self.norm(self.layer.finish(x, attn))[0]
 
     # -------------------------------------------------------------------- the unrolled call
     def unroll(self, tokens: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,

@@ -96,7 +96,8 @@ def _tree_accepts(draft, seq: Sequence[int], states, prompt_len: int, answer: np
     n = len(answer)
     roots = g[prompt_len - 1 : prompt_len - 1 + n]
     return tree_accept_lengths(draft, cache, [TreeSeq(0, prompt_len, answer, budget,
-                                                      draft.lm_head(roots), roots)])[0]
+                                                      draft.logits_small(roots), roots,
+                                                      draft.lm_head.token_ids)])[0]
 
 
 def _assemble(answer: np.ndarray, target_top1: np.ndarray, stats: np.ndarray, best: np.ndarray,

@@ -46,6 +46,7 @@ class TreeSeq:
     budget: int
     root_logits: object
     root_states: object | None = None
+    vocab: object | None = None  # the token of each logit column (a reduced head)
 
 
 def tree_accept_lengths(draft, cache, seqs: Sequence[TreeSeq]) -> list[np.ndarray]:
@@ -67,7 +68,8 @@ def tree_accept_lengths(draft, cache, seqs: Sequence[TreeSeq]) -> list[np.ndarra
                 seq = seqs[s]
                 at = seq.prompt_len + i  # the position of the token the root predicts
                 roots.append(Root(seq.root_logits[i], seq.start, seq.start + at, at,
-                                  None if seq.root_states is None else seq.root_states[i]))
+                                  None if seq.root_states is None else seq.root_states[i],
+                                  seq.vocab))
             tree_draft = TreeDraft(draft, cache, roots)
             try:
                 grown = grow(tree_draft, roots, TREE_DEPTH_MAX, TREE_BRANCH)
