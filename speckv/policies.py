@@ -56,7 +56,7 @@ import numpy as np
 
 from speckv.errors import SpeckvError
 from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, GAMMAS, MAX_SKIP_RUN
-from speckv.runtime.proposal import N_OPTIONS, TREE_SIZES, tree_by_size, tree_code
+from speckv.runtime.proposal import N_DRAFT_OPTIONS, TREE_SIZES, tree_by_size, tree_code
 
 Objective = Literal["tokens_per_s", "tokens_per_step"]
 OBJECTIVES: Final = ("tokens_per_s", "tokens_per_step")
@@ -84,7 +84,7 @@ PLAIN: Final = 0
 TOKEN_STATS: Final = frozenset({"top1", "entropy"})
 
 SPECS: Final = ("ar", "fixed:K", "tree:N", "heuristic", "confidence:T", "entropy:T", "ema",
-                "oracle", "onnx:PATH", "ckpt:PATH")
+                "oracle", "onnx:PATH", "ckpt:PATH", "lookup:M", "lookup:M+SPEC")
 
 
 class PolicyError(SpeckvError, ValueError):
@@ -131,6 +131,25 @@ class PreContext:
     oracle_tree_accept: np.ndarray | None = None
 
 
+@dataclass
+class LookupContext:
+    """What a policy may look at when it decides whether to verify the context lookup's
+    continuation (:mod:`speckv.runtime.lookup`) instead of running the draft at all: the
+    proposal's signals (:class:`~speckv.runtime.lookup.LookupProposal`: how many tokens, the
+    matched suffix's length, its earlier occurrences, how many of them the first proposed
+    token followed), what the step costs (one target forward over the tokens and the last
+    emitted one; no draft forward), and everything :class:`PreContext` holds."""
+
+    pre: PreContext
+    length: int
+    match: int
+    occurrences: int
+    agreeing: int
+    cost: float  # seconds: the target's forward over length + 1 tokens
+    #: the proposal's true accepted length (replay only)
+    oracle_accept_len: int | None = None
+
+
 def probe_due(skipped: int, max_skip_run: int = MAX_SKIP_RUN) -> bool:
     """After ``max_skip_run`` plain steps in a row a policy drafts anyway (a probe): the
     history stops growing while the draft does not run, so only drafting can show that it
@@ -140,6 +159,11 @@ def probe_due(skipped: int, max_skip_run: int = MAX_SKIP_RUN) -> bool:
 
 
 class Policy(Protocol):
+    """A policy may also offer ``lookup(ctx: LookupContext) -> bool`` (asked first, before
+    ``speculate``, whenever the context lookup proposes tokens): True verifies the lookup's
+    continuation in this step and the draft does not run. Without it the policy never uses
+    the context lookup."""
+
     name: str
 
     def reset(self) -> None:
@@ -217,6 +241,48 @@ class FixedTree(_Stateless):
 
     def choose(self, ctx: StepContext) -> int:
         return self.code
+
+
+class LookupRule:
+    """Verify the context lookup's continuation whenever its match is at least ``min_match``
+    tokens (no draft forward); otherwise do what ``inner`` does (a drafting policy), or, with
+    no inner policy, take a plain step: ``lookup:M`` is lookup decoding alone (Hugging Face's
+    prompt lookup, which also falls back to plain steps), ``lookup:M+SPEC`` combines it with
+    any drafting policy, the learned controller included."""
+
+    def __init__(self, min_match: int = 1, inner: Policy | None = None) -> None:
+        if min_match < 1:
+            raise PolicyError(f"lookup needs a match of at least 1 token, got {min_match}.")
+        self.min_match = int(min_match)
+        self.inner = inner
+        self.name = f"lookup:{min_match}" + (f"+{inner.name}" if inner is not None else "")
+        self.token_stats = getattr(inner, "token_stats", frozenset())
+        self.max_skip_run = int(getattr(inner, "max_skip_run", MAX_SKIP_RUN))
+
+    def reset(self) -> None:
+        if self.inner is not None:
+            self.inner.reset()
+
+    def lookup(self, ctx: LookupContext) -> bool:
+        return ctx.match >= self.min_match
+
+    def speculate(self, ctx: PreContext) -> bool:
+        if self.inner is None:
+            return False
+        inner = getattr(self.inner, "speculate", None)
+        return True if inner is None else bool(inner(ctx))
+
+    def choose(self, ctx: StepContext) -> int:
+        return self.inner.choose(ctx)
+
+    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
+        return self.inner.keep_drafting(k, top1, entropy)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.inner.observe(drafted, accepted)
+
+    def __repr__(self) -> str:
+        return f"<LookupRule {self.name}>"
 
 
 class BestFixed(_Stateless):
@@ -301,9 +367,9 @@ class BestStatic(_Stateless):
 
     def __init__(self, choices: Mapping[str, int], name: str = "best_static") -> None:
         for comp, g in choices.items():
-            if comp not in COMPRESSIONS or not PLAIN <= int(g) < N_OPTIONS:
+            if comp not in COMPRESSIONS or not PLAIN <= int(g) < N_DRAFT_OPTIONS:
                 raise PolicyError(f"BestStatic needs 0 (plain), γ in 1..{GAMMA_MAX} or a tree "
-                                  f"code {GAMMA_MAX + 1}..{N_OPTIONS - 1} per compression "
+                                  f"code {GAMMA_MAX + 1}..{N_DRAFT_OPTIONS - 1} per compression "
                                   f"({', '.join(COMPRESSIONS)}); got {comp!r}: {g!r}.")
         self.choices = {c: int(g) for c, g in choices.items()}
         self.name = name
@@ -316,9 +382,9 @@ class BestStatic(_Stateless):
         out = {}
         for comp, row in scores.items():
             row = np.asarray(row, np.float64)
-            if row.shape not in ((GAMMA_MAX + 1,), (N_OPTIONS,)):
+            if row.shape not in ((GAMMA_MAX + 1,), (N_DRAFT_OPTIONS,)):
                 raise PolicyError(f"BestStatic.from_scores needs {GAMMA_MAX + 1} scores (plain, "
-                                  f"γ=1..{GAMMA_MAX}) or {N_OPTIONS} (and every tree) per "
+                                  f"γ=1..{GAMMA_MAX}) or {N_DRAFT_OPTIONS} (and every tree) per "
                                   f"compression; got {row.shape} for {comp!r}.")
             out[comp] = _best_choice(row, PLAIN)
         return cls(out)
@@ -621,6 +687,10 @@ def _build(spec: str, objective: Objective,
         if not arg:
             raise PolicyError(f"Policy {spec!r}: write fixed:K with K in 1..{GAMMA_MAX}.")
         return FixedGamma(_number(spec, arg, int))
+    if kind == "lookup":  # lookup:M or lookup:M+SPEC
+        match, plus, inner = arg.partition("+")
+        inner_policy = _build(inner, objective, load_checkpoint) if plus else None
+        return LookupRule(_number(spec, match, int) if match else 1, inner_policy)
     if kind == "tree":
         if not arg:
             raise PolicyError(f"Policy {spec!r}: write tree:N with N in "

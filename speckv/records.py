@@ -118,6 +118,9 @@ SCHEMA: Final = (
     # the nodes of the tree a live step verified (null: a chain or a plain step); ``drafted``
     # then counts its nodes and ``accept_cap`` is its depth
     Column("tree_size", pa.int16(), "live", nullable=True),
+    # where a live step's verified tokens came from: "draft" (a chain or a tree), "lookup"
+    # (the context lookup's continuation, no draft forward), null for a plain step
+    Column("source", pa.string(), "live", nullable=True),
     Column("t_step_s", pa.float32(), "live", nullable=True),
     # the step's draft forwards, its target forward, and its decisions (features + policy)
     Column("t_draft_s", pa.float32(), "live", nullable=True),
@@ -134,7 +137,7 @@ COLUMNS: Final = tuple(c.name for c in SCHEMA)
 ADDED_COLUMNS: Final = ("cost_catchup_s", "t_draft_s", "t_verify_s", "t_decision_s",
                          "draft_kind", "tree_accept_len", "cost_tree_draft_s",
                          "cost_tree_verify_s", "tree_size", "lookup_accept", "lookup_length",
-                         "lookup_match", "lookup_occurrences", "lookup_agreeing")
+                         "lookup_match", "lookup_occurrences", "lookup_agreeing", "source")
 ARROW_SCHEMA: Final = pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in SCHEMA])
 DECISION_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "decision")
 PAPER_FEATURES: Final = ("paper_mean_entropy", "paper_mean_confidence", "paper_max_entropy",

@@ -8,7 +8,9 @@ What a fair live number needs (the design's "Live" protocol):
   starting at speckv's heuristic start) and HF's own defaults (``hf:defaults``: nothing set;
   :func:`hf_defaults` reads what the installed transformers fills in: in 5.x 20 tokens, the
   constant schedule and a 0.4 confidence threshold, adapted per call only when scikit-learn
-  is installed). speckv: the target alone in speckv's loop (``ar``), ``speckv:fixed:1..4``,
+  is installed), and its prompt lookup (``hf:lookup``: ``prompt_lookup_num_tokens=10`` as
+  its documentation shows it; ``hf:lookup:N`` for N tokens). speckv: the target alone in
+  speckv's loop (``ar``), ``speckv:fixed:1..4``,
   the best static choice fitted on the train split (``speckv:best_static``: plain decoding
   or one γ per compression; the caller fits it, see :func:`bench_compression`), the
   heuristic and the controller (``speckv:onnx``). **HF best** is the fastest of all HF rows,
@@ -90,6 +92,9 @@ WARMUP_TOKENS: Final = 8
 ONE_PROCESS: Final = ("Run one benchmark process on the machine at a time: two side by side "
                       "share its cores and memory bandwidth and slow each other unevenly.")
 _HF_CONSTANT = re.compile(r"hf:constant:(\d+)")
+_HF_LOOKUP = re.compile(r"hf:lookup(?::([1-9]\d*))?")
+#: Hugging Face's prompt lookup as its documentation shows it (``prompt_lookup_num_tokens=10``)
+HF_LOOKUP_TOKENS: Final = 10
 
 
 class BenchError(SpeckvError, ValueError):
@@ -102,7 +107,8 @@ def default_methods() -> list[str]:
     from speckv.paths import DEFAULT_CONTROLLER, find_file
 
     methods = ["ar", "hf:ar", *(f"hf:constant:{g}" for g in HF_CONSTANT_GAMMAS),
-               "hf:heuristic", HF_DEFAULTS, *(f"speckv:fixed:{g}" for g in SPECKV_FIXED_GAMMAS),
+               "hf:heuristic", HF_DEFAULTS, "hf:lookup",
+               *(f"speckv:fixed:{g}" for g in SPECKV_FIXED_GAMMAS),
                BEST_STATIC, "speckv:heuristic"]
     controller = find_file(DEFAULT_CONTROLLER)
     if controller.is_file():
@@ -149,13 +155,17 @@ def _hf_settings(method: str) -> dict[str, Any] | None:
         return {"num_assistant_tokens": HF_HEURISTIC_START,
                 "num_assistant_tokens_schedule": "heuristic",
                 "assistant_confidence_threshold": 0.0}  # 0 disables it (None means 0.4)
+    lookup = _HF_LOOKUP.fullmatch(method)
+    if lookup:  # prompt lookup: no assistant model, n-grams of the context
+        return {"prompt_lookup_num_tokens": int(lookup.group(1) or HF_LOOKUP_TOKENS)}
     match = _HF_CONSTANT.fullmatch(method)
     if match and int(match.group(1)) >= 1:
         return {"num_assistant_tokens": int(match.group(1)),
                 "num_assistant_tokens_schedule": "constant",
                 "assistant_confidence_threshold": 0.0}
     raise BenchError(f"Unknown method {method!r}; the Hugging Face ones are hf:ar, "
-                     f"hf:constant:K (K >= 1), hf:heuristic and {HF_DEFAULTS}.")
+                     f"hf:constant:K (K >= 1), hf:heuristic, {HF_DEFAULTS} and hf:lookup[:N] "
+                     "(prompt lookup of N tokens).")
 
 
 @dataclass
@@ -181,12 +191,15 @@ def _hf_runner(target: torch.nn.Module, draft: torch.nn.Module | None, method: s
                eos: list[int], pad: int) -> Runner:
     """A runner around ``target.generate`` (with ``draft`` as the assistant unless hf:ar)."""
     settings = _hf_settings(method)
-    if settings is not None and draft is None:
+    lookup = settings is not None and "prompt_lookup_num_tokens" in settings
+    if settings is not None and draft is None and not lookup:
         raise BenchError(f"{method} needs a draft model (the assistant).")
 
     def run(ids: list[int], max_new_tokens: int) -> Run:
         extra: dict[str, Any] = {}
-        if settings is not None:
+        if lookup:
+            extra.update(settings)
+        elif settings is not None:
             cfg = draft.generation_config  # set every call: HF writes the heuristic's γ back
             for key, value in settings.items():
                 setattr(cfg, key, value)
@@ -394,7 +407,8 @@ def bench_compression(target, draft, prompts, methods: list[str], max_new_tokens
                              "(`speckv bench` does, from speckv.integrations.transformers).")
         elif is_hf(method):
             assistant = module_of(hf_draft if hf_draft is not None else draft)
-            if method != "hf:ar" and is_feature_draft(assistant):
+            if method != "hf:ar" and not _HF_LOOKUP.fullmatch(method) and \
+                    is_feature_draft(assistant):
                 raise BenchError(
                     f"{method}: Hugging Face's assisted generation runs its assistant's own "
                     "generate(), which a feature-conditioned draft (it reads the target's "

@@ -87,7 +87,15 @@ from speckv.decode.tree import (
 )
 from speckv.errors import SpeckvError
 from speckv.llm.feature_draft import TargetStates, is_feature_draft
-from speckv.policies import PLAIN, TOKEN_STATS, Learned, Policy, PreContext, StepContext
+from speckv.policies import (
+    PLAIN,
+    TOKEN_STATS,
+    Learned,
+    LookupContext,
+    Policy,
+    PreContext,
+    StepContext,
+)
 from speckv.runtime.costs import CATCHUP_MAX, StepCosts
 from speckv.runtime.features import (
     GAMMA_MAX,
@@ -98,7 +106,8 @@ from speckv.runtime.features import (
     fill_pre_features,
     fill_step_features,
 )
-from speckv.runtime.proposal import N_OPTIONS, TREES, Proposal, TreeShape, tree_index
+from speckv.runtime.lookup import ContextLookup, LookupProposal
+from speckv.runtime.proposal import N_DRAFT_OPTIONS, TREES, Proposal, TreeShape, tree_index
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -272,7 +281,8 @@ class _Sequence:
     #: of its cache (rows below ``t_cache``'s length are valid)
     states: TargetStates | None = None
     forwards: list[TargetForward] = field(default_factory=list)  # the target's, in order
-    skipped: int = 0  # plain steps the policy chose in a row
+    skipped: int = 0  # steps in a row the draft did not run (plain or lookup)
+    lookup: ContextLookup | None = None  # the n-gram index of tokens, when the policy uses it
 
     @property
     def produced(self) -> int:
@@ -319,7 +329,7 @@ _PLAIN_RECORD: Final = {
     "target_top1_prev": None, "agree_ema": None, "agree_run": None,
     "draft_entropy_k": None, "draft_top1_k": None,
     "accept_len": 0, "accept_cap": 0, "accept_prob_k": None, "gamma": 0, "drafted": 0,
-    "tree_size": None,
+    "tree_size": None, "source": None,
     "t_draft_s": 0.0, "t_verify_s": 0.0, "t_decision_s": 0.0,
 }
 
@@ -385,6 +395,7 @@ class SpeculativeDecoder:
         needs = getattr(policy, "token_stats", TOKEN_STATS) if policy is not None else ()
         self._token_stats = bool(record_token_stats or set(needs) & TOKEN_STATS)
         self._speculate = getattr(policy, "speculate", None)
+        self._lookup = getattr(policy, "lookup", None)
         self._stats = RowStats()
         self._draft_rows, self._target_rows = _RowBuffer(), _RowBuffer()
         self._features = np.empty(N_FEATURES, np.float32)
@@ -449,12 +460,17 @@ class SpeculativeDecoder:
                 emitted, record = self._plain_step(seq, sampler, _Clock(), defer=False)
             else:
                 clock = _Clock()
-                if self._decide_to_speculate(seq, max_gamma, clock):
+                lookup = self._lookup_proposal(seq, max_gamma, clock)
+                if lookup is not None:
+                    emitted, record = self._lookup_step(seq, lookup, sampler, clock)
+                elif self._decide_to_speculate(seq, max_gamma, clock):
                     emitted, record = self._speculative_step(seq, max_gamma, sampler, clock)
                 else:
                     emitted, record = self._plain_step(seq, sampler, clock, defer=True)
             record.update(ident, step=len(steps), position=seq.produced)
             seq.tokens.extend(emitted)
+            if seq.lookup is not None:
+                seq.lookup.extend(emitted)
             record["t_step_s"] = time.perf_counter() - t0
             steps.append(record)
             if on_step is not None:
@@ -480,7 +496,8 @@ class SpeculativeDecoder:
             states = TargetStates(self.draft.cfg.hidden_size, param.dtype, param.device)
             d_cache.states = states
         seq = _Sequence(list(prompt_ids), len(prompt_ids), t_cache, d_cache,
-                        len(prompt_ids) - 1, History(), states=states)
+                        len(prompt_ids) - 1, History(), states=states,
+                        lookup=ContextLookup(tokens=prompt_ids) if self._lookup else None)
         if len(prompt_ids) > 1:
             self._target_forward(seq, prompt_ids[:-1], keep=1)
             seq.forwards.append(TargetForward(0, tuple(prompt_ids[:-1]), 1, 0))
@@ -523,6 +540,70 @@ class SpeculativeDecoder:
         seq.skipped = 0 if go else seq.skipped + 1
         clock.decision += time.perf_counter() - started
         return go
+
+    def _lookup_proposal(self, seq: _Sequence, max_gamma: int, clock: _Clock
+                         ) -> LookupProposal | None:
+        """The context lookup's continuation when the policy takes it this step (asked
+        whenever the lookup proposes tokens), else None."""
+        if self._lookup is None:
+            return None
+        started = time.perf_counter()
+        prop = seq.lookup.propose(max_gamma)
+        take = False
+        if prop.tokens:
+            history = seq.history
+            unseen = history.unsettled + 1
+            fill_pre_features(self._pre, history, self.compression)
+            plain = self._costs.plain if self._costs is not None else math.nan
+            pre = PreContext(self._pre.copy(), self.compression, seq.produced, max_gamma,
+                             self._step_costs(unseen), plain, unseen, seq.skipped,
+                             tree_costs=self._tree_costs(unseen))
+            cost = (self._costs.t_verify[len(prop.tokens)] if self._costs is not None
+                    else math.nan)
+            take = bool(self._lookup(LookupContext(pre, len(prop.tokens), prop.match,
+                                                   prop.occurrences, prop.agreeing, cost)))
+        clock.decision += time.perf_counter() - started
+        return prop if take else None
+
+    def _lookup_step(self, seq: _Sequence, lookup: LookupProposal, sampler: _Sampler | None,
+                     clock: _Clock) -> tuple[list[int], dict[str, Any]]:
+        """Verify the context lookup's continuation in ONE target forward, no draft forward:
+        a deterministic draft (q is one-hot), so sampling accepts token x with probability
+        p(x) and otherwise samples p without x. The draft has seen none of the emitted
+        tokens: they all wait for its next catch-up, as a plain step's token does."""
+        tokens = list(lookup.tokens)
+        k = len(tokens)
+        start = seq.t_cache.get_seq_length()
+        verify_ids = (seq.tokens[-1], *tokens)
+        started = time.perf_counter()
+        t_logits = self._target_forward(seq, list(verify_ids), keep=k + 1)
+        clock.verify += time.perf_counter() - started
+        t_rows = self._target_rows(t_logits)
+        if sampler is None:
+            accepted = len(Proposal.chain(tokens, "lookup").walk(
+                lambda node: int(t_rows[node + 1].argmax())))
+            nxt = int(t_rows[accepted].argmax())
+        else:
+            q = torch.nn.functional.one_hot(torch.tensor(tokens), t_rows.shape[-1]).float()
+            accepted, nxt, _ = verify_sampled(sampler.probs(torch.from_numpy(t_rows)), q,
+                                              tokens, sampler.generator)
+        emitted = [*tokens[:accepted], nxt]
+        p_emit = [token_prob(t_rows[i], token, self._stats) for i, token in enumerate(emitted)]
+        emitted = self._cut_at_eos(emitted)
+        seq.forwards.append(TargetForward(start, verify_ids, k + 1, len(emitted)))
+        if len(emitted) < k + 1:
+            seq.t_cache.crop(len(emitted) - k - 1)
+            if seq.states is not None:
+                seq.states.valid = seq.t_cache.get_seq_length()
+        for p in p_emit[: len(emitted)]:
+            seq.history.defer(p)
+        seq.skipped += 1
+        return emitted, {**_PLAIN_RECORD, **clock.record(),
+                         "accept_len": min(accepted, len(emitted)), "accept_cap": k,
+                         "gamma": None, "drafted": k, "source": "lookup",
+                         "lookup_accept": min(accepted, len(emitted)), "lookup_length": k,
+                         "lookup_match": lookup.match, "lookup_occurrences": lookup.occurrences,
+                         "lookup_agreeing": lookup.agreeing}
 
     def _target_token(self, seq: _Sequence, sampler: _Sampler | None, clock: _Clock
                       ) -> tuple[int, np.ndarray]:
@@ -577,10 +658,10 @@ class SpeculativeDecoder:
                           tree_costs=self._tree_costs(len(unseen)))
         choice = int(policy.choose(ctx))
         clock.decision += time.perf_counter() - started
-        if not PLAIN <= choice < N_OPTIONS:
+        if not PLAIN <= choice < N_DRAFT_OPTIONS:
             raise DecodeError(f"Policy {policy.name!r} chose {choice}; choose() must return "
                               f"1..{GAMMA_MAX} (a chain of γ tokens), {GAMMA_MAX + 1}.."
-                              f"{N_OPTIONS - 1} (a tree, speckv.runtime.proposal.TREES), or "
+                              f"{N_DRAFT_OPTIONS - 1} (a tree, speckv.runtime.proposal.TREES), or "
                               f"{PLAIN} for a plain target step.")
         if choice == PLAIN:  # drafted once, then a plain step: the proposal scores the token
             token, x = self._target_token(seq, sampler, clock)
@@ -637,7 +718,7 @@ class SpeculativeDecoder:
         policy.observe(k, from_draft)
         record.update(draft_entropy_k=prop.entropy, draft_top1_k=prop.top1,
                       accept_len=from_draft, accept_cap=k, accept_prob_k=accept_probs,
-                      gamma=gamma, drafted=k, tree_size=None, **clock.record())
+                      gamma=gamma, drafted=k, tree_size=None, source="draft", **clock.record())
         return emitted, record
 
     def _tree_step(self, seq: _Sequence, shape: TreeShape, max_gamma: int, first: np.ndarray,
@@ -702,7 +783,8 @@ class SpeculativeDecoder:
         self.policy.observe(shape.depth, from_draft)
         record.update(draft_entropy_k=None, draft_top1_k=None, accept_len=from_draft,
                       accept_cap=shape.depth, accept_prob_k=None, gamma=None,
-                      drafted=len(prop), tree_size=shape.size, **clock.record())
+                      drafted=len(prop), tree_size=shape.size, source="draft",
+                      **clock.record())
         return emitted, record
 
     def _draft(self, seq: _Sequence, first: np.ndarray, best: int, gamma: int, top1: float,

@@ -58,7 +58,15 @@ import numpy as np
 import pandas as pd
 
 from speckv.errors import SpeckvError
-from speckv.policies import PLAIN, Objective, Policy, PreContext, StepContext, probe_due
+from speckv.policies import (
+    PLAIN,
+    LookupContext,
+    Objective,
+    Policy,
+    PreContext,
+    StepContext,
+    probe_due,
+)
 from speckv.records import feature_matrix, sequence_ids
 from speckv.runtime.costs import (
     catchup_seconds,
@@ -68,7 +76,7 @@ from speckv.runtime.costs import (
     tree_step_costs,
 )
 from speckv.runtime.features import GAMMA_MAX, pre_from_step_features
-from speckv.runtime.proposal import N_OPTIONS, TREES
+from speckv.runtime.proposal import LOOKUP_CODE, N_DRAFT_OPTIONS, N_OPTIONS, TREES
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +139,9 @@ class Traces:
     tree_nodes: np.ndarray | None = None
     tree_draft: np.ndarray | None = None
     tree_verify: np.ndarray | None = None
+    #: [n, 5] the context lookup at each row: accepted, length, match, occurrences,
+    #: agreeing (speckv.runtime.lookup; None: records without it)
+    lookup: np.ndarray | None = None
     _lists: dict[str, list] = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -195,6 +206,8 @@ class Traces:
                                entropy=self.entropy_k.tolist(), draft=self.draft.tolist(),
                                verify=self.verify.tolist(), catch=self.catchup.tolist(),
                                verify0=self.verify0.tolist())
+            if self.lookup is not None:
+                self._lists["lookup"] = self.lookup.tolist()
             if self.has_trees:
                 self._lists.update(
                     tree_accept=self.tree_accept.tolist(), tree_nodes=self.tree_nodes.tolist(),
@@ -308,8 +321,20 @@ def prepare(df: pd.DataFrame) -> Traces:
         task=first["task"].astype(str).to_numpy(),
         prompt=sequence_ids(first).to_numpy(),
         reads_target=_reads_target(first),
+        lookup=_lookup(df),
         **trees,
     )
+
+
+LOOKUP_COLUMNS: Final = ("lookup_accept", "lookup_length", "lookup_match",
+                         "lookup_occurrences", "lookup_agreeing")
+
+
+def _lookup(df: pd.DataFrame) -> np.ndarray | None:
+    """``[n, 5]`` of :data:`LOOKUP_COLUMNS`, or None unless every row has them."""
+    if any(c not in df.columns or df[c].isna().any() for c in LOOKUP_COLUMNS):
+        return None
+    return np.stack([df[c].to_numpy(np.int64) for c in LOOKUP_COLUMNS], -1)
 
 
 def _column_or_none(df: pd.DataFrame, name: str, width: int) -> np.ndarray | None:
@@ -387,10 +412,10 @@ def _gain(accept_len: int, left: int) -> int:
 
 def _checked(name: str, gamma: Any) -> int:
     g = int(gamma)
-    if not PLAIN <= g < N_OPTIONS:
+    if not PLAIN <= g < N_DRAFT_OPTIONS:
         raise EvaluateError(f"Policy {name!r} chose {gamma}; choose() must return 1.."
-                            f"{GAMMA_MAX} (a chain), {GAMMA_MAX + 1}..{N_OPTIONS - 1} (a tree) "
-                            f"or {PLAIN} for a plain target step.")
+                            f"{GAMMA_MAX} (a chain), {GAMMA_MAX + 1}..{N_DRAFT_OPTIONS - 1} (a "
+                            f"tree) or {PLAIN} for a plain target step.")
     return g
 
 
@@ -412,7 +437,7 @@ class _Decisions:
             if len(got) != t.n_rows:
                 raise EvaluateError(f"Policy {self.policy.name!r}: choose_batch returned "
                                     f"{len(got)} choices for {t.n_rows} rows.")
-            bad = (got < PLAIN) | (got >= N_OPTIONS)
+            bad = (got < PLAIN) | (got >= N_DRAFT_OPTIONS)
             if bad.any():
                 _checked(self.policy.name, got[np.flatnonzero(bad)[0]])
             self._gammas[unseen] = got.astype(np.int64).tolist()
@@ -452,6 +477,12 @@ def replay(traces: Traces, policy: Policy) -> Replay:
         tree_accept, tree_nodes, tree_cost = (lists["tree_accept"], lists["tree_nodes"],
                                               lists["tree_cost"])
     batch = _Decisions(traces, policy)
+    lookup_rule = getattr(policy, "lookup", None)
+    if lookup_rule is not None and traces.lookup is None:
+        raise EvaluateError(f"Policy {policy.name!r} uses the context lookup, but these "
+                            "records hold no lookup columns: re-profile them with this version "
+                            "of speckv (`speckv profile --mode trace`).")
+    lookup_rows = lists.get("lookup")
     speculate = getattr(policy, "speculate", None)
     choose, keep, observe = policy.choose, policy.keep_drafting, policy.observe
     out = np.zeros((5, S), np.float64)
@@ -476,6 +507,25 @@ def replay(traces: Traces, policy: Policy) -> Replay:
                 break
             max_gamma = left if left < GAMMA_MAX else GAMMA_MAX
             unseen = unsettled + 1
+            if lookup_rule is not None and lookup_rows[r][1] > 0:
+                a, length, match, occurrences, agreeing = lookup_rows[r]
+                pre = PreContext(traces.pre_features_for(unsettled)[r], comp, p, max_gamma,
+                                 traces.costs_for(unseen)[r], verify0[r], unseen, skipped,
+                                 _gain(accept[r], n - p), *_tree_context(traces, unseen, r,
+                                                                        n - p))
+                if lookup_rule(LookupContext(pre, length, match, occurrences, agreeing,
+                                             verify[r][length], a)):
+                    made = a + 1 if a < n - p else n - p  # an accepted EOS: no bonus token
+                    t += verify[r][length]
+                    tokens += made
+                    steps += 1
+                    drafted_sum += length
+                    accepted_sum += a
+                    counts[LOOKUP_CODE] += 1
+                    unsettled += made  # the draft saw none of them
+                    skipped += 1
+                    p += made
+                    continue
             if speculate is not None:
                 if batch.speculate_batch is not None:
                     rows = batch.speculate(unsettled, skipped)

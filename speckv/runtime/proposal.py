@@ -83,9 +83,13 @@ TREE_SIZES: Final = tuple(t.size for t in TREES)
 TREE_DEPTH_MAX: Final = max(t.depth for t in TREES)
 #: the most nodes a tree grows before keeping ``size`` of them
 TREE_BRANCH: Final = TREES[0].branch
-#: option codes: 0 plain, 1..GAMMA_MAX chains, then the trees
+#: option codes: 0 plain, 1..GAMMA_MAX chains, then the trees (what a policy's ``choose`` may
+#: return after the draft's first forward), then the context lookup's continuation alone
+#: (decided before the draft runs, :mod:`speckv.runtime.lookup`)
 PLAIN_CODE: Final = 0
-N_OPTIONS: Final = 1 + GAMMA_MAX + len(TREES)
+N_DRAFT_OPTIONS: Final = 1 + GAMMA_MAX + len(TREES)
+LOOKUP_CODE: Final = N_DRAFT_OPTIONS
+N_OPTIONS: Final = N_DRAFT_OPTIONS + 1
 
 
 def tree_code(index: int) -> int:
@@ -94,14 +98,17 @@ def tree_code(index: int) -> int:
 
 
 def tree_index(code: int) -> int | None:
-    """The index in :data:`TREES` of an option code, ``None`` for a plain step or a chain."""
-    return code - GAMMA_MAX - 1 if code > GAMMA_MAX else None
+    """The index in :data:`TREES` of an option code, ``None`` for any other option."""
+    index = code - GAMMA_MAX - 1
+    return index if 0 <= index < len(TREES) else None
 
 
 def option_name(code: int) -> str:
-    """``plain``, ``fixed:γ`` or ``tree:N``."""
+    """``plain``, ``fixed:γ``, ``tree:N`` or ``lookup``."""
     if code == PLAIN_CODE:
         return "plain"
+    if code == LOOKUP_CODE:
+        return "lookup"
     index = tree_index(code)
     return f"fixed:{code}" if index is None else TREES[index].name
 

@@ -28,7 +28,7 @@ from speckv.decode.invariant import first_difference
 from speckv.prompts import SUITE_MAX, TASKS, suites
 
 HF_ROWS = {"hf:ar", "hf:constant:1", "hf:constant:2", "hf:constant:3", "hf:constant:4",
-           "hf:heuristic", "hf:defaults"}
+           "hf:heuristic", "hf:defaults", "hf:lookup"}
 SPECKV_ROWS = {"ar", "speckv:fixed:1", "speckv:fixed:2", "speckv:fixed:3", "speckv:fixed:4",
                "speckv:best_static", "speckv:heuristic", "speckv:onnx",
                "hf:speckv"}  # HF's loop with speckv's controller: not one of HF's own rows

@@ -48,7 +48,7 @@ from speckv.policies import (
 )
 from speckv.records import split_prompts, validate, write_records
 from speckv.runtime.features import GAMMA_MAX, GAMMAS
-from speckv.runtime.proposal import TREES
+from speckv.runtime.proposal import N_OPTIONS
 from speckv.train.chooser import TorchChooser
 
 REQUIRED = ["learned", "best_static", "best_fixed", *(f"fixed:{g}" for g in GAMMAS), "heuristic",
@@ -232,7 +232,8 @@ def test_replay_plain_steps_by_hand():
     # the catch-up after three plain steps covers four tokens, after a full acceptance two
     assert pol.unseen == [1, 2, 3, 4, 2, 1]
     rep = replay(prepare(hand_trace(AGREE)), PlainFirst(until=3, gamma=2))
-    assert rep.chosen[0].tolist() == [3, 0, 3, 0, 0, 0, 0, 0, 0] + [0] * len(TREES)
+    assert rep.chosen[0].tolist() == ([3, 0, 3, 0, 0, 0, 0, 0, 0]
+                                           + [0] * (N_OPTIONS - GAMMA_MAX - 1))
 
 
 def test_a_plain_step_after_the_draft_pays_for_the_draft_forward():
@@ -419,7 +420,8 @@ def test_bound_takes_plain_steps_where_the_draft_is_wrong():
     trace = prepare(hand_trace([1, 1, 0, 0, 1, 1]))
     bound = replay_bound(trace)
     assert float(bound.time_s[0]) == 14 + 10 + 12
-    assert bound.chosen[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0] + [0] * len(TREES)
+    assert bound.chosen[0].tolist() == ([1, 1, 1, 0, 0, 0, 0, 0, 0]
+                                             + [0] * (N_OPTIONS - GAMMA_MAX - 1))
     assert float(replay_bound(trace, plain_steps=False).time_s[0]) == 14 + 12 + 12
 
 

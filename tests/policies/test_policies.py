@@ -36,6 +36,7 @@ from speckv.runtime.features import (
     N_FEATURES,
     N_PRE_FEATURES,
 )
+from speckv.runtime.proposal import LOOKUP_CODE, tree_code
 from speckv.train.chooser import TorchChooser
 
 COSTS = step_costs(1.0, [10.0 + g for g in range(GAMMA_MAX + 1)])  # a step drafting g: 10 + 2g
@@ -349,7 +350,8 @@ def test_best_static_chooses_plain_or_gamma_by_compression():
     assert pol.choose(ctx(compression="nf4")) == PLAIN
     with pytest.raises(PolicyError, match="int8"):
         pol.choose(ctx(compression="int8"))
-    for bad in ({"fp16": 9}, {"fp16": -1}, {"fp32": 1}):
+    assert BestStatic({"fp16": tree_code(1)}).choose(ctx()) == tree_code(1)  # trees too
+    for bad in ({"fp16": LOOKUP_CODE}, {"fp16": -1}, {"fp32": 1}):
         with pytest.raises(PolicyError):
             BestStatic(bad)
 

@@ -25,8 +25,11 @@ from speckv.policies import (
     FixedTree,
     Heuristic,
     Learned,
+    LookupContext,
+    LookupRule,
     PreContext,
     StepContext,
+    from_spec,
     probe_due,
 )
 from speckv.profile.profiler import trace_prompt, trace_rows
@@ -130,6 +133,8 @@ class Recording:
     def __init__(self, inner) -> None:
         self.inner, self.name = inner, inner.name
         self.token_stats = getattr(inner, "token_stats", frozenset({"top1", "entropy"}))
+        if hasattr(inner, "lookup"):  # a policy that uses the context lookup
+            self.lookup = inner.lookup
         self.pre: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.step: list[tuple[int, np.ndarray, np.ndarray]] = []
 
@@ -163,6 +168,8 @@ def _replay_steps(rows, policy, reads_target=False):
     feats = feature_matrix(rows)
     accept = rows["accept_len"].to_numpy()
     tree_accept = np.stack(rows["tree_accept_len"]).astype(int)
+    lookup = rows[["lookup_accept", "lookup_length", "lookup_match", "lookup_occurrences",
+                   "lookup_agreeing"]].to_numpy(int)
     top1 = np.stack(rows["draft_top1_k"])
     ent = np.stack(rows["draft_entropy_k"])
     n, budget = len(rows), int(rows["max_new_tokens"].iat[0])
@@ -178,6 +185,16 @@ def _replay_steps(rows, policy, reads_target=False):
         costs = drafting_costs(COSTS["cost_draft_s"], verify, None, unsettled + 1)
         speculate = getattr(policy, "speculate", None)
         pre = pre_from_step_features(feats[p], feats[p - unsettled], unsettled)[0]
+        a, length, match, occurrences, agreeing = lookup[p]
+        pre_ctx = PreContext(pre, "fp16", p, min(8, left), costs, float(verify[0]),
+                             unsettled + 1, skipped)
+        if hasattr(policy, "lookup") and length and policy.lookup(LookupContext(
+                pre_ctx, length, match, occurrences, agreeing, float(verify[length]))):
+            assert length <= min(8, left) and a <= min(length, n - p)
+            out.append((p, "lookup", a))
+            made = min(a + 1, n - p)
+            p, unsettled, skipped = p + made, unsettled + made, skipped + 1
+            continue
         if speculate is not None and not speculate(PreContext(
                 pre, "fp16", p, min(8, left), costs, float(verify[0]), unsettled + 1, skipped)):
             out.append((p, 0, 0))
@@ -229,6 +246,9 @@ POLICIES = {
     "plain-after-draft": PlainAfterDraft, "learned-onnx": _controller_policy,
     "tree:4": lambda: FixedTree(4), "tree:16": lambda: FixedTree(16),
     "tree:64": lambda: FixedTree(64), "mixed": Mixed, "cheapest-tree": CheapestTree,
+    "lookup:1": lambda: LookupRule(1), "lookup:2+fixed:3": lambda: from_spec("lookup:2+fixed:3"),
+    "lookup:1+tree:8": lambda: from_spec("lookup:1+tree:8"),
+    "lookup:1+skip-pattern": lambda: LookupRule(1, SkipPattern()),
 }
 
 
@@ -247,8 +267,8 @@ def test_replay_reproduces_live_greedy_decoding(request, kind, policy_name, prom
     assert live.token_ids == tr.answer.tolist(), "greedy speculative output must be lossless"
 
     expected = _replay_steps(rows, make_policy(), reads_target=kind == "feature")
-    got = [(s["position"], "tree" if s["tree_size"] else s["drafted"] or 0, s["accept_len"])
-           for s in live.steps]
+    got = [(s["position"], "lookup" if s["source"] == "lookup" else "tree" if s["tree_size"]
+            else s["drafted"] or 0, s["accept_len"]) for s in live.steps]
     assert got == expected
     drafted = [s["drafted"] or 0 for s in live.steps]
 
@@ -270,7 +290,7 @@ def test_replay_reproduces_live_greedy_decoding(request, kind, policy_name, prom
 
     # live decision-time features equal the trace's at every visited position
     for step in live.steps:
-        if not step["drafted"]:
+        if step["source"] != "draft":  # plain and lookup steps: the draft did not run
             continue
         row = rows.iloc[step["position"]]
         for col in ("draft_entropy", "draft_top1", "draft_margin", "target_top1_prev",

@@ -1,4 +1,5 @@
-"""Token trees (speckv.decode.tree, speckv.runtime.proposal): grown, verified, rolled back.
+"""A step's candidates (speckv.runtime.proposal): token trees (speckv.decode.tree) grown,
+verified and rolled back, and the context lookup's continuations (speckv.runtime.lookup).
 
 Greedy output with every tree must equal plain greedy decoding exactly on tiny float64 models
 (see test_decode.py's ``reference_greedy``) and pass the tree-aware greedy invariant; the
@@ -97,7 +98,8 @@ def test_option_codes_name_plain_chains_and_trees():
     assert option_name(0) == "plain" and option_name(3) == "fixed:3"
     assert [option_name(tree_code(i)) for i in range(len(TREES))] == [
         f"tree:{n}" for n in TREE_SIZES]
-    assert tree_index(8) is None and tree_index(N_OPTIONS - 1) == len(TREES) - 1
+    assert tree_index(8) is None and tree_index(N_OPTIONS - 2) == len(TREES) - 1
+    assert option_name(N_OPTIONS - 1) == "lookup" and tree_index(N_OPTIONS - 1) is None
     assert isinstance(from_spec("tree:16"), FixedTree)
     with pytest.raises(ValueError, match="no tree of 5 nodes"):
         from_spec("tree:5")
@@ -333,3 +335,48 @@ def test_context_lookup_proposes_what_followed_the_longest_earlier_match():
     assert trace["length"][0] == 0 and trace["accept"][1] == 1
     assert trace["accept"][4] == 2  # after ...9 5: "9 5" is new, "5" -> 6 9 5 accepts 6 9
     assert all(a <= min(8, 10 - i - 1, 6 - i) for i, a in enumerate(trace["accept"]))
+
+
+def test_lookup_steps_are_lossless_and_leave_the_draft_behind(target, drafts):
+    from speckv.policies import LookupRule
+
+    prompt = [*PROMPT, *PROMPT, *PROMPT[:3]]  # repeats: the lookup has matches to offer
+    seen = []
+
+    def check(view) -> None:
+        seen.append(view.record["source"])
+        assert view.target_cache.get_seq_length() == len(view.tokens) - 1
+
+    for policy in (LookupRule(1), LookupRule(2, FixedGamma(3)), LookupRule(1, FixedTree(8))):
+        decoder = SpeculativeDecoder(drafts["noisy"], target, policy, eos_token_ids=[])
+        result = decoder.generate(prompt, 40, on_step=check)
+        assert result.token_ids == reference_greedy(target, prompt, 40), policy.name
+        assert greedy_invariant(target, prompt, result) == []
+    assert "lookup" in seen and "draft" in seen
+    lookup = [s for s in result.steps if s["source"] == "lookup"]
+    assert all(s["drafted"] == s["lookup_length"] >= s["accept_len"] for s in lookup)
+
+
+def test_sampled_lookup_steps_keep_the_targets_joint_distribution():
+    from speckv.policies import LookupRule
+
+    vocab, prompt, n, temperature = 8, [5, 3, 5], 1500, 0.9
+    target = tiny_llama(2, seed=0, vocab=vocab, hidden=16, init=0.2)
+    with torch.inference_mode():
+        first = torch.softmax(target(input_ids=torch.tensor([prompt])).logits[0, -1]
+                              / temperature, -1)
+        pairs = torch.tensor([[*prompt, t] for t in range(vocab)])
+        second = torch.softmax(target(input_ids=pairs).logits[:, -1] / temperature, -1)
+    joint = (first[:, None] * second).numpy().ravel()
+    draft = tiny_llama(1, seed=1, vocab=vocab, hidden=16, init=0.2)
+    decoder = SpeculativeDecoder(draft, target, LookupRule(1), eos_token_ids=[])
+    counts = np.zeros(vocab * vocab)
+    accepted = []
+    for seed in range(n):  # "5" occurred before, followed by 3 5: the first step looks up
+        result = decoder.generate(prompt, 3, temperature=temperature, seed=seed)
+        assert result.steps[0]["source"] == "lookup"
+        t1, t2 = result.token_ids[:2]
+        counts[t1 * vocab + t2] += 1
+        accepted.append(result.steps[0]["accept_len"])
+    assert {0, 1} <= set(accepted)
+    assert chi2_pvalue(counts, joint) > 1e-3
