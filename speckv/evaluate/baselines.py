@@ -20,6 +20,7 @@ from speckv.policies import (
     FixedGamma,
     FixedTree,
     Heuristic,
+    LookupRule,
     Objective,
     Oracle,
     Plain,
@@ -73,6 +74,8 @@ def baseline_policies(train: Traces | None, objective: Objective,
     policies += [FixedGamma(g) for g in GAMMAS]
     if train is not None and train.has_trees:
         policies += [FixedTree(t.size) for t in TREES]
+    if train is not None and train.lookup is not None:
+        policies += [LookupRule(1), fit_lookup_rule(train, policies[0], objective)]
     policies += [Heuristic(), ConfidenceStop(), EntropyStop(), EmaRule(), Oracle(objective)]
     for spec in extra:
         pol = from_spec(spec, objective=objective)
@@ -98,3 +101,23 @@ def fit_best_static(train: Traces | pd.DataFrame, objective: Objective = "tokens
     compression, the best; near-ties go to plain, then the smaller γ."""
     traces = train if isinstance(train, Traces) else prepare(train)
     return BestStatic.from_scores(static_scores(traces, objective))
+
+
+#: the match lengths a fitted lookup rule chooses from
+LOOKUP_MATCHES = (1, 2, 3, 4)
+
+
+def fit_lookup_rule(train: Traces, inner: Policy, objective: Objective = "tokens_per_s"
+                    ) -> LookupRule:
+    """The fixed rule over both sources: the context lookup's continuation when its match is
+    at least ``m`` tokens, else ``inner`` (the best static choice), with ``m`` the best of
+    :data:`LOOKUP_MATCHES` on the training records (ties: the shorter). Named
+    ``lookup+best_static``."""
+    target = train.target_time()
+    scores = [float(metrics(replay(train, LookupRule(m, inner)).parts(target).sum(0))[objective])
+              for m in LOOKUP_MATCHES]
+    best = LOOKUP_MATCHES[int(np.argmax(scores))]
+    rule = LookupRule(best, inner)
+    rule.name = f"lookup+{inner.name}"
+    rule.fitted_match = best
+    return rule

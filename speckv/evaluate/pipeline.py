@@ -83,6 +83,8 @@ def run(records: pd.DataFrame, learned: Policy | None = None, *,
                               for s in ("train", "val", "test")}},
         "best_fixed_gamma": best.gammas,
         "best_static_choice": static.choices,  # 0 = plain decoding (the target alone)
+        "lookup_rule_match": next((getattr(p, "fitted_match", None) for p in policies
+                                   if getattr(p, "fitted_match", None)), None),
         "learned": {"status": "evaluated" if learned is not None else "skipped"},
         "replay_seconds": round(replay_s, 3),
         "bootstrap_seconds": round(time.perf_counter() - t0, 3),

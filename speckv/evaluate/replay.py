@@ -22,6 +22,13 @@ emitted tokens the draft has not scored yet, as the decoder does::
         u = 1 if every drafted token was accepted and a bonus token followed, else 0
         p += min(accepted + 1, n - p)                  # an accepted EOS brings no bonus token
 
+A tree (``choose`` returns a tree's code, :mod:`speckv.runtime.proposal`) accepts the
+records' ``tree_accept_len`` of it and costs ``t_catchup[n_u] + t_tree_draft + t_tree_verify``;
+every token it makes but the first waits for the next catch-up. A policy with ``lookup``
+is asked first, wherever the records' context lookup proposes tokens: taking it costs
+``t_verify[length]`` and no draft forward, makes ``lookup_accept + 1`` tokens (fewer at an
+accepted EOS), all of which wait for the draft's next catch-up.
+
 The pre-draft features at (p, u) are the trace's history at position ``p - u`` (the settled
 part) with the target's confidence and the position at ``p``
 (:func:`speckv.runtime.features.pre_from_step_features`); the step features at p are the
@@ -633,7 +640,10 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
     ``t_catchup[u + 1] + (d - 1)·t_draft + t_verify[d]``, after which u is 1 if all d were
     accepted and a bonus token followed, else 0; a plain step (one token at
     ``t_verify[0]``, u + 1), which covers policies that skip speculation (:class:`BestStatic`,
-    the learned one); and a plain step after the draft's forward (u back to 0). So it covers
+    the learned one); a plain step after the draft's forward (u back to 0); where the
+    records hold them, every tree (its catch-up, growth and verify costs; u becomes the
+    tokens made less one) and the context lookup's continuation (no draft forward, the verify
+    over its tokens; u grows by the tokens made). So it covers
     every up-front-γ, stop-per-token and skipping policy. Ties go to the plain step, then the
     smaller d. With ``plain_steps=False`` only d >= 1 is tried (the budget's last token stays a
     plain step): the best of the policies that always speculate, named ``BOUND_DRAFTING``;
@@ -646,6 +656,7 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
     verify0 = lists["verify0"]
     by_time = objective == "tokens_per_s"
     trees = traces.has_trees
+    lookup_rows = lists.get("lookup")
     out = np.zeros((5, S), np.float64)
     chosen = np.zeros((S, N_OPTIONS), np.int64)
     for s in range(S):
@@ -653,7 +664,8 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
         budget = int(traces.budgets[s])
         reads = traces.reads_target is not None and bool(traces.reads_target[s])
         width = n + 1  # u = 0..n
-        best = np.zeros((n + 1, width + 1))
+        # columns past u = n are never reached (u <= p), but a lookup's u + made indexes them
+        best = np.zeros((n + 1, width + 1 + GAMMA_MAX))
         pick = np.zeros((n, width), np.int64)
         for p in range(n - 1, -1, -1):
             r = start + p
@@ -684,6 +696,13 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
                 better = v < value * (1 - 1e-12)
                 value = np.where(better, v, value)
                 choice[better] = GAMMA_MAX + 1 + i
+            if lookup_rows is not None and lookup_rows[r][1] > 0:  # the lookup, no draft
+                a, length = lookup_rows[r][0], lookup_rows[r][1]
+                made = min(a + 1, n - p)
+                v = (verify[r][length] if by_time else 1.0) + best[p + made, made:made + width]
+                better = v < value * (1 - 1e-12)
+                value = np.where(better, v, value)
+                choice[better] = LOOKUP_CODE
             if plain_steps:
                 v = (caught + verify0[r] if by_time else 1.0) + best[p + 1, 0]
                 better = v < value * (1 - 1e-12)
@@ -712,6 +731,15 @@ def replay_bound(traces: Traces, objective: Objective = "tokens_per_s", *,
                 p += 1
                 continue
             chosen[s, d] += 1
+            if d == LOOKUP_CODE:
+                a, length = lookup_rows[r][0], lookup_rows[r][1]
+                made = min(a + 1, n - p)
+                t += verify[r][length]
+                drafted_sum += length
+                accepted_sum += a
+                u += made
+                p += made
+                continue
             if d > GAMMA_MAX:  # a tree
                 i = d - GAMMA_MAX - 1
                 a = lists["tree_accept"][r][i]
