@@ -15,17 +15,26 @@ seed paper's tokens per step (``objective="tokens_per_step"``, kept for comparis
 
 Two networks learn the same outcome from what each decision knows: the *pre-draft* one from
 the history before the draft runs (:data:`speckv.runtime.features.PRE_FEATURE_NAMES`), the
-*step* one after the draft's first proposal. The loss is the sum of their likelihoods. The
+*step* one after the draft's first proposal. The loss is the sum of their negative
+log-likelihoods (logged as ``nll_speculate_net`` and ``nll_gamma_net``, after the decision each
+network makes: whether to speculate, and γ). The
 policy value logged in validation runs both decisions on every row: "no speculation" is a
 candidate with E[tokens] = 1 at the plain step's cost, taken when no γ's
 ``E_pre[γ] / cost(γ)`` beats it; otherwise the step network's γ, scored by the row's measured
 outcome and costs (the catch-up the row's pre-draft vector assumes included).
+
+TensorBoard. Tags read ``<split>/<quantity>[/<compression>]`` (``val/skip_rate/int8``), but
+for two headline groups named like PyTorch's TensorBoard examples (``Loss/train``):
+TensorBoard's Time Series view opens the first two tag groups in sorted order and sorts
+capitals first, so ``Loss`` (the total loss per step and per epoch, train and held-out) and
+``Tokens per second`` (the policy on held-out prompts, overall and per compression) come
+before Lightning's ``epoch`` and are what a new reader sees.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Final, Literal
 
 import lightning as L
 import numpy as np
@@ -35,6 +44,10 @@ from torch.nn import functional as F
 
 from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
 from speckv.train.network import SurvivalMLP, expected_tokens, speculate_rule
+
+#: the headline tag groups (capitalised: TensorBoard sorts them before Lightning's "epoch")
+LOSS: Final = "Loss"
+TOKENS_PER_S: Final = "Tokens per second"
 
 
 def survival_nll(z: torch.Tensor, accept_len: torch.Tensor, accept_cap: torch.Tensor):
@@ -117,7 +130,9 @@ class SpeckvModule(L.LightningModule):
                                 weight_decay=self.hparams.weight_decay)
         steps = self.trainer.estimated_stepping_batches if self._trainer else 1000
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # "name": the tag a LearningRateMonitor logs the rate under
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     # ----------------------------------------------------------------------------- steps
     def _unpack(self, batch):
@@ -128,13 +143,16 @@ class SpeckvModule(L.LightningModule):
         b = self._unpack(batch)
         z = self.mlp(b["x"])
         z_pre = self.pre_mlp(b["x_pre"])
-        loss_step = survival_nll(z, b["accept_len"], b["accept_cap"])
-        loss_pre = survival_nll(z_pre, b["accept_len"], b["accept_cap"])
-        loss = loss_step + loss_pre
+        nll_gamma = survival_nll(z, b["accept_len"], b["accept_cap"])
+        nll_speculate = survival_nll(z_pre, b["accept_len"], b["accept_cap"])
+        loss = nll_gamma + nll_speculate
+        # the total per training step as well (Lightning names the two Loss/train_step and
+        # Loss/train_epoch); its parts, per epoch, by the decision each network makes
+        self.log(f"{LOSS}/{stage}", loss, prog_bar=True, on_step=stage == "train",
+                 on_epoch=True, batch_size=len(z))
         log = {"on_epoch": True, "on_step": False, "batch_size": len(z)}
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "train", **log)
-        self.log(f"{stage}/loss_step", loss_step, **log)
-        self.log(f"{stage}/loss_pre", loss_pre, **log)
+        self.log(f"{stage}/nll_gamma_net", nll_gamma, **log)
+        self.log(f"{stage}/nll_speculate_net", nll_speculate, **log)
         with torch.no_grad():
             self._update_metrics(z, z_pre, b, stage)
         return loss
@@ -231,8 +249,9 @@ class SpeckvModule(L.LightningModule):
                     best_acc = best_acc + acc[sel, col].sum()
                     best_cost = best_cost + costs[sel, col].sum()
                 baselines[name] = best_acc / best_cost
-            self.log(f"{stage}/tokens_per_step", chosen_acc.mean())
-            self.log(f"{stage}/tokens_per_s", tps_policy)
+            # evaluate's tokens_per_step; a tag ending in _step reads as Lightning's suffix
+            self.log(f"{stage}/tokens_per_target_forward", chosen_acc.mean())
+            self.log(f"{TOKENS_PER_S}/{stage}", tps_policy)
             self.log(f"{stage}/best_fixed_tokens_per_s", baselines["fixed"])
             self.log(f"{stage}/best_static_tokens_per_s", baselines["static"])
             self.log(f"{stage}/gain_over_best_fixed", tps_policy / baselines["fixed"])
@@ -243,9 +262,9 @@ class SpeckvModule(L.LightningModule):
             for i, c in enumerate(COMPRESSIONS):
                 sel = comp == i
                 if sel.any():
-                    self.log(f"{stage}/tokens_per_s_{c}",
+                    self.log(f"{TOKENS_PER_S}/{stage}/{c}",
                              chosen_acc[sel].sum() / chosen_cost[sel].sum())
-                    self.log(f"{stage}/skip_rate_{c}", 1.0 - speculate[sel].float().mean())
+                    self.log(f"{stage}/skip_rate/{c}", 1.0 - speculate[sel].float().mean())
 
     def on_train_epoch_end(self) -> None:
         self._end_epoch("train")
