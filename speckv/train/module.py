@@ -28,7 +28,9 @@ for two headline groups named like PyTorch's TensorBoard examples (``Loss/train`
 TensorBoard's Time Series view opens the first two tag groups in sorted order and sorts
 capitals first, so ``Loss`` (the total loss per step and per epoch, train and held-out) and
 ``Tokens per second`` (the policy on held-out prompts, overall and per compression) come
-before Lightning's ``epoch`` and are what a new reader sees.
+before Lightning's ``epoch`` and are what a new reader sees. Figures and histograms
+(calibration and the controller's choices per compression) are logged at the step of the
+scalars beside them: one x-axis.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ import lightning as L
 import numpy as np
 import torch
 import torchmetrics as tm
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn import functional as F
 
 from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
+from speckv.train.figures import calibration_figure, choices_figure
 from speckv.train.network import SurvivalMLP, expected_tokens, speculate_rule
 
 #: the headline tag groups (capitalised: TensorBoard sorts them before Lightning's "epoch")
@@ -111,7 +115,7 @@ class SpeckvModule(L.LightningModule):
             for stage in ("train_", "val_", "test_")  # ModuleDict keys may not be "train"
         })
         self._policy: dict[str, list] = {}
-        self._calib: list[tuple[np.ndarray, np.ndarray]] = []
+        self._calib: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
@@ -194,9 +198,10 @@ class SpeckvModule(L.LightningModule):
             self._policy.setdefault(stage, []).append(
                 (acc.gather(1, choice[:, None])[:, 0], all_costs.gather(1, choice[:, None])[:, 0],
                  acc, all_costs, b["compression"][sel], gam[idx], speculate))
-        if stage == "val":
-            self._calib.append((surv[informative, 0].cpu().numpy(),
-                                (b["accept_len"][informative] >= 1).cpu().numpy()))
+        if stage != "train":  # P(first draft token accepted), as each network predicts it
+            self._calib.setdefault(stage, []).append(
+                (surv[informative, 0], torch.sigmoid(z_pre[informative, 0]),
+                 b["accept_len"][informative] >= 1, b["compression"][informative]))
 
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, "train")
@@ -265,42 +270,68 @@ class SpeckvModule(L.LightningModule):
                     self.log(f"{TOKENS_PER_S}/{stage}/{c}",
                              chosen_acc[sel].sum() / chosen_cost[sel].sum())
                     self.log(f"{stage}/skip_rate/{c}", 1.0 - speculate[sel].float().mean())
+            self._log_choices(stage, torch.where(speculate, gam, torch.zeros_like(gam)), comp)
 
     def on_train_epoch_end(self) -> None:
         self._end_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
         self._end_epoch("val")
-        if self._calib and not self.trainer.sanity_checking:
-            self._log_calibration_figure()
-        self._calib = []
+        self._log_calibration("val")
 
     def on_test_epoch_end(self) -> None:
         self._end_epoch("test")
+        self._log_calibration("test")
 
-    def _log_calibration_figure(self) -> None:
-        import matplotlib
+    # ------------------------------------------------------------- images and histograms
+    def _tensorboards(self) -> list:
+        """The SummaryWriters of the run's TensorBoard loggers (none in a sanity check)."""
+        if self._trainer is None or self.trainer.sanity_checking:
+            return []
+        return [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    @property
+    def _log_step(self) -> int:
+        """The x of the scalars Lightning logs now (its count of batches that stepped: an
+        epoch's validation is logged before the count takes in the epoch's last batch)."""
+        return self.trainer.fit_loop.epoch_loop._batches_that_stepped
 
-        pred = np.concatenate([p for p, _ in self._calib])
-        hit = np.concatenate([h for _, h in self._calib]).astype(float)
-        bins = np.linspace(0, 1, 11)
-        idx = np.clip(np.digitize(pred, bins) - 1, 0, 9)
-        fig, ax = plt.subplots(figsize=(4.2, 4))
-        xs = [pred[idx == i].mean() for i in range(10) if (idx == i).any()]
-        ys = [hit[idx == i].mean() for i in range(10) if (idx == i).any()]
-        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-        ax.plot(xs, ys, marker="o")
-        ax.set_xlabel("predicted P(first draft token accepted)")
-        ax.set_ylabel("observed frequency")
-        ax.set_title(f"calibration, epoch {self.current_epoch}")
-        fig.tight_layout()
-        logger = self.logger
-        if logger is not None and hasattr(logger.experiment, "add_figure"):
-            logger.experiment.add_figure("val/calibration", fig, self.current_epoch)
-        plt.close(fig)
+    def _log_choices(self, stage: str, choice: torch.Tensor, comp: torch.Tensor) -> None:
+        """Where the controller's choices go, per compression: 0 is a plain step, else the
+        γ drafted; a histogram each (its evolution over training) and one bar chart."""
+        writers = self._tensorboards()
+        if not writers:
+            return
+        choice, comp = choice.cpu().numpy(), comp.cpu().numpy()
+        per_level = {c: choice[comp == i] for i, c in enumerate(COMPRESSIONS) if (comp == i).any()}
+        gamma_max = max(self.gammas)
+        edges = np.arange(gamma_max + 2) - 0.5  # one bucket per choice
+        step = self._log_step
+        for writer in writers:
+            for c, chosen in per_level.items():
+                writer.add_histogram(f"{stage}/choice/{c}", chosen, step, bins=edges)
+            writer.add_figure(f"{stage}/choices", choices_figure(
+                per_level, gamma_max, f"{stage} choices, epoch {self.current_epoch} "
+                f"(step {step})"), step)
+
+    def _log_calibration(self, stage: str) -> None:
+        """Reliability of P(first draft token accepted): the step network (γ) and the
+        pre-draft one (whether to speculate), one line per compression."""
+        rows = self._calib.pop(stage, [])
+        writers = self._tensorboards()
+        if not rows or not writers:
+            return
+        gamma_net, speculate_net, hit, comp = (torch.cat(c).cpu().numpy()
+                                               for c in zip(*rows, strict=True))
+        panels = {network: {c: (predicted[comp == i], hit[comp == i])
+                            for i, c in enumerate(COMPRESSIONS) if (comp == i).any()}
+                  for network, predicted in (("γ network (after the first proposal)", gamma_net),
+                                             ("speculate network (before drafting)",
+                                              speculate_net))}
+        step = self._log_step
+        for writer in writers:
+            writer.add_figure(f"{stage}/calibration", calibration_figure(
+                panels, f"{stage} calibration, epoch {self.current_epoch} (step {step})"), step)
 
     # ------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -150,11 +150,13 @@ def test_fit_then_test_writes_checkpoint_config_and_tensorboard(record_file, tmp
     tested = read_events(root / "lightning_logs" / "version_1").Tags()
     assert {"Tokens per second/test", "Loss/test", "test/gain_over_best_static"} <= set(
         tested["scalars"])
+    assert {"test/calibration", "test/choices"} <= set(tested["images"])
 
 
-def test_tensorboard_shows_losses_throughput_and_schedule(record_file, tmp_path):
+def test_tensorboard_shows_losses_throughput_schedule_and_choices(record_file, tmp_path):
     """What TensorBoard shows of a short fit: the headline groups on its first screen, a
-    per-step loss and the learning rate (the tags, not their values)."""
+    per-step loss, the learning rate, the choices and calibration per compression, all on
+    one x-axis (the tags, not their values)."""
     root = tmp_path / "runs"
     assert train_main(fit_args(record_file, root, "--trainer.max_epochs", "2")) == 0
     acc = read_events(root / "lightning_logs" / "version_0")
@@ -174,7 +176,19 @@ def test_tensorboard_shows_losses_throughput_and_schedule(record_file, tmp_path)
     assert sorted(t for t in scalars if t.endswith(("_step", "_epoch"))) == [
         "Loss/train_epoch", "Loss/train_step"]
     assert {f"val/skip_rate/{c}" for c in COMPRESSIONS} <= scalars
-    assert "val/calibration" in images
+    # the controller's choices per compression: every held-out step counted once
+    assert {f"val/choice/{c}" for c in COMPRESSIONS} <= histograms
+    assert {"val/calibration", "val/choices"} <= images
+    dm = SpeckvDataModule(records=str(record_file))
+    dm.setup("fit")
+    last = [acc.Histograms(f"val/choice/{c}")[-1].histogram_value for c in COMPRESSIONS]
+    assert sum(h.num for h in last) == dm.split_sizes["val"]
+    assert all(h.min >= 0 and h.max <= GAMMA_MAX for h in last)
+    # one x-axis: figures and histograms at the steps of the scalars they sit beside
+    val_steps = [e.step for e in acc.Scalars("Tokens per second/val")]
+    assert [e.step for e in acc.Images("val/calibration")] == val_steps
+    assert [e.step for e in acc.Images("val/choices")] == val_steps
+    assert [e.step for e in acc.Histograms("val/choice/fp16")] == val_steps
 
 
 def test_training_learns_not_to_speculate_where_it_never_pays(tmp_path):
