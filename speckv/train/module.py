@@ -28,14 +28,16 @@ for two headline groups named like PyTorch's TensorBoard examples (``Loss/train`
 TensorBoard's Time Series view opens the first two tag groups in sorted order and sorts
 capitals first, so ``Loss`` (the total loss per step and per epoch, train and held-out) and
 ``Tokens per second`` (the policy on held-out prompts, overall and per compression) come
-before Lightning's ``epoch`` and are what a new reader sees. Figures and histograms
-(calibration and the controller's choices per compression) are logged at the step of the
-scalars beside them: one x-axis.
+before Lightning's ``epoch`` and are what a new reader sees. HParams compares runs by the
+held-out results in :data:`HPARAMS_METRICS` beside what a person tunes, keyed by its
+command-line flag. Figures and histograms (calibration and the controller's choices per
+compression) are logged at the step of the scalars beside them: one x-axis.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Final, Literal
 
 import lightning as L
@@ -44,6 +46,7 @@ import torch
 import torchmetrics as tm
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn import functional as F
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
 from speckv.train.figures import calibration_figure, choices_figure
@@ -52,6 +55,13 @@ from speckv.train.network import SurvivalMLP, expected_tokens, speculate_rule
 #: the headline tag groups (capitalised: TensorBoard sorts them before Lightning's "epoch")
 LOSS: Final = "Loss"
 TOKENS_PER_S: Final = "Tokens per second"
+#: the held-out results HParams ranks runs by (it reads each one's latest value in the run)
+HPARAMS_METRICS: Final = (
+    f"{TOKENS_PER_S}/val",
+    "val/gain_over_best_static",
+    *(f"{TOKENS_PER_S}/val/{c}" for c in COMPRESSIONS),
+    f"{LOSS}/val",
+)
 
 
 def survival_nll(z: torch.Tensor, accept_len: torch.Tensor, accept_cap: torch.Tensor):
@@ -99,7 +109,9 @@ class SpeckvModule(L.LightningModule):
                 which every feature set of the DataModule builds).
         """
         super().__init__()
-        self.save_hyperparameters()
+        # Lightning would log every argument, with a placeholder metric (hp_metric = -1);
+        # on_fit_start logs what a person tunes, with the held-out results, instead
+        self.save_hyperparameters(logger=False)
         self.gammas = list(gammas)
         self.pre_feature_names = list(pre_feature_names or PRE_FEATURE_NAMES)
         self.mlp = SurvivalMLP(n_features, max(self.gammas), list(hidden), dropout, activation)
@@ -116,6 +128,7 @@ class SpeckvModule(L.LightningModule):
         })
         self._policy: dict[str, list] = {}
         self._calib: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+        self._session_end = None  # HParams' end-of-run record, written by on_train_end
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
@@ -128,6 +141,58 @@ class SpeckvModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp.survival(x)
+
+    def tuned_hparams(self) -> dict[str, bool | int | float | str]:
+        """What a person tunes, keyed by the flag that sets it: the run's HParams columns.
+
+        Values derived from the data (feature names, γs) and settings that do not change
+        the result (DataLoader workers) are left out; a list reads as its items (``32-32``).
+        """
+        hp = self.hparams
+        tuned: dict[str, bool | int | float | str] = {
+            "model.hidden": "-".join(map(str, hp.hidden)),
+            "model.activation": hp.activation,
+            "model.dropout": hp.dropout,
+            "model.lr": hp.lr,
+            "model.weight_decay": hp.weight_decay,
+            "model.objective": hp.objective,
+        }
+        if self._trainer is None:
+            return tuned
+        dm = self.trainer.datamodule
+        if hasattr(dm, "tuned_hparams"):
+            tuned |= dm.tuned_hparams()
+        tuned["trainer.max_epochs"] = self.trainer.max_epochs
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the CLI's too)
+        if seed is not None:
+            tuned["seed_everything"] = int(seed)
+        return tuned
+
+    def on_fit_start(self) -> None:
+        """Log the tuned hyperparameters, to TensorBoard's HParams with the held-out results.
+
+        HParams reads each metric's latest value from the run's own scalars, so the
+        experiment names :data:`HPARAMS_METRICS` without logging a value for them (Lightning's
+        ``log_hyperparams`` would log its placeholder or a value at one step).
+        """
+        if not self.trainer.is_global_zero:
+            return
+        params = self.tuned_hparams()
+        experiment, session_start, self._session_end = hparams_summaries(
+            params, dict.fromkeys(HPARAMS_METRICS, 0.0))
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.hparams.update(params)  # its hparams.yaml
+                logger.experiment.file_writer.add_summary(experiment)
+                logger.experiment.file_writer.add_summary(session_start)
+            else:
+                logger.log_hyperparams(params)
+
+    def on_train_end(self) -> None:
+        if self._session_end is None:
+            return
+        for writer in self._tensorboards():
+            writer.file_writer.add_summary(self._session_end)  # HParams: the run finished
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,

@@ -25,7 +25,7 @@ from speckv.runtime.features import (
 )
 from speckv.train.cli import main as train_main
 from speckv.train.datamodule import SpeckvDataModule
-from speckv.train.module import survival_nll
+from speckv.train.module import HPARAMS_METRICS, survival_nll
 from speckv.train.network import load_checkpoint
 
 
@@ -50,6 +50,14 @@ def read_events(run: Path):
                                                     "histograms": 0, "tensors": 0})
     acc.Reload()
     return acc
+
+
+def hparams_records(acc) -> dict:
+    """The run's HParams records (experiment, session start and end), parsed."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    return {tag.removeprefix("_hparams_/"): HParamsPluginData.FromString(content)
+            for tag, content in acc.PluginTagToContent("hparams").items()}
 
 
 def first_screen(tags: list[str]) -> list[str]:
@@ -176,6 +184,7 @@ def test_tensorboard_shows_losses_throughput_schedule_and_choices(record_file, t
     assert sorted(t for t in scalars if t.endswith(("_step", "_epoch"))) == [
         "Loss/train_epoch", "Loss/train_step"]
     assert {f"val/skip_rate/{c}" for c in COMPRESSIONS} <= scalars
+    assert "hp_metric" not in scalars
     # the controller's choices per compression: every held-out step counted once
     assert {f"val/choice/{c}" for c in COMPRESSIONS} <= histograms
     assert {"val/calibration", "val/choices"} <= images
@@ -189,6 +198,35 @@ def test_tensorboard_shows_losses_throughput_schedule_and_choices(record_file, t
     assert [e.step for e in acc.Images("val/calibration")] == val_steps
     assert [e.step for e in acc.Images("val/choices")] == val_steps
     assert [e.step for e in acc.Histograms("val/choice/fp16")] == val_steps
+
+
+def test_hparams_compares_runs_by_held_out_results(record_file, tmp_path):
+    """Two runs with different learning rates: HParams lists each with what was tuned and
+    the held-out results it ranks them by, which each run logs as scalars."""
+    root = tmp_path / "runs"
+    for lr in ("0.003", "0.01"):
+        args = fit_args(record_file, root, "--trainer.max_epochs", "1", "--model.lr", lr)
+        assert train_main(args) == 0
+    seen_lr = []
+    for version in ("version_0", "version_1"):
+        acc = read_events(root / "lightning_logs" / version)
+        records = hparams_records(acc)
+        assert set(records) == {"experiment", "session_start_info", "session_end_info"}
+        metrics = [m.name.tag for m in records["experiment"].experiment.metric_infos]
+        assert metrics == list(HPARAMS_METRICS)
+        assert {"Tokens per second/val", "val/gain_over_best_static"} <= set(metrics)
+        assert set(metrics) <= set(acc.Tags()["scalars"]), "HParams reads the run's scalars"
+        assert "hp_metric" not in acc.Tags()["scalars"]
+        hparams = records["session_start_info"].session_start_info.hparams
+        assert {"model.lr", "model.hidden", "data.batch_size", "trainer.max_epochs",
+                "seed_everything"} <= set(hparams)
+        assert not {"_instantiator", "data.num_workers", "num_workers", "records",
+                    "gammas", "feature_names"} & set(hparams), "only what a person tunes"
+        assert hparams["model.hidden"].string_value == "32-32"
+        assert hparams["data.records"].string_value == record_file.stem
+        seen_lr.append(hparams["model.lr"].number_value)
+        assert records["session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
+    assert seen_lr == [0.003, 0.01]
 
 
 def test_training_learns_not_to_speculate_where_it_never_pays(tmp_path):
