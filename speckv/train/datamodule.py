@@ -109,7 +109,8 @@ class SpeckvDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # TensorBoard's HParams gets tuned_hparams() from the module, not every argument
+        self.save_hyperparameters(logger=False)
         self.paths = resolve_records(records)
         self.feature_set = (_detect_feature_set(self.paths) if feature_set == "auto"
                             else feature_set)
@@ -140,6 +141,15 @@ class SpeckvDataModule(L.LightningDataModule):
     @property
     def gammas(self) -> list[int]:
         return list(GAMMAS)
+
+    def tuned_hparams(self) -> dict[str, int | float | str]:
+        """What a person tunes here, keyed by its flag (``data.batch_size``), for HParams:
+        the record sets by name and the feature set as resolved; not the worker count."""
+        hp = self.hparams
+        return {"data.records": ", ".join(p.stem for p in self.paths),
+                "data.feature_set": self.feature_set,
+                **{f"data.{k}": hp[k] for k in ("val_fraction", "test_fraction", "seed",
+                                                "batch_size")}}
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:

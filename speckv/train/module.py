@@ -15,26 +15,53 @@ seed paper's tokens per step (``objective="tokens_per_step"``, kept for comparis
 
 Two networks learn the same outcome from what each decision knows: the *pre-draft* one from
 the history before the draft runs (:data:`speckv.runtime.features.PRE_FEATURE_NAMES`), the
-*step* one after the draft's first proposal. The loss is the sum of their likelihoods. The
+*step* one after the draft's first proposal. The loss is the sum of their negative
+log-likelihoods (logged as ``nll_speculate_net`` and ``nll_gamma_net``, after the decision each
+network makes: whether to speculate, and γ). The
 policy value logged in validation runs both decisions on every row: "no speculation" is a
 candidate with E[tokens] = 1 at the plain step's cost, taken when no γ's
 ``E_pre[γ] / cost(γ)`` beats it; otherwise the step network's γ, scored by the row's measured
 outcome and costs (the catch-up the row's pre-draft vector assumes included).
+
+TensorBoard. Tags read ``<split>/<quantity>[/<compression>]`` (``val/skip_rate/int8``), but
+for two headline groups named like PyTorch's TensorBoard examples (``Loss/train``):
+TensorBoard's Time Series view opens the first two tag groups in sorted order and sorts
+capitals first, so ``Loss`` (the total loss per step and per epoch, train and held-out) and
+``Tokens per second`` (the policy on held-out prompts, overall and per compression) come
+before Lightning's ``epoch`` and are what a new reader sees. HParams compares runs by the
+held-out results in :data:`HPARAMS_METRICS` beside what a person tunes, keyed by its
+command-line flag. Figures and histograms (calibration and the controller's choices per
+compression) are logged at the step of the scalars beside them: one x-axis.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+import os
+from typing import Final, Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torchmetrics as tm
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn import functional as F
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
+from speckv.train.figures import calibration_figure, choices_figure
 from speckv.train.network import SurvivalMLP, expected_tokens, speculate_rule
+
+#: the headline tag groups (capitalised: TensorBoard sorts them before Lightning's "epoch")
+LOSS: Final = "Loss"
+TOKENS_PER_S: Final = "Tokens per second"
+#: the held-out results HParams ranks runs by (it reads each one's latest value in the run)
+HPARAMS_METRICS: Final = (
+    f"{TOKENS_PER_S}/val",
+    "val/gain_over_best_static",
+    *(f"{TOKENS_PER_S}/val/{c}" for c in COMPRESSIONS),
+    f"{LOSS}/val",
+)
 
 
 def survival_nll(z: torch.Tensor, accept_len: torch.Tensor, accept_cap: torch.Tensor):
@@ -82,7 +109,9 @@ class SpeckvModule(L.LightningModule):
                 which every feature set of the DataModule builds).
         """
         super().__init__()
-        self.save_hyperparameters()
+        # Lightning would log every argument, with a placeholder metric (hp_metric = -1);
+        # on_fit_start logs what a person tunes, with the held-out results, instead
+        self.save_hyperparameters(logger=False)
         self.gammas = list(gammas)
         self.pre_feature_names = list(pre_feature_names or PRE_FEATURE_NAMES)
         self.mlp = SurvivalMLP(n_features, max(self.gammas), list(hidden), dropout, activation)
@@ -98,7 +127,8 @@ class SpeckvModule(L.LightningModule):
             for stage in ("train_", "val_", "test_")  # ModuleDict keys may not be "train"
         })
         self._policy: dict[str, list] = {}
-        self._calib: list[tuple[np.ndarray, np.ndarray]] = []
+        self._calib: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+        self._session_end = None  # HParams' end-of-run record, written by on_train_end
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
@@ -112,12 +142,66 @@ class SpeckvModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp.survival(x)
 
+    def tuned_hparams(self) -> dict[str, bool | int | float | str]:
+        """What a person tunes, keyed by the flag that sets it: the run's HParams columns.
+
+        Values derived from the data (feature names, γs) and settings that do not change
+        the result (DataLoader workers) are left out; a list reads as its items (``32-32``).
+        """
+        hp = self.hparams
+        tuned: dict[str, bool | int | float | str] = {
+            "model.hidden": "-".join(map(str, hp.hidden)),
+            "model.activation": hp.activation,
+            "model.dropout": hp.dropout,
+            "model.lr": hp.lr,
+            "model.weight_decay": hp.weight_decay,
+            "model.objective": hp.objective,
+        }
+        if self._trainer is None:
+            return tuned
+        dm = self.trainer.datamodule
+        if hasattr(dm, "tuned_hparams"):
+            tuned |= dm.tuned_hparams()
+        tuned["trainer.max_epochs"] = self.trainer.max_epochs
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the CLI's too)
+        if seed is not None:
+            tuned["seed_everything"] = int(seed)
+        return tuned
+
+    def on_fit_start(self) -> None:
+        """Log the tuned hyperparameters, to TensorBoard's HParams with the held-out results.
+
+        HParams reads each metric's latest value from the run's own scalars, so the
+        experiment names :data:`HPARAMS_METRICS` without logging a value for them (Lightning's
+        ``log_hyperparams`` would log its placeholder or a value at one step).
+        """
+        if not self.trainer.is_global_zero:
+            return
+        params = self.tuned_hparams()
+        experiment, session_start, self._session_end = hparams_summaries(
+            params, dict.fromkeys(HPARAMS_METRICS, 0.0))
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.hparams.update(params)  # its hparams.yaml
+                logger.experiment.file_writer.add_summary(experiment)
+                logger.experiment.file_writer.add_summary(session_start)
+            else:
+                logger.log_hyperparams(params)
+
+    def on_train_end(self) -> None:
+        if self._session_end is None:
+            return
+        for writer in self._tensorboards():
+            writer.file_writer.add_summary(self._session_end)  # HParams: the run finished
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
         steps = self.trainer.estimated_stepping_batches if self._trainer else 1000
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # "name": the tag a LearningRateMonitor logs the rate under
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     # ----------------------------------------------------------------------------- steps
     def _unpack(self, batch):
@@ -128,13 +212,16 @@ class SpeckvModule(L.LightningModule):
         b = self._unpack(batch)
         z = self.mlp(b["x"])
         z_pre = self.pre_mlp(b["x_pre"])
-        loss_step = survival_nll(z, b["accept_len"], b["accept_cap"])
-        loss_pre = survival_nll(z_pre, b["accept_len"], b["accept_cap"])
-        loss = loss_step + loss_pre
+        nll_gamma = survival_nll(z, b["accept_len"], b["accept_cap"])
+        nll_speculate = survival_nll(z_pre, b["accept_len"], b["accept_cap"])
+        loss = nll_gamma + nll_speculate
+        # the total per training step as well (Lightning names the two Loss/train_step and
+        # Loss/train_epoch); its parts, per epoch, by the decision each network makes
+        self.log(f"{LOSS}/{stage}", loss, prog_bar=True, on_step=stage == "train",
+                 on_epoch=True, batch_size=len(z))
         log = {"on_epoch": True, "on_step": False, "batch_size": len(z)}
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "train", **log)
-        self.log(f"{stage}/loss_step", loss_step, **log)
-        self.log(f"{stage}/loss_pre", loss_pre, **log)
+        self.log(f"{stage}/nll_gamma_net", nll_gamma, **log)
+        self.log(f"{stage}/nll_speculate_net", nll_speculate, **log)
         with torch.no_grad():
             self._update_metrics(z, z_pre, b, stage)
         return loss
@@ -176,9 +263,10 @@ class SpeckvModule(L.LightningModule):
             self._policy.setdefault(stage, []).append(
                 (acc.gather(1, choice[:, None])[:, 0], all_costs.gather(1, choice[:, None])[:, 0],
                  acc, all_costs, b["compression"][sel], gam[idx], speculate))
-        if stage == "val":
-            self._calib.append((surv[informative, 0].cpu().numpy(),
-                                (b["accept_len"][informative] >= 1).cpu().numpy()))
+        if stage != "train":  # P(first draft token accepted), as each network predicts it
+            self._calib.setdefault(stage, []).append(
+                (surv[informative, 0], torch.sigmoid(z_pre[informative, 0]),
+                 b["accept_len"][informative] >= 1, b["compression"][informative]))
 
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, "train")
@@ -231,8 +319,9 @@ class SpeckvModule(L.LightningModule):
                     best_acc = best_acc + acc[sel, col].sum()
                     best_cost = best_cost + costs[sel, col].sum()
                 baselines[name] = best_acc / best_cost
-            self.log(f"{stage}/tokens_per_step", chosen_acc.mean())
-            self.log(f"{stage}/tokens_per_s", tps_policy)
+            # evaluate's tokens_per_step; a tag ending in _step reads as Lightning's suffix
+            self.log(f"{stage}/tokens_per_target_forward", chosen_acc.mean())
+            self.log(f"{TOKENS_PER_S}/{stage}", tps_policy)
             self.log(f"{stage}/best_fixed_tokens_per_s", baselines["fixed"])
             self.log(f"{stage}/best_static_tokens_per_s", baselines["static"])
             self.log(f"{stage}/gain_over_best_fixed", tps_policy / baselines["fixed"])
@@ -243,45 +332,71 @@ class SpeckvModule(L.LightningModule):
             for i, c in enumerate(COMPRESSIONS):
                 sel = comp == i
                 if sel.any():
-                    self.log(f"{stage}/tokens_per_s_{c}",
+                    self.log(f"{TOKENS_PER_S}/{stage}/{c}",
                              chosen_acc[sel].sum() / chosen_cost[sel].sum())
-                    self.log(f"{stage}/skip_rate_{c}", 1.0 - speculate[sel].float().mean())
+                    self.log(f"{stage}/skip_rate/{c}", 1.0 - speculate[sel].float().mean())
+            self._log_choices(stage, torch.where(speculate, gam, torch.zeros_like(gam)), comp)
 
     def on_train_epoch_end(self) -> None:
         self._end_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
         self._end_epoch("val")
-        if self._calib and not self.trainer.sanity_checking:
-            self._log_calibration_figure()
-        self._calib = []
+        self._log_calibration("val")
 
     def on_test_epoch_end(self) -> None:
         self._end_epoch("test")
+        self._log_calibration("test")
 
-    def _log_calibration_figure(self) -> None:
-        import matplotlib
+    # ------------------------------------------------------------- images and histograms
+    def _tensorboards(self) -> list:
+        """The SummaryWriters of the run's TensorBoard loggers (none in a sanity check)."""
+        if self._trainer is None or self.trainer.sanity_checking:
+            return []
+        return [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    @property
+    def _log_step(self) -> int:
+        """The x of the scalars Lightning logs now (its count of batches that stepped: an
+        epoch's validation is logged before the count takes in the epoch's last batch)."""
+        return self.trainer.fit_loop.epoch_loop._batches_that_stepped
 
-        pred = np.concatenate([p for p, _ in self._calib])
-        hit = np.concatenate([h for _, h in self._calib]).astype(float)
-        bins = np.linspace(0, 1, 11)
-        idx = np.clip(np.digitize(pred, bins) - 1, 0, 9)
-        fig, ax = plt.subplots(figsize=(4.2, 4))
-        xs = [pred[idx == i].mean() for i in range(10) if (idx == i).any()]
-        ys = [hit[idx == i].mean() for i in range(10) if (idx == i).any()]
-        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-        ax.plot(xs, ys, marker="o")
-        ax.set_xlabel("predicted P(first draft token accepted)")
-        ax.set_ylabel("observed frequency")
-        ax.set_title(f"calibration, epoch {self.current_epoch}")
-        fig.tight_layout()
-        logger = self.logger
-        if logger is not None and hasattr(logger.experiment, "add_figure"):
-            logger.experiment.add_figure("val/calibration", fig, self.current_epoch)
-        plt.close(fig)
+    def _log_choices(self, stage: str, choice: torch.Tensor, comp: torch.Tensor) -> None:
+        """Where the controller's choices go, per compression: 0 is a plain step, else the
+        γ drafted; a histogram each (its evolution over training) and one bar chart."""
+        writers = self._tensorboards()
+        if not writers:
+            return
+        choice, comp = choice.cpu().numpy(), comp.cpu().numpy()
+        per_level = {c: choice[comp == i] for i, c in enumerate(COMPRESSIONS) if (comp == i).any()}
+        gamma_max = max(self.gammas)
+        edges = np.arange(gamma_max + 2) - 0.5  # one bucket per choice
+        step = self._log_step
+        for writer in writers:
+            for c, chosen in per_level.items():
+                writer.add_histogram(f"{stage}/choice/{c}", chosen, step, bins=edges)
+            writer.add_figure(f"{stage}/choices", choices_figure(
+                per_level, gamma_max, f"{stage} choices, epoch {self.current_epoch} "
+                f"(step {step})"), step)
+
+    def _log_calibration(self, stage: str) -> None:
+        """Reliability of P(first draft token accepted): the step network (γ) and the
+        pre-draft one (whether to speculate), one line per compression."""
+        rows = self._calib.pop(stage, [])
+        writers = self._tensorboards()
+        if not rows or not writers:
+            return
+        gamma_net, speculate_net, hit, comp = (torch.cat(c).cpu().numpy()
+                                               for c in zip(*rows, strict=True))
+        panels = {network: {c: (predicted[comp == i], hit[comp == i])
+                            for i, c in enumerate(COMPRESSIONS) if (comp == i).any()}
+                  for network, predicted in (("γ network (after the first proposal)", gamma_net),
+                                             ("speculate network (before drafting)",
+                                              speculate_net))}
+        step = self._log_step
+        for writer in writers:
+            writer.add_figure(f"{stage}/calibration", calibration_figure(
+                panels, f"{stage} calibration, epoch {self.current_epoch} (step {step})"), step)
 
     # ------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:

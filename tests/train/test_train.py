@@ -16,6 +16,7 @@ from synthetic import make_records
 from speckv.records import write_records
 from speckv.runtime.costs import drafting_costs
 from speckv.runtime.features import (
+    COMPRESSIONS,
     FEATURE_NAMES,
     GAMMA_MAX,
     MAX_SKIP_RUN,
@@ -24,7 +25,7 @@ from speckv.runtime.features import (
 )
 from speckv.train.cli import main as train_main
 from speckv.train.datamodule import SpeckvDataModule
-from speckv.train.module import survival_nll
+from speckv.train.module import HPARAMS_METRICS, survival_nll
 from speckv.train.network import load_checkpoint
 
 
@@ -32,6 +33,40 @@ from speckv.train.network import load_checkpoint
 def record_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rec") / "r.parquet"
     return write_records(make_records(prompts_per_task=6, min_len=20, max_len=40, seed=0), path)
+
+
+def fit_args(records: Path, root: Path, *extra: str) -> list[str]:
+    """`python -m speckv.train fit` on ``records`` into ``root``, quietly, every step logged."""
+    return ["fit", "--data.records", str(records), "--trainer.default_root_dir", str(root),
+            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            *extra]
+
+
+def read_events(run: Path):
+    """A run's TensorBoard event files, through TensorBoard's own reader (everything kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0,
+                                                    "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def hparams_records(acc) -> dict:
+    """The run's HParams records (experiment, session start and end), parsed."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    return {tag.removeprefix("_hparams_/"): HParamsPluginData.FromString(content)
+            for tag, content in acc.PluginTagToContent("hparams").items()}
+
+
+def first_screen(tags: list[str]) -> list[str]:
+    """The tag groups TensorBoard's Time Series view opens on a fresh page: it sorts every
+    card's tag ("/" and digits first, then by character code, so capitals before lowercase),
+    groups them by the part before the first "/", and expands the first two groups
+    (tensorboard 2.21, webfiles.zip). Python's sort is the same for these tags."""
+    groups = dict.fromkeys(tag.split("/", 1)[0] for tag in sorted(tags))
+    return list(groups)[:2]
 
 
 def test_survival_nll_matches_hand_computed_likelihood():
@@ -85,9 +120,7 @@ def test_datamodule_builds_pre_draft_examples_as_the_decoder_would_see_them(tmp_
 
 def test_fit_then_test_writes_checkpoint_config_and_tensorboard(record_file, tmp_path):
     root = tmp_path / "runs"
-    args = ["fit", "--data.records", str(record_file), "--trainer.max_epochs", "3",
-            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
-    assert train_main(args) == 0
+    assert train_main(fit_args(record_file, root, "--trainer.max_epochs", "3")) == 0
     version = root / "lightning_logs" / "version_0"
     assert (version / "config.yaml").is_file()
     ckpts = list((version / "checkpoints").glob("*.ckpt"))
@@ -115,22 +148,85 @@ def test_fit_then_test_writes_checkpoint_config_and_tensorboard(record_file, tmp
     pre = np.asarray(meta["parity_pre_features"])
     costs, plain = np.asarray(meta["parity_costs"]), np.asarray(meta["parity_plain_costs"])
     assert controller.speculate_batch(pre, costs, plain).shape == (len(pre),)
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(version), size_guidance={"images": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    assert {"val/loss", "val/tokens_per_s", "val/auroc_s1", "train/loss", "val/loss_pre",
-            "val/skip_rate", "val/best_static_tokens_per_s"} <= set(tags["scalars"])
-    assert "val/calibration" in tags["images"]
-    assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
-    assert acc.Scalars("val/auroc_s1")[-1].value > 0.6, "the controller learned nothing"
+    assert read_events(version).Scalars("val/auroc_s1")[-1].value > 0.6, \
+        "the controller learned nothing"
 
     test_args = ["test", "--data.records", str(record_file), "--ckpt_path", str(ckpts[0]),
                  "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
                  "false"]
     assert train_main(test_args) == 0
+    tested = read_events(root / "lightning_logs" / "version_1").Tags()
+    assert {"Tokens per second/test", "Loss/test", "test/gain_over_best_static"} <= set(
+        tested["scalars"])
+    assert {"test/calibration", "test/choices"} <= set(tested["images"])
+
+
+def test_tensorboard_shows_losses_throughput_schedule_and_choices(record_file, tmp_path):
+    """What TensorBoard shows of a short fit: the headline groups on its first screen, a
+    per-step loss, the learning rate, the choices and calibration per compression, all on
+    one x-axis (the tags, not their values)."""
+    root = tmp_path / "runs"
+    assert train_main(fit_args(record_file, root, "--trainer.max_epochs", "2")) == 0
+    acc = read_events(root / "lightning_logs" / "version_0")
+    tags = acc.Tags()
+    scalars, images, histograms = (set(tags[kind]) for kind in
+                                   ("scalars", "images", "histograms"))
+    per_level = {f"Tokens per second/val/{c}" for c in COMPRESSIONS}
+    assert {"Loss/train_step", "Loss/train_epoch", "Loss/val", "Tokens per second/val",
+            *per_level} <= scalars
+    assert first_screen([*scalars, *images, *histograms]) == ["Loss", "Tokens per second"]
+    # a curve per training step, the cosine schedule beside it
+    assert len(acc.Scalars("Loss/train_step")) > len(acc.Scalars("Loss/val"))
+    lr = [e.value for e in acc.Scalars("train/lr")]
+    assert len(lr) == len(acc.Scalars("Loss/train_step")) and lr[-1] < lr[0]
+    # the loss's two parts are named by network; only Lightning's own suffixes end in _step
+    assert {"val/nll_gamma_net", "val/nll_speculate_net", "train/nll_gamma_net"} <= scalars
+    assert sorted(t for t in scalars if t.endswith(("_step", "_epoch"))) == [
+        "Loss/train_epoch", "Loss/train_step"]
+    assert {f"val/skip_rate/{c}" for c in COMPRESSIONS} <= scalars
+    assert "hp_metric" not in scalars
+    # the controller's choices per compression: every held-out step counted once
+    assert {f"val/choice/{c}" for c in COMPRESSIONS} <= histograms
+    assert {"val/calibration", "val/choices"} <= images
+    dm = SpeckvDataModule(records=str(record_file))
+    dm.setup("fit")
+    last = [acc.Histograms(f"val/choice/{c}")[-1].histogram_value for c in COMPRESSIONS]
+    assert sum(h.num for h in last) == dm.split_sizes["val"]
+    assert all(h.min >= 0 and h.max <= GAMMA_MAX for h in last)
+    # one x-axis: figures and histograms at the steps of the scalars they sit beside
+    val_steps = [e.step for e in acc.Scalars("Tokens per second/val")]
+    assert [e.step for e in acc.Images("val/calibration")] == val_steps
+    assert [e.step for e in acc.Images("val/choices")] == val_steps
+    assert [e.step for e in acc.Histograms("val/choice/fp16")] == val_steps
+
+
+def test_hparams_compares_runs_by_held_out_results(record_file, tmp_path):
+    """Two runs with different learning rates: HParams lists each with what was tuned and
+    the held-out results it ranks them by, which each run logs as scalars."""
+    root = tmp_path / "runs"
+    for lr in ("0.003", "0.01"):
+        args = fit_args(record_file, root, "--trainer.max_epochs", "1", "--model.lr", lr)
+        assert train_main(args) == 0
+    seen_lr = []
+    for version in ("version_0", "version_1"):
+        acc = read_events(root / "lightning_logs" / version)
+        records = hparams_records(acc)
+        assert set(records) == {"experiment", "session_start_info", "session_end_info"}
+        metrics = [m.name.tag for m in records["experiment"].experiment.metric_infos]
+        assert metrics == list(HPARAMS_METRICS)
+        assert {"Tokens per second/val", "val/gain_over_best_static"} <= set(metrics)
+        assert set(metrics) <= set(acc.Tags()["scalars"]), "HParams reads the run's scalars"
+        assert "hp_metric" not in acc.Tags()["scalars"]
+        hparams = records["session_start_info"].session_start_info.hparams
+        assert {"model.lr", "model.hidden", "data.batch_size", "trainer.max_epochs",
+                "seed_everything"} <= set(hparams)
+        assert not {"_instantiator", "data.num_workers", "num_workers", "records",
+                    "gammas", "feature_names"} & set(hparams), "only what a person tunes"
+        assert hparams["model.hidden"].string_value == "32-32"
+        assert hparams["data.records"].string_value == record_file.stem
+        seen_lr.append(hparams["model.lr"].number_value)
+        assert records["session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
+    assert seen_lr == [0.003, 0.01]
 
 
 def test_training_learns_not_to_speculate_where_it_never_pays(tmp_path):
