@@ -2,12 +2,13 @@
 
     .venv/bin/python scripts/make_runtime_fixture.py [--out tests/fixtures]
 
-writes ``controller_tiny.onnx`` (seeded 10 -> 16 -> 16 -> 8 step and 8 -> 16 -> 16 -> 8
-pre-draft survival MLPs exported by ``speckv.export.graph.export_controller``: controller
-format 2, a few kilobytes) and ``controller_tiny_expected.npz`` (inputs of both decisions and
+writes ``controller_tiny.onnx`` (seeded 10 -> 16 -> 16 -> 28 step and 8 -> 16 -> 16 -> 28
+pre-draft survival MLPs, the chains' curve and each tree's, exported by
+``speckv.export.graph.export_controller``: controller format 3, a few kilobytes) and ``controller_tiny_expected.npz`` (inputs of both decisions and
 PyTorch's outputs for them: the golden outputs the runtime must reproduce). The weights are
 scaled up and the last biases set so that the untrained MLPs are confident enough, and their
-choices varied enough over the rows (several γs; both speculate and plain steps), for tests of
+choices varied enough over the rows (several γs and trees; both speculate and plain steps),
+for tests of
 the decisions to mean something. Rerun it after a change of the controller format.
 """
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from speckv.export.graph import controller_info, export_controller, torch_graph
-from speckv.runtime.costs import drafting_costs
+from speckv.runtime.contract import survival_width
+from speckv.runtime.costs import drafting_costs, tree_step_costs
 from speckv.runtime.features import (
     COMPRESSIONS,
     FEATURE_NAMES,
@@ -33,6 +35,8 @@ from speckv.runtime.features import (
     PRE_FEATURE_NAMES,
     UNSETTLED_CAP,
 )
+from speckv.runtime.proposal import GAMMA_MAX as CHAIN_MAX
+from speckv.runtime.proposal import TREES
 from speckv.train.network import SurvivalMLP
 
 SEED: Final = 0
@@ -74,13 +78,18 @@ def pre_rows(rng: np.random.Generator, features: np.ndarray) -> np.ndarray:
 
 
 def cost_rows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Step costs per γ (catch-up of 1..3 tokens included) and plain-step costs (seconds)."""
+    """Step costs per γ, then per tree (catch-up of 1..3 tokens included), and plain-step
+    costs (seconds)."""
     rows, plain = [], []
     for draft, verify0, unseen in zip(rng.uniform(0.004, 0.04, n), rng.uniform(0.05, 0.12, n),
                                       rng.integers(1, 4, n), strict=True):
         verify = verify0 * (1 + 0.03 * np.arange(GAMMA_MAX + 1))
         catchup = draft * (1 + 0.1 * np.arange(4))
-        rows.append(drafting_costs(float(draft), verify, catchup, int(unseen)))
+        grow = [1.2 * draft * t.draft_forwards + 0.002 for t in TREES]
+        tree_verify = [verify0 * (1 + 0.02 * t.size) for t in TREES]
+        rows.append(np.concatenate([
+            drafting_costs(float(draft), verify, catchup, int(unseen)),
+            tree_step_costs(float(draft), grow, tree_verify, catchup, int(unseen))]))
         plain.append(verify[0])
     return np.stack(rows).astype(np.float32), np.asarray(plain, np.float32)[:, None]
 
@@ -100,8 +109,10 @@ def make_fixture(out: Path = DEFAULT_OUT) -> tuple[Path, Path]:
     features = feature_rows(rng, ROWS)
     pre = pre_rows(rng, features)
     costs, plain = cost_rows(rng, ROWS)
-    mlp = SurvivalMLP(N_FEATURES, GAMMA_MAX, hidden=HIDDEN)
-    pre_mlp = SurvivalMLP(N_PRE_FEATURES, GAMMA_MAX, hidden=HIDDEN)
+    trees = [[t.size, t.depth, t.branch] for t in TREES]
+    width = survival_width(GAMMAS, trees)
+    mlp = SurvivalMLP(N_FEATURES, width, hidden=HIDDEN)
+    pre_mlp = SurvivalMLP(N_PRE_FEATURES, width, hidden=HIDDEN)
     _confident(mlp, 2.0)
     _confident(pre_mlp, PRE_BIAS)
     mlp.set_scaling(torch.from_numpy(features.mean(0)), torch.from_numpy(features.std(0)))
@@ -110,7 +121,7 @@ def make_fixture(out: Path = DEFAULT_OUT) -> tuple[Path, Path]:
         "feature_names": list(FEATURE_NAMES), "pre_feature_names": list(PRE_FEATURE_NAMES),
         "gammas": list(GAMMAS), "compressions": list(COMPRESSIONS), "feature_set": "decision",
         "objective": "tokens_per_s", "data_fingerprint": f"fixture:seed={SEED}",
-        "max_skip_run": MAX_SKIP_RUN, "pre_mlp": pre_mlp,
+        "max_skip_run": MAX_SKIP_RUN, "pre_mlp": pre_mlp, "trees": trees,
         "parity_features": features, "parity_pre_features": pre, "parity_costs": costs,
         "parity_plain_costs": plain,
     }
@@ -122,7 +133,8 @@ def make_fixture(out: Path = DEFAULT_OUT) -> tuple[Path, Path]:
         outputs = [t.numpy() for t in graph(*(torch.from_numpy(a)
                                                for a in (features, pre, costs, plain)))]
     speculate, gamma, expected, survival, pre_expected, pre_survival = outputs
-    if len(np.unique(gamma)) < 4 or not 0.2 < speculate.mean() < 0.8:
+    if len(np.unique(gamma)) < 4 or not 0.2 < speculate.mean() < 0.8 \
+            or not (gamma > CHAIN_MAX).any() or not (gamma <= CHAIN_MAX).any():
         raise SystemExit("the fixture's choices are not varied enough; change SEED or PRE_BIAS")
     expected_path = out / EXPECTED_NAME
     np.savez_compressed(expected_path, features=features, pre_features=pre, costs=costs,

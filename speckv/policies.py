@@ -34,9 +34,11 @@ g+1 tokens, ``cost_verify_s[0]`` a plain autoregressive step). The same formula 
 replay, the decoder and the learned controller.
 
 Policies whose γ depends only on the features and costs of the step (no state, no
-per-token stopping) may also offer ``choose_batch(features [n, F], costs [n, G]) -> [n]``,
+per-token stopping) may also offer ``choose_batch(features [n, F], costs [n, G], tree_costs
+[n, T] or None) -> [n]``,
 and a pre-draft decision that depends only on its context may offer
-``speculate_batch(pre_features [n, P], costs [n, G], plain_cost [n]) -> bool [n]`` (the
+``speculate_batch(pre_features [n, P], costs [n, G], plain_cost [n], tree_costs) -> bool
+[n]`` (the
 decision when no probe is due, see :func:`probe_due`); replay then decides every step of a
 record file in a few calls. They must agree with ``choose`` / ``speculate`` row by row.
 
@@ -55,6 +57,7 @@ from typing import Any, Final, Literal, Protocol
 import numpy as np
 
 from speckv.errors import SpeckvError
+from speckv.runtime.contract import UNAVAILABLE_COST
 from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, GAMMAS, MAX_SKIP_RUN
 from speckv.runtime.proposal import N_DRAFT_OPTIONS, TREE_SIZES, tree_by_size, tree_code
 
@@ -339,7 +342,7 @@ class Plain(_Stateless):
     def speculate(self, ctx: PreContext) -> bool:
         return False
 
-    def speculate_batch(self, pre_features, costs, plain_cost) -> np.ndarray:
+    def speculate_batch(self, pre_features, costs, plain_cost, tree_costs=None) -> np.ndarray:
         return np.zeros(len(pre_features), bool)
 
     def choose(self, ctx: StepContext) -> int:
@@ -589,9 +592,20 @@ class Learned(_Stateless):
         if self._speculate is not None:  # replay decides in batches only when it can
             self.speculate_batch = self._batch_speculate
 
-    def _costs(self, costs: np.ndarray) -> np.ndarray:
+    def _costs(self, costs: np.ndarray, tree_costs: np.ndarray | None = None) -> np.ndarray:
+        """The chooser's costs: the chains', then (a controller with trees) the trees', at
+        :data:`~speckv.runtime.contract.UNAVAILABLE_COST` where they are not measured."""
         costs = np.asarray(costs, dtype=np.float32)
-        return np.ones_like(costs) if self.objective == "tokens_per_step" else costs
+        extra = int(getattr(self.chooser, "n_options", costs.shape[-1])) - costs.shape[-1]
+        if extra > 0:
+            trees = (np.broadcast_to(np.asarray(tree_costs, np.float32),
+                                     (*costs.shape[:-1], extra))
+                     if tree_costs is not None else
+                     np.full((*costs.shape[:-1], extra), UNAVAILABLE_COST, np.float32))
+            costs = np.concatenate([costs, trees], -1)
+        if self.objective == "tokens_per_step":  # unit costs, for the options there are
+            return np.where(costs >= UNAVAILABLE_COST, costs, np.float32(1.0))
+        return costs
 
     def _plain(self, plain_cost):
         return np.ones_like(plain_cost) if self.objective == "tokens_per_step" else plain_cost
@@ -600,14 +614,16 @@ class Learned(_Stateless):
         if self._speculate is None or probe_due(ctx.skipped, self.max_skip_run):
             return True
         return bool(self._speculate(np.asarray(ctx.features, np.float32),
-                                    self._costs(ctx.costs), float(self._plain(ctx.plain_cost))))
+                                    self._costs(ctx.costs, ctx.tree_costs),
+                                    float(self._plain(ctx.plain_cost))))
 
     def _batch_speculate(self, pre_features: np.ndarray, costs: np.ndarray,
-                         plain_cost: np.ndarray) -> np.ndarray:
+                         plain_cost: np.ndarray, tree_costs: np.ndarray | None = None
+                         ) -> np.ndarray:
         """The pre-draft decision for many rows (no probe due): ``[n, P]``, ``[n, G]``,
-        ``[n]`` -> bool ``[n]``."""
+        ``[n]`` (and ``[n, len(TREES)]``) -> bool ``[n]``."""
         pre = np.asarray(pre_features, np.float32)
-        costs = self._costs(costs)
+        costs = self._costs(costs, tree_costs)
         plain = self._plain(np.asarray(plain_cost, np.float32).reshape(-1))
         if self._speculate_batch is not None:
             return np.asarray(self._speculate_batch(pre, costs, plain), dtype=bool)
@@ -616,12 +632,14 @@ class Learned(_Stateless):
 
     def choose(self, ctx: StepContext) -> int:
         return int(self.chooser.choose(np.asarray(ctx.features, np.float32),
-                                       self._costs(ctx.costs)))
+                                       self._costs(ctx.costs, ctx.tree_costs)))
 
-    def choose_batch(self, features: np.ndarray, costs: np.ndarray) -> np.ndarray:
-        """γ for many decisions at once (``[n, F]``, ``[n, G]`` -> ``[n]``)."""
+    def choose_batch(self, features: np.ndarray, costs: np.ndarray,
+                     tree_costs: np.ndarray | None = None) -> np.ndarray:
+        """The option for many decisions at once (``[n, F]``, ``[n, G]``, and the trees'
+        ``[n, len(TREES)]`` -> ``[n]``)."""
         batch = getattr(self.chooser, "choose_batch", None)
-        costs = self._costs(costs)
+        costs = self._costs(costs, tree_costs)
         if batch is not None:
             return np.asarray(batch(np.asarray(features, np.float32), costs), dtype=np.int64)
         return np.array([self.chooser.choose(f, c) for f, c in zip(features, costs, strict=True)],

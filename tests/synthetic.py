@@ -27,7 +27,9 @@ import numpy as np
 import pandas as pd
 
 from speckv.prompts import TASKS
+from speckv.records import validate
 from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS, history_arrays
+from speckv.runtime.proposal import TREES
 
 DRAFT_S: Final = 0.009
 VERIFY_S: Final = {"fp16": (0.035, 0.001), "int8": (0.060, 0.001), "nf4": (0.034, 0.001)}
@@ -152,6 +154,37 @@ def make_records(prompts_per_task: int = 10, tasks: Sequence[str] = TASKS,
                 frames.append(sequence_rows(task, f"{task}-{i:03d}", comp, n, rng,
                                             budget=max_len))
     return pd.concat(frames, ignore_index=True)
+
+
+def add_trees_and_lookup(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Trace rows with tree and lookup columns consistent with their caps: each tree accepts
+    at least what the chain does (its first branch is the draft's greedy chain), more for
+    bigger trees; the lookup proposes up to 8 tokens and is right on about half of them."""
+    rng = np.random.default_rng(seed)
+    df = df.copy()
+    n = len(df)
+    cap = df["accept_cap"].to_numpy()
+    chain = df["accept_len"].to_numpy()
+    trees = np.stack([np.minimum(np.minimum(t.depth, cap), chain + rng.integers(0, 2 + i, n))
+                      for i, t in enumerate(TREES)], -1)
+    df["tree_accept_len"] = list(trees.astype(np.float32))
+    # a level of the tree costs a draft token; its verify a plain step and 3% per node
+    draft = df["cost_draft_s"].to_numpy(np.float64)
+    verify0 = np.stack(df["cost_verify_s"].to_numpy())[:, 0].astype(np.float64)
+    df["cost_tree_draft_s"] = list((draft[:, None] * [t.draft_forwards for t in TREES]
+                                    ).astype(np.float32))
+    df["cost_tree_verify_s"] = list((verify0[:, None] * [1 + 0.03 * t.size for t in TREES]
+                                     ).astype(np.float32))
+    left = (df["max_new_tokens"] - df["position"] - 1).to_numpy()
+    length = np.where(rng.random(n) < 0.6, np.minimum(rng.integers(1, 9, n), left), 0)
+    accept = np.minimum(rng.integers(0, 9, n) // 2, np.minimum(length, (df["seq_len"] - df[
+        "position"]).to_numpy()))
+    df["lookup_length"] = pd.array(length, dtype="Int16")
+    df["lookup_accept"] = pd.array(np.where(length > 0, accept, 0), dtype="Int16")
+    df["lookup_match"] = pd.array(np.where(length > 0, rng.integers(1, 5, n), 0), dtype="Int16")
+    df["lookup_occurrences"] = pd.array(np.where(length > 0, 1, 0), dtype="Int16")
+    df["lookup_agreeing"] = pd.array(np.where(length > 0, 1, 0), dtype="Int16")
+    return validate(df)
 
 
 # ---------------------------------------------------------------------- a tiny controller

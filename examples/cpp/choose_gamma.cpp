@@ -3,9 +3,11 @@
 //   choose_gamma CONTROLLER.onnx              < decisions      one session, the whole file
 //   choose_gamma PRE.onnx STEP.onnx           < decisions      the two extracted decisions
 //
-// Each input line is one decision's inputs, 27 numbers: the step vector (10 features), the
-// pre-draft vector (8), the costs of a step drafting γ = 1..8 and the cost of a plain step.
-// Each output line is {"speculate": true|false, "gamma": γ}. A decoder asks for speculate
+// Each input line is one decision's inputs, 32 numbers: the step vector (10 features), the
+// pre-draft vector (8), the costs of a step verifying each option (chains of γ = 1..8, then
+// the 5 trees of speckv.trees) and the cost of a plain step; 27 for a file that lists no
+// trees (it chooses among chains only). Each output line is
+// {"speculate": true|false, "gamma": option} (γ for a chain, 9 + i for tree i). A decoder asks for speculate
 // before its draft runs and for γ only when it drafts (docs/EMBEDDING.md, sections 2 and 7);
 // this program asks for both on every line. Build it with examples/cpp/build.sh.
 #include <onnxruntime_cxx_api.h>
@@ -25,7 +27,7 @@ namespace {
 
 // The contract (speckv/runtime/contract.py): the format this program reads, and the vectors
 // it builds, in input order. A file that lists other ones was trained for other inputs.
-constexpr int kFormatVersion = 2;
+constexpr int kFormatVersion = 3;
 const std::vector<std::string> kFeatureNames = {
     "draft_entropy", "draft_top1", "draft_margin", "target_top1_prev", "agree_ema",
     "agree_run", "log_position", "compression_fp16", "compression_int8", "compression_nf4"};
@@ -33,7 +35,10 @@ const std::vector<std::string> kPreFeatureNames = {
     "target_top1_prev", "agree_ema", "agree_run", "unsettled", "log_position",
     "compression_fp16", "compression_int8", "compression_nf4"};
 const std::vector<std::string> kGammas = {"1", "2", "3", "4", "5", "6", "7", "8"};
-constexpr int64_t N = 10, M = 8, G = 8;
+// speckv.trees, [size, depth, branch] each, flattened: the trees whose costs a caller passes
+const std::vector<std::string> kTrees = {"4", "2", "4", "8",  "3", "4", "16", "4",
+                                         "4", "32", "5", "4", "64", "6", "4"};
+constexpr int64_t N = 10, M = 8, G = 8 + 5;  // G: the most options, chains then trees
 
 // The buffers bound to the sessions once and refilled for every decision.
 struct Buffers {
@@ -42,6 +47,7 @@ struct Buffers {
   std::array<float, G> costs{};
   std::array<float, 1> plain_cost{};
   std::array<int64_t, 1> speculate{}, gamma{};
+  int64_t options = G;  // the file's: 8 chains, and its 5 trees unless it lists none
 };
 
 std::string metadata(const Ort::Session& session, const char* key) {
@@ -63,8 +69,9 @@ std::vector<std::string> json_list(const std::string& text) {
   return items;
 }
 
-// Refuse a file that is not speckv's format 2 for these vectors, saying what to do.
-void check_contract(const Ort::Session& session, const std::string& path) {
+// Refuse a file that is not speckv's format 3 for these vectors, saying what to do; return
+// how many options it chooses among.
+int64_t check_contract(const Ort::Session& session, const std::string& path) {
   const std::string version = metadata(session, "speckv.format_version");
   if (version.empty())
     throw std::runtime_error(path + " is not a speckv controller (no speckv.format_version "
@@ -86,14 +93,17 @@ void check_contract(const Ort::Session& session, const std::string& path) {
   const struct { const char* key; const std::vector<std::string>& expected; } lists[] = {
       {"speckv.feature_names", kFeatureNames},
       {"speckv.pre_feature_names", kPreFeatureNames},
-      {"speckv.gammas", kGammas}};
+      {"speckv.gammas", kGammas},
+      {"speckv.trees", kTrees}};
   for (const auto& list : lists) {
     const std::string found = metadata(session, list.key);
-    if (json_list(found) != list.expected)
+    const bool no_trees = list.expected == kTrees && json_list(found).empty();
+    if (json_list(found) != list.expected && !no_trees)
       throw std::runtime_error(path + ": " + list.key + " is " + found +
                                ", not what this program builds; retrain and re-export the "
                                "controller for these inputs, or change the program.");
   }
+  return json_list(metadata(session, "speckv.trees")).empty() ? 8 : G;
 }
 
 template <typename T, size_t K>
@@ -111,7 +121,10 @@ Ort::IoBinding bind(Ort::Session& session, Buffers& b, const Ort::MemoryInfo& me
     if (name == "features") io.BindInput(name.c_str(), tensor(mem, b.features, {1, N}));
     else if (name == "pre_features")
       io.BindInput(name.c_str(), tensor(mem, b.pre_features, {1, M}));
-    else if (name == "costs") io.BindInput(name.c_str(), tensor(mem, b.costs, {1, G}));
+    else if (name == "costs")
+      io.BindInput(name.c_str(), Ort::Value::CreateTensor<float>(
+                                     mem, b.costs.data(), b.options,
+                                     std::vector<int64_t>{1, b.options}.data(), 2));
     else if (name == "plain_cost") io.BindInput(name.c_str(), tensor(mem, b.plain_cost, {1, 1}));
     else throw std::runtime_error("unexpected input " + name + ": re-export the controller.");
   }
@@ -128,18 +141,20 @@ void fill(const std::string& line, Buffers& b) {
   std::istringstream in(line);
   std::vector<float> v;
   for (float x; in >> x;) v.push_back(x);
-  if (!in.eof() || v.size() != N + M + G + 1)
-    throw std::runtime_error("expected 27 numbers (10 features, 8 pre-draft features, 8 costs, "
-                             "the plain cost), got: " + line);
+  const int64_t g = b.options;
+  if (!in.eof() || static_cast<int64_t>(v.size()) != N + M + g + 1)
+    throw std::runtime_error("expected " + std::to_string(N + M + g + 1) + " numbers (10 "
+                             "features, 8 pre-draft features, " + std::to_string(g) +
+                             " option costs, the plain cost), got: " + line);
   const float* x = v.data();
   std::copy(x, x + N, b.features.begin());
   std::copy(x + N, x + N + M, b.pre_features.begin());
-  std::copy(x + N + M, x + N + M + G, b.costs.begin());
-  b.plain_cost[0] = x[N + M + G];
+  std::copy(x + N + M, x + N + M + g, b.costs.begin());
+  b.plain_cost[0] = x[N + M + g];
   for (float value : v)
     if (!std::isfinite(value)) throw std::runtime_error("a number is not finite: " + line);
-  for (float c : b.costs)
-    if (!(c > 0)) throw std::runtime_error("costs must be > 0: " + line);
+  for (int64_t i = 0; i < g; ++i)
+    if (!(b.costs[i] > 0)) throw std::runtime_error("costs must be > 0: " + line);
   if (!(b.plain_cost[0] > 0)) throw std::runtime_error("the plain cost must be > 0: " + line);
 }
 
@@ -158,15 +173,15 @@ int main(int argc, char** argv) {
     opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
     opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     std::vector<Ort::Session> sessions;
+    Buffers b;
     for (int i = 1; i < argc; ++i) {
       sessions.emplace_back(env, argv[i], opts);  // a wchar_t* path on Windows
-      check_contract(sessions.back(), argv[i]);
+      b.options = check_contract(sessions.back(), argv[i]);
     }
     std::cerr << "ONNX Runtime " << Ort::GetVersionString() << ", speckv controller format "
               << kFormatVersion << " (speckv " << metadata(sessions[0], "speckv.version")
               << "), max_skip_run " << metadata(sessions[0], "speckv.max_skip_run") << "\n";
 
-    Buffers b;
     const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     std::vector<Ort::IoBinding> bindings;
     for (auto& session : sessions) bindings.push_back(bind(session, b, mem));

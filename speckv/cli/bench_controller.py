@@ -204,7 +204,7 @@ def bench(path: Path, *, iters: int = ITERS, warmup: int = WARMUP, batch: int = 
     info = controller.info
     n, g = len(info.feature_names), len(info.gammas)
     floor = Floor(n, threads)
-    features, costs = _inputs(n, g, INPUT_POOL)
+    features, costs = _inputs(n, info.n_options, INPUT_POOL)
     pool = len(features)
     rows = [(features[i], costs[i]) for i in range(pool)]
     batches = [(features[(np.arange(batch) + i) % pool], costs[(np.arange(batch) + i) % pool])
@@ -213,8 +213,10 @@ def bench(path: Path, *, iters: int = ITERS, warmup: int = WARMUP, batch: int = 
     logits = [(rng.standard_normal(vocab) * rng.uniform(1, 6)).astype(np.float32)
               for _ in range(LOGITS_POOL)]
     histories = _histories(LOGITS_POOL)
-    step_costs = StepCosts(0.01, 0.06 * (1 + 0.05 * np.arange(g + 1)))
-    row_costs = step_costs.drafting(1)
+    step_costs = StepCosts(0.01, 0.06 * (1 + 0.05 * np.arange(g + 1)), None,
+                           [0.012 * d for _, d, _ in info.trees] or None,
+                           [0.06 * (1 + 0.02 * size) for size, _, _ in info.trees] or None)
+    row_costs = controller.option_costs(step_costs, 1)
     deferred = _histories(LOGITS_POOL, seed=1)
     for i, history in enumerate(deferred):
         for _ in range(i % 4):

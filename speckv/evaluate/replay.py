@@ -440,7 +440,8 @@ class _Decisions:
     def gammas(self, unseen: int) -> list[int]:
         if unseen not in self._gammas:
             t = self.traces
-            got = np.asarray(self.choose_batch(t.features, t.costs_for(unseen))).reshape(-1)
+            got = np.asarray(self.choose_batch(t.features, t.costs_for(unseen),
+                                               t.tree_costs_for(unseen))).reshape(-1)
             if len(got) != t.n_rows:
                 raise EvaluateError(f"Policy {self.policy.name!r}: choose_batch returned "
                                     f"{len(got)} choices for {t.n_rows} rows.")
@@ -457,7 +458,8 @@ class _Decisions:
         if unsettled not in self._speculate:
             t = self.traces
             got = np.asarray(self.speculate_batch(t.pre_features_for(unsettled),
-                                                  t.costs_for(unsettled + 1), t.verify0),
+                                                  t.costs_for(unsettled + 1), t.verify0,
+                                                  t.tree_costs_for(unsettled + 1)),
                              dtype=bool).reshape(-1)
             if len(got) != t.n_rows:
                 raise EvaluateError(f"Policy {self.policy.name!r}: speculate_batch returned "

@@ -65,6 +65,7 @@ from speckv.runtime.contract import (
     SPECULATE,
     SURVIVAL,
     ControllerInfo,
+    survival_width,
 )
 from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
 
@@ -139,6 +140,7 @@ def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo
     names = tuple(str(n) for n in meta.get("feature_names") or ())
     pre_names = tuple(str(n) for n in meta.get("pre_feature_names") or PRE_FEATURE_NAMES)
     gammas = tuple(int(g) for g in meta.get("gammas") or ())
+    trees = tuple(tuple(int(v) for v in t) for t in meta.get("trees") or ())
     n_features, gamma_max = int(mlp.mean.numel()), int(mlp.gamma_max)
     if len(names) != n_features:
         raise ExportError(f"The checkpoint lists {len(names)} feature names, but its MLP takes "
@@ -152,10 +154,14 @@ def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo
     for listed in (names, pre_names):
         if len(set(listed)) != len(listed):
             raise ExportError(f"The checkpoint repeats a feature name: {list(listed)}.")
-    if not gammas or list(gammas) != sorted(set(gammas)) or gammas[0] < 1 \
-            or gammas[-1] > gamma_max:
+    if not gammas or list(gammas) != sorted(set(gammas)) or gammas[0] < 1:
         raise ExportError(f"The checkpoint's candidate γs {list(gammas)} must be increasing "
-                          f"integers in 1..{gamma_max} (the MLP's survival depth).")
+                          "positive integers.")
+    if survival_width(gammas, trees) != gamma_max:
+        raise ExportError(f"The checkpoint's MLP predicts {gamma_max} survival entries, but "
+                          f"its γs {list(gammas)} and trees {list(trees)} need "
+                          f"{survival_width(gammas, trees)}. The checkpoint is inconsistent; "
+                          "retrain.")
     return ControllerInfo(
         feature_names=names,
         pre_feature_names=pre_names,
@@ -166,6 +172,7 @@ def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo
         data_fingerprint=str(meta.get("data_fingerprint", "unknown")),
         speckv_version=speckv.__version__,
         max_skip_run=int(meta.get("max_skip_run", MAX_SKIP_RUN)),
+        trees=trees,
         format_version=FORMAT_VERSION,
     )
 
@@ -176,7 +183,7 @@ class ParityRows:
 
     features: np.ndarray  # [rows, n_features]
     pre_features: np.ndarray  # [rows, n_pre_features]
-    costs: np.ndarray  # [rows, n_gammas]
+    costs: np.ndarray  # [rows, n_options]
     plain_cost: np.ndarray  # [rows, 1]
     source: str  # "checkpoint" or "synthetic"
 
@@ -190,7 +197,7 @@ def parity_rows(mlp: SurvivalMLP, meta: Mapping[str, Any], info: ControllerInfo)
     Without them (a checkpoint from elsewhere), seeded synthetic rows around each MLP's
     feature scaling stand in, and the report says so.
     """
-    n, m, g = len(info.feature_names), len(info.pre_feature_names), len(info.gammas)
+    n, m, g = len(info.feature_names), len(info.pre_feature_names), info.n_options
     found = [meta.get(k) for k in ("parity_features", "parity_pre_features", "parity_costs",
                                    "parity_plain_costs")]
     if all(v is not None for v in found):
@@ -248,14 +255,14 @@ def torch_graph(mlp: SurvivalMLP, info: ControllerInfo, pre_mlp: SurvivalMLP) ->
 
     mlp = copy.deepcopy(mlp).to("cpu", torch.float32).eval()
     pre_mlp = copy.deepcopy(pre_mlp).to("cpu", torch.float32).eval()
-    return ExportGraph(ControllerGraph(mlp, info.gammas, pre_mlp)).eval()
+    return ExportGraph(ControllerGraph(mlp, info.gammas, pre_mlp, info.trees)).eval()
 
 
 def to_onnx(graph: Any, info: ControllerInfo, opset: int = OPSET) -> onnx.ModelProto:
     """torch.onnx (dynamo) export of the controller graph with a dynamic batch axis."""
     import torch
 
-    n, m, g = len(info.feature_names), len(info.pre_feature_names), len(info.gammas)
+    n, m, g = len(info.feature_names), len(info.pre_feature_names), info.n_options
     example = (torch.zeros(2, n), torch.zeros(2, m), torch.ones(2, g), torch.ones(2, 1))
     batch = torch.export.Dim("batch")
     try:
@@ -451,15 +458,16 @@ def annotate(model: onnx.ModelProto, info: ControllerInfo) -> None:
         FEATURES: "raw step features after the draft's first forward, in the order of "
                   "speckv.feature_names",
         PRE_FEATURES: "raw pre-draft features, in the order of speckv.pre_feature_names",
-        COSTS: "seconds (any positive unit) of a step drafting each candidate γ, its "
-               "catch-up forward included",
+        COSTS: "seconds (any positive unit) of a step verifying each option (a chain of each "
+               "candidate γ, then each tree of speckv.trees), its catch-up forward included",
         PLAIN_COST: "seconds (same unit) of a plain target step",
         SPECULATE: "1: draft this step; 0: a plain target step (from pre_features)",
-        GAMMA: "the candidate γ with the most expected tokens per unit cost (from features)",
-        EXPECTED_TOKENS: "E[tokens | γ] = 1 + sum_{k<=γ} survival_k, per candidate γ",
-        SURVIVAL: "P(accept_len >= k | features), k = 1..gamma_max",
-        PRE_EXPECTED_TOKENS: "E[tokens | γ] from the pre-draft features",
-        PRE_SURVIVAL: "P(accept_len >= k | pre_features), k = 1..gamma_max",
+        GAMMA: "the option with the most expected tokens per unit cost (from features): γ for "
+               "a chain, max γ + 1 + i for tree i",
+        EXPECTED_TOKENS: "E[tokens | option] = 1 + survival @ option matrix, per option",
+        SURVIVAL: "P(accepted >= k | features): the chains' curve, then each tree's",
+        PRE_EXPECTED_TOKENS: "E[tokens | option] from the pre-draft features",
+        PRE_SURVIVAL: "P(accepted >= k | pre_features), laid out as survival",
     }
     for value in (*model.graph.input, *model.graph.output):
         value.doc_string = docs[value.name]
@@ -539,7 +547,7 @@ def check_parity(graph: Any, path: Path, rows: ParityRows, info: ControllerInfo
     }
     wrong, ties = [], 0
     for got in (pred.gamma, single):
-        w, t = _gamma_errors(got, gamma_t, expected_t / c, info.gammas)
+        w, t = _gamma_errors(got, gamma_t, expected_t / c, info.codes)
         wrong += w
         ties += t
     # speculate differs only where the best ratio meets 1 / plain_cost within float32 noise

@@ -3,29 +3,41 @@
 :mod:`speckv.export.graph` writes files by these definitions and :mod:`speckv.runtime` reads them
 by the same ones, so the two cannot drift apart. Torch-free.
 
-Signature of a speckv controller graph, format 2 (two decisions per step)::
+Signature of a speckv controller graph, format 3 (two decisions per step; chains and trees)::
 
     inputs   features             float32 [batch, n_features]      step vector (FEATURE_NAMES)
              pre_features         float32 [batch, n_pre_features]  pre-draft vector
-             costs                float32 [batch, n_gammas]        cost of a step drafting each γ,
-                                                                   its catch-up included (> 0)
+             costs                float32 [batch, n_options]       cost of a step verifying each
+                                                                   option, its catch-up included
+                                                                   (> 0): a chain of each γ, then
+                                                                   each tree
              plain_cost           float32 [batch, 1]               cost of a plain step (> 0)
     outputs  speculate            int64   [batch]   1: draft this step; 0: a plain target step
-             gamma                int64   [batch]   the chosen γ (one of the candidates)
-             expected_tokens      float32 [batch, n_gammas]  E[tokens | γ, step vector]
-             survival             float32 [batch, gamma_max] P(accept_len >= k | step vector)
-             pre_expected_tokens  float32 [batch, n_gammas]  E[tokens | γ, pre-draft vector]
-             pre_survival         float32 [batch, gamma_max] P(accept_len >= k | pre-draft)
+             gamma                int64   [batch]   the chosen option's code: γ for a chain,
+                                                    GAMMA_MAX + 1 + i for the tree TREES[i]
+             expected_tokens      float32 [batch, n_options]   E[tokens | option, step vector]
+             survival             float32 [batch, survival_width]  P(accepted >= k | step vector)
+             pre_expected_tokens  float32 [batch, n_options]   E[tokens | option, pre-draft]
+             pre_survival         float32 [batch, survival_width]  P(accepted >= k | pre-draft)
 
-``speculate`` reads only ``pre_features``, ``costs`` and ``plain_cost``: it is 1 when some γ
-has more expected tokens per unit cost than a plain step's one token per ``plain_cost``.
-``gamma``, ``expected_tokens`` and ``survival`` read only ``features`` and ``costs`` (γ >= 1,
-decided after the draft's first forward). A caller asks twice per step, with the inputs of the
-decision at hand; the runtime splits the graph in two so that each call computes one head.
+The options are the chains of ``speckv.gammas`` and then the trees of ``speckv.trees``
+(``[size, depth, branch]`` each, :data:`speckv.runtime.proposal.TREES`). ``survival`` holds
+one survival curve per option family, one after another: the chains' ``k = 1..max γ``, then
+each tree's ``k = 1..depth`` (:meth:`ControllerInfo.segments`); ``E[tokens | option] = 1 +
+survival @ option_matrix()`` (a chain of γ sums its first γ entries, a tree its whole curve).
+
+``speculate`` reads only ``pre_features``, ``costs`` and ``plain_cost``: it is 1 when some
+option has more expected tokens per unit cost than a plain step's one token per
+``plain_cost``. ``gamma``, ``expected_tokens`` and ``survival`` read only ``features`` and
+``costs`` (an option >= 1, decided after the draft's first forward). A caller asks twice per
+step, with the inputs of the decision at hand; the runtime splits the graph in two so that
+each call computes one head. A decoder that cannot verify trees (its engine has no tree
+attention mask) passes :data:`UNAVAILABLE_COST` as their costs: they are then never chosen.
 
 ``FORMAT_VERSION`` changes whenever that signature, the metadata or the meaning of an input or
 output changes; a runtime reads exactly its own format version. Format 1 had one decision
-(features and costs in; gamma, expected tokens and survival out).
+(features and costs in; gamma, expected tokens and survival out); format 2 chose among
+chains only.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from typing import Final
 
 from speckv.runtime.errors import ControllerFormatError, IncompatibleVersionError
 
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 
 FEATURES: Final = "features"
 PRE_FEATURES: Final = "pre_features"
@@ -72,15 +84,20 @@ KEY_OBJECTIVE: Final = "speckv.objective"
 KEY_DATA_FINGERPRINT: Final = "speckv.data_fingerprint"
 KEY_INPUTS: Final = "speckv.inputs"  # INPUT_KIND
 KEY_MAX_SKIP_RUN: Final = "speckv.max_skip_run"  # plain steps in a row before a probe
+KEY_TREES: Final = "speckv.trees"  # JSON list of [size, depth, branch], in options order
+#: the cost a decoder passes for an option it cannot run (a tree in an engine without tree
+#: masks): finite, so the input check passes, and so large that the option is never chosen
+UNAVAILABLE_COST: Final = 1e30
 KEY_PREFIX: Final = "speckv."
 REQUIRED_KEYS: Final = (KEY_FORMAT_VERSION, KEY_SPECKV_VERSION, KEY_FEATURE_NAMES,
                         KEY_PRE_FEATURE_NAMES, KEY_GAMMAS, KEY_COMPRESSIONS, KEY_FEATURE_SET,
-                        KEY_OBJECTIVE, KEY_DATA_FINGERPRINT, KEY_INPUTS, KEY_MAX_SKIP_RUN)
-#: what to run when a file is of an older format (format 1 has no decision to skip, so its
-#: checkpoint cannot be re-exported as format 2: the model must be retrained).
+                        KEY_OBJECTIVE, KEY_DATA_FINGERPRINT, KEY_INPUTS, KEY_MAX_SKIP_RUN,
+                        KEY_TREES)
+#: what to run when a file is of an older format (formats 1 and 2 predict fewer outcomes, so
+#: their checkpoints cannot be re-exported as format 3: the model must be retrained).
 RETRAIN: Final = ("retrain and re-export it with this speckv: `python -m speckv.train fit`, then "
-                  "`python -m speckv export --out {path}` (format {version} has no decision not "
-                  "to speculate, so its checkpoint cannot simply be re-exported)")
+                  "`python -m speckv export --out {path}` (format {version} chose among fewer "
+                  "options, so its checkpoint cannot simply be re-exported)")
 
 
 @dataclass(frozen=True)
@@ -96,12 +113,37 @@ class ControllerInfo:
     data_fingerprint: str
     speckv_version: str
     max_skip_run: int
+    #: the trees among the options, ``(size, depth, branch)`` each (empty: chains only)
+    trees: tuple[tuple[int, int, int], ...] = ()
     inputs: str = INPUT_KIND
     format_version: int = FORMAT_VERSION
 
     @property
     def gamma_max(self) -> int:
         return max(self.gammas)
+
+    @property
+    def n_options(self) -> int:
+        """Columns of ``costs`` and ``expected_tokens``: the chains, then the trees."""
+        return len(self.gammas) + len(self.trees)
+
+    @property
+    def codes(self) -> tuple[int, ...]:
+        """The option code of each column (what ``gamma`` returns), :func:`option_codes`."""
+        return option_codes(self.gammas, self.trees)
+
+    def segments(self) -> list[tuple[int, int]]:
+        return segments(self.gammas, self.trees)
+
+    @property
+    def survival_width(self) -> int:
+        return survival_width(self.gammas, self.trees)
+
+    def upto(self):
+        return upto_matrix(self.gammas, self.trees)
+
+    def option_matrix(self):
+        return option_matrix(self.gammas, self.trees)
 
     def to_metadata(self) -> dict[str, str]:
         """The ONNX ``metadata_props`` entries (all strings; lists as JSON)."""
@@ -117,6 +159,7 @@ class ControllerInfo:
             KEY_DATA_FINGERPRINT: self.data_fingerprint,
             KEY_INPUTS: self.inputs,
             KEY_MAX_SKIP_RUN: str(self.max_skip_run),
+            KEY_TREES: json.dumps([list(t) for t in self.trees]),
         }
 
     @classmethod
@@ -163,6 +206,12 @@ class ControllerInfo:
         if min(gammas) < 1 or list(gammas) != sorted(set(gammas)):
             raise ControllerFormatError(f"{source}: candidate γs {gammas} are not increasing "
                                         "positive integers. Re-export it.")
+        trees = _json_list(props, KEY_TREES, list, source)
+        if not all(len(t) == 3 and all(isinstance(v, int) and v >= 1 for v in t)
+                   and t[1] <= t[0] for t in trees):
+            raise ControllerFormatError(f"{source}: {KEY_TREES} must list [size, depth, branch] "
+                                        f"positive integers with depth <= size, found {trees}. "
+                                        "Re-export it with `python -m speckv export`.")
         return cls(
             feature_names=tuple(names),
             pre_feature_names=tuple(pre_names),
@@ -173,9 +222,62 @@ class ControllerInfo:
             data_fingerprint=props[KEY_DATA_FINGERPRINT],
             speckv_version=props[KEY_SPECKV_VERSION],
             max_skip_run=max_skip_run,
+            trees=tuple(tuple(t) for t in trees),
             inputs=props[KEY_INPUTS],
             format_version=FORMAT_VERSION,
         )
+
+
+# ------------------------------------------------------------------ the options' layout
+Trees = Sequence[Sequence[int]]  # (size, depth, branch) each
+
+
+def option_codes(gammas: Sequence[int], trees: Trees) -> tuple[int, ...]:
+    """The code of each option column: γ for a chain, ``max γ + 1 + i`` for tree ``i``
+    (:func:`speckv.runtime.proposal.tree_code` for speckv's own trees)."""
+    top = max(gammas)
+    return (*(int(g) for g in gammas), *(top + 1 + i for i in range(len(trees))))
+
+
+def segments(gammas: Sequence[int], trees: Trees) -> list[tuple[int, int]]:
+    """``(start, length)`` of each survival curve: the chains' (``k = 1..max γ``), then each
+    tree's (``k = 1..depth``)."""
+    out, start = [(0, max(gammas))], max(gammas)
+    for _, depth, _ in trees:
+        out.append((start, int(depth)))
+        start += int(depth)
+    return out
+
+
+def survival_width(gammas: Sequence[int], trees: Trees) -> int:
+    start, length = segments(gammas, trees)[-1]
+    return start + length
+
+
+def upto_matrix(gammas: Sequence[int], trees: Trees):
+    """``[W, W]``: ``log_survival = logsigmoid(z) @ upto`` (a cumulative sum within each
+    curve, block by block)."""
+    import numpy as np
+
+    width = survival_width(gammas, trees)
+    out = np.zeros((width, width), np.float32)
+    for start, length in segments(gammas, trees):
+        out[start : start + length, start : start + length] = np.triu(
+            np.ones((length, length), np.float32))
+    return out
+
+
+def option_matrix(gammas: Sequence[int], trees: Trees):
+    """``[W, n_options]``: ``expected_tokens = 1 + survival @ option_matrix`` (a chain of γ
+    sums its curve's first γ entries, a tree its whole curve)."""
+    import numpy as np
+
+    out = np.zeros((survival_width(gammas, trees), len(gammas) + len(trees)), np.float32)
+    for j, g in enumerate(gammas):
+        out[:g, j] = 1.0
+    for i, (start, length) in enumerate(segments(gammas, trees)[1:]):
+        out[start : start + length, len(gammas) + i] = 1.0
+    return out
 
 
 def _check_format_version(text: str | None, written_by: str | None, source: str) -> None:

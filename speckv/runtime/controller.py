@@ -53,6 +53,7 @@ from speckv.runtime.contract import (
     SPECULATE,
     STEP_OUTPUTS,
     SURVIVAL,
+    UNAVAILABLE_COST,
     ControllerInfo,
     describe_difference,
 )
@@ -73,6 +74,7 @@ from speckv.runtime.features import (
     fill_pre_features,
     fill_step_features,
 )
+from speckv.runtime.proposal import TREES
 
 DEFAULT_THREADS: Final = 1
 PROVIDERS: Final = ("CPUExecutionProvider",)
@@ -84,9 +86,10 @@ _ELEM: Final = {_FLOAT: onnx_proto.FLOAT, _INT64: onnx_proto.INT64}
 _isfinite: Final = np.isfinite
 _FIX_FEATURES: Final = ("Build the vectors with speckv.runtime.features (step_features after the "
                         "draft's first forward, pre_features before it) from a History.")
-_FIX_COSTS: Final = ("Pass the seconds of a step drafting each candidate γ (and of a plain step), "
-                     "measured on this machine: speckv.runtime.StepCosts(t_draft, t_verify, "
-                     "t_catchup).drafting(unseen) and .plain.")
+_FIX_COSTS: Final = ("Pass the seconds of a step verifying each option (a chain of each γ, "
+                     "then each tree) and of a plain step, measured on this machine: "
+                     "Controller.option_costs(speckv.runtime.StepCosts(...), unseen) and "
+                     "StepCosts.plain.")
 
 
 def session_options(threads: int = DEFAULT_THREADS) -> ort.SessionOptions:
@@ -142,11 +145,17 @@ def read_info(data: bytes, source: str) -> ControllerInfo:
     return read_model(data, source, graph=False)[1]
 
 
+#: speckv's trees as a controller file lists them
+SPECKV_TREES: Final = tuple((t.size, t.depth, t.branch) for t in TREES)
+
+
 def check_expected(info: ControllerInfo, source: str,
                    expected_features: Sequence[str] | None,
                    expected_gammas: Sequence[int] | None,
-                   expected_pre_features: Sequence[str] | None = None) -> None:
-    """Refuse a controller whose features or candidate γs differ from the caller's."""
+                   expected_pre_features: Sequence[str] | None = None,
+                   expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES) -> None:
+    """Refuse a controller whose features, candidate γs or trees differ from the caller's
+    (a file without trees chooses among chains only, whatever ``expected_trees``)."""
     for kind, found, expected in (("step", info.feature_names, expected_features),
                                   ("pre-draft", info.pre_feature_names, expected_pre_features)):
         if expected is not None and tuple(expected) != found:
@@ -162,15 +171,24 @@ def check_expected(info: ControllerInfo, source: str,
             f"{source} chooses γ among {list(info.gammas)}, but {list(expected_gammas)} are "
             "expected. Retrain and re-export with the expected candidates, or pass "
             "expected_gammas=None and size the costs to the file's γs.")
+    if expected_trees is not None and info.trees and \
+            tuple(tuple(int(v) for v in t) for t in expected_trees) != tuple(info.trees):
+        raise CandidateMismatchError(
+            f"{source} chooses among the trees {[list(t) for t in info.trees]} "
+            "([size, depth, branch]), but this decoder builds "
+            f"{[list(t) for t in expected_trees]}: its tree costs would price other trees. "
+            "Retrain and re-export with this speckv, or pass expected_trees=None and size "
+            "the costs to the file's trees.")
 
 
 def check_signature(model: onnx_proto.Model, info: ControllerInfo, source: str) -> None:
     """The graph's inputs and outputs must be speckv's, with widths that match the metadata."""
-    n, m, g = len(info.feature_names), len(info.pre_feature_names), len(info.gammas)
+    n, m, g = len(info.feature_names), len(info.pre_feature_names), info.n_options
+    w = info.survival_width
     want = {FEATURES: (_FLOAT, n), PRE_FEATURES: (_FLOAT, m), COSTS: (_FLOAT, g),
             PLAIN_COST: (_FLOAT, 1), SPECULATE: (_INT64, None), GAMMA: (_INT64, None),
-            EXPECTED_TOKENS: (_FLOAT, g), SURVIVAL: (_FLOAT, info.gamma_max),
-            PRE_EXPECTED_TOKENS: (_FLOAT, g), PRE_SURVIVAL: (_FLOAT, info.gamma_max)}
+            EXPECTED_TOKENS: (_FLOAT, g), SURVIVAL: (_FLOAT, w),
+            PRE_EXPECTED_TOKENS: (_FLOAT, g), PRE_SURVIVAL: (_FLOAT, w)}
     found = {v.name: v for v in (*model.inputs, *model.outputs)}
     names_in = tuple(v.name for v in model.inputs)
     names_out = tuple(v.name for v in model.outputs)
@@ -210,9 +228,9 @@ def open_session(data: bytes, source: str, threads: int = DEFAULT_THREADS
 class Prediction:
     """Everything the step head computes for a batch of γ decisions."""
 
-    gamma: np.ndarray  #: int64 [batch], each one of the controller's candidate γs
-    expected_tokens: np.ndarray  #: float32 [batch, n_gammas]: E[tokens | γ] per candidate γ
-    survival: np.ndarray  #: float32 [batch, gamma_max]: P(accept_len >= k), k = 1..gamma_max
+    gamma: np.ndarray  #: int64 [batch], each an option code (γ for a chain, then the trees)
+    expected_tokens: np.ndarray  #: float32 [batch, n_options]: E[tokens | option]
+    survival: np.ndarray  #: float32 [batch, survival_width]: each family's P(accepted >= k)
 
 
 @dataclass(frozen=True)
@@ -220,8 +238,8 @@ class PrePrediction:
     """Everything the pre-draft head computes for a batch of speculate-or-not decisions."""
 
     speculate: np.ndarray  #: bool [batch]: draft this step (else a plain target step)
-    expected_tokens: np.ndarray  #: float32 [batch, n_gammas]: E[tokens | γ, pre-draft]
-    survival: np.ndarray  #: float32 [batch, gamma_max]
+    expected_tokens: np.ndarray  #: float32 [batch, n_options]: E[tokens | option, pre-draft]
+    survival: np.ndarray  #: float32 [batch, survival_width]
 
 
 class InputRow:
@@ -330,7 +348,7 @@ class InputRow:
                                  f"{_FIX_FEATURES}")
         if name == COSTS:
             return BadInputError(f"costs must be a 1-D vector of {width} values, one per "
-                                 f"candidate γ {list(columns)}; got shape {array.shape}. "
+                                 f"option {list(columns)}; got shape {array.shape}. "
                                  f"{_FIX_COSTS}")
         return BadInputError(f"{name} must be one number; got shape {array.shape}. "
                              f"{_FIX_COSTS}")
@@ -466,6 +484,11 @@ class _ThreadState:
         self.stats = RowStats()
 
 
+def option_labels(info: ControllerInfo) -> tuple[str, ...]:
+    """What each cost column prices, for error messages: ``γ=1``.., ``tree:N``..."""
+    return (*(f"γ={g}" for g in info.gammas), *(f"tree:{t[0]}" for t in info.trees))
+
+
 class Controller:
     """An exported speckv controller on onnxruntime. Build it with :meth:`load`.
 
@@ -476,17 +499,18 @@ class Controller:
                  info: ControllerInfo, source: str = "<controller>") -> None:
         self.info = info
         self.source = source
-        n, m, g = len(info.feature_names), len(info.pre_feature_names), len(info.gammas)
+        n, m, g = len(info.feature_names), len(info.pre_feature_names), info.n_options
+        w = info.survival_width
         names: dict[str, Sequence[object]] = {FEATURES: info.feature_names,
                                               PRE_FEATURES: info.pre_feature_names,
-                                              COSTS: info.gammas, PLAIN_COST: ("plain",)}
+                                              COSTS: option_labels(info), PLAIN_COST: ("plain",)}
         self._names = names
         self._pre = _Head(pre, ((PRE_FEATURES, m), (COSTS, g), (PLAIN_COST, 1)), COSTS,
                           ((SPECULATE, (1,), np.int64), (PRE_EXPECTED_TOKENS, (1, g), np.float32),
-                           (PRE_SURVIVAL, (1, info.gamma_max), np.float32)), names)
+                           (PRE_SURVIVAL, (1, w), np.float32)), names)
         self._step = _Head(step, ((FEATURES, n), (COSTS, g)), COSTS,
                            ((GAMMA, (1,), np.int64), (EXPECTED_TOKENS, (1, g), np.float32),
-                            (SURVIVAL, (1, info.gamma_max), np.float32)), names)
+                            (SURVIVAL, (1, w), np.float32)), names)
         self._local = threading.local()
         self._state()  # bind this thread now: a broken graph fails at load, not mid-decode
 
@@ -494,19 +518,23 @@ class Controller:
     def load(cls, path: str | os.PathLike[str], *, threads: int = DEFAULT_THREADS,
              expected_features: Sequence[str] | None = FEATURE_NAMES,
              expected_gammas: Sequence[int] | None = GAMMAS,
-             expected_pre_features: Sequence[str] | None = PRE_FEATURE_NAMES) -> Controller:
+             expected_pre_features: Sequence[str] | None = PRE_FEATURE_NAMES,
+             expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES) -> Controller:
         """Open an exported controller and check it against what the caller will pass.
 
         ``expected_features`` / ``expected_pre_features``: the names, in order, of the step
         and pre-draft vectors the caller builds (default: speckv.runtime.features');
         ``expected_gammas``: the candidate γs the costs are given for (default
-        :data:`speckv.runtime.features.GAMMAS`). None skips a check. ``threads``:
+        :data:`speckv.runtime.features.GAMMAS`); ``expected_trees``: the trees the caller
+        prices (default :data:`speckv.runtime.proposal.TREES`; a file without trees is
+        accepted, it chooses among chains). None skips a check. ``threads``:
         onnxruntime intra-op threads (1 is fastest for this tiny graph).
         """
         path, data = read_controller_bytes(path)
         source = str(path)
         model, info = read_model(data, source)
-        check_expected(info, source, expected_features, expected_gammas, expected_pre_features)
+        check_expected(info, source, expected_features, expected_gammas, expected_pre_features,
+                       expected_trees)
         check_signature(model, info, source)
         pre = open_session(onnx_proto.extract(data, list(PRE_OUTPUTS)), source, threads)
         step = open_session(onnx_proto.extract(data, list(STEP_OUTPUTS)), source, threads)
@@ -532,6 +560,23 @@ class Controller:
         return self.info.gammas
 
     @property
+    def n_options(self) -> int:
+        """The width of ``costs``: the chains of :attr:`gammas`, then the file's trees."""
+        return self.info.n_options
+
+    def option_costs(self, costs: StepCosts, unseen: int = 1) -> np.ndarray:
+        """``[n_options]`` float32 costs in this file's order after a catch-up over
+        ``unseen`` tokens: the chains', then the trees' (:data:`UNAVAILABLE_COST` where
+        ``costs`` has no tree costs, so no tree is chosen)."""
+        chains = costs.drafting(unseen)
+        if not self.info.trees:
+            return chains
+        trees = costs.trees(unseen)
+        if trees is None:
+            trees = np.full(len(self.info.trees), UNAVAILABLE_COST, np.float32)
+        return np.concatenate([chains, trees]).astype(np.float32)
+
+    @property
     def max_skip_run(self) -> int:
         """Plain steps in a row after which a policy should draft anyway (a probe)."""
         return self.info.max_skip_run
@@ -541,8 +586,9 @@ class Controller:
                   costs: np.ndarray | Sequence[float], plain_cost: float) -> bool:
         """Before the draft's forward: draft this step (True) or take a plain step (False)?
 
-        ``pre_features`` ``[n_pre_features]``; ``costs`` ``[n_gammas]``: a step drafting each
-        γ, its catch-up included; ``plain_cost``: a plain target step (all > 0).
+        ``pre_features`` ``[n_pre_features]``; ``costs`` ``[n_options]``: a step verifying
+        each option, its catch-up included (:meth:`option_costs`); ``plain_cost``: a plain
+        target step (all > 0).
         """
         state = self._state()
         state.pre_row.fill(pre_features, costs, plain_cost)
@@ -551,7 +597,8 @@ class Controller:
 
     def choose(self, features: np.ndarray | Sequence[float],
                costs: np.ndarray | Sequence[float]) -> int:
-        """γ for one decision: ``features`` ``[n_features]``, ``costs`` ``[n_gammas]`` (> 0)."""
+        """The option for one decision (γ for a chain, a tree's code): ``features``
+        ``[n_features]``, ``costs`` ``[n_options]`` (> 0)."""
         state = self._state()
         state.step_row.fill(features, costs)
         state.run_step()
@@ -564,7 +611,7 @@ class Controller:
         """
         state = self._state()
         fill_pre_features(state.pre_features, history, compression)
-        state.pre_costs[...] = costs.drafting(len(history.pending) + 1)
+        state.pre_costs[...] = self.option_costs(costs, len(history.pending) + 1)
         state.plain_cost[0] = costs.plain
         state.pre_row.check()
         state.run_pre()
@@ -576,7 +623,8 @@ class Controller:
 
         ``logits``: ``[vocab]`` float32 (a CPU torch tensor's ``.numpy()`` needs no copy);
         ``history``: complete (the catch-up forward's verdicts settled); ``costs``: the step's
-        ``[n_gammas]`` costs, e.g. ``StepCosts.drafting(unseen)`` for the catch-up it just ran.
+        ``[n_options]`` costs, e.g. ``option_costs(step_costs, unseen)`` for the catch-up it
+        just ran.
         """
         state = self._state()
         x = logits if type(logits) is np.ndarray else np.asarray(logits)
@@ -593,14 +641,14 @@ class Controller:
     def _pre_inputs(self, pre_features, costs, plain_cost) -> dict[str, np.ndarray]:
         info = self.info
         p, c, q = batch_inputs(((PRE_FEATURES, len(info.pre_feature_names), pre_features),
-                                (COSTS, len(info.gammas), costs), (PLAIN_COST, 1, plain_cost)),
+                                (COSTS, info.n_options, costs), (PLAIN_COST, 1, plain_cost)),
                                self._names)
         return {PRE_FEATURES: p, COSTS: c, PLAIN_COST: q}
 
     def _step_inputs(self, features, costs) -> dict[str, np.ndarray]:
         info = self.info
         f, c = batch_inputs(((FEATURES, len(info.feature_names), features),
-                             (COSTS, len(info.gammas), costs)), self._names)
+                             (COSTS, info.n_options, costs)), self._names)
         return {FEATURES: f, COSTS: c}
 
     def speculate_batch(self, pre_features, costs, plain_cost) -> np.ndarray:
@@ -623,19 +671,19 @@ class Controller:
                 costs: np.ndarray | Sequence[float]) -> Prediction:
         """γ, expected tokens per γ and the survival curve, always with a batch axis."""
         feeds = self._step_inputs(features, costs)
-        g = len(self.info.gammas)
+        g = self.info.n_options
         if not feeds[FEATURES].shape[0]:
             return Prediction(np.empty(0, np.int64), np.empty((0, g), np.float32),
-                              np.empty((0, self.info.gamma_max), np.float32))
+                              np.empty((0, self.info.survival_width), np.float32))
         return Prediction(*self._step.session.run(list(STEP_OUTPUTS), feeds))
 
     def predict_pre(self, pre_features, costs, plain_cost) -> PrePrediction:
         """The pre-draft decision, expected tokens per γ and survival, with a batch axis."""
         feeds = self._pre_inputs(pre_features, costs, plain_cost)
-        g = len(self.info.gammas)
+        g = self.info.n_options
         if not feeds[PRE_FEATURES].shape[0]:
             return PrePrediction(np.empty(0, bool), np.empty((0, g), np.float32),
-                                 np.empty((0, self.info.gamma_max), np.float32))
+                                 np.empty((0, self.info.survival_width), np.float32))
         speculate, expected, survival = self._pre.session.run(list(PRE_OUTPUTS), feeds)
         return PrePrediction(speculate.astype(bool), expected, survival)
 

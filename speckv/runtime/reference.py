@@ -35,11 +35,13 @@ from speckv.runtime.contract import (
     ControllerInfo,
 )
 from speckv.runtime.controller import (
+    SPECKV_TREES,
     InputRow,
     Prediction,
     PrePrediction,
     batch_inputs,
     check_expected,
+    option_labels,
     read_controller_bytes,
     read_model,
 )
@@ -116,29 +118,33 @@ class NumpyController:
         self.info = info
         self.source = source
         self.step, self.pre = _read_networks(model, info, source)
-        self._index = np.asarray([g - 1 for g in info.gammas], np.intp)
-        self._gammas = np.asarray(info.gammas, np.int64)
+        self._upto = info.upto().astype(np.float64)
+        self._options = info.option_matrix().astype(np.float64)
+        self._gammas = np.asarray(info.codes, np.int64)
         self._names = {FEATURES: info.feature_names, PRE_FEATURES: info.pre_feature_names,
-                       COSTS: info.gammas, PLAIN_COST: ("plain",)}
+                       COSTS: option_labels(info), PLAIN_COST: ("plain",)}
         self._local = threading.local()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *,
              expected_features: Sequence[str] | None = FEATURE_NAMES,
              expected_gammas: Sequence[int] | None = GAMMAS,
-             expected_pre_features: Sequence[str] | None = PRE_FEATURE_NAMES
+             expected_pre_features: Sequence[str] | None = PRE_FEATURE_NAMES,
+             expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES
              ) -> NumpyController:
         """Read an exported controller, with the same checks as ``Controller.load``."""
         path, data = read_controller_bytes(path)
         source = str(path)
         model, info = read_model(data, source)
-        check_expected(info, source, expected_features, expected_gammas, expected_pre_features)
+        check_expected(info, source, expected_features, expected_gammas, expected_pre_features,
+                       expected_trees)
         return cls(model, info, source)
 
     def _expected(self, net: Network, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = net.logits(x)
-        survival = np.exp(np.cumsum(-np.logaddexp(np.float32(0.0), -z), axis=-1))
-        return 1.0 + np.cumsum(survival, axis=-1)[:, self._index], survival
+        # the survival curves: cumulative sums of log sigmoid(z) within each family
+        survival = np.exp(-np.logaddexp(np.float32(0.0), -z) @ self._upto)
+        return 1.0 + survival @ self._options, survival
 
     def forward(self, features: np.ndarray, costs: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -158,12 +164,12 @@ class NumpyController:
     def _step_inputs(self, features, costs) -> list[np.ndarray]:
         info = self.info
         return batch_inputs(((FEATURES, len(info.feature_names), features),
-                             (COSTS, len(info.gammas), costs)), self._names)
+                             (COSTS, info.n_options, costs)), self._names)
 
     def _pre_inputs(self, pre_features, costs, plain_cost) -> list[np.ndarray]:
         info = self.info
         return batch_inputs(((PRE_FEATURES, len(info.pre_feature_names), pre_features),
-                             (COSTS, len(info.gammas), costs), (PLAIN_COST, 1, plain_cost)),
+                             (COSTS, info.n_options, costs), (PLAIN_COST, 1, plain_cost)),
                             self._names)
 
     def _row(self, kind: str) -> InputRow:
@@ -171,7 +177,7 @@ class NumpyController:
         rows = getattr(self._local, "rows", None)
         if rows is None:
             info = self.info
-            g = len(info.gammas)
+            g = info.n_options
             rows = self._local.rows = {
                 "step": InputRow(((FEATURES, len(info.feature_names)), (COSTS, g)), COSTS,
                                  self._names),
@@ -277,7 +283,8 @@ def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str, sta
         current = node.outputs[0]
     if not layers:
         raise fail(f"no dense layer after {start}")
-    if layers[-1].weight.shape[1] != info.gamma_max or layers[-1].activation is not None:
+    width = info.survival_width
+    if layers[-1].weight.shape[1] != width or layers[-1].activation is not None:
         raise fail(f"the last dense layer after {start} has {layers[-1].weight.shape[1]} "
-                   f"outputs and activation {layers[-1].activation}, not {info.gamma_max} logits")
+                   f"outputs and activation {layers[-1].activation}, not {width} logits")
     return Network(mean, std, tuple(layers))

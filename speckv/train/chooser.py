@@ -50,7 +50,13 @@ class TorchChooser:
         if gammas != GAMMAS:
             raise PolicyError(f"Checkpoint {path} scores γ in {list(gammas)}; speckv replays "
                               f"γ in {list(GAMMAS)}. Retrain with the default candidates.")
-        return cls(ControllerGraph(mlp, GAMMAS), meta)
+        trees = tuple(tuple(int(v) for v in t) for t in meta.get("trees") or ())
+        return cls(ControllerGraph(mlp, GAMMAS, meta.get("pre_mlp"), trees), meta)
+
+    @property
+    def n_options(self) -> int:
+        """The width of ``costs``: the chains, then the checkpoint's trees."""
+        return len(self.graph.gammas)
 
     def choose_batch(self, features: np.ndarray, costs: np.ndarray) -> np.ndarray:
         import torch

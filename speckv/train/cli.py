@@ -35,6 +35,7 @@ class SpeckvCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.n_features", "model.n_features", apply_on="instantiate")
         parser.link_arguments("data.gammas", "model.gammas", apply_on="instantiate")
+        parser.link_arguments("data.trees", "model.trees", apply_on="instantiate")
         parser.link_arguments("data.feature_names", "model.feature_names",
                               apply_on="instantiate")
 

@@ -37,7 +37,7 @@ from speckv.records import (
     resolve_records,
     split_prompts,
 )
-from speckv.runtime.costs import catchup_table, drafting_costs
+from speckv.runtime.costs import catchup_table, drafting_costs, tree_step_costs
 from speckv.runtime.features import (
     COMPRESSIONS,
     FEATURE_NAMES,
@@ -49,6 +49,7 @@ from speckv.runtime.features import (
     assemble,
     pre_from_step_features,
 )
+from speckv.runtime.proposal import TREES
 
 REFERENCE_GAMMA: Final = 4  # γ at which trace rows are scored for acceptance-rate metrics
 
@@ -70,6 +71,19 @@ def _catchups(df, draft: np.ndarray) -> np.ndarray:
         if value is not None and len(value):
             table[i] = catchup_table(draft[i], np.asarray(value, np.float64))
     return table
+
+
+def _has_trees(paths: list[Path]) -> bool:
+    """Whether every record holds each tree's outcome and costs (so the controller learns
+    to choose trees too)."""
+    for p in paths:
+        try:
+            table = pq.read_table(p, columns=["tree_accept_len", "cost_tree_verify_s"])
+        except Exception:  # an older file (no such columns) or unreadable: no trees
+            return False
+        if any(table.column(c).null_count for c in table.column_names):
+            return False
+    return bool(paths)
 
 
 def _detect_feature_set(paths: list[Path]) -> str:
@@ -115,6 +129,7 @@ class SpeckvDataModule(L.LightningDataModule):
         self.feature_set = (_detect_feature_set(self.paths) if feature_set == "auto"
                             else feature_set)
         self.fingerprint = fingerprint(self.paths)
+        self._trees = self.feature_set == "decision" and _has_trees(self.paths)
         self._splits: dict[str, TensorDataset] | None = None
         self.mean = self.std = None
         self.pre_mean = self.pre_std = None
@@ -141,6 +156,13 @@ class SpeckvDataModule(L.LightningDataModule):
     @property
     def gammas(self) -> list[int]:
         return list(GAMMAS)
+
+    @property
+    def trees(self) -> list[list[int]]:
+        """The trees among the options, ``[size, depth, branch]`` each: speckv's
+        (:data:`speckv.runtime.proposal.TREES`) when every record holds their outcomes and
+        costs, else none (the controller then chooses among chains)."""
+        return [[t.size, t.depth, t.branch] for t in TREES] if self._trees else []
 
     def tuned_hparams(self) -> dict[str, int | float | str]:
         """What a person tunes here, keyed by its flag (``data.batch_size``), for HParams:
@@ -196,6 +218,18 @@ class SpeckvDataModule(L.LightningDataModule):
             costs[has_cost] = drafting_costs(draft, verify, _catchups(measured, draft),
                                              unsettled[has_cost] + 1)
             plain[has_cost] = verify[:, 0]
+        tree_accept = np.full((len(df), len(TREES)), -1, np.int64)
+        tree_cap = np.zeros((len(df), len(TREES)), np.int64)
+        if self._trees:
+            tree_accept[:] = np.stack(df["tree_accept_len"].to_numpy()).astype(np.int64)
+            # a tree is cut to the tokens left, as the chains' cap is
+            depths = np.asarray([t.depth for t in TREES])
+            tree_cap[:] = np.minimum(depths, df["accept_cap"].to_numpy(np.int64)[:, None])
+            grow = np.stack(df["cost_tree_draft_s"].to_numpy()).astype(np.float64)
+            verify_t = np.stack(df["cost_tree_verify_s"].to_numpy()).astype(np.float64)
+            draft_all = df["cost_draft_s"].to_numpy(np.float64)
+            costs = np.concatenate([costs, tree_step_costs(
+                draft_all, grow, verify_t, _catchups(df, draft_all), unsettled + 1)], 1)
         ref = df["gamma"].fillna(REFERENCE_GAMMA).to_numpy(np.int64)
         comp = df["compression"].map({c: i for i, c in enumerate(COMPRESSIONS)}).to_numpy()
         tensors = {
@@ -207,6 +241,8 @@ class SpeckvDataModule(L.LightningDataModule):
             "plain_cost": torch.from_numpy(plain),
             "has_cost": torch.from_numpy(has_cost.copy()),
             "ref_gamma": torch.from_numpy(np.minimum(ref, GAMMA_MAX)),
+            "tree_accept": torch.from_numpy(tree_accept),
+            "tree_cap": torch.from_numpy(tree_cap),
             "compression": torch.from_numpy(comp.astype(np.int64)),
         }
         self.columns = list(tensors)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
+from speckv.runtime.proposal import OPTION_NAMES
+
 #: equal-width bins of predicted probability in a reliability diagram
 CALIBRATION_BINS = 10
 
@@ -52,7 +54,8 @@ def calibration_figure(panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.nd
 
 def choices_figure(choices: Mapping[str, np.ndarray], gamma_max: int, title: str) -> Figure:
     """The share of steps given each choice, per compression: 0 is a plain step (no
-    speculation), 1..``gamma_max`` the γ drafted."""
+    speculation), then the option codes up to ``gamma_max`` (γ of a chain, then the trees,
+    :mod:`speckv.runtime.proposal`)."""
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.subplots()
     options = np.arange(gamma_max + 1)
@@ -61,9 +64,10 @@ def choices_figure(choices: Mapping[str, np.ndarray], gamma_max: int, title: str
         share = np.bincount(np.asarray(chosen, np.int64), minlength=gamma_max + 1) / len(chosen)
         ax.bar(options + (i - (len(choices) - 1) / 2) * width, share, width,
                label=f"{compression} ({len(chosen)} steps)")
-    ax.set_xticks(options, ["plain", *map(str, options[1:])])
-    ax.set(xlabel="choice (γ drafted; plain = no speculation)", ylabel="share of steps",
-           ylim=(0, 1))
+    ax.set_xticks(options, [OPTION_NAMES[c].removeprefix("fixed:") if c < len(OPTION_NAMES)
+                            else str(c) for c in options], rotation=45, fontsize="small")
+    ax.set(xlabel="choice (γ of a chain, or a tree; plain = no speculation)",
+           ylabel="share of steps", ylim=(0, 1))
     ax.legend(fontsize="small")
     ax.set_title(title)
     return fig

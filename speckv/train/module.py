@@ -50,7 +50,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
 from speckv.train.figures import calibration_figure, choices_figure
-from speckv.train.network import SurvivalMLP, expected_tokens, speculate_rule
+from speckv.train.network import SurvivalMLP, option_layout, speculate_rule
 
 #: the headline tag groups (capitalised: TensorBoard sorts them before Lightning's "epoch")
 LOSS: Final = "Loss"
@@ -91,6 +91,7 @@ class SpeckvModule(L.LightningModule):
         weight_decay: float = 1e-4,
         objective: Literal["tokens_per_s", "tokens_per_step"] = "tokens_per_s",
         pre_feature_names: list[str] | None = None,
+        trees: list[list[int]] | None = None,
     ) -> None:
         """
         Args:
@@ -107,15 +108,23 @@ class SpeckvModule(L.LightningModule):
                 paper's tokens per step.
             pre_feature_names: names of the pre-draft features, in order (default: speckv's,
                 which every feature set of the DataModule builds).
+            trees: the trees among the options, ``[size, depth, branch]`` each (linked from
+                the data: speckv's trees where the records hold their outcomes, else none).
         """
         super().__init__()
         # Lightning would log every argument, with a placeholder metric (hp_metric = -1);
         # on_fit_start logs what a person tunes, with the held-out results, instead
         self.save_hyperparameters(logger=False)
         self.gammas = list(gammas)
+        self.trees = [list(t) for t in trees or ()]
+        codes, upto, options = option_layout(self.gammas, self.trees)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("upto", upto, persistent=False)
+        self.register_buffer("options", options, persistent=False)
+        width = upto.shape[0]  # one survival curve per family: chains, then each tree
         self.pre_feature_names = list(pre_feature_names or PRE_FEATURE_NAMES)
-        self.mlp = SurvivalMLP(n_features, max(self.gammas), list(hidden), dropout, activation)
-        self.pre_mlp = SurvivalMLP(len(self.pre_feature_names), max(self.gammas), list(hidden),
+        self.mlp = SurvivalMLP(n_features, width, list(hidden), dropout, activation)
+        self.pre_mlp = SurvivalMLP(len(self.pre_feature_names), width, list(hidden),
                                    dropout, activation)
         self.metrics = torch.nn.ModuleDict({
             stage: torch.nn.ModuleDict({
@@ -212,8 +221,8 @@ class SpeckvModule(L.LightningModule):
         b = self._unpack(batch)
         z = self.mlp(b["x"])
         z_pre = self.pre_mlp(b["x_pre"])
-        nll_gamma = survival_nll(z, b["accept_len"], b["accept_cap"])
-        nll_speculate = survival_nll(z_pre, b["accept_len"], b["accept_cap"])
+        nll_gamma = self._options_nll(z, b)
+        nll_speculate = self._options_nll(z_pre, b)
         loss = nll_gamma + nll_speculate
         # the total per training step as well (Lightning names the two Loss/train_step and
         # Loss/train_epoch); its parts, per epoch, by the decision each network makes
@@ -226,8 +235,25 @@ class SpeckvModule(L.LightningModule):
             self._update_metrics(z, z_pre, b, stage)
         return loss
 
+    def _options_nll(self, z: torch.Tensor, b) -> torch.Tensor:
+        """The chains' censored likelihood plus each tree's (the same observation model,
+        on its own curve: its accepted length, capped by its depth and the tokens left)."""
+        gmax = max(self.gammas)
+        nll = survival_nll(z[:, :gmax], b["accept_len"], b["accept_cap"])
+        start = gmax
+        for t, (_, depth, _) in enumerate(self.trees):
+            accept = b["tree_accept"][:, t].clamp_min(0)
+            nll = nll + survival_nll(z[:, start : start + depth], accept, b["tree_cap"][:, t])
+            start += depth
+        return nll
+
+    def _expected(self, z: torch.Tensor) -> torch.Tensor:
+        """``E[tokens | option]`` for every option (chains, then trees)."""
+        return 1.0 + torch.exp(F.logsigmoid(z) @ self.upto) @ self.options
+
     def _update_metrics(self, z, z_pre, b, stage: str) -> None:
-        surv = torch.exp(torch.cumsum(F.logsigmoid(z), -1))
+        gmax = max(self.gammas)
+        surv = torch.exp(torch.cumsum(F.logsigmoid(z[:, :gmax]), -1))  # the chains' curve
         m = self.metrics[f"{stage}_"]
         informative = b["accept_cap"] > 0
         if informative.any():
@@ -249,14 +275,16 @@ class SpeckvModule(L.LightningModule):
             plain = b["plain_cost"][sel][:, None]
             if per_step:
                 costs, plain = torch.ones_like(costs), torch.ones_like(plain)
-            expected = expected_tokens(surv[sel], self.gammas)
-            pre_surv = torch.exp(torch.cumsum(F.logsigmoid(z_pre[sel]), -1))
-            speculate = speculate_rule(expected_tokens(pre_surv, self.gammas), costs, plain)
+            expected = self._expected(z[sel])
+            speculate = speculate_rule(self._expected(z_pre[sel]), costs, plain)
             idx = (expected / costs).argmax(-1)
-            gam = torch.as_tensor(self.gammas, device=z.device)
-            # columns: a plain step (1 token), then each γ (min(L, γ) + 1 tokens)
+            gam = self.codes
+            chains = torch.as_tensor(self.gammas, device=z.device)
+            # columns: a plain step (1 token), then each γ (min(L, γ) + 1 tokens), then each
+            # tree (its accepted length + 1)
             acc = torch.cat([torch.ones_like(plain),
-                             torch.minimum(b["accept_len"][sel][:, None], gam[None, :]) + 1.0],
+                             torch.minimum(b["accept_len"][sel][:, None], chains[None, :]) + 1.0,
+                             b["tree_accept"][sel][:, : len(self.trees)].clamp_min(0) + 1.0],
                             1)
             all_costs = torch.cat([plain, costs], 1)
             choice = torch.where(speculate, idx + 1, torch.zeros_like(idx))
@@ -279,15 +307,14 @@ class SpeckvModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         b = self._unpack(batch)
-        surv = self.mlp.survival(b["x"])
-        expected = expected_tokens(surv, self.gammas)
+        z = self.mlp(b["x"])
+        expected = self._expected(z)
         costs, plain = b["costs"], b["plain_cost"][:, None]
         if self.hparams.objective == "tokens_per_step":
             costs, plain = torch.ones_like(costs), torch.ones_like(plain)
-        pre_expected = expected_tokens(self.pre_mlp.survival(b["x_pre"]), self.gammas)
-        gam = torch.as_tensor(self.gammas)
-        return {"survival": surv, "expected_tokens": expected,
-                "gamma": gam[(expected / costs).argmax(-1)],
+        pre_expected = self._expected(self.pre_mlp(b["x_pre"]))
+        return {"survival": torch.exp(F.logsigmoid(z) @ self.upto), "expected_tokens": expected,
+                "gamma": self.codes[(expected / costs).argmax(-1)],
                 "pre_expected_tokens": pre_expected,
                 "speculate": speculate_rule(pre_expected, costs, plain)}
 
@@ -369,7 +396,7 @@ class SpeckvModule(L.LightningModule):
             return
         choice, comp = choice.cpu().numpy(), comp.cpu().numpy()
         per_level = {c: choice[comp == i] for i, c in enumerate(COMPRESSIONS) if (comp == i).any()}
-        gamma_max = max(self.gammas)
+        gamma_max = int(self.codes.max())  # chains' γ, then the trees' codes
         edges = np.arange(gamma_max + 2) - 0.5  # one bucket per choice
         step = self._log_step
         for writer in writers:
@@ -401,7 +428,7 @@ class SpeckvModule(L.LightningModule):
     # ------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        config = {"gamma_max": max(self.gammas), "hidden": list(self.hparams.hidden),
+        config = {"gamma_max": self.mlp.gamma_max, "hidden": list(self.hparams.hidden),
                   "dropout": self.hparams.dropout, "activation": self.hparams.activation}
         meta = {
             "mlp_config": {"n_features": self.hparams.n_features, **config},
@@ -410,6 +437,7 @@ class SpeckvModule(L.LightningModule):
             "pre_feature_names": list(self.pre_feature_names),
             "max_skip_run": int(getattr(dm, "max_skip_run", MAX_SKIP_RUN)),
             "gammas": self.gammas,
+            "trees": self.trees,
             "compressions": list(COMPRESSIONS),
             "objective": self.hparams.objective,
             "feature_set": getattr(dm, "feature_set", "decision"),

@@ -37,7 +37,10 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 class SurvivalMLP(nn.Module):
-    """Feature vector -> per-depth continuation logits (hazard form of the survival curve)."""
+    """Feature vector -> per-depth continuation logits (hazard form of the survival curve).
+
+    ``gamma_max`` is the number of logits: one per depth of each curve the controller
+    predicts (the chains' γmax, then each tree's depth; :func:`option_layout`)."""
 
     def __init__(self, n_features: int, gamma_max: int, hidden: Sequence[int] = (32, 32),
                  dropout: float = 0.0, activation: str = "gelu") -> None:
@@ -73,8 +76,9 @@ class SurvivalMLP(nn.Module):
 
 
 def expected_tokens(survival: torch.Tensor, gammas: Sequence[int]) -> torch.Tensor:
-    """``E[tokens | γ] = 1 + sum_{k<=γ} s_k`` for each candidate γ: ``[batch, len(gammas)]``."""
-    csum = torch.cumsum(survival, dim=-1)
+    """``E[tokens | γ] = 1 + sum_{k<=γ} s_k`` for each candidate γ: ``[batch, len(gammas)]``
+    (the chains' curve, the first ``max γ`` entries of ``survival``)."""
+    csum = torch.cumsum(survival[..., : max(gammas)], dim=-1)
     idx = torch.as_tensor([g - 1 for g in gammas], dtype=torch.long, device=survival.device)
     return 1.0 + csum.index_select(-1, idx)
 
@@ -89,25 +93,47 @@ def speculate_rule(expected: torch.Tensor, costs: torch.Tensor,
     return (best * plain_cost > 1.0)[:, 0]
 
 
-class ControllerGraph(nn.Module):
-    """The step decision alone: (features, costs) -> (γ, expected tokens, survival).
+def option_layout(gammas: Sequence[int], trees: Sequence[Sequence[int]] = ()
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract's option layout (:mod:`speckv.runtime.contract`) as tensors: the codes
+    ``[n_options]``, ``upto`` ``[W, W]`` (the cumulative sums within each survival curve) and
+    the option matrix ``[W, n_options]`` (``E[tokens | option] = 1 + survival @ it``)."""
+    from speckv.runtime.contract import option_codes, option_matrix, upto_matrix
 
-    With ``pre_mlp`` it also offers :meth:`speculate` (the pre-draft decision).
+    return (torch.as_tensor(option_codes(gammas, trees), dtype=torch.long),
+            torch.from_numpy(upto_matrix(gammas, trees)),
+            torch.from_numpy(option_matrix(gammas, trees)))
+
+
+def log_survival(z: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
+    """``log s`` of every curve in ``z`` ``[batch, W]`` (cumulative sums within each)."""
+    return F.logsigmoid(z) @ upto
+
+
+class ControllerGraph(nn.Module):
+    """The step decision alone: (features, costs) -> (option, expected tokens, survival).
+
+    The options are the chains of ``gammas`` and then ``trees`` (``(size, depth, branch)``
+    each); the MLPs predict one survival curve per family (:func:`option_layout`). With
+    ``pre_mlp`` it also offers :meth:`pre` (the pre-draft decision).
     """
 
     def __init__(self, mlp: SurvivalMLP, gammas: Sequence[int],
-                 pre_mlp: SurvivalMLP | None = None) -> None:
+                 pre_mlp: SurvivalMLP | None = None,
+                 trees: Sequence[Sequence[int]] = ()) -> None:
         super().__init__()
         self.mlp = mlp
         self.pre_mlp = pre_mlp
-        self.register_buffer("gammas", torch.as_tensor(list(gammas), dtype=torch.long))
-        gamma_max = mlp.gamma_max
-        # upto[j, k] = 1 where j <= k: x @ upto is the cumulative sum of x along its last axis
-        upto = torch.triu(torch.ones(gamma_max, gamma_max))
+        codes, upto, options = option_layout(gammas, trees)
+        if upto.shape[0] != mlp.gamma_max:
+            raise ValueError(f"the MLP predicts {mlp.gamma_max} survival entries; γs "
+                             f"{list(gammas)} and trees {list(trees)} need {upto.shape[0]}.")
+        self.register_buffer("gammas", codes)
+        # x @ upto is the cumulative sum of x within each survival curve
         self.register_buffer("upto", upto)
-        # its columns for the candidate γs: 1 + survival @ upto_gammas = E[tokens | γ]
-        self.register_buffer("upto_gammas", upto[:, [g - 1 for g in gammas]].contiguous())
-        self.register_buffer("one", torch.ones(1, len(self.gammas)))
+        # 1 + survival @ upto_gammas = E[tokens | option]
+        self.register_buffer("upto_gammas", options)
+        self.register_buffer("one", torch.ones(1, len(codes)))
 
     def _expected(self, mlp: SurvivalMLP, x: torch.Tensor):
         survival = torch.exp(F.logsigmoid(mlp(x)) @ self.upto)
@@ -128,7 +154,7 @@ class ControllerGraph(nn.Module):
 
 
 class ExportGraph(nn.Module):
-    """What ``speckv export`` writes (contract format 2, :mod:`speckv.runtime.contract`)::
+    """What ``speckv export`` writes (contract format 3, :mod:`speckv.runtime.contract`)::
 
         (features, pre_features, costs, plain_cost)
             -> (speculate, gamma, expected_tokens, survival, pre_expected_tokens, pre_survival)

@@ -9,7 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from locations import FIXTURES, PAPER_CSV
-from synthetic import fit_survival_mlp, make_records, save_checkpoint, sequence_rows
+from synthetic import (
+    add_trees_and_lookup,
+    fit_survival_mlp,
+    make_records,
+    save_checkpoint,
+    sequence_rows,
+)
 
 import speckv.paths
 from speckv.__main__ import main as speckv_main
@@ -765,39 +771,11 @@ def test_run_marks_best_fixed_and_reports_target_alone(synthetic):
 
 
 # ------------------------------------------------------------------- trees and the lookup
-def with_trees_and_lookup(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Trace rows with tree and lookup columns consistent with their caps: each tree accepts
-    at least what the chain does (its first branch is the draft's greedy chain), more for
-    bigger trees; the lookup proposes up to 8 tokens and is right on about half of them."""
-    from speckv.runtime.proposal import TREES
-
-    rng = np.random.default_rng(seed)
-    df = df.copy()
-    n = len(df)
-    cap = df["accept_cap"].to_numpy()
-    chain = df["accept_len"].to_numpy()
-    trees = np.stack([np.minimum(np.minimum(t.depth, cap), chain + rng.integers(0, 2 + i, n))
-                      for i, t in enumerate(TREES)], -1)
-    df["tree_accept_len"] = list(trees.astype(np.float32))
-    df["cost_tree_draft_s"] = [np.asarray([0.5 * t.draft_forwards for t in TREES], np.float32)] * n
-    df["cost_tree_verify_s"] = [np.asarray([10 + 0.3 * t.size for t in TREES], np.float32)] * n
-    left = (df["max_new_tokens"] - df["position"] - 1).to_numpy()
-    length = np.where(rng.random(n) < 0.6, np.minimum(rng.integers(1, 9, n), left), 0)
-    accept = np.minimum(rng.integers(0, 9, n) // 2, np.minimum(length, (df["seq_len"] - df[
-        "position"]).to_numpy()))
-    df["lookup_length"] = pd.array(length, dtype="Int16")
-    df["lookup_accept"] = pd.array(np.where(length > 0, accept, 0), dtype="Int16")
-    df["lookup_match"] = pd.array(np.where(length > 0, rng.integers(1, 5, n), 0), dtype="Int16")
-    df["lookup_occurrences"] = pd.array(np.where(length > 0, 1, 0), dtype="Int16")
-    df["lookup_agreeing"] = pd.array(np.where(length > 0, 1, 0), dtype="Int16")
-    return validate(df)
-
-
 def test_a_tree_step_and_a_lookup_step_by_hand():
     from speckv.policies import FixedTree, LookupRule
     from speckv.runtime.proposal import TREES
 
-    df = with_trees_and_lookup(hand_trace(AGREE))
+    df = add_trees_and_lookup(hand_trace(AGREE))
     df["tree_accept_len"] = [np.asarray([a + 1] * len(TREES), np.float32) if a < c
                              else np.asarray([a] * len(TREES), np.float32)
                              for a, c in zip(df["accept_len"], df["accept_cap"], strict=True)]
@@ -805,10 +783,11 @@ def test_a_tree_step_and_a_lookup_step_by_hand():
                              for v, c in zip(df["tree_accept_len"], df["accept_cap"],
                                              strict=True)]
     # tree:4 (depth 2): p0 accepts min(3, 2) = 2 (+1) -> p3 accepts 2 (+1) -> p6 accepts 2
-    # (+1) -> p9: one token left, a plain step; each tree step costs 1 + 0.5 + 11.2 s
+    # (+1) -> p9: one token left, a plain step; each tree step costs a one-token catch-up
+    # (1 s), one level of growth (1 s) and a verify of 10 * 1.12 s
     got = totals(df, FixedTree(4))
     assert got[:4] == (10, 4, 12, 6)
-    assert got[4] == pytest.approx(3 * (1 + 0.5 + 11.2) + 10, rel=1e-6)
+    assert got[4] == pytest.approx(3 * (1 + 1 + 11.2) + 10, rel=1e-6)
     # the lookup alone: no draft cost, verify over its tokens; a plain step where it has none
     df["lookup_length"] = pd.array([2] * 10, dtype="Int16")
     df["lookup_accept"] = pd.array([1] * 10, dtype="Int16")
@@ -819,7 +798,7 @@ def test_a_tree_step_and_a_lookup_step_by_hand():
 
 
 def test_evaluate_replays_trees_and_the_lookup_beside_the_chains():
-    df = with_trees_and_lookup(make_records(prompts_per_task=6, max_len=40))
+    df = add_trees_and_lookup(make_records(prompts_per_task=6, max_len=40))
     result, _, replays = run(df, resamples=50)
     names = set(result["policies"])
     assert {"tree:4", "tree:64", "lookup:1", "lookup+best_static"} <= names

@@ -22,7 +22,9 @@ from speckv.paths import cache_dir
 from speckv.records import feature_matrix, read_records
 from speckv.runtime import Controller, drafting_costs, onnx_proto
 from speckv.runtime.contract import KEY_FORMAT_VERSION, PRE_OUTPUTS, STEP_OUTPUTS
-from speckv.runtime.features import GAMMAS, pre_from_step_features
+from speckv.runtime.costs import tree_step_costs
+from speckv.runtime.features import pre_from_step_features
+from speckv.runtime.proposal import TREES
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +75,23 @@ def decisions() -> tuple[list[str], np.ndarray, np.ndarray]:
     unsettled = np.arange(len(rows)) % 6
     pre = pre_from_step_features(features, features, unsettled)
     verify = np.stack(rows["cost_verify_s"].to_numpy())
-    costs = drafting_costs(rows["cost_draft_s"].to_numpy(), verify, None, unsettled + 1)
+    draft = rows["cost_draft_s"].to_numpy()
+    costs = drafting_costs(draft, verify, None, unsettled + 1)
+    if "cost_tree_verify_s" in rows and rows["cost_tree_verify_s"].notna().all():
+        grow = np.stack(rows["cost_tree_draft_s"].to_numpy())
+        tree_verify = np.stack(rows["cost_tree_verify_s"].to_numpy())
+    else:  # records from before trees: their verify times, stretched per tree
+        grow = draft[:, None] * np.asarray([t.draft_forwards for t in TREES])
+        tree_verify = verify[:, -1:] * np.asarray([1 + 0.02 * t.size for t in TREES])
+    costs = np.concatenate([costs, tree_step_costs(draft, grow, tree_verify, None,
+                                                   unsettled + 1)], 1)
+    controller = Controller.load(CONTROLLER)
+    costs = costs[:, : controller.n_options]  # a file without trees chooses among chains
     plain = verify[:, 0].astype(np.float32)
-    flat = np.broadcast_to(np.linspace(1.0, 1.35, len(GAMMAS), dtype=np.float32), costs.shape)
+    flat = np.broadcast_to(np.linspace(1.0, 1.35, costs.shape[1], dtype=np.float32), costs.shape)
     features, pre = np.concatenate([features] * 2), np.concatenate([pre] * 2)
     costs, plain = np.concatenate([costs, flat]), np.concatenate([plain, np.ones_like(plain)])
 
-    controller = Controller.load(CONTROLLER)
     speculate = controller.speculate_batch(pre, costs, plain)
     gamma = controller.choose_batch(features, costs)
     # a comparison worth making: both answers to "speculate?" and several γs
@@ -100,7 +112,7 @@ def test_cpp_decides_as_python(choose_gamma, decisions):
     lines, speculate, gamma = decisions
     result = _run(choose_gamma, CONTROLLER, lines=lines)
     _check(result, speculate, gamma)
-    assert "speckv controller format 2" in result.stderr
+    assert "speckv controller format 3" in result.stderr
 
 
 def test_cpp_with_the_two_extracted_files(choose_gamma, decisions, tmp_path):
@@ -119,11 +131,11 @@ def test_cpp_refuses_another_format_and_bad_inputs(choose_gamma, decisions, tmp_
     lines = decisions[0]
     result = _run(choose_gamma, old, lines=lines[:1])
     assert result.returncode == 1 and result.stdout == ""
-    assert "uses controller format 1; this program reads format 2: retrain" in result.stderr
+    assert "uses controller format 1; this program reads format 3: retrain" in result.stderr
 
     numbers = lines[0].split()
     numbers[-1] = "0"  # a plain step that costs nothing
     result = _run(choose_gamma, CONTROLLER, lines=[" ".join(numbers)])
     assert result.returncode == 1 and "plain cost must be > 0" in result.stderr
     result = _run(choose_gamma, CONTROLLER, lines=[" ".join(numbers[:-1])])
-    assert result.returncode == 1 and "expected 27 numbers" in result.stderr
+    assert result.returncode == 1 and "numbers (10 features" in result.stderr

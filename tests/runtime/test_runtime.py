@@ -39,6 +39,7 @@ from speckv.runtime.contract import (
     OUTPUT_NAMES,
     PRE_OUTPUTS,
     STEP_OUTPUTS,
+    UNAVAILABLE_COST,
 )
 from speckv.runtime.features import (
     FEATURE_NAMES,
@@ -49,10 +50,18 @@ from speckv.runtime.features import (
     pre_features,
     step_features,
 )
+from speckv.runtime.proposal import TREES
 
 ONNX = FIXTURES / "controller_tiny.onnx"
 EXPECTED = FIXTURES / "controller_tiny_expected.npz"
 N, M, G = len(FEATURE_NAMES), len(PRE_FEATURE_NAMES), len(GAMMAS)
+#: the controller's options: the chains, then speckv's trees (controller format 3)
+C = G + len(TREES)
+
+
+def unavailable_trees(chain_costs):
+    """Option costs where no tree is priced (a decoder that cannot verify trees)."""
+    return np.concatenate([chain_costs, np.full(len(TREES), UNAVAILABLE_COST, np.float32)])
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +158,21 @@ def test_outputs_are_consistent_with_each_other(controller, golden):
     pred = controller.predict(golden["features"], golden["costs"])
     s = pred.survival
     assert ((s > 0) & (s <= 1)).all()
-    assert (np.diff(s, axis=1) <= 1e-7).all()  # survival never rises with depth
-    np.testing.assert_allclose(pred.expected_tokens, 1 + np.cumsum(s, axis=1)[:, :G], rtol=1e-6)
-    best = np.asarray(GAMMAS)[np.argmax(pred.expected_tokens / golden["costs"], axis=1)]
+    # one curve for the chains (k = 1..8), then one per tree (k = 1..depth)
+    info = controller.info
+    assert info.trees and s.shape[1] == G + sum(t[1] for t in info.trees)
+    expected, start = [*(1 + np.cumsum(s[:, :G], axis=1)).T], G
+    for _, depth, _ in info.trees:
+        curve = s[:, start : start + depth]
+        assert (np.diff(curve, axis=1) <= 1e-7).all()  # survival never rises with depth
+        expected.append(1 + curve.sum(1))
+        start += depth
+    assert (np.diff(s[:, :G], axis=1) <= 1e-7).all()
+    np.testing.assert_allclose(pred.expected_tokens, np.stack(expected, 1), rtol=1e-6)
+    codes = [*GAMMAS, *(G + 1 + i for i in range(len(info.trees)))]
+    best = np.asarray(codes)[np.argmax(pred.expected_tokens / golden["costs"], axis=1)]
     np.testing.assert_array_equal(pred.gamma, best)
+    assert (pred.gamma > G).any() and (pred.gamma <= G).any()  # trees and chains both chosen
 
 
 def test_choose_batch_equals_choose_row_by_row(controller, golden):
@@ -185,8 +205,8 @@ def test_numpy_reference_agrees_with_onnxruntime(controller, golden):
 
 def test_costs_decide_gamma(controller, golden):
     features = golden["features"][0]
-    cheap_drafts = costs_from(1e-6, np.full(G + 1, 0.1))  # drafting is free: draft the most
-    dear_drafts = costs_from(10.0, np.full(G + 1, 0.1))  # drafting dominates: draft one
+    cheap_drafts = unavailable_trees(costs_from(1e-6, np.full(G + 1, 0.1)))  # the most
+    dear_drafts = unavailable_trees(costs_from(10.0, np.full(G + 1, 0.1)))  # draft one
     assert controller.choose(features, cheap_drafts) == max(GAMMAS)
     assert controller.choose(features, dear_drafts) == min(GAMMAS)
 
@@ -205,9 +225,9 @@ def test_step_features_feed_the_controller(controller):
     history = History()
     for agreed in (True, True, False, True):
         history.settle(agreed, target_top1=0.8)
-    gamma = controller.choose(step_features(logits, history, "int8"), costs_from(0.01, np.full(
-        G + 1, 0.09)))
-    assert gamma in GAMMAS
+    gamma = controller.choose(step_features(logits, history, "int8"), unavailable_trees(
+        costs_from(0.01, np.full(G + 1, 0.09))))
+    assert gamma in controller.info.codes
 
 
 def _histories():
@@ -231,23 +251,25 @@ def test_the_hot_paths_equal_the_plain_calls(controller, vocab):
     """speculate_for / choose_from_logits build exactly the vectors the plain calls get."""
     rng = np.random.default_rng(vocab)
     costs = StepCosts(0.01, 0.05 * (1 + 0.05 * np.arange(G + 1)),
-                      0.01 * (1 + 0.2 * np.arange(6)))
+                      0.01 * (1 + 0.2 * np.arange(6)),
+                      [0.012 * t.draft_forwards for t in TREES],
+                      [0.05 * (1 + 0.02 * t.size) for t in TREES])
     decisions = set()
     for history in _histories():
         for compression in ("fp16", "int8", "nf4"):
             unseen = history.unsettled + 1
             spec = controller.speculate_for(history, compression, costs)
             assert spec == controller.speculate(pre_features(history, compression),
-                                                costs.drafting(unseen), costs.plain)
+                                                controller.option_costs(costs, unseen), costs.plain)
             decisions.add(spec)
             if history.pending:
                 continue
             for scale in (0.1, 3.0, 30.0):
                 logits = (rng.standard_normal(vocab) * scale).astype(np.float32)
                 got = controller.choose_from_logits(logits, history, compression,
-                                                    costs.drafting(unseen))
+                                                    controller.option_costs(costs, unseen))
                 assert got == controller.choose(step_features(logits, history, compression),
-                                                costs.drafting(unseen))
+                                                controller.option_costs(costs, unseen))
     assert decisions == {True, False}
 
 
@@ -256,12 +278,12 @@ def test_choose_from_logits_refuses_nan_logits_and_deferred_history(controller):
     logits = np.zeros(100, np.float32)
     logits[3] = np.nan
     with pytest.raises(BadInputError, match="draft_entropy"):
-        controller.choose_from_logits(logits, History(), "fp16", costs.drafting())
+        controller.choose_from_logits(logits, History(), "fp16", controller.option_costs(costs))
     history = History()
     history.defer(0.9)
     with pytest.raises(ValueError, match="deferred"):
         controller.choose_from_logits(np.zeros(100, np.float32), history, "fp16",
-                                      costs.drafting())
+                                      controller.option_costs(costs))
 
 
 def test_one_controller_serves_many_threads(controller, golden):
@@ -295,22 +317,23 @@ def test_one_controller_serves_many_threads(controller, golden):
 @pytest.mark.parametrize("value", [1e30, -1e30, 3.0e38, -3.0e38, 0.0, 1e-38])
 def test_gamma_is_always_a_candidate_for_extreme_features(controller, value):
     features = np.full(N, value, np.float32)
-    for costs in (np.full(G, 1.0), np.geomspace(1e-30, 1e30, G), np.geomspace(1e30, 1e-30, G),
-                  np.full(G, 3.0e38), np.full(G, 1e-38)):
-        assert controller.choose(features, costs) in GAMMAS
-        assert set(controller.choose_batch(features[None], costs).tolist()) <= set(GAMMAS)
+    for costs in (np.full(C, 1.0), np.geomspace(1e-30, 1e30, C), np.geomspace(1e30, 1e-30, C),
+                  np.full(C, 3.0e38), np.full(C, 1e-38)):
+        assert controller.choose(features, costs) in controller.info.codes
+        assert set(controller.choose_batch(features[None], costs).tolist()) <= set(
+            controller.info.codes)
 
 
 def test_gamma_is_always_a_candidate_for_random_inputs(controller):
     rng = np.random.default_rng(7)
     features = (rng.standard_normal((500, N)) * rng.choice([1e-3, 1, 1e3, 1e6], (500, 1)))
-    costs = np.exp(rng.uniform(-20, 20, (500, G)))
+    costs = np.exp(rng.uniform(-20, 20, (500, C)))
     gammas = controller.choose_batch(features, costs)
-    assert set(gammas.tolist()) <= set(GAMMAS)
+    assert set(gammas.tolist()) <= set(controller.info.codes)
 
 
 def test_empty_batch(controller):
-    assert controller.choose_batch(np.empty((0, N)), np.empty((0, G))).shape == (0,)
+    assert controller.choose_batch(np.empty((0, N)), np.empty((0, C))).shape == (0,)
 
 
 def test_threads_option(golden):
@@ -326,16 +349,16 @@ def test_threads_option(golden):
 @pytest.mark.parametrize("shape", [(N - 1,), (N + 1,), (1, N), (), (0,)])
 def test_features_of_the_wrong_shape(controller, shape):
     with pytest.raises(BadInputError, match=rf"{N} values.*got shape {re_shape(shape)}"):
-        controller.choose(np.zeros(shape, np.float32), np.ones(G))
+        controller.choose(np.zeros(shape, np.float32), np.ones(C))
 
 
 def re_shape(shape: tuple[int, ...]) -> str:
     return str(shape).replace("(", r"\(").replace(")", r"\)")
 
 
-@pytest.mark.parametrize("shape", [(G - 1,), (G + 1,), (1, G), ()])
+@pytest.mark.parametrize("shape", [(G,), (C - 1,), (C + 1,), (1, C), ()])
 def test_costs_of_the_wrong_shape(controller, shape):
-    with pytest.raises(BadInputError, match=rf"costs must be .*{G} values.*got shape"):
+    with pytest.raises(BadInputError, match=rf"costs must be .*{C} values.*got shape"):
         controller.choose(np.zeros(N), np.ones(shape))
 
 
@@ -351,32 +374,33 @@ def test_non_finite_features_are_refused_wherever_they_are(controller, golden, b
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, -np.inf, np.inf, np.nan])
-@pytest.mark.parametrize("position", [0, G // 2, G - 1])
+@pytest.mark.parametrize("position", [0, C // 2, C - 1])
 def test_bad_costs_are_refused(controller, golden, bad, position):
     costs = golden["costs"][0].copy()
     costs[position] = bad
-    with pytest.raises(BadInputError, match=rf"costs must be finite and > 0.*γ={GAMMAS[position]}"):
+    label = f"γ={position + 1}" if position < G else f"tree:{TREES[position - G].size}"
+    with pytest.raises(BadInputError, match=rf"costs must be finite and > 0.*{label}"):
         controller.choose(golden["features"][0], costs)
-    with pytest.raises(BadInputError, match=rf"γ={GAMMAS[position]}"):
+    with pytest.raises(BadInputError, match=label):
         controller.predict(golden["features"][:2], np.stack([golden["costs"][0], costs]))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_values_beyond_float32_are_refused(controller):
     with pytest.raises(BadInputError, match=r"float32|finite"):
-        controller.choose(np.full(N, 1e300), np.ones(G))
+        controller.choose(np.full(N, 1e300), np.ones(C))
 
 
 def test_values_that_are_not_numbers(controller):
     with pytest.raises(BadInputError, match="numbers"):
-        controller.choose(["x"] * N, np.ones(G))
+        controller.choose(["x"] * N, np.ones(C))
 
 
 def test_batch_of_the_wrong_width(controller):
     with pytest.raises(BadInputError, match=rf"\[batch, {N}\]"):
-        controller.choose_batch(np.zeros((3, N + 2)), np.ones(G))
+        controller.choose_batch(np.zeros((3, N + 2)), np.ones(C))
     with pytest.raises(BadInputError, match="costs must be"):
-        controller.choose_batch(np.zeros((3, N)), np.ones((2, G)))
+        controller.choose_batch(np.zeros((3, N)), np.ones((2, C)))
 
 
 def test_a_refused_call_leaves_the_controller_working(controller, golden):

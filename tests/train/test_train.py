@@ -287,3 +287,48 @@ def test_imported_paper_rows_train_an_acceptance_predictor(tmp_path):
     _, meta = load_checkpoint(ckpt)
     assert meta["feature_set"] == "paper"
     assert "pre_mlp" in meta  # no history: its prior values, position and compression
+
+
+def test_the_controller_learns_to_choose_trees_where_they_pay(tmp_path):
+    """Records where the draft's first guess is always wrong but its trees always accept
+    their whole depth: the trained controller verifies trees, and the exported file (format
+    3: chains and trees) decides as the checkpoint does."""
+    import lightning as L
+    from synthetic import add_trees_and_lookup
+
+    from speckv.export.graph import export_controller
+    from speckv.runtime import Controller
+    from speckv.runtime.proposal import TREES
+    from speckv.train.module import SpeckvModule
+    from speckv.train.network import ControllerGraph
+
+    df = add_trees_and_lookup(make_records(prompts_per_task=4, min_len=20, max_len=40, seed=3))
+    df["accept_len"] = np.int16(0)
+    cap = df["accept_cap"].to_numpy()
+    df["tree_accept_len"] = [np.minimum([t.depth for t in TREES], c).astype(np.float32)
+                             for c in cap]
+    path = write_records(df, tmp_path / "trees.parquet")
+    dm = SpeckvDataModule(records=str(path), batch_size=256)
+    assert dm.trees == [[t.size, t.depth, t.branch] for t in TREES]
+    model = SpeckvModule(len(FEATURE_NAMES), list(range(1, GAMMA_MAX + 1)), list(FEATURE_NAMES),
+                         hidden=[16], lr=1e-2, trees=dm.trees)
+    trainer = L.Trainer(max_epochs=12, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", deterministic=True)
+    torch.manual_seed(0)
+    trainer.fit(model, dm)
+    assert float(trainer.callback_metrics["val/skip_rate"]) < 0.05
+    features, _, costs, _ = dm.parity_rows
+    graph = ControllerGraph(model.mlp.eval(), model.gammas, model.pre_mlp.eval(), model.trees)
+    with torch.inference_mode():
+        choice = graph(torch.from_numpy(features), torch.from_numpy(costs))[0].numpy()
+    assert (choice > GAMMA_MAX).mean() > 0.9  # trees, nearly always
+
+    trainer.save_checkpoint(tmp_path / "t.ckpt")
+    mlp, meta = load_checkpoint(tmp_path / "t.ckpt")
+    assert meta["trees"] == dm.trees
+    report = export_controller(mlp, meta, tmp_path / "t.onnx", latency_calls=0)
+    assert report["parity"]["gamma_mismatches"] == 0
+    controller = Controller.load(tmp_path / "t.onnx")
+    assert controller.n_options == GAMMA_MAX + len(TREES)
+    np.testing.assert_array_equal(controller.choose_batch(features, costs), choice)
