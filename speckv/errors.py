@@ -1,4 +1,5 @@
-"""The one base class of speckv's user-facing errors (torch-free, imported by the runtime)."""
+"""The base class of speckv's user-facing errors, and the error of an output that cannot be
+written (torch-free, imported by the runtime)."""
 
 
 class SpeckvError(Exception):
@@ -6,3 +7,8 @@ class SpeckvError(Exception):
 
     The command line prints the message alone (no traceback) and exits with status 2.
     """
+
+
+class OutputError(SpeckvError, OSError):
+    """An output file could not be written (a folder that is not writable, a full disk); the
+    message names the file the user asked for and what to do."""
