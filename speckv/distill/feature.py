@@ -292,7 +292,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
     torch.manual_seed(seed)
     rows, seen = load_rows(data)
     if not rows:
-        raise RuntimeError("No distillation data: run `python -m speckv draft data` first.")
+        raise SpeckvError("No distillation data: run `python -m speckv draft data` first.")
     train_rows, held = split_rows(rows, heldout, seed)
     weights, config = _target_weights(base)
     ckpt = ckpt or checkpoint_path()

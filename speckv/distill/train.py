@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from speckv.atomic import atomic_write
 from speckv.distill.data import TOPK, load_data
+from speckv.errors import SpeckvError
 from speckv.llm.draft import (
     DraftSpec,
     ReducedHead,
@@ -170,13 +171,13 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
     torch.manual_seed(seed)
     rows, seen_files = load_data(data)
     if not rows:
-        raise RuntimeError("No distillation data: run `python -m speckv draft data` first.")
+        raise SpeckvError("No distillation data: run `python -m speckv draft data` first.")
     train_rows, held = split_rows(rows, heldout, seed)
     ckpt = ckpt or checkpoint_path()
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
     if state is not None and state.get("spec") != asdict(spec):
-        raise RuntimeError(f"{ckpt} trains another draft ({state.get('spec')}); move it away to "
-                           f"start {asdict(spec)}, or pass the same layers and vocabulary.")
+        raise SpeckvError(f"{ckpt} trains another draft ({state.get('spec')}); move it away to "
+                          f"start {asdict(spec)}, or pass the same layers and vocabulary.")
     token_ids = None
     if spec.draft_vocab:
         token_ids = (state["model"]["lm_head.token_ids"] if state is not None else
