@@ -65,7 +65,7 @@ def new_file_mode() -> int:
 
 
 def _cannot_write(path: Path, exc: OSError) -> OutputError:
-    reason = exc.strerror or type(exc).__name__
+    reason = exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
         todo = f"make {path.parent} writable for this user, or choose another output path"
     elif exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -61,11 +61,12 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------- choosing a file
-def unreadable(path: Path) -> str | None:
+def unreadable(path: Path, weights_only: bool = True) -> str | None:
     """Why the training checkpoint ``path`` cannot be used, or ``None`` when it loads (as
-    Lightning loads it) and carries speckv's entry."""
+    Lightning loads it, or with ``weights_only=False`` as ``speckv export`` does) and carries
+    speckv's entry."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # any loader error: truncated, not a checkpoint, unreadable
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return f"{type(exc).__name__}: {first}"
@@ -74,14 +75,15 @@ def unreadable(path: Path) -> str | None:
     return None
 
 
-def newest_readable(files: Iterable[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
+def newest_readable(files: Iterable[Path], weights_only: bool = True
+                    ) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest of ``files`` (by modification time) that :func:`unreadable` passes, and the
     newer ones it skipped with the reason (each logged as a warning)."""
     found = sorted({Path(f) for f in files if Path(f).is_file()},
                    key=lambda f: (f.stat().st_mtime, str(f)), reverse=True)
     skipped: list[tuple[Path, str]] = []
     for path in found:
-        why = unreadable(path)
+        why = unreadable(path, weights_only)
         if why is None:
             return path, skipped
         log.warning("skipping checkpoint %s: it cannot be read (%s)", path, why)
