@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from speckv.atomic import atomic_write, remove_stale_temps
 from speckv.distill.data import data_dir
 from speckv.distill.train import (
+    DistillError,
     check_resume,
     coverage,
     frequent_tokens,
@@ -293,7 +294,7 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
     torch.manual_seed(seed)
     rows, seen = load_rows(data)
     if not rows:
-        raise SpeckvError("No distillation data: run `python -m speckv draft data` first.")
+        raise DistillError("No distillation data: run `python -m speckv draft data` first.")
     train_rows, held = split_rows(rows, heldout, seed)
     weights, config = _target_weights(base)
     ckpt = ckpt or checkpoint_path()

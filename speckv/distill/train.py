@@ -30,6 +30,10 @@ from speckv.paths import DRAFT_DIR, cache_dir
 
 log = logging.getLogger(__name__)
 
+
+class DistillError(SpeckvError, RuntimeError):
+    """Distillation cannot start or resume as asked; the message says what to do."""
+
 #: prompt tokens the draft sees in training (the end of the prompt: the question, or the
 #: passage a summary copies from); answers are kept whole.
 PROMPT_CONTEXT = 256
@@ -171,17 +175,17 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
     torch.manual_seed(seed)
     rows, seen_files = load_data(data)
     if not rows:
-        raise SpeckvError("No distillation data: run `python -m speckv draft data` first.")
+        raise DistillError("No distillation data: run `python -m speckv draft data` first.")
     train_rows, held = split_rows(rows, heldout, seed)
     ckpt = ckpt or checkpoint_path()
     remove_stale_temps(ckpt.parent, ckpt.name)  # what killed runs left
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is not None and state.get("spec") != asdict(spec):
+        raise DistillError(f"{ckpt} trains another draft ({state.get('spec')}); move it away "
+                           f"to start {asdict(spec)}, or pass the same layers and vocabulary.")
     settings = {"batch_size": batch_size, "lr": lr, "seed": seed}
     if state is not None:
         check_resume(ckpt, state.get("settings"), settings)
-    if state is not None and state.get("spec") != asdict(spec):
-        raise SpeckvError(f"{ckpt} trains another draft ({state.get('spec')}); move it away to "
-                          f"start {asdict(spec)}, or pass the same layers and vocabulary.")
     token_ids = None
     if spec.draft_vocab:
         token_ids = (state["model"]["lm_head.token_ids"] if state is not None else
@@ -272,7 +276,7 @@ def check_resume(ckpt: Path, saved: dict | None, settings: dict) -> None:
     differ = [f"--{key.replace('_', '-')}: {saved.get(key)!r} there, {value!r} here"
               for key, value in settings.items() if saved.get(key) != value]
     if differ:
-        raise SpeckvError(
+        raise DistillError(
             f"{ckpt} was trained with other settings ({'; '.join(differ)}). Resuming would mix "
             "two trainings: pass the settings it was made with, or move it away (or pass "
             "another --ckpt) to train anew.")
