@@ -54,7 +54,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from speckv.atomic import atomic_write, file_lock
+from speckv.atomic import atomic_write, file_lock, remove_stale_temps
 from speckv.decode.costs import CONTEXT_LEN, lm_forward, new_cache
 from speckv.errors import SpeckvError
 from speckv.machine import COST_KEYS, mismatch
@@ -349,6 +349,7 @@ def choose_dtype(target: str, compression: str = "fp16", *, device: str = "cpu",
             return cached
     # processes starting together (shards) measure once, one at a time
     with file_lock(path.with_suffix(".lock")):
+        remove_stale_temps(path.parent, path.name)  # a killed measurement's
         if not refresh:
             cached = _read_cache(path, key, machine, quiet=True)
             if cached is not None:

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from speckv.atomic import remove_stale_temps
-from speckv.errors import SpeckvError
+from speckv.errors import SpeckvError, refused_write
 from speckv.train.checkpoint import newest_readable
 from speckv.train.datamodule import SpeckvDataModule
 from speckv.train.module import SpeckvModule
@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         cli(argv)
     except SpeckvError as exc:
         print(f"speckv.train: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment refused a write (read-only folder, full disk)
+        message = refused_write(exc)
+        if message is None:
+            raise
+        print(f"speckv.train: error: {message}", file=sys.stderr)
         return 2
     return 0
 

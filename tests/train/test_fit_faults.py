@@ -119,3 +119,23 @@ def test_last_with_nothing_to_test_is_one_paragraph(records, tmp_path, capsys):
             "--trainer.default_root_dir", str(tmp_path)]
     assert train_main(args) == 2
     assert "no readable checkpoint" in capsys.readouterr().err
+
+
+def test_a_log_folder_that_cannot_be_written_is_one_paragraph(records, tmp_path, monkeypatch,
+                                                              capsys):
+    """Lightning makes its own folders: the refusal still ends in one paragraph naming it."""
+    import os
+
+    folder = tmp_path / "ro"
+    real = os.makedirs
+
+    def refuse(name, *args, **kwargs):
+        if str(name).startswith(str(folder)):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    assert train_main(_args(records, folder)) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot write {folder}" in err and "Permission denied" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
