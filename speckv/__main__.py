@@ -3,7 +3,8 @@
 Each command lives in its stage's module as ``main(argv) -> int`` and is imported only when
 called, so ``speckv export --help`` does not load transformers. :func:`main` returns the exit
 status instead of raising ``SystemExit``: 0 for ``--help``, 2 with one paragraph on stderr for
-bad input (argparse's usage errors and every :class:`~speckv.errors.SpeckvError`). Training
+bad input (argparse's usage errors and every :class:`~speckv.errors.SpeckvError`) and for a
+write the environment refused (:func:`~speckv.errors.refused_write`). Training
 has its own entry point, ``python -m speckv.train`` (LightningCLI), which ``speckv train``
 forwards to.
 """
@@ -15,7 +16,7 @@ import logging
 import sys
 from typing import Final
 
-from speckv.errors import SpeckvError
+from speckv.errors import SpeckvError, refused_write
 
 COMMANDS: Final = {
     "profile": ("speckv.cli.profile:main", "profile real speculative decoding into step records"),
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except SpeckvError as exc:
         print(f"speckv {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment refused a write (read-only folder, full disk)
+        message = refused_write(exc)
+        if message is None:
+            raise
+        print(f"speckv {name}: error: {message}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # argparse: --help (0) and a usage error (2, already printed)
         if exc.code is None or isinstance(exc.code, int):

@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from speckv.distill.data import ANSWER_TOKENS, POOL_PER_TASK
+from speckv.distill.data import ANSWER_TOKENS, CHUNK, POOL_PER_TASK
 from speckv.llm.load import COMPRESSIONS
 from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
 
@@ -69,7 +69,12 @@ def main(argv: list[str]) -> int:
     d.add_argument("--per-task", type=positive, default=POOL_PER_TASK,
                    help=f"pool prompts per task (default {POOL_PER_TASK})")
     d.add_argument("--batch-size", type=positive, default=16)
+    d.add_argument("--chunk", type=positive, default=CHUNK,
+                   help=f"prompts per resumable file (default {CHUNK}): a killed run loses at "
+                        "most the chunk in flight; run the same command again to resume")
     d.add_argument("--max-new-tokens", type=positive, default=ANSWER_TOKENS)
+    d.add_argument("--target", default=DEMO_TARGET,
+                   help="the model whose answers the draft learns (default: the demo target)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=positive, help="torch threads (default: torch's)")
     d.add_argument("--prompts", default=None,
@@ -210,8 +215,9 @@ def main(argv: list[str]) -> int:
             prompts = load_jsonl(args.prompts)
             out = out or cache_dir() / f"distill-{Path(args.prompts).stem}"
         out = generate_data(per_task=args.per_task, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed,
-                            threads=args.threads, prompts=prompts, out=out)
+                            max_new_tokens=args.max_new_tokens, chunk=args.chunk,
+                            seed=args.seed, threads=args.threads, prompts=prompts, out=out,
+                            target=args.target)
         print(f"distillation data in {out}")
     elif args.cmd == "distill":
         if args.arch == "feature":

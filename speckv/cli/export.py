@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from speckv.atomic import remove_stale_temps
 from speckv.errors import SpeckvError
 from speckv.export.graph import (
     DEFAULT_LOG_DIR,
@@ -18,6 +19,7 @@ from speckv.export.graph import (
     export_controller,
     find_checkpoint,
 )
+from speckv.train.checkpoint import newest_readable
 from speckv.train.network import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,20 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = find_checkpoint(args.ckpt)
     log.info("exporting %s", ckpt)
+    remove_stale_temps(args.out.parent, args.out.name)  # what killed exports left
     try:
         mlp, meta = load_checkpoint(ckpt)
-    except SpeckvError:
-        raise
+    except SpeckvError as exc:
+        if args.ckpt is None or not args.ckpt.is_file():
+            raise
+        # the file named cannot be read: say which checkpoint beside it can
+        newest, _ = newest_readable((c for c in ckpt.parent.glob("*.ckpt") if c != ckpt),
+                                    weights_only=False)
+        if newest is None:
+            raise
+        raise ExportError(f"{exc} The newest readable checkpoint beside it is {newest}: pass "
+                          f"--ckpt {newest} (or --ckpt {ckpt.parent} for the newest "
+                          "readable one).") from None
     except Exception as exc:  # a speckv entry that does not fit SurvivalMLP
         raise ExportError(f"{ckpt} has a speckv entry but does not load into the survival "
                           f"MLP ({type(exc).__name__}: {exc}). Retrain with this speckv.") from None

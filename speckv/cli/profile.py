@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from speckv import paths
+from speckv.atomic import remove_stale_temps
 from speckv.cli.draft import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPES, positive
 from speckv.profile.profiler import ProfileError, parse_shard, run_profile
 from speckv.prompts import SUITE_MAX, SUITE_SIZE, TASKS, Prompt, load_jsonl, suites
@@ -140,6 +141,7 @@ def records_main(argv: list[str]) -> int:
         return 0
     if args.out.exists() and args.out in args.shards:
         raise ProfileError(f"--out {args.out} is also an input; write the merge elsewhere.")
+    remove_stale_temps(args.out.parent, args.out.name)  # a killed merge's
     out = merge(args.shards, args.out)
     print(f"merged {len(args.shards)} file(s) into {out} ({len(read_records(out))} rows)")
     return 0

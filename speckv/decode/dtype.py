@@ -38,7 +38,6 @@ timed here: a draft step is a small share of a step and follows the same CPU.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
@@ -47,7 +46,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -55,7 +54,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from speckv.atomic import atomic_write
+from speckv.atomic import atomic_write, file_lock, remove_stale_temps
 from speckv.decode.costs import CONTEXT_LEN, lm_forward, new_cache
 from speckv.errors import SpeckvError
 from speckv.machine import COST_KEYS, mismatch
@@ -348,32 +347,15 @@ def choose_dtype(target: str, compression: str = "fp16", *, device: str = "cpu",
         cached = _read_cache(path, key, machine)
         if cached is not None:
             return cached
-    with _locked(path):  # processes starting together (shards) measure once, one at a time
+    # processes starting together (shards) measure once, one at a time
+    with file_lock(path.with_suffix(".lock")):
+        remove_stale_temps(path.parent, path.name)  # a killed measurement's
         if not refresh:
             cached = _read_cache(path, key, machine, quiet=True)
             if cached is not None:
                 return cached
         return _measure_and_cache(target, compression, device, threads, key, machine, path,
                                   measure or measure_dtype)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path``'s ``.lock`` sibling (none where fcntl or the folder is
-    missing: then two processes may both measure, and the last write wins)."""
-    try:
-        import fcntl
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 (held across the yield)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-    finally:
-        fh.close()  # releases the lock
 
 
 def machine_busy(threads: int) -> float | None:

@@ -2,11 +2,17 @@
 (:func:`speckv.prompts.distill_pool`, disjoint from the profiling suites), generated in
 batches once, with the target's top-k log-probabilities and its last hidden state at every
 answer position stored beside the tokens. Resumable: one file per chunk of prompts, written
-atomically, skipped when present; a manifest refuses to mix two pools.
+atomically, skipped when present; a chunk's batches are fixed by its prompts and the batch
+size, so a resumed run writes what an uninterrupted one would. A manifest records the pool
+(every chunk's prompt ids and a digest of their texts) and the settings (target, answer
+budget, batch size), and a run whose pool or settings differ is refused
+(:class:`DataError`, naming the difference) instead of mixing two data sets. Temporary files
+of killed runs are removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -14,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from speckv.atomic import atomic_write
+from speckv.atomic import atomic_write, remove_stale_temps
+from speckv.errors import SpeckvError
 from speckv.llm.weights import DEMO_TARGET
 from speckv.paths import cache_dir
 from speckv.prompts import Prompt, PromptError, chat_ids, distill_pool
@@ -26,6 +33,13 @@ TOPK = 8
 #: the pool the draft is distilled on (prompts per task) and the answer budget per prompt.
 POOL_PER_TASK = 1100
 ANSWER_TOKENS = 128
+#: prompts per chunk file (the unit a killed run loses), and the target's compute dtype.
+CHUNK = 64
+DTYPE = "bfloat16"
+
+
+class DataError(SpeckvError):
+    """A distillation data folder that cannot be resumed as asked; the message says why."""
 
 
 def data_dir() -> Path:
@@ -81,17 +95,54 @@ def _answer_batch(model, tok, group, pad: int, max_new_tokens: int) -> list[dict
     return rows
 
 
+#: settings a manifest records beside the pool, and the flag that sets each.
+_MANIFEST_FLAGS = {"per_task": "--per-task", "seed": "--seed", "max_new_tokens":
+                   "--max-new-tokens", "target": "--target", "batch_size": "--batch-size",
+                   "dtype": "the compute dtype", "source": "--prompts",
+                   "left_out": "the prompts left out"}
+
+
 def _check_manifest(path: Path, manifest: dict) -> None:
-    """Chunks on disk must come from the same pool and settings, or a resume would mix two."""
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != manifest:
-            raise RuntimeError(
-                f"{path.parent} holds answers to another pool or settings (per_task, seed, "
-                "max_new_tokens or the prompts themselves differ). Move that folder away, or "
-                "pass the settings it was made with, then run `speckv draft data` again.")
-    else:
+    """Chunks on disk must come from the same pool and settings, or a resume would mix two.
+
+    A manifest written before a setting was recorded is compared on what it has (and the
+    settings it cannot vouch for are logged)."""
+    if not path.exists():
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
+        return
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc}), so the answers in "
+            f"{path.parent} cannot be checked against this run's pool and settings. Move that "
+            "folder away (or pass another --out) and run `speckv draft data` again.") from None
+    unknown = sorted(k for k in manifest if k not in old)
+    if unknown:
+        log.warning("%s was written by an older speckv that did not record %s; resuming "
+                    "without checking them", path, ", ".join(unknown))
+    differ = [k for k in manifest if k in old and old[k] != manifest[k]]
+    differ += [k for k in old if k not in manifest]
+    if not differ:
+        return
+    shown = []
+    for key in differ:
+        if key == "chunks":
+            shown.append(f"the pool ({sum(map(len, old.get('chunks', [])))} prompts in "
+                         f"{len(old.get('chunks', []))} chunks there, "
+                         f"{sum(map(len, manifest['chunks']))} in {len(manifest['chunks'])} "
+                         "here: --per-task, --seed, --prompts or --chunk)")
+        elif key == "prompts_sha256":
+            shown.append("the prompts' texts")
+        else:
+            shown.append(f"{_MANIFEST_FLAGS.get(key, key)}: {old.get(key)!r} there, "
+                         f"{manifest.get(key)!r} here")
+    raise DataError(
+        f"{path.parent} holds answers made with another pool or settings ({'; '.join(shown)}). "
+        "Resuming would mix two data sets: pass the settings it was made with (its "
+        f"manifest.json), or move that folder away (or pass another --out) to start afresh.")
 
 
 def without_suite_prompts(prompts: list[Prompt]) -> tuple[list[Prompt], list[str]]:
@@ -103,9 +154,17 @@ def without_suite_prompts(prompts: list[Prompt]) -> tuple[list[Prompt], list[str
     return [p for p in prompts if p.prompt_id not in clash], sorted(clash)
 
 
+def _pool_digest(chunks: list[list[Prompt]]) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        for p in chunk:
+            h.update(f"{p.task}\0{p.prompt_id}\0{p.text}\0".encode())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def generate_data(per_task: int = POOL_PER_TASK, batch_size: int = 16,
-                  max_new_tokens: int = ANSWER_TOKENS, chunk: int = 64, seed: int = 0,
+                  max_new_tokens: int = ANSWER_TOKENS, chunk: int = CHUNK, seed: int = 0,
                   out: Path | None = None, threads: int | None = None,
                   prompts: list[Prompt] | None = None, target: str = DEMO_TARGET) -> Path:
     """Generate the target's greedy answers to the pool in resumable chunks (one file each,
@@ -121,7 +180,7 @@ def generate_data(per_task: int = POOL_PER_TASK, batch_size: int = 16,
     if threads:
         torch.set_num_threads(threads)
     out = out or data_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     dropped: list[str] = []
     if prompts is None:
         pool = distill_pool(per_task, seed=seed)
@@ -133,16 +192,18 @@ def generate_data(per_task: int = POOL_PER_TASK, batch_size: int = 16,
         if not pool:
             raise PromptError("Every prompt given repeats a profiling-suite prompt; answers to "
                               "them would leak the held-out prompts into the draft.")
-    loaded = load_model(target, "fp16", dtype="bfloat16")
-    tok, model = loaded.tokenizer, loaded.model
     chunks = [pool[i : i + chunk] for i in range(0, len(pool), chunk)]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = [[p.prompt_id for p in c] for c in chunks]
-    manifest = ({"per_task": per_task, "seed": seed, "max_new_tokens": max_new_tokens,
-                 "chunks": ids} if prompts is None else
-                {"source": "prompts", "max_new_tokens": max_new_tokens, "chunks": ids,
-                 "left_out": dropped})
-    _check_manifest(out / "manifest.json", manifest)
+    manifest = ({"per_task": per_task, "seed": seed} if prompts is None else
+                {"source": "prompts", "left_out": dropped})
+    manifest.update(max_new_tokens=max_new_tokens, chunks=ids,
+                    prompts_sha256=_pool_digest(chunks), batch_size=batch_size,
+                    target=str(Path(target).resolve()) if Path(target).exists() else target,
+                    dtype=DTYPE)
+    _check_manifest(out / "manifest.json", manifest)  # before minutes of loading
+    loaded = load_model(target, "fp16", dtype=DTYPE)
+    tok, model = loaded.tokenizer, loaded.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     todo = [ci for ci in range(len(chunks)) if not (out / f"chunk-{ci:04d}.pt").exists()]
     log.info("%d prompts in %d chunks; %d to generate into %s", len(pool), len(chunks),
              len(todo), out)

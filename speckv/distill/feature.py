@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from speckv.atomic import atomic_write
+from speckv.atomic import atomic_write, remove_stale_temps
 from speckv.distill.data import data_dir
 from speckv.distill.train import (
+    DistillError,
+    check_resume,
     coverage,
     frequent_tokens,
     join_new_chunks,
@@ -292,11 +294,19 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
     torch.manual_seed(seed)
     rows, seen = load_rows(data)
     if not rows:
-        raise RuntimeError("No distillation data: run `python -m speckv draft data` first.")
+        raise DistillError("No distillation data: run `python -m speckv draft data` first.")
     train_rows, held = split_rows(rows, heldout, seed)
     weights, config = _target_weights(base)
     ckpt = ckpt or checkpoint_path()
+    remove_stale_temps(ckpt.parent, ckpt.name)  # what killed runs left
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    # what a resumed run must share with the one it goes on from (--steps may grow)
+    settings = {"batch_size": batch_size, "lr": lr, "depth": depth, "reg_weight": reg_weight,
+                "soft_weight": soft_weight, "feature_noise": feature_noise,
+                "weight_decay": weight_decay, "prompt_labels": prompt_labels,
+                "draft_vocab": draft_vocab, "seed": seed, "base": base}
+    if state is not None:
+        check_resume(ckpt, state.get("settings"), settings)
     start = None
     if state is None and init is not None:
         start, init_seed = _initial_weights(init)
@@ -346,6 +356,12 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
              len(train_rows), card["train_tokens"], len(held))
     g = torch.Generator().manual_seed(seed + step)
     noise_gen = torch.Generator().manual_seed(seed + step + 1)  # the batches stay as without
+    if state is not None and "rng" in state:  # the batches an uninterrupted run would draw
+        g.set_state(state["rng"]["batches"])
+        noise_gen.set_state(state["rng"]["noise"])
+    elif state is not None:
+        log.warning("%s holds no random state (an older speckv wrote it): from step %d the "
+                    "batches differ from an uninterrupted run's", ckpt, step)
     started, last_save = time.time(), time.time()
     model.train()
     bar = tqdm(total=steps, initial=step, desc="feature draft")
@@ -355,7 +371,8 @@ def train_feature_draft(out: Path, *, steps: int = 4000, batch_size: int = 8,
         st = {"model": {k: v for k, v in model.state_dict().items()
                         if not k.startswith("embed_tokens.") and k != "lm_head.weight"},
               "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-              "history": history, "seconds": seconds, "seed": seed}
+              "history": history, "seconds": seconds, "seed": seed, "settings": settings,
+              "rng": {"batches": g.get_state(), "noise": noise_gen.get_state()}}
         atomic_write(ckpt, lambda tmp: torch.save(st, tmp))
         save_feature_draft(model, out, {**card, "steps": step, "cpu_seconds": seconds,
                                         "threads": torch.get_num_threads(),

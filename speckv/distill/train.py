@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from speckv.atomic import atomic_write
+from speckv.atomic import atomic_write, remove_stale_temps
 from speckv.distill.data import TOPK, load_data
+from speckv.errors import SpeckvError
 from speckv.llm.draft import (
     DraftSpec,
     ReducedHead,
@@ -28,6 +29,10 @@ from speckv.llm.draft import (
 from speckv.paths import DRAFT_DIR, cache_dir
 
 log = logging.getLogger(__name__)
+
+
+class DistillError(SpeckvError, RuntimeError):
+    """Distillation cannot start or resume as asked; the message says what to do."""
 
 #: prompt tokens the draft sees in training (the end of the prompt: the question, or the
 #: passage a summary copies from); answers are kept whole.
@@ -170,13 +175,17 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
     torch.manual_seed(seed)
     rows, seen_files = load_data(data)
     if not rows:
-        raise RuntimeError("No distillation data: run `python -m speckv draft data` first.")
+        raise DistillError("No distillation data: run `python -m speckv draft data` first.")
     train_rows, held = split_rows(rows, heldout, seed)
     ckpt = ckpt or checkpoint_path()
+    remove_stale_temps(ckpt.parent, ckpt.name)  # what killed runs left
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
     if state is not None and state.get("spec") != asdict(spec):
-        raise RuntimeError(f"{ckpt} trains another draft ({state.get('spec')}); move it away to "
-                           f"start {asdict(spec)}, or pass the same layers and vocabulary.")
+        raise DistillError(f"{ckpt} trains another draft ({state.get('spec')}); move it away "
+                           f"to start {asdict(spec)}, or pass the same layers and vocabulary.")
+    settings = {"batch_size": batch_size, "lr": lr, "seed": seed}
+    if state is not None:
+        check_resume(ckpt, state.get("settings"), settings)
     token_ids = None
     if spec.draft_vocab:
         token_ids = (state["model"]["lm_head.token_ids"] if state is not None else
@@ -212,6 +221,8 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
                  spec.draft_vocab, card["coverage_train"], card["coverage_heldout"])
     pad = 2
     g = torch.Generator().manual_seed(seed + step)
+    if state is not None and "rng" in state:  # the batches an uninterrupted run would draw
+        g.set_state(state["rng"])
     last_save = time.time()
     model.train()
     bar = tqdm(total=steps, initial=step, desc="distil draft")
@@ -246,12 +257,29 @@ def train(steps: int = 3000, batch_size: int = 8, lr: float = 5e-4, seed: int = 
             state = {"model": {k: v for k, v in model.state_dict().items()
                                if not _shared_keys(k, stored_head)},
                      "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "step": step, "history": history, "spec": asdict(spec)}
+                     "step": step, "history": history, "spec": asdict(spec),
+                     "settings": settings, "rng": g.get_state()}
             atomic_write(ckpt, lambda tmp, state=state: torch.save(state, tmp))
             last_save = time.time()
             save_draft(model, spec, out, {**card, "steps": step, "history": history})
     bar.close()
     return history[-1] if history else {}
+
+
+def check_resume(ckpt: Path, saved: dict | None, settings: dict) -> None:
+    """Refuse to resume ``ckpt`` (trained with ``saved``) with other ``settings``: the two
+    trainings would mix. A checkpoint from before settings were recorded is resumed as is."""
+    if saved is None:
+        log.warning("%s records no settings (an older speckv wrote it): resuming without "
+                    "checking them", ckpt)
+        return
+    differ = [f"--{key.replace('_', '-')}: {saved.get(key)!r} there, {value!r} here"
+              for key, value in settings.items() if saved.get(key) != value]
+    if differ:
+        raise DistillError(
+            f"{ckpt} was trained with other settings ({'; '.join(differ)}). Resuming would mix "
+            "two trainings: pass the settings it was made with, or move it away (or pass "
+            "another --ckpt) to train anew.")
 
 
 def _vocab_size(spec: DraftSpec) -> int:

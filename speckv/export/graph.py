@@ -100,11 +100,14 @@ class ExportError(SpeckvError):
 
 # ----------------------------------------------------------------------------- checkpoint
 def find_checkpoint(path: str | os.PathLike[str] | None = None) -> Path:
-    """The checkpoint to export: ``path`` itself, else the newest ``*.ckpt`` under it.
+    """The checkpoint to export: ``path`` itself, else the newest readable ``*.ckpt`` under it
+    (a damaged newer one, e.g. from a run killed while saving, is skipped with a warning).
 
     ``None`` searches ``lightning_logs/`` (Lightning's default run folder) in the current
     directory.
     """
+    from speckv.train.checkpoint import newest_readable
+
     root = DEFAULT_LOG_DIR if path is None else Path(path)
     if root.is_file():
         return root
@@ -114,11 +117,17 @@ def find_checkpoint(path: str | os.PathLike[str] | None = None) -> Path:
                               "with `python -m speckv.train fit`, or pass --ckpt CHECKPOINT.")
         raise ExportError(f"Checkpoint {root} does not exist. Pass a .ckpt file or a training "
                           "run's folder with --ckpt.")
-    found = sorted(root.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime, str(p)))
+    found = list(root.rglob("*.ckpt"))
     if not found:
         raise ExportError(f"{root}/ holds no *.ckpt file. Train with `python -m speckv.train "
                           "fit`, or pass the checkpoint file with --ckpt.")
-    return found[-1]
+    newest, skipped = newest_readable(found, weights_only=False)
+    if newest is None:
+        listed = "; ".join(f"{p} ({why})" for p, why in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise ExportError(f"No checkpoint under {root}/ can be read: {listed}{more}. Train "
+                          "again with `python -m speckv.train fit`.")
+    return newest
 
 
 def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo:

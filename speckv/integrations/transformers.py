@@ -260,8 +260,8 @@ def pair_costs(target: Any, assistant: Any, *, compression: str | None = None,
             problems = _stale(stored, json.loads(json.dumps(identity, default=str)), machine)
             if not problems:
                 return CostModel.from_json(stored["costs"])
-        except (OSError, json.JSONDecodeError, KeyError, CostError) as exc:
-            problems = [f"unreadable ({exc})"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, CostError) as exc:
+            problems = [f"unreadable ({type(exc).__name__}: {exc})"]
         log.info("Cost cache %s does not fit this pair or machine (%s): measuring again.", path,
                  "; ".join(problems))
     started = time.perf_counter()
@@ -276,9 +276,13 @@ def pair_costs(target: Any, assistant: Any, *, compression: str | None = None,
     record = {"format": COST_CACHE_FORMAT, "key": key, "identity": identity, "machine": machine,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "costs": costs.to_json()}
     text = json.dumps(record, indent=2, default=str) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-    log.info("Measured step costs of the pair in %.1f s; cached in %s.",
-             time.perf_counter() - started, path)
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+    except OSError as exc:  # a read-only cache: the costs stand, they are measured next time
+        log.warning("Could not cache the pair's step costs (%s)", exc)
+    else:
+        log.info("Measured step costs of the pair in %.1f s; cached in %s.",
+                 time.perf_counter() - started, path)
     return costs
 
 

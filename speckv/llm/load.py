@@ -135,6 +135,7 @@ def load_model(spec: str, compression: str = "fp16", dtype: str = "float32",
     compute in ``float16`` on a GPU without bfloat16, in ``bfloat16`` otherwise, whatever
     ``dtype`` is.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_compression(compression)
@@ -172,6 +173,12 @@ def load_model(spec: str, compression: str = "fp16", dtype: str = "float32",
             f"Could not load {spec!r} ({exc}). With no model hub reachable, pass a local "
             "directory or the demo names."
         ) from exc
+    except SafetensorError as exc:  # a truncated or corrupt weights file
+        fix = (f"delete {where} (speckv's converted copy of the GGUF file; the next run "
+               "converts it again)" if (Path(where) / "speckv_source.json").is_file()
+               else "save or download the model again")
+        raise ModelError(f"Cannot read the weights of {spec!r} in {where} (SafetensorError: "
+                         f"{exc}): a weights file there is truncated or corrupt; {fix}.") from None
     model.eval()
     model.requires_grad_(False)
     tokenizer = load_tokenizer(spec)

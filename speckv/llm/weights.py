@@ -20,6 +20,7 @@ from typing import Final
 
 import torch
 
+from speckv.atomic import file_lock
 from speckv.errors import SpeckvError
 from speckv.paths import DRAFT_DIR, cache_dir
 
@@ -87,15 +88,59 @@ def atomic_dir(final: Path):
     return ctx()
 
 
-def converted_gguf_dir(gguf: Path) -> Path:
-    """De-quantize a GGUF file once and cache it as a regular safetensors checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _unreadable_conversion(out: Path) -> str | None:
+    """Why the converted copy in ``out`` cannot be used (``"missing"`` when there is none), or
+    ``None`` when its config parses and its weights file's header covers the whole file."""
+    from safetensors import SafetensorError, safe_open
 
+    config, weights = out / "config.json", out / "model.safetensors"
+    if not (config.is_file() and weights.is_file()):
+        return "missing"
+    try:
+        json.loads(config.read_text())
+        with safe_open(str(weights), "pt"):
+            pass
+    except (OSError, ValueError, SafetensorError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """De-quantize a GGUF file once and cache it as a regular safetensors checkpoint.
+
+    One process converts at a time (a lock beside the cache folder): processes started
+    together wait for the first one's copy instead of converting it again, whatever their
+    ``--dtype``. A cached copy that cannot be read (a truncated weights file) is converted
+    again, with a warning; the half-built folders of killed conversions are removed."""
     stat = gguf.stat()
     out = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _unreadable_conversion(out) is None:
         return out
-    log.info("converting %s to safetensors (once; ~1 minute)", gguf.name)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        problem = _unreadable_conversion(out)  # another process may have converted it
+        if problem is None:
+            return out
+        if problem != "missing":
+            log.warning("the converted weights in %s cannot be read (%s): converting %s again",
+                        out, problem, gguf.name)
+        try:
+            for stale in out.parent.glob(f".{out.name}.*"):  # killed conversions' folders
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+            log.info("converting %s to safetensors (once; ~1 minute)", gguf.name)
+            _convert_gguf(gguf, out)
+        except OSError as exc:
+            raise ModelError(
+                f"Cannot build the converted weights of {gguf.name} in {out} "
+                f"({type(exc).__name__}: {exc}). Delete that folder (rm -r '{out}') or set "
+                "SPECKV_CACHE to a writable folder, then run the command again.") from None
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Load ``gguf`` with transformers (de-quantized, float32) and save it in ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -111,4 +156,3 @@ def converted_gguf_dir(gguf: Path) -> Path:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "speckv_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    return out

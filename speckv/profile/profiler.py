@@ -12,8 +12,15 @@ every step with wall-clock times; replaying the same policy on trace records rep
 accepted counts.
 
 Output goes to ``OUT.parts/`` (one parquet file per prompt and compression, written
-atomically, skipped when present, so a killed run resumes and loses at most the batch in
-flight), and is merged into ``OUT`` at the end.
+atomically), and is merged into ``OUT`` at the end. **Resuming.** A killed run is resumed by
+running the same command again, and gives what an uninterrupted run gives: the prompts are
+put into target batches by their length and ``--target-batch`` alone (:func:`plan_batches`),
+whatever was already done, and a batch with any part missing is decoded again whole (its
+other parts are the same, and kept), since in bfloat16 a prompt's answer depends on which
+prompts share its batch. Each part records the settings it was made with
+(:func:`part_settings`); a run whose settings differ refuses to reuse them
+(:class:`ProfileError`, naming the difference) instead of mixing two profiles. Temporary
+files of killed runs are removed (:func:`speckv.atomic.remove_stale_temps`).
 
 Many processes: ``--shard i/n`` profiles every n-th (compression, prompt) job from the i-th;
 ``--shard auto`` reads the launcher's rank and world size (``RANK``/``WORLD_SIZE`` from
@@ -25,6 +32,7 @@ may resolve differently in another batch (:mod:`speckv.profile.batched`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,18 +41,18 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from speckv.atomic import atomic_write
-from speckv.errors import SpeckvError
+from speckv.atomic import atomic_write, remove_stale_temps
+from speckv.errors import OutputError, SpeckvError
 from speckv.machine import fingerprint
 from speckv.profile.batched import DRAFT_BATCH, TARGET_BATCH, trace_batch
 from speckv.profile.feature_trace import feature_draft_side
 from speckv.profile.trace import TraceResult, _target_answer, agreement_runs, trace_rows
 from speckv.profile.trace import trace_prompt as _trace_prompt_lm
 from speckv.prompts import Prompt, chat_ids
-from speckv.records import read_records, write_records
+from speckv.records import read_metadata, read_records, write_records
 
 __all__ = ["ProfileError", "ProfileRun", "TraceResult", "agreement_runs", "parse_shard",
-           "run_profile", "trace_prompt", "trace_rows"]
+           "part_settings", "plan_batches", "run_profile", "trace_prompt", "trace_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +128,73 @@ def _part_name(compression: str, prompt: Prompt) -> str:
     return f"{compression}__{prompt.task}__{safe}.parquet"
 
 
+# ------------------------------------------------------------------------ parts and resuming
+def plan_batches(prompts: list[Prompt], lengths: dict[Prompt, int], mode: str,
+                 target_batch: int) -> list[list[Prompt]]:
+    """The batches a run decodes ``prompts`` (one compression level's) in: trace mode sorts
+    them by prompt length (less padding; ties keep the given order) and cuts the list every
+    ``target_batch`` prompts, live mode decodes each alone. Fixed by the prompts, their
+    order and ``target_batch``: a resumed run batches every prompt as an uninterrupted one."""
+    if mode != "trace":
+        return [[p] for p in prompts]
+    ordered = sorted(prompts, key=lambda p: lengths[p])
+    return [ordered[i : i + target_batch] for i in range(0, len(ordered), target_batch)]
+
+
+def part_settings(run: dict, prompt: Prompt, batch: list[Prompt]) -> dict:
+    """What one prompt's records depend on, recorded in its part file: the run's settings
+    (``run``), the prompt's text and, in trace mode, the prompts decoded beside it."""
+    text = hashlib.sha256(prompt.text.encode()).hexdigest()[:16]
+    together = [p.prompt_id for p in batch] if run["mode"] == "trace" else []
+    return {**run, "prompt_sha256": text, "batch": together}
+
+
+#: how a mismatch in each setting reads, and which flag sets it.
+_SETTING_NAMES = {"draft": "--draft", "target": "--target", "compression": "--compression",
+                  "mode": "--mode", "max_new_tokens": "--max-new-tokens", "dtype": "--dtype",
+                  "device": "--device", "target_batch": "--target-batch",
+                  "draft_batch": "--draft-batch", "policy": "--policy",
+                  "temperature": "--temperature", "seed": "--seed",
+                  "prompt_sha256": "the prompt's text",
+                  "batch": "the prompts batched together (--prompts, --per-task, --tasks, "
+                           "--shard or --target-batch)"}
+
+
+def _check_parts(parts: Path, wanted: dict[str, dict]) -> None:
+    """Refuse when a finished part of this run was made with other settings; an unreadable
+    part is removed (with a warning) and made again."""
+    mismatched: list[tuple[str, dict, dict]] = []
+    for name, settings in wanted.items():
+        path = parts / name
+        if not path.is_file():
+            continue
+        try:
+            found = read_metadata(path).get("part")
+        except Exception as exc:  # any reader error: the file is not usable
+            log.warning("%s cannot be read (%s: %s): profiling that prompt again", path,
+                        type(exc).__name__, exc)
+            path.unlink(missing_ok=True)
+            continue
+        if found != settings:
+            mismatched.append((name, found or {}, settings))
+    if not mismatched:
+        return
+    name, found, settings = mismatched[0]
+    if not found:
+        what = "by a speckv that did not record its settings"
+    else:
+        keys = [k for k in settings if found.get(k) != settings[k]]
+        shown = [f"{_SETTING_NAMES.get(k, k)}: {found.get(k)!r} there, {settings[k]!r} here"
+                 if k not in ("prompt_sha256", "batch") else _SETTING_NAMES[k] for k in keys]
+        what = "with other settings (" + "; ".join(shown) + ")"
+    raise ProfileError(
+        f"{parts} holds {len(mismatched)} finished part(s) of this run made {what}, e.g. "
+        f"{name}. A profile that mixed them would not equal one made in one go. Run again with "
+        f"the settings they were made with to resume, or move {parts} away (or pick another "
+        "--out) to profile afresh; to add prompts to a finished profile, profile them into "
+        "another --out and join both with `speckv records merge`.")
+
+
 def run_profile(*, draft: str, target: str, compressions: list[str], prompts: list[Prompt],
                 out: Path, mode: str = "trace", max_new_tokens: int = 96,
                 shard: tuple[int, int] = (0, 1), dtype: str = "bfloat16",
@@ -134,7 +209,7 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
     from speckv.decode.decoder import with_catchup
     from speckv.decode.tree import supports_4d_masks
     from speckv.llm.feature_draft import is_feature_draft
-    from speckv.llm.load import load_draft_for, load_model
+    from speckv.llm.load import load_draft_for, load_model, load_tokenizer, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -152,15 +227,42 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
                  len(compressions) * len(prompts))
         return result
     parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
+    if shard[1] > 1:
+        out = out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot make {parts}, where the profile keeps its parts "
+                          f"({exc.strerror or exc}): pick an --out in a writable folder.") from None
+    remove_stale_temps(parts)
+    remove_stale_temps(out.parent, out.name)
     # one metadata file per shard: shards may run at the same time in the same folder
     meta_path = parts / f"runs.{shard[0]}of{shard[1]}.json"
-    run_meta = {}
-    for f in parts.glob("runs.*.json"):
-        run_meta.update(json.loads(f.read_text()))
+    run_meta = _read_run_meta(parts)
+    # every prompt's batch and every part's settings before any model loads, so that a
+    # mismatch with the parts already there is refused at once
+    tokenizer = load_tokenizer(target)
+    lengths = {p: len(chat_ids(tokenizer, p.text)) for _, p in jobs}
+    settings = {"draft": _model_key(draft), "target": _model_key(target), "mode": mode,
+                "max_new_tokens": max_new_tokens, "dtype": dtype,
+                "device": resolve_device(device),
+                **({"target_batch": target_batch, "draft_batch": draft_batch}
+                   if mode == "trace" else
+                   {"policy": policy, "temperature": temperature, "seed": seed})}
+    plan, wanted = {}, {}
+    for compression in compressions:
+        plan[compression] = plan_batches([p for c, p in jobs if c == compression], lengths,
+                                         mode, target_batch)
+        for batch in plan[compression]:
+            for p in batch:
+                wanted[_part_name(compression, p)] = part_settings(
+                    {**settings, "compression": compression}, p, batch)
+    _check_parts(parts, wanted)
     drafter = None
     for compression in compressions:
-        todo = [p for c, p in jobs if c == compression and not (parts / _part_name(c, p)).exists()]
+        batches = [b for b in plan[compression]
+                   if not all((parts / _part_name(compression, p)).exists() for p in b)]
+        todo = [p for b in batches for p in b]
         if not todo:
             continue
         tgt = load_model(target, compression, dtype=dtype, device=device)
@@ -199,13 +301,7 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         ids = {p: chat_ids(tok, p.text) for p in todo}
         rows_done, busy_s = 0, 0.0
         bar = tqdm(total=len(todo), desc=f"{mode} {compression}", unit="prompt")
-        if mode == "trace":  # prompts of similar length share a batch: less padding
-            todo = sorted(todo, key=lambda p: len(ids[p]))
-            step = target_batch
-        else:
-            step = 1
-        for b in range(0, len(todo), step):
-            batch = todo[b : b + step]
+        for batch in batches:
             started = time.perf_counter()
             if mode == "trace":
                 traces = trace_batch(drafter.model, tgt.model, [ids[p] for p in batch],
@@ -219,7 +315,9 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
             busy_s += time.perf_counter() - started
             for p, df in zip(batch, frames, strict=True):
                 rows_done += len(df)
-                write_records(df, parts / _part_name(compression, p))
+                name = _part_name(compression, p)
+                if not (parts / name).exists():  # else done before, alike: kept as it is
+                    write_records(df, parts / name, {"part": wanted[name]})
             bar.update(len(batch))
         bar.close()
         log.info("%s %s: %d records from %d prompts in %.1f s (%.1f records/s)", mode,
@@ -232,11 +330,27 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
             "records_per_s": rows_done / busy_s if busy_s > 0 else None}
         del tgt
     files = sorted(parts.glob("*.parquet"))
-    wanted = {_part_name(c, p) for c, p in jobs}
-    if shard[1] > 1:
-        out = out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
     result.out = _merge_parts([f for f in files if f.name in wanted], out, run_meta)
     return result
+
+
+def _model_key(spec: str) -> str:
+    """A model as the settings name it: a folder or file by its absolute path."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def _read_run_meta(parts: Path) -> dict:
+    """The runs whose parts are in ``parts`` (their costs, machine, settings), every shard's."""
+    meta = {}
+    for f in sorted(parts.glob("runs.*.json")):
+        try:
+            meta.update(json.loads(f.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ProfileError(
+                f"{f} cannot be read ({type(exc).__name__}: {exc}); it describes the runs that "
+                f"made the parts in {parts} (their measured costs and machine). Move {parts} "
+                "away to profile afresh.") from None
+    return meta
 
 
 def _merge_parts(files: list[Path], out: Path, run_meta: dict) -> Path:

@@ -14,9 +14,11 @@ a suite prompt with other numbers, names or phrasing; :func:`speckv.prompts.over
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
+import re
 import warnings
 from typing import Final
 
@@ -164,9 +166,49 @@ def _import_quietly(name: str):
             return None
 
 
+#: the per-process memory address in a default value's repr (``<function copy2 at 0x7f...>``),
+#: which would make a prompt's text differ between any two runs.
+_ADDRESS: Final = re.compile(r" at 0x[0-9a-fA-F]+")
+#: functions another library replaces in the standard library when it is imported
+#: (``torch.package`` replaces ``inspect.getfile``): left out everywhere, so that the prompts
+#: do not depend on what the process imported before building them.
+REPLACED_AT_RUNTIME: Final = frozenset({"inspect.getfile"})
+
+
+class _Shown:
+    """A parameter default as a prompt shows it (its ``repr`` is the given text)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _shown(value: object) -> str:
+    """A default value's repr that reads the same in every process: without memory addresses,
+    and ``...`` for a container of live objects (``logging.shutdown``'s list of handlers)."""
+    text = repr(value)
+    if isinstance(value, (list, dict, set)) and value:
+        try:
+            ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return "..."
+    return _ADDRESS.sub("", text)
+
+
+def _signature(fn) -> str:
+    sig = inspect.signature(fn)
+    params = [p.replace(default=_Shown(_shown(p.default))) if p.default is not p.empty else p
+              for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params))
+
+
 def api_functions() -> list[tuple[str, str, str]]:
     """``(qualified name, signature, first doc paragraph)`` of documented stdlib functions
-    and methods, in a fixed order."""
+    and methods, in a fixed order, the same in every process: a default value shows without
+    its memory address (``copy_function=<function copy2>``), and functions other libraries
+    replace at runtime (:data:`REPLACED_AT_RUNTIME`) are left out."""
     out: list[tuple[str, str, str]] = []
     seen: set[str] = set()
     for modname in API_MODULES:
@@ -187,10 +229,10 @@ def api_functions() -> list[tuple[str, str, str]]:
                         members.append((f"{modname}.{attr}.{meth}", meth, fn))
         for qual, name, fn in members:
             doc = inspect.getdoc(fn) or ""
-            if len(doc) < 60 or qual in seen:
+            if len(doc) < 60 or qual in seen or qual in REPLACED_AT_RUNTIME:
                 continue
             try:
-                sig = str(inspect.signature(fn))
+                sig = _signature(fn)
             except (TypeError, ValueError):
                 continue
             seen.add(qual)

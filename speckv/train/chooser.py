@@ -14,6 +14,7 @@ import numpy as np
 
 from speckv.policies import Objective, Policy, PolicyError, from_spec
 from speckv.runtime.features import FEATURE_NAMES, GAMMAS
+from speckv.train.checkpoint import newest_readable
 from speckv.train.network import ControllerGraph, load_checkpoint
 
 
@@ -28,15 +29,21 @@ class TorchChooser:
     def load(cls, path: str | Path) -> TorchChooser:
         """Read ``path`` with :func:`speckv.train.network.load_checkpoint`; check features and γs.
 
-        A directory stands for the newest ``*.ckpt`` file under it (a training run's folder).
+        A directory stands for the newest readable ``*.ckpt`` file under it (a training run's
+        folder; a damaged newer one is skipped with a warning).
         """
         path = Path(path)
         if path.is_dir():
-            found = sorted(path.rglob("*.ckpt"), key=lambda f: f.stat().st_mtime)
+            found = list(path.rglob("*.ckpt"))
             if not found:
                 raise PolicyError(f"{path} holds no *.ckpt file. Train with `python -m "
                                   "speckv.train fit`, or pass the checkpoint file itself.")
-            path = found[-1]
+            newest, skipped = newest_readable(found, weights_only=False)
+            if newest is None:
+                raise PolicyError(f"No checkpoint under {path} can be read ({skipped[0][0]}: "
+                                  f"{skipped[0][1]}). Train again with `python -m speckv.train "
+                                  "fit`.")
+            path = newest
         mlp, meta = load_checkpoint(path)
         names = tuple(meta.get("feature_names", ()))
         if names != FEATURE_NAMES:

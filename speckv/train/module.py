@@ -37,6 +37,7 @@ compression) are logged at the step of the scalars beside them: one x-axis.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Final, Literal
 
@@ -48,7 +49,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn import functional as F
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+from speckv.errors import SpeckvError
 from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
+from speckv.train.checkpoint import restore_rng_states, resume_mismatches, rng_states
 from speckv.train.figures import calibration_figure, choices_figure
 from speckv.train.network import SurvivalMLP, option_layout, speculate_rule
 
@@ -62,6 +65,12 @@ HPARAMS_METRICS: Final = (
     *(f"{TOKENS_PER_S}/val/{c}" for c in COMPRESSIONS),
     f"{LOSS}/val",
 )
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(SpeckvError):
+    """A checkpoint ``fit`` was asked to resume from was trained with other settings."""
 
 
 def survival_nll(z: torch.Tensor, accept_len: torch.Tensor, accept_cap: torch.Tensor):
@@ -450,3 +459,29 @@ class SpeckvModule(L.LightningModule):
             for key, array in zip(keys, dm.parity_rows, strict=True):
                 meta[key] = torch.from_numpy(np.ascontiguousarray(array))
         checkpoint["speckv"] = meta
+        # the next epoch's data order (and any dropout) draws from these: a resumed run
+        # that puts them back continues exactly as the uninterrupted run would
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming ``fit`` (``--ckpt_path``): refuse a checkpoint trained with other settings
+        or records, and put back the random state it was saved with."""
+        if not (self._trainer and self.trainer.state.fn == "fit"):
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        differ = resume_mismatches(checkpoint, dict(self.hparams),
+                                   dict(dm.hparams) if dm is not None else None,
+                                   getattr(dm, "fingerprint", None))
+        if differ:
+            raise ResumeError(
+                f"The checkpoint {self.trainer.ckpt_path} was trained with other settings "
+                f"({'; '.join(differ)}). Resuming would mix two trainings: resume with the "
+                "settings it was made with (its run's config.yaml holds them), or leave out "
+                "--ckpt_path to train anew.")
+        states = checkpoint.get("rng_states")
+        if states is None:
+            log.warning("%s holds no random state (saved by an older speckv): the resumed run "
+                        "will shuffle its data differently from an uninterrupted one",
+                        self.trainer.ckpt_path)
+        else:
+            restore_rng_states(states)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from tiny_models import save_with_tokenizer, tiny_llama
@@ -70,3 +72,62 @@ def test_a_saved_speckv_draft_loads_in_the_dtype_asked_for(tmp_path):
         loaded = load_model(str(tmp_path / "draft"), dtype=dtype)
         assert loaded.compute_dtype == dtype
         assert next(loaded.model.parameters()).dtype == getattr(torch, dtype)
+
+
+# ------------------------------------------------------------- the converted-weights cache
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A stand-in GGUF file whose "conversion" saves a tiny model (counted), in a private
+    cache: the cache's locking, checking and rebuilding without a real GGUF file."""
+    from speckv.llm import weights
+
+    monkeypatch.setenv("SPECKV_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.Q4.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    calls = []
+
+    def convert(source, out):
+        calls.append(out)
+        time.sleep(0.3)  # long enough for a second process to arrive meanwhile
+        with weights.atomic_dir(out) as tmp:
+            save_with_tokenizer(tiny_llama(1, seed=0, dtype=torch.float32), tmp)
+
+    monkeypatch.setattr(weights, "_convert_gguf", convert)
+    return gguf, calls
+
+
+def test_loads_racing_on_an_empty_cache_convert_once(fake_gguf):
+    """Whatever the dtype (auto measures under its own lock; an explicit one does not), the
+    conversion itself is locked: the second load waits and reads the first one's copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gguf, calls = fake_gguf
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda dtype: load_model(str(gguf), "fp16", dtype=dtype,
+                                                        device="cpu"),
+                               ["float32", "bfloat16"]))
+    assert len(calls) == 1
+    assert [lm.compute_dtype for lm in loaded] == ["float32", "bfloat16"]
+
+
+def test_a_truncated_converted_copy_is_rebuilt_with_a_warning(fake_gguf, caplog):
+    gguf, calls = fake_gguf
+    load_model(str(gguf), "fp16", dtype="float32", device="cpu")
+    (folder,) = calls
+    weights_file = folder / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-100])  # a disk that filled up
+    stale = folder.parent / f".{folder.name}.k1ll3d00"  # a killed conversion's half folder
+    stale.mkdir()
+    with caplog.at_level("WARNING", logger="speckv.llm.weights"):
+        lm = load_model(str(gguf), "fp16", dtype="float32", device="cpu")
+    assert len(calls) == 2 and lm.model(torch.tensor([[1, 5, 7]])).logits.isfinite().all()
+    assert "cannot be read" in caplog.text and "incomplete metadata" in caplog.text
+    assert not stale.exists()
+
+
+def test_a_truncated_weights_file_elsewhere_is_one_paragraph(tmp_path):
+    path = save_with_tokenizer(tiny_llama(1, seed=0, dtype=torch.float32), tmp_path / "m")
+    weights_file = path / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-100])
+    with pytest.raises(ModelError, match="truncated or corrupt; save or download the model"):
+        load_model(str(path), "fp16", dtype="float32", device="cpu")

@@ -43,7 +43,8 @@ def test_shards_merge_and_resume(pair_dirs, tmp_path):
     runs = read_metadata(out)["runs"]
     assert len(runs) == 2 and all(len(r["cost"]["cost_verify_s"]) == 9 for r in runs.values())
 
-    # a killed run: one prompt's part is missing; the rerun redoes that prompt alone
+    # a killed run: one prompt's part is missing; the rerun decodes its batch again and
+    # writes that part alone (the others are kept as they were)
     parts = sorted((tmp_path / "r.parquet.parts").glob("*.parquet"))
     stamps = {p.name: p.stat().st_mtime_ns for p in parts}
     parts[0].unlink()

@@ -61,6 +61,23 @@ def test_pool_is_large_balanced_and_deterministic(pool):
     assert distill_pool(1100, seed=1) != pool
 
 
+def test_pool_texts_are_the_same_in_every_process(pool):
+    """No per-process memory address (``<function copy2 at 0x7f...>`` in a signature's
+    default) may reach a prompt: another process must build the very same texts."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from speckv.prompts import distill_pool; print(hashlib.sha256("
+            "'\\n'.join(p.prompt_id + p.text for p in distill_pool(1100)).encode()).hexdigest())")
+    here = hashlib.sha256("\n".join(p.prompt_id + p.text for p in pool).encode()).hexdigest()
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, timeout=300).stdout.strip()
+    assert other == here
+    move = next(p for p in pool if p.prompt_id == "dapi-shutil.move")
+    assert "copy_function=<function copy2>" in move.text
+
+
 def test_pool_and_suites_share_no_prompt_and_no_near_duplicate(pool, full_suites):
     assert not {p.text for p in pool} & {p.text for p in full_suites}
     assert overlap(pool, full_suites) == []
