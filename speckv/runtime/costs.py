@@ -31,8 +31,9 @@ import numpy as np
 
 from speckv.runtime.features import GAMMA_MAX, GAMMAS, MAX_UNSETTLED
 
-#: catch-up sizes a speckv policy can meet (a bonus token, then MAX_SKIP_RUN plain steps,
-#: then the last token); the measured table covers them.
+#: catch-up sizes a speckv policy can meet with a causal-LM draft (a bonus token, then
+#: MAX_SKIP_RUN plain steps, then the last token); the measured table covers them. A draft
+#: that reads the target's states can meet MAX_UNSETTLED_READING_TARGET + 1: extrapolated.
 CATCHUP_MAX: Final = MAX_UNSETTLED + 1
 
 

@@ -59,6 +59,10 @@ RUN_CAP: Final = 16
 MAX_SKIP_RUN: Final = 16
 #: unsettled tokens at most: a bonus token, then MAX_SKIP_RUN plain steps.
 MAX_UNSETTLED: Final = MAX_SKIP_RUN + 1
+#: the same for a draft that reads the target's hidden states (``draft_kind`` "feature"): the
+#: next catch-up settles its drafted tokens too, so a fully accepted step leaves GAMMA_MAX
+#: (every emitted token but the first), then come MAX_SKIP_RUN plain steps.
+MAX_UNSETTLED_READING_TARGET: Final = GAMMA_MAX + MAX_SKIP_RUN
 UNSETTLED_CAP: Final = 16
 
 #: names and order of the step (γ) feature vector (the ONNX metadata repeats them).
