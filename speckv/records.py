@@ -62,74 +62,132 @@ class Column:
     group: str
     nullable: bool = False
     finite: bool = False  # reject NaN/inf where present
+    doc: str = ""  # what the column holds, with its unit (the data cards list it)
 
 
 _LIST = pa.list_(pa.float32())
+_K = ("k = 1..8: the k-th token a step starting here drafts (NaN where k > M − position − 1: "
+      "no step can draft that far)")
 SCHEMA: Final = (
-    Column("run_id", pa.string(), "identity"),
-    Column("draft_model", pa.string(), "identity"),
-    # "lm": a causal LM drafting on its own; "feature": a draft that reads the target's hidden
-    # states (speckv.llm.feature_draft), whose drafted tokens are settled one step later
-    Column("draft_kind", pa.string(), "identity", nullable=True),
-    Column("target_model", pa.string(), "identity"),
-    Column("compression", pa.string(), "identity"),
-    Column("compute_dtype", pa.string(), "identity"),
-    Column("task", pa.string(), "identity"),
-    Column("prompt_id", pa.string(), "identity"),
-    Column("step", pa.int32(), "identity"),
-    Column("position", pa.int32(), "identity"),
-    Column("seq_len", pa.int32(), "identity", nullable=True),
-    Column("max_new_tokens", pa.int32(), "identity", nullable=True),
-    Column("temperature", pa.float32(), "identity"),
-    Column("mode", pa.string(), "identity"),
-    Column("replayable", pa.bool_(), "identity"),
-    Column("draft_entropy", pa.float32(), "decision", nullable=True, finite=True),
-    Column("draft_top1", pa.float32(), "decision", nullable=True, finite=True),
-    Column("draft_margin", pa.float32(), "decision", nullable=True, finite=True),
-    Column("target_top1_prev", pa.float32(), "decision", nullable=True, finite=True),
-    Column("agree_ema", pa.float32(), "decision", nullable=True, finite=True),
-    Column("agree_run", pa.int32(), "decision", nullable=True),
-    Column("draft_entropy_k", _LIST, "per_position", nullable=True),
-    Column("draft_top1_k", _LIST, "per_position", nullable=True),
-    Column("accept_len", pa.int16(), "outcome"),
-    Column("accept_cap", pa.int16(), "outcome"),
-    Column("accept_prob_k", _LIST, "outcome", nullable=True),
-    # trace rows: the accepted length of each tree of speckv.runtime.proposal.TREES grown
-    # from this position (depth cut to the budget left, as the decoder cuts it)
-    Column("tree_accept_len", _LIST, "outcome", nullable=True),
-    # trace rows: what the context lookup (speckv.runtime.lookup) proposes at this position
-    # (tokens, the matched suffix's length, its earlier occurrences and how many of them the
-    # first proposed token followed) and how many leading proposed tokens the answer accepts
-    Column("lookup_accept", pa.int16(), "lookup", nullable=True),
-    Column("lookup_length", pa.int16(), "lookup", nullable=True),
-    Column("lookup_match", pa.int16(), "lookup", nullable=True),
-    Column("lookup_occurrences", pa.int16(), "lookup", nullable=True),
-    Column("lookup_agreeing", pa.int16(), "lookup", nullable=True),
-    Column("cost_draft_s", pa.float32(), "cost", nullable=True, finite=True),
-    Column("cost_verify_s", _LIST, "cost", nullable=True),
-    # seconds of one draft forward over n = 1, 2, ... tokens (the catch-up after plain steps)
-    Column("cost_catchup_s", _LIST, "cost", nullable=True),
-    # seconds per tree of TREES: growing it after the catch-up (its draft forwards and their
-    # bookkeeping), and the target's forward over its nodes and the root with the tree's mask
-    Column("cost_tree_draft_s", _LIST, "cost", nullable=True),
-    Column("cost_tree_verify_s", _LIST, "cost", nullable=True),
-    Column("gamma", pa.int16(), "live", nullable=True),
-    Column("drafted", pa.int16(), "live", nullable=True),
-    # the nodes of the tree a live step verified (null: a chain or a plain step); ``drafted``
-    # then counts its nodes and ``accept_cap`` is its depth
-    Column("tree_size", pa.int16(), "live", nullable=True),
-    # where a live step's verified tokens came from: "draft" (a chain or a tree), "lookup"
-    # (the context lookup's continuation, no draft forward), null for a plain step
-    Column("source", pa.string(), "live", nullable=True),
-    Column("t_step_s", pa.float32(), "live", nullable=True),
-    # the step's draft forwards, its target forward, and its decisions (features + policy)
-    Column("t_draft_s", pa.float32(), "live", nullable=True),
-    Column("t_verify_s", pa.float32(), "live", nullable=True),
-    Column("t_decision_s", pa.float32(), "live", nullable=True),
-    Column("paper_mean_entropy", pa.float32(), "paper", nullable=True, finite=True),
-    Column("paper_mean_confidence", pa.float32(), "paper", nullable=True, finite=True),
-    Column("paper_max_entropy", pa.float32(), "paper", nullable=True, finite=True),
-    Column("paper_min_confidence", pa.float32(), "paper", nullable=True, finite=True),
+    Column("run_id", pa.string(), "identity", doc=(
+        "the profiling run that made the row; its cost model and machine are in the file's "
+        "metadata (`runs`)")),
+    Column("draft_model", pa.string(), "identity", doc="the draft: a Hugging Face id or folder"),
+    Column("draft_kind", pa.string(), "identity", nullable=True, doc=(
+        "`lm`: a causal LM drafting on its own; `feature`: a draft that reads the target's "
+        "hidden states (speckv.llm.feature_draft), whose drafted tokens are settled one step "
+        "later; empty in older files (read as `lm`)")),
+    Column("target_model", pa.string(), "identity", doc=(
+        "the target: a Hugging Face id, folder or GGUF file")),
+    Column("compression", pa.string(), "identity", doc=(
+        "how the target is quantized: `fp16`, `int8` or `nf4`")),
+    Column("compute_dtype", pa.string(), "identity", doc=(
+        "the dtype the target computed in, e.g. `bfloat16`")),
+    Column("task", pa.string(), "identity", doc="`code`, `math`, `chat` or `summarization`"),
+    Column("prompt_id", pa.string(), "identity", doc=(
+        "the prompt's id in its suite (speckv.prompts), e.g. `HumanEval-0`")),
+    Column("step", pa.int32(), "identity", doc=(
+        "the step's index in its answer (in a trace, equal to `position`)")),
+    Column("position", pa.int32(), "identity", doc=(
+        "tokens of the answer emitted before this step (0 at the first), prompt excluded: "
+        "`log_position` is log(1 + position)")),
+    Column("seq_len", pa.int32(), "identity", nullable=True, doc=(
+        "the answer's length in tokens (n)")),
+    Column("max_new_tokens", pa.int32(), "identity", nullable=True, doc=(
+        "the decoder's budget of new tokens (M)")),
+    Column("temperature", pa.float32(), "identity", doc="sampling temperature; 0 is greedy"),
+    Column("mode", pa.string(), "identity", doc=(
+        "`trace`, `live` or `imported` (the seed paper's CSV)")),
+    Column("replayable", pa.bool_(), "identity", doc=(
+        "whether offline replay may use the row (trace rows)")),
+    Column("draft_entropy", pa.float32(), "decision", nullable=True, finite=True, doc=(
+        "entropy of the draft's first-proposal distribution at this position, in nats "
+        "(temperature 1)")),
+    Column("draft_top1", pa.float32(), "decision", nullable=True, finite=True, doc=(
+        "that distribution's largest probability (0..1)")),
+    Column("draft_margin", pa.float32(), "decision", nullable=True, finite=True, doc=(
+        "its largest minus its second-largest probability (0..1)")),
+    Column("target_top1_prev", pa.float32(), "decision", nullable=True, finite=True, doc=(
+        "the target's probability of the token before this position (0..1; 1.0 at "
+        "position 0)")),
+    Column("agree_ema", pa.float32(), "decision", nullable=True, finite=True, doc=(
+        "EMA of agreement over the positions before this one (ema ← 0.75·ema + 0.25·agreed, "
+        "from 0.5; 0..1)")),
+    Column("agree_run", pa.int32(), "decision", nullable=True, doc=(
+        "consecutive agreements just before this position: a raw count, not capped (the "
+        "feature is min(count, 16) / 16)")),
+    Column("draft_entropy_k", _LIST, "per_position", nullable=True, doc=(
+        f"8 values, entropy (nats) of the draft's distribution for {_K}")),
+    Column("draft_top1_k", _LIST, "per_position", nullable=True, doc=(
+        f"8 values, the largest probability of that distribution for {_K}")),
+    Column("accept_len", pa.int16(), "outcome", doc=(
+        "drafted tokens the target accepts, of `accept_cap` drafted from this position (a "
+        "count)")),
+    Column("accept_cap", pa.int16(), "outcome", doc=(
+        "where that observation is cut off: min(8, M − position − 1, n − position) in a "
+        "trace, the tokens drafted in a live step; `accept_len == accept_cap` means at "
+        "least that many")),
+    Column("accept_prob_k", _LIST, "outcome", nullable=True, doc=(
+        "sampling only: per drafted token, its acceptance probability min(1, p/q)")),
+    Column("tree_accept_len", _LIST, "outcome", nullable=True, doc=(
+        "trace: one value per tree of speckv.runtime.proposal.TREES, the tokens the tree "
+        "grown from this position accepts (its depth cut to M − position − 1, as the decoder "
+        "cuts it; at most n − position)")),
+    Column("lookup_accept", pa.int16(), "lookup", nullable=True, doc=(
+        "trace: leading tokens of the context lookup's proposal here that the answer accepts "
+        "(speckv.runtime.lookup; a count)")),
+    Column("lookup_length", pa.int16(), "lookup", nullable=True, doc=(
+        "tokens the context lookup proposes here (0: no earlier match; at most "
+        "min(8, M − position − 1))")),
+    Column("lookup_match", pa.int16(), "lookup", nullable=True, doc=(
+        "length of the suffix it matched (tokens, 1..4)")),
+    Column("lookup_occurrences", pa.int16(), "lookup", nullable=True, doc=(
+        "earlier occurrences of that suffix (a count)")),
+    Column("lookup_agreeing", pa.int16(), "lookup", nullable=True, doc=(
+        "how many of them were followed by the proposal's first token (a count)")),
+    Column("cost_draft_s", pa.float32(), "cost", nullable=True, finite=True, doc=(
+        "seconds of one draft forward over one token (t_draft), measured once per run")),
+    Column("cost_verify_s", _LIST, "cost", nullable=True, doc=(
+        "9 values, g = 0..8: seconds of one target forward over g + 1 tokens (t_verify[g]; "
+        "g = 0 is a plain step)")),
+    Column("cost_catchup_s", _LIST, "cost", nullable=True, doc=(
+        "seconds of one draft forward over n = 1, 2, … tokens (element n − 1: the catch-up "
+        "forward after unscored tokens); empty where not measured")),
+    Column("cost_tree_draft_s", _LIST, "cost", nullable=True, doc=(
+        "one value per tree of TREES: seconds of growing it after the catch-up (its draft "
+        "forwards and their bookkeeping); empty where not measured")),
+    Column("cost_tree_verify_s", _LIST, "cost", nullable=True, doc=(
+        "one value per tree: seconds of the target's forward over its nodes and the last "
+        "token with the tree's mask")),
+    Column("gamma", pa.int16(), "live", nullable=True, doc=(
+        "live: the γ the policy chose (0: a plain step); empty in a trace, a tree step or a "
+        "lookup step")),
+    Column("drafted", pa.int16(), "live", nullable=True, doc=(
+        "live: tokens the step drafted (a stop rule may end drafting before γ; a tree's "
+        "nodes; a lookup's proposed tokens)")),
+    Column("tree_size", pa.int16(), "live", nullable=True, doc=(
+        "live: the nodes of the tree the step verified (empty: a chain or a plain step); "
+        "`accept_cap` is then its depth")),
+    Column("source", pa.string(), "live", nullable=True, doc=(
+        "live: where the verified tokens came from: `draft` (a chain or a tree) or `lookup` "
+        "(the context lookup, no draft forward); empty for a plain step")),
+    Column("t_step_s", pa.float32(), "live", nullable=True, doc=(
+        "live: wall-clock seconds of the whole step")),
+    Column("t_draft_s", pa.float32(), "live", nullable=True, doc=(
+        "live: seconds in the step's draft forwards")),
+    Column("t_verify_s", pa.float32(), "live", nullable=True, doc=(
+        "live: seconds in the step's target forward")),
+    Column("t_decision_s", pa.float32(), "live", nullable=True, doc=(
+        "live: seconds in the step's decisions (features and policy)")),
+    Column("paper_mean_entropy", pa.float32(), "paper", nullable=True, finite=True, doc=(
+        "imported rows: the seed paper's mean draft entropy over a step's drafted tokens "
+        "(nats; known only after drafting)")),
+    Column("paper_mean_confidence", pa.float32(), "paper", nullable=True, finite=True, doc=(
+        "imported rows: its mean draft top-1 probability over them")),
+    Column("paper_max_entropy", pa.float32(), "paper", nullable=True, finite=True, doc=(
+        "imported rows: its largest draft entropy over them (nats)")),
+    Column("paper_min_confidence", pa.float32(), "paper", nullable=True, finite=True, doc=(
+        "imported rows: its smallest draft top-1 probability over them")),
 )
 COLUMNS: Final = tuple(c.name for c in SCHEMA)
 #: columns added after the first record files were written: absent from a frame (an older
@@ -142,6 +200,38 @@ ARROW_SCHEMA: Final = pa.schema([pa.field(c.name, c.type, nullable=c.nullable) f
 DECISION_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "decision")
 PAPER_FEATURES: Final = ("paper_mean_entropy", "paper_mean_confidence", "paper_max_entropy",
                          "paper_min_confidence")
+
+
+def _type_name(kind: pa.DataType) -> str:
+    if pa.types.is_list(kind):
+        return f"list of {_type_name(kind.value_type)}"
+    return {"float": "float32", "double": "float64"}.get(str(kind), str(kind))
+
+
+def schema_table() -> str:
+    """Every column as a Markdown table: name, type, group and meaning with its unit.
+
+    Data cards embed it between :data:`CARD_BEGIN` and :data:`CARD_END` (a test checks each
+    card against it); ``speckv records columns`` prints it.
+    """
+    lines = ["| column | type | group | meaning (unit) |", "|---|---|---|---|"]
+    for c in SCHEMA:
+        kind = _type_name(c.type) + (", may be empty" if c.nullable else "")
+        lines.append(f"| `{c.name}` | {kind} | {c.group} | {c.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+CARD_BEGIN: Final = "<!-- columns: `speckv records columns --card THIS_FILE` writes this table -->"
+CARD_END: Final = "<!-- end of columns -->"
+
+
+def with_schema_table(card: str, source: str = "the card") -> str:
+    """``card`` (a data card's Markdown) with its column table, between the markers, made anew."""
+    begin, end = card.find(CARD_BEGIN), card.find(CARD_END)
+    if begin < 0 or end < begin:
+        raise RecordError(f"{source} has no column table to fill: put the lines {CARD_BEGIN} "
+                          f"and {CARD_END} where it belongs.")
+    return card[: begin + len(CARD_BEGIN)] + "\n" + schema_table() + card[end:]
 
 
 def _where(path) -> str:

@@ -28,7 +28,15 @@ import pandas as pd
 
 from speckv.prompts import TASKS
 from speckv.records import validate
-from speckv.runtime.features import COMPRESSIONS, FEATURE_NAMES, GAMMA_MAX, GAMMAS, history_arrays
+from speckv.runtime.features import (
+    COMPRESSIONS,
+    FEATURE_NAMES,
+    GAMMA_MAX,
+    GAMMAS,
+    MAX_SKIP_RUN,
+    PRE_FEATURE_NAMES,
+    history_arrays,
+)
 from speckv.runtime.proposal import TREES
 
 DRAFT_S: Final = 0.009
@@ -189,31 +197,34 @@ def add_trees_and_lookup(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------- a tiny controller
 def fit_survival_mlp(df: pd.DataFrame, steps: int = 300, hidden: Sequence[int] = (16, 16),
-                     seed: int = 0):
+                     seed: int = 0, pre: bool = False):
     """Fit a :class:`speckv.train.network.SurvivalMLP` to trace rows by censored hazard likelihood.
 
     Continuation k (1..8) is observed as 1 for k <= accept_len, as 0 at k = accept_len + 1
-    when accept_len < accept_cap, and not at all beyond (censored).
+    when accept_len < accept_cap, and not at all beyond (censored). ``pre``: the pre-draft
+    network instead, on the pre-draft vectors of the rows with nothing unsettled.
     """
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads only contend on a shared 2-core machine
     try:
-        return _fit(df, steps, hidden, seed)
+        return _fit(df, steps, hidden, seed, pre)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(df: pd.DataFrame, steps: int, hidden: Sequence[int], seed: int):
+def _fit(df: pd.DataFrame, steps: int, hidden: Sequence[int], seed: int, pre: bool):
     import torch
     from torch.nn import functional as F
 
     from speckv.records import feature_matrix
+    from speckv.runtime.features import pre_from_step_features
     from speckv.train.network import SurvivalMLP
 
     torch.manual_seed(seed)
-    x = torch.as_tensor(feature_matrix(df))
+    x = feature_matrix(df)
+    x = torch.as_tensor(pre_from_step_features(x, x, 0) if pre else x)
     acc = torch.as_tensor(df["accept_len"].to_numpy(np.int64))[:, None]
     cap = torch.as_tensor(df["accept_cap"].to_numpy(np.int64))[:, None]
     k = torch.arange(1, GAMMA_MAX + 1)[None, :]
@@ -231,16 +242,21 @@ def _fit(df: pd.DataFrame, steps: int, hidden: Sequence[int], seed: int):
     return mlp.eval()
 
 
-def save_checkpoint(mlp, path: str | Path, hidden: Sequence[int] = (16, 16)) -> Path:
-    """Write ``mlp`` in the checkpoint layout :func:`speckv.train.network.load_checkpoint` reads."""
+def save_checkpoint(mlp, pre_mlp, path: str | Path, hidden: Sequence[int] = (16, 16)) -> Path:
+    """Write the step network ``mlp`` and the pre-draft network ``pre_mlp`` (both with hidden
+    layers ``hidden``) in the checkpoint layout :func:`speckv.train.network.load_checkpoint`
+    reads."""
     import torch
 
     path = Path(path)
-    meta = {"mlp_config": {"n_features": len(FEATURE_NAMES), "gamma_max": GAMMA_MAX,
-                           "hidden": list(hidden)},
-            "feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS),
+    config = {"gamma_max": GAMMA_MAX, "hidden": list(hidden)}
+    meta = {"mlp_config": {"n_features": len(FEATURE_NAMES), **config},
+            "pre_mlp_config": {"n_features": len(PRE_FEATURE_NAMES), **config},
+            "feature_names": list(FEATURE_NAMES), "pre_feature_names": list(PRE_FEATURE_NAMES),
+            "gammas": list(GAMMAS), "max_skip_run": MAX_SKIP_RUN,
             "compressions": list(COMPRESSIONS), "feature_set": "decision",
             "objective": "tokens_per_s", "data_fingerprint": "synthetic"}
     state = {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
+    state |= {f"pre_mlp.{k}": v for k, v in pre_mlp.state_dict().items()}
     torch.save({"speckv": meta, "state_dict": state}, path)
     return path

@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--records", nargs="+", metavar="R",
                         help=f"trace record files (default: {DEFAULT_RECORDS})")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", metavar="C", help="training checkpoint (.ckpt, or a run folder)")
+    src.add_argument("--ckpt", metavar="C",
+                     help="training checkpoint (.ckpt, or a run folder); it makes both "
+                          "decisions of a step as the file exported from it does")
     src.add_argument("--controller", metavar="X.onnx",
                      help=f"exported controller (default: {DEFAULT_CONTROLLER} if present)")
     parser.add_argument("--json", action="store_true",

@@ -30,6 +30,7 @@ def _summary(report: Mapping[str, Any]) -> str:
     lines = [
         f"wrote {report['out']} ({report['bytes']} bytes, opset {report['opset']}, "
         f"{len(report['nodes'])} nodes: {' '.join(report['nodes'])})",
+        f"  metadata  also in {report['sidecar']} (with the file's SHA-256)",
         f"  from      {report.get('checkpoint', '(in memory)')}",
         f"  scaling   {rw['scaling']}; removed {rw['removed'] or 'nothing'}",
         f"  parity    {p['rows']} {p['source']} rows: max |Δ expected tokens| "

@@ -130,7 +130,24 @@ def records_main(argv: list[str]) -> int:
     f.add_argument("records", nargs="*", type=Path)
     f.add_argument("--out", type=Path, default=Path(paths.DEMO_FIGURES))
     f.add_argument("--json", action="store_true")
+    c = sub.add_parser("columns", help="the records' columns with their units, as a Markdown "
+                                       "table (the schema: speckv.records.SCHEMA)")
+    c.add_argument("--card", type=Path, help="write the table into this data card, between "
+                                             "its column markers, instead of printing it")
     args = ap.parse_args(argv)
+    if args.cmd == "columns":
+        from speckv.atomic import atomic_write
+        from speckv.records import schema_table, with_schema_table
+
+        if args.card is None:
+            print(schema_table(), end="")
+            return 0
+        if not args.card.is_file():
+            raise ProfileError(f"--card {args.card} does not exist; pass a data card (README.md).")
+        text = with_schema_table(args.card.read_text(), str(args.card))
+        atomic_write(args.card, lambda tmp: Path(tmp).write_text(text))
+        print(f"wrote the column table into {args.card}")
+        return 0
     if args.cmd == "figures":
         from speckv.evaluate.data_figures import write_figures
         from speckv.records import resolve_records

@@ -25,6 +25,8 @@ How it is made:
    parity rows (both decisions, batch calls and the one-decision hot path), timed, and only
    then renamed over
    ``--out``. A failed export leaves no partial file and keeps the previous one.
+5. Its metadata is written beside it as JSON (``NAME.json``, :mod:`speckv.runtime.sidecar`),
+   with the file's SHA-256, for clients whose onnxruntime has no metadata API.
 
 torch and onnx are imported when an export runs, not when this module is imported.
 """
@@ -68,6 +70,7 @@ from speckv.runtime.contract import (
     survival_width,
 )
 from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
+from speckv.runtime.sidecar import write_sidecar
 
 if TYPE_CHECKING:
     import onnx
@@ -653,9 +656,11 @@ def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.P
                              if latency_calls else None)
 
     atomic_write(out, write_and_check)
+    sidecar = write_sidecar(out)  # its digest names these bytes: never stale unnoticed
     parity, latency = checks["parity"], checks["latency"]
     return {
         "out": str(out),
+        "sidecar": str(sidecar),
         "bytes": len(data),
         "opset": opset,
         "format_version": FORMAT_VERSION,

@@ -229,42 +229,72 @@ def template_key(text: str) -> str:
     return " ".join(masked.split())
 
 
-def _shingles(text: str, k: int = 5) -> set[tuple[str, ...]]:
-    words = _WORD.findall(template_key(text))
+def _words(text: str) -> list[str]:
+    return _WORD.findall(template_key(text))
+
+
+def _shingles(words: list[str], k: int = 5) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + k]) for i in range(max(1, len(words) - k + 1))}
+
+
+def _content(words: list[str], frame: set[tuple[str, ...]], k: int = 5) -> set[tuple[str, ...]]:
+    """The 5-grams of ``words`` that hold no word of the frame (a word inside a frame 5-gram):
+    the passage, docstring or task of a prompt without the instructions around it."""
+    framed = [False] * len(words)
+    for i in range(max(1, len(words) - k + 1)):
+        if tuple(words[i : i + k]) in frame:
+            framed[i : i + k] = [True] * len(words[i : i + k])
+    return {tuple(words[i : i + k]) for i in range(max(1, len(words) - k + 1))
+            if not any(framed[i : i + k])}
+
+
+#: content 5-grams two prompts must share at least (8 words in a row) to be the same by content
+MIN_SHARED_CONTENT: Final = 4
 
 
 def overlap(pool: Iterable[Prompt], held_out: Iterable[Prompt], threshold: float = 0.5,
             frame: int = 5) -> list[tuple[str, str]]:
-    """Pairs ``(pool id, held-out id)`` that are the same prompt or near-duplicates: the same
-    template with other numbers or names, or sharing ``threshold`` of the smaller prompt's
-    word 5-grams (numbers and names masked). 5-grams found in ``frame`` or more held-out
-    prompts are the wording around a task ("Write a Python function that ...") and do not
-    count; the task, topic or passage inside is what makes two prompts the same."""
+    """Pairs ``(pool id, held-out id)`` that are the same prompt or near-duplicates.
+
+    Word 5-grams (numbers and names masked) found in ``frame`` or more held-out prompts are
+    the frame: the wording around a task ("Write a Python function that ..."), which does not
+    count. Two prompts are near-duplicates when they are one template with other numbers or
+    names, or share ``threshold`` of the smaller prompt's 5-grams outside the frame, or share
+    ``threshold`` of the smaller prompt's *content* (its 5-grams with no frame word in them)
+    and at least :data:`MIN_SHARED_CONTENT` of them. The last catches a passage that one
+    prompt wraps in long instructions and another quotes in part (a docstring sentence in
+    both a summarization passage and a coding task), where the 5-grams that straddle the
+    instructions would otherwise outweigh the shared text.
+    """
     pool, held = list(pool), list(held_out)
     keys = {template_key(p.text): p.prompt_id for p in held}
-    pool_grams = [_shingles(p.text) for p in pool]
-    grams = [_shingles(p.text) for p in held]
+    held_words = [_words(p.text) for p in held]
+    grams = [_shingles(w) for w in held_words]
     seen_in = Counter(s for g in grams for s in g)  # held-out only: a pool's subset checks alike
     common = {s for s, n in seen_in.items() if n >= frame}
     grams = [g - common for g in grams]
+    contents = [_content(w, common) for w in held_words]
     index: dict[tuple[str, ...], list[int]] = {}
     for i, g in enumerate(grams):
         for s in g:
             index.setdefault(s, []).append(i)
     out = []
-    for p, mine in zip(pool, pool_grams, strict=True):
+    for p in pool:
         key = template_key(p.text)
         if key in keys:
             out.append((p.prompt_id, keys[key]))
             continue
-        mine = mine - common
+        words = _words(p.text)
+        mine, content = _shingles(words) - common, _content(words, common)
         counts: dict[int, int] = {}
         for s in mine:
             for i in index.get(s, ()):
                 counts[i] = counts.get(i, 0) + 1
         for i, shared in counts.items():
-            if shared >= max(1.0, threshold * min(len(mine), len(grams[i]))):
+            same_content = len(content & contents[i])
+            if shared >= max(1.0, threshold * min(len(mine), len(grams[i]))) or (
+                    same_content >= max(MIN_SHARED_CONTENT,
+                                        threshold * min(len(content), len(contents[i])))):
                 out.append((p.prompt_id, held[i].prompt_id))
                 break
     return out

@@ -55,6 +55,7 @@ from speckv.runtime.features import (
     token_stats,
 )
 from speckv.runtime.reference import NumpyController
+from speckv.runtime.sidecar import check_sidecar
 
 __all__ = [
     "COMPRESSIONS",
@@ -81,6 +82,7 @@ __all__ = [
     "Prediction",
     "RowStats",
     "StepCosts",
+    "check_sidecar",
     "costs_from",
     "drafting_costs",
     "pre_features",

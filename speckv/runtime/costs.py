@@ -14,7 +14,8 @@ draft catches up on all of them in one batched forward. ``t_catchup[n]`` is meas
 (:func:`speckv.decode.decoder.measure_catchup`); without a measurement it is taken as
 ``t_draft`` for every ``n``, which gives the v1 formula ``γ·t_draft + t_verify[γ]``
 (:func:`step_costs`) and under-prices long catch-ups. Beyond the measured sizes it is
-extrapolated linearly from the last two.
+extrapolated linearly from the last two, never downwards (one rule, :func:`_slope`, for the
+controller's costs and replay's time accounting).
 
 The decoder measures these numbers (:mod:`speckv.decode.costs`), records carry them, replay
 and training score policies with them, and the exported controller takes them as inputs, so
@@ -30,8 +31,9 @@ import numpy as np
 
 from speckv.runtime.features import GAMMA_MAX, GAMMAS, MAX_UNSETTLED
 
-#: catch-up sizes a speckv policy can meet (a bonus token, then MAX_SKIP_RUN plain steps,
-#: then the last token); the measured table covers them.
+#: catch-up sizes a speckv policy can meet with a causal-LM draft (a bonus token, then
+#: MAX_SKIP_RUN plain steps, then the last token); the measured table covers them. A draft
+#: that reads the target's states can meet MAX_UNSETTLED_READING_TARGET + 1: extrapolated.
 CATCHUP_MAX: Final = MAX_UNSETTLED + 1
 
 
@@ -66,8 +68,7 @@ def catchup_table(cost_draft_s, cost_catchup_s=None, size: int = CATCHUP_MAX) ->
     if m == 1:
         filled = np.broadcast_to(measured[..., :1], out.shape)
     else:
-        # a longer forward never costs less: timing noise can make the last two measured
-        # sizes decrease, and a negative slope would extrapolate to negative seconds
+        # _slope's rule, per row: a negative slope would extrapolate to negative seconds
         slope = np.maximum(measured[..., -1:] - measured[..., -2:-1], 0.0)
         extra = measured[..., -1:] + slope * np.maximum(n - m, 0)
         filled = np.where(n <= m, measured[..., np.minimum(n, m) - 1], extra)
@@ -75,13 +76,18 @@ def catchup_table(cost_draft_s, cost_catchup_s=None, size: int = CATCHUP_MAX) ->
     return np.where(ok, filled, out)
 
 
+def _slope(table: Sequence[float]) -> float:
+    """Seconds per token beyond a table's last size: its last step, never negative (a longer
+    forward never costs less; timing noise can make the last two sizes decrease)."""
+    return max(float(table[-1]) - float(table[-2]), 0.0) if len(table) > 1 else 0.0
+
+
 def catchup_seconds(table: Sequence[float], n: int) -> float:
-    """``t_catchup[n]`` from a table for ``1..len(table)``, extrapolated linearly beyond."""
+    """``t_catchup[n]`` from a table for ``1..len(table)``, extrapolated as :func:`_slope` says."""
     size = len(table)
     if n <= size:
         return table[n - 1]
-    slope = table[-1] - table[-2] if size > 1 else 0.0
-    return table[-1] + slope * (n - size)
+    return table[-1] + _slope(table) * (n - size)
 
 
 def catchup_vector(table: np.ndarray, count: int) -> np.ndarray:
@@ -89,8 +95,8 @@ def catchup_vector(table: np.ndarray, count: int) -> np.ndarray:
     table = np.asarray(table, dtype=np.float64)
     size = len(table)
     n = np.arange(1, count + 1)
-    slope = table[-1] - table[-2] if size > 1 else 0.0
-    return np.where(n <= size, table[np.minimum(n, size) - 1], table[-1] + slope * (n - size))
+    return np.where(n <= size, table[np.minimum(n, size) - 1],
+                    table[-1] + _slope(table) * (n - size))
 
 
 def drafting_costs(cost_draft_s, cost_verify_s, cost_catchup_s=None, unseen=1) -> np.ndarray:

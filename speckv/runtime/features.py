@@ -59,6 +59,10 @@ RUN_CAP: Final = 16
 MAX_SKIP_RUN: Final = 16
 #: unsettled tokens at most: a bonus token, then MAX_SKIP_RUN plain steps.
 MAX_UNSETTLED: Final = MAX_SKIP_RUN + 1
+#: the same for a draft that reads the target's hidden states (``draft_kind`` "feature"): the
+#: next catch-up settles its drafted tokens too, so a fully accepted step leaves GAMMA_MAX
+#: (every emitted token but the first), then come MAX_SKIP_RUN plain steps.
+MAX_UNSETTLED_READING_TARGET: Final = GAMMA_MAX + MAX_SKIP_RUN
 UNSETTLED_CAP: Final = 16
 
 #: names and order of the step (γ) feature vector (the ONNX metadata repeats them).
@@ -201,17 +205,17 @@ class History:
         if self.pending:
             raise ValueError(f"{len(self.pending)} earlier token(s) are deferred: settle them "
                              "first (History.settle_deferred), in position order.")
-        self._settle(agreed, target_top1)
+        self._settle(agreed, _probability(target_top1))
 
     def _settle(self, agreed: bool, target_top1: float) -> None:
         self.ema = (1 - EMA_ALPHA) * self.ema + EMA_ALPHA * float(agreed)
         self.run = self.run + 1 if agreed else 0
         self.position += 1
-        self.target_top1_prev = float(target_top1)
+        self.target_top1_prev = target_top1
 
     def defer(self, target_top1: float) -> None:
         """A token was emitted whose agreement the draft has not computed yet."""
-        self.pending.append(float(target_top1))
+        self.pending.append(_probability(target_top1))
 
     def settle_deferred(self, agreed: Sequence[bool]) -> None:
         """The draft's verdicts on the deferred tokens, oldest first (one per token)."""
@@ -236,6 +240,16 @@ class History:
     def last_top1(self) -> float:
         """The target's probability of the last token it emitted (settled or not)."""
         return self.pending[-1] if self.pending else self.target_top1_prev
+
+
+def _probability(target_top1: float) -> float:
+    """``target_top1`` as a float, or ValueError when it is not a probability."""
+    value = float(target_top1)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"target_top1 must be the target's probability of the emitted token, "
+                         f"in [0, 1]; got {target_top1!r}. Pass softmax(target logits)[token], "
+                         "not a logit or a log-probability.")
+    return value
 
 
 def history_arrays(agree: np.ndarray, target_top1: np.ndarray, prior_top1: float = 1.0):

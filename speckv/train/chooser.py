@@ -1,7 +1,11 @@
 """A chooser backed by a training checkpoint, so a controller can be evaluated or decoded
 with before it is exported (torch; the exported ONNX file needs none).
 
-:func:`policy_from_spec` is :func:`speckv.policies.from_spec` with ``ckpt:PATH`` enabled.
+It makes both decisions of a step as the file exported from the same checkpoint does
+(:class:`speckv.train.network.ControllerGraph` is what ``speckv export`` writes): before the
+draft runs, speculate or not from the pre-draft network; after its first proposal, γ from
+the step network. :func:`policy_from_spec` is :func:`speckv.policies.from_spec` with
+``ckpt:PATH`` enabled.
 """
 
 from __future__ import annotations
@@ -13,21 +17,32 @@ from typing import Any
 import numpy as np
 
 from speckv.policies import Objective, Policy, PolicyError, from_spec
-from speckv.runtime.features import FEATURE_NAMES, GAMMAS
+from speckv.runtime.features import FEATURE_NAMES, GAMMAS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
 from speckv.train.checkpoint import newest_readable
 from speckv.train.network import ControllerGraph, load_checkpoint
 
 
 class TorchChooser:
-    """A chooser backed by a training checkpoint (torch; for evaluation before export)."""
+    """Both decisions from a training checkpoint (torch; for evaluation before export).
 
-    def __init__(self, graph: Any, meta: Mapping[str, Any] | None = None) -> None:
+    The same calls as the runtime ``Controller`` that :class:`speckv.policies.Learned` uses:
+    ``speculate`` / ``speculate_batch`` (pre-draft features, costs, plain-step cost -> draft
+    this step?), ``choose`` / ``choose_batch`` (step features, costs -> γ) and
+    ``max_skip_run`` (plain steps in a row before a probe).
+    """
+
+    def __init__(self, graph: ControllerGraph, meta: Mapping[str, Any] | None = None) -> None:
+        if graph.pre_mlp is None:
+            raise PolicyError("This controller has no pre-draft network, so it cannot decide "
+                              "whether to speculate: retrain it (`python -m speckv.train fit`).")
         self.graph = graph.eval()
         self.meta = dict(meta or {})
+        self.max_skip_run = int(self.meta.get("max_skip_run", MAX_SKIP_RUN))
 
     @classmethod
     def load(cls, path: str | Path) -> TorchChooser:
-        """Read ``path`` with :func:`speckv.train.network.load_checkpoint`; check features and γs.
+        """Read ``path`` with :func:`speckv.train.network.load_checkpoint`; check both feature
+        vectors, the γs and that it has the pre-draft network.
 
         A directory stands for the newest readable ``*.ckpt`` file under it (a training run's
         folder; a damaged newer one is skipped with a warning).
@@ -57,8 +72,20 @@ class TorchChooser:
         if gammas != GAMMAS:
             raise PolicyError(f"Checkpoint {path} scores γ in {list(gammas)}; speckv replays "
                               f"γ in {list(GAMMAS)}. Retrain with the default candidates.")
+        pre_mlp = meta.get("pre_mlp")
+        if pre_mlp is None:
+            raise PolicyError(f"Checkpoint {path} has no pre-draft network (it was trained "
+                              "before controller format 2), so it cannot decide whether to "
+                              "speculate as an exported controller does. Retrain it with this "
+                              "speckv (`python -m speckv.train fit`) and evaluate the new "
+                              "checkpoint.")
+        pre_names = tuple(meta.get("pre_feature_names", ()))
+        if pre_names != PRE_FEATURE_NAMES:
+            raise PolicyError(f"Checkpoint {path} was trained on pre-draft features "
+                              f"{list(pre_names)}, not speckv's {list(PRE_FEATURE_NAMES)}. "
+                              "Retrain it with this speckv (`python -m speckv.train fit`).")
         trees = tuple(tuple(int(v) for v in t) for t in meta.get("trees") or ())
-        return cls(ControllerGraph(mlp, GAMMAS, meta.get("pre_mlp"), trees), meta)
+        return cls(ControllerGraph(mlp, GAMMAS, pre_mlp, trees), meta)
 
     @property
     def n_options(self) -> int:
@@ -66,6 +93,7 @@ class TorchChooser:
         return len(self.graph.gammas)
 
     def choose_batch(self, features: np.ndarray, costs: np.ndarray) -> np.ndarray:
+        """γ for each row: ``[n, F]``, ``[n, G]`` -> int64 ``[n]``."""
         import torch
 
         with torch.inference_mode():
@@ -75,6 +103,23 @@ class TorchChooser:
 
     def choose(self, features: np.ndarray, costs: np.ndarray) -> int:
         return int(self.choose_batch(np.asarray(features)[None], np.asarray(costs)[None])[0])
+
+    def speculate_batch(self, pre_features: np.ndarray, costs: np.ndarray,
+                        plain_cost: np.ndarray) -> np.ndarray:
+        """Draft this step? ``[n, P]``, ``[n, G]``, ``[n]`` -> bool ``[n]``."""
+        import torch
+
+        pre = np.asarray(pre_features, np.float32)
+        plain = np.asarray(plain_cost, np.float32).reshape(-1, 1)
+        with torch.inference_mode():
+            speculate, _, _ = self.graph.pre(torch.as_tensor(pre),
+                                             torch.as_tensor(np.asarray(costs, np.float32)),
+                                             torch.as_tensor(plain))
+        return speculate.numpy().astype(bool)
+
+    def speculate(self, pre_features: np.ndarray, costs: np.ndarray, plain_cost: float) -> bool:
+        return bool(self.speculate_batch(np.asarray(pre_features)[None],
+                                         np.asarray(costs)[None], np.array([plain_cost]))[0])
 
 
 def policy_from_spec(spec: str, *, objective: Objective = "tokens_per_s") -> Policy | None:

@@ -1,7 +1,7 @@
 """``python -m speckv.train fit|validate|test|predict``: the LightningCLI entry point.
 
 With no arguments, ``fit`` trains on every bundled record set (``datamodules/*/``) with the
-tuned values that ship inside the package, one file per LightningCLI group
+settings that ship inside the package, one file per LightningCLI group
 (``speckv/train/configs/{trainer,model,data}.yaml``, read through importlib.resources, so an
 installed wheel trains with the same settings); runs log to TensorBoard under
 ``lightning_logs/``, where ``version_N/config.yaml`` reproduces the run. Values derived from

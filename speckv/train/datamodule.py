@@ -9,10 +9,12 @@ each candidate γ (for the policy value logged during validation).
 The pre-draft vector of a trace row at position p is built as the decoder would see it with
 ``u`` emitted tokens not yet scored by the draft (a bonus token, plain steps): the trace's
 history at ``p - u`` (:func:`speckv.runtime.features.pre_from_step_features`). ``u`` is drawn
-per row, uniformly from 0 to ``min(p, MAX_UNSETTLED)`` (seeded), so the pre-draft network
-sees every staleness a policy with probes can meet; the row's costs include the catch-up
-over ``u + 1`` tokens. Live rows were recorded at decision time (``u = 0``); imported rows
-have no history (its prior values stand in).
+per row, uniformly from 0 to ``min(p, bound)`` (seeded), where ``bound`` is the most a decoder
+with that row's draft leaves unsettled: ``MAX_UNSETTLED`` (17) for a causal-LM draft,
+``MAX_UNSETTLED_READING_TARGET`` (24) for one that reads the target's states. So the
+pre-draft network sees every staleness a policy with probes can meet; the row's costs
+include the catch-up over ``u + 1`` tokens. Live rows were recorded at decision time
+(``u = 0``); imported rows have no history (its prior values stand in).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from speckv.runtime.features import (
     GAMMAS,
     MAX_SKIP_RUN,
     MAX_UNSETTLED,
+    MAX_UNSETTLED_READING_TARGET,
     PRE_FEATURE_NAMES,
     assemble,
     pre_from_step_features,
@@ -274,7 +277,9 @@ class SpeckvDataModule(L.LightningDataModule):
                          observed=True).ngroup().to_numpy()
         order = np.lexsort((position, key))
         rng = np.random.default_rng(self.hparams.seed)
-        drawn = rng.integers(0, MAX_UNSETTLED + 1, n)
+        reads_target = (df["draft_kind"] == "feature").to_numpy(bool)
+        drawn = rng.integers(0, np.where(reads_target, MAX_UNSETTLED_READING_TARGET,
+                                         MAX_UNSETTLED) + 1)
         unsettled = np.zeros(n, np.int64)
         settled = rows.copy()
         trace = (df["mode"] == "trace").to_numpy()

@@ -84,6 +84,17 @@ def test_the_shipped_controller_loads_and_chooses_a_gamma_on_bundled_rows(bundle
         assert ctrl.choose(features[i], costs[i]) == gammas[i]
 
 
+def test_the_shipped_controller_s_metadata_json_describes_it():
+    """export/speckv.json (for clients without an ONNX metadata API) holds the file's digest
+    and exactly its speckv.* metadata."""
+    from speckv.runtime import Controller, check_sidecar
+
+    props = check_sidecar(CONTROLLER)
+    info = Controller.load(CONTROLLER).info
+    assert props == info.to_metadata()
+    assert json.loads(props["speckv.feature_names"]) == list(FEATURE_NAMES)
+
+
 def _safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
     with path.open("rb") as fh:

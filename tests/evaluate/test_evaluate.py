@@ -532,6 +532,13 @@ def tiny_mlp(synthetic):
     return fit_survival_mlp(synthetic[split_prompts(synthetic) == "train"], steps=150)
 
 
+@pytest.fixture(scope="module")
+def tiny_pre_mlp(synthetic):
+    """The pre-draft network, fitted the same way."""
+    pytest.importorskip("torch")
+    return fit_survival_mlp(synthetic[split_prompts(synthetic) == "train"], steps=150, pre=True)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Batch-1 inference in one thread (two threads crawl on a busy 2-core machine)."""
@@ -543,18 +550,20 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def test_learned_batch_and_step_by_step_replays_agree(tiny_mlp, traces, one_torch_thread):
+def test_learned_batch_and_step_by_step_replays_agree(tiny_mlp, tiny_pre_mlp, traces,
+                                                     one_torch_thread):
     from speckv.train.network import ControllerGraph
 
-    learned = Learned(TorchChooser(ControllerGraph(tiny_mlp, GAMMAS)))
+    learned = Learned(TorchChooser(ControllerGraph(tiny_mlp, GAMMAS, tiny_pre_mlp)))
     batched = replay(traces, learned)
     spy = Spy(learned)  # the spy hides choose_batch: one choose() per decision
     stepwise = replay(traces, spy)
     np.testing.assert_array_equal(batched.steps, stepwise.steps)
     np.testing.assert_allclose(batched.time_s, stepwise.time_s)
     np.testing.assert_array_equal(batched.chosen, stepwise.chosen)
-    assert batched.chosen.sum() == len(spy.max_gammas)
-    assert len(set(np.flatnonzero(batched.chosen.sum(0)))) > 1  # it does vary γ
+    assert batched.chosen[:, 1:].sum() == len(spy.max_gammas)
+    assert batched.chosen[:, 0].sum() > 0  # the pre-draft network declines some steps
+    assert len(set(np.flatnonzero(batched.chosen[:, 1:].sum(0)))) > 1  # it does vary γ
 
 
 def test_learned_onnx_controller_replays_like_its_step_by_step_calls(traces):
@@ -705,10 +714,10 @@ def test_cli_json_prints_one_object_and_writes_the_report(records_file, tmp_path
     assert not list(report.glob(".*"))  # no temporary files left behind
 
 
-def test_cli_with_a_checkpoint_reports_learned_and_p_values(records_file, tiny_mlp, tmp_path,
-                                                            capsys, monkeypatch):
+def test_cli_with_a_checkpoint_reports_learned_and_p_values(records_file, tiny_mlp, tiny_pre_mlp,
+                                                            tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ckpt = save_checkpoint(tiny_mlp, tmp_path / "tiny.ckpt")
+    ckpt = save_checkpoint(tiny_mlp, tiny_pre_mlp, tmp_path / "tiny.ckpt")
     rc = speckv_main(["evaluate", "--records", str(records_file), "--ckpt", str(ckpt),
                       "--json", "--resamples", "1000", "--report", str(tmp_path / "rep")])
     result = json.loads(capsys.readouterr().out)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from locations import ROOT
+from locations import FIXTURES, ROOT
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 import speckv  # noqa: E402
 from speckv.export import graph as export_mod  # noqa: E402
 from speckv.export.graph import ExportError, export_controller, find_checkpoint  # noqa: E402
-from speckv.runtime import Controller, NumpyController  # noqa: E402
+from speckv.runtime import Controller, NumpyController, check_sidecar  # noqa: E402
 from speckv.runtime.contract import FORMAT_VERSION  # noqa: E402
 from speckv.runtime.features import (  # noqa: E402
     COMPRESSIONS,
@@ -104,6 +104,31 @@ def exported(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------- graph
+def test_the_metadata_is_also_written_beside_the_file_as_json(exported, tmp_path):
+    """For clients whose onnxruntime has no metadata API: the same speckv.* entries, and the
+    file's digest, so a JSON left beside another file is caught."""
+    import hashlib
+    import shutil
+
+    from speckv.runtime import ControllerFormatError
+    from speckv.runtime.sidecar import sidecar_path
+
+    _, out, report, _ = exported
+    assert report["sidecar"] == str(sidecar_path(out)) == str(out.with_suffix(".json"))
+    written = json.loads(Path(report["sidecar"]).read_text())
+    assert written["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert written["metadata_props"] == report["metadata"] == check_sidecar(out)
+    # the JSON of one file beside another file is refused
+    other = tmp_path / "speckv.onnx"
+    other.write_bytes((FIXTURES / "controller_tiny.onnx").read_bytes())
+    shutil.copy(report["sidecar"], sidecar_path(other))
+    with pytest.raises(ControllerFormatError, match="sha256"):
+        check_sidecar(other)
+    sidecar_path(other).unlink()
+    with pytest.raises(ControllerFormatError, match="Cannot read"):
+        check_sidecar(other)
+
+
 def test_report_says_parity_holds(exported):
     _, out, report, _ = exported
     parity = report["parity"]
@@ -368,7 +393,9 @@ def test_a_wrong_graph_fails_parity_and_keeps_the_previous_file(tmp_path, monkey
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         export_controller(small_mlp(seed=1), small_meta(64), out, latency_calls=0)
     assert out.read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == ["speckv.onnx"]  # no temporary left
+    # no temporary left, and the JSON beside the file still describes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speckv.json", "speckv.onnx"]
+    check_sidecar(out)
 
 
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):

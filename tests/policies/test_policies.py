@@ -254,18 +254,18 @@ def test_learned_declines_to_speculate_until_a_probe_is_due():
     rows = policy.speculate_batch(np.zeros((4, N_PRE_FEATURES)), np.tile(COSTS, (4, 1)),
                                   np.full(4, 10.0))
     assert rows.tolist() == [False] * 4
-    # a chooser without a pre-draft head (a checkpoint chooser, v1 files) always speculates
+    # a chooser without a pre-draft head always speculates
     assert Learned(RecordingChooser(2)).speculate(pre_ctx())
     assert not hasattr(Learned(RecordingChooser(2)), "speculate_batch")
 
 
-def _constant_mlp(bias: float):
+def _constant_mlp(bias: float, n_features: int = N_FEATURES):
     """A SurvivalMLP whose continuation logits are ``bias`` whatever the input."""
     import torch
 
     from speckv.train.network import SurvivalMLP
 
-    mlp = SurvivalMLP(N_FEATURES, GAMMA_MAX, hidden=(4,))
+    mlp = SurvivalMLP(n_features, GAMMA_MAX, hidden=(4,))
     with torch.no_grad():
         for p in mlp.parameters():
             p.zero_()
@@ -277,8 +277,10 @@ def test_learned_with_a_torch_survival_mlp():
     pytest.importorskip("torch")
     from speckv.train.network import ControllerGraph
 
-    sure = TorchChooser(ControllerGraph(_constant_mlp(8.0), GAMMAS))  # s_k ≈ 1
-    hopeless = TorchChooser(ControllerGraph(_constant_mlp(-8.0), GAMMAS))  # s_k ≈ 0
+    sure = TorchChooser(ControllerGraph(_constant_mlp(8.0), GAMMAS,  # s_k ≈ 1
+                                        _constant_mlp(8.0, N_PRE_FEATURES)))
+    hopeless = TorchChooser(ControllerGraph(_constant_mlp(-8.0), GAMMAS,  # s_k ≈ 0
+                                            _constant_mlp(-8.0, N_PRE_FEATURES)))
     # every draft survives: E[tokens] = 1 + γ; per second (10 + 2γ) the longest γ still wins
     assert Learned(sure).choose(ctx()) == 8
     assert Learned(sure, objective="tokens_per_step").choose(ctx()) == 8
@@ -286,6 +288,14 @@ def test_learned_with_a_torch_survival_mlp():
     assert Learned(hopeless).choose(ctx()) == 1
     feats = np.random.default_rng(0).normal(size=(5, N_FEATURES)).astype(np.float32)
     assert Learned(hopeless).choose_batch(feats, np.tile(COSTS, (5, 1))).tolist() == [1] * 5
+    # before the draft: 9 tokens in 26 s (γ=8, all surviving) beat a plain step's one in
+    # 10 s; with nothing surviving the best is one token in 12 s (γ=1), and a plain step wins
+    assert Learned(sure).speculate(pre_ctx()) and not Learned(hopeless).speculate(pre_ctx())
+    pre = np.zeros((3, N_PRE_FEATURES), np.float32)
+    assert sure.speculate_batch(pre, np.tile(COSTS, (3, 1)), np.full(3, 10.0)).tolist() == \
+        [True] * 3
+    assert hopeless.speculate_batch(pre, np.tile(COSTS, (3, 1)), np.full(3, 10.0)).tolist() == \
+        [False] * 3
 
 
 def test_torch_chooser_loads_checkpoints_and_checks_features(tmp_path):
@@ -294,10 +304,13 @@ def test_torch_chooser_loads_checkpoints_and_checks_features(tmp_path):
 
     from speckv.train.chooser import policy_from_spec
 
-    path = save_checkpoint(_constant_mlp(8.0), tmp_path / "sure.ckpt", hidden=(4,))
+    path = save_checkpoint(_constant_mlp(8.0), _constant_mlp(-8.0, N_PRE_FEATURES),
+                           tmp_path / "sure.ckpt", hidden=(4,))
     policy = policy_from_spec(f"ckpt:{path}")
     assert isinstance(policy, Learned)
     assert policy.choose(ctx()) == 8
+    assert not policy.speculate(pre_ctx())  # the checkpoint's pre-draft network decides
+    assert policy.speculate(pre_ctx(skipped=policy.max_skip_run))  # unless a probe is due
     assert isinstance(policy_from_spec(f"ckpt:{tmp_path}"), Learned)  # newest .ckpt in a run
     # the torch-free policies module refuses a checkpoint and says what to do instead
     with pytest.raises(PolicyError, match=r"policy_from_spec|export"):

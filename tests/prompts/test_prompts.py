@@ -103,6 +103,40 @@ def test_overlap_catches_a_passage_inside_another_frame():
     assert overlap(pool, held) == [("p", "h")]
 
 
+def test_overlap_counts_content_not_the_instructions_around_it():
+    """One sentence of a passage, quoted in a coding task whose instructions are longer than
+    the sentence: counted against all of the task's 5-grams the sentence is a minority, but
+    it is all of the task's content."""
+    sentence = "Guess the extensions for a file based on its MIME type."
+    frame = ("Write a Python function `{name}(type)` that does the following, without using "
+             "the standard library function of the same name. Include a docstring.\n\n{doc}")
+    others = [frame.format(name=f"f{i}", doc=f"Return the {w} of the given object at once.")
+              for i, w in enumerate(("name", "size", "kind", "owner", "state"))]
+    held = [Prompt("code", "task", frame.format(name="guess_all_extensions", doc=sentence)),
+            *(Prompt("code", f"other-{i}", text) for i, text in enumerate(others))]
+    passage = (f"Summarize the following text in two or three sentences.\n\n{sentence} "
+               "Return value is a list of strings giving the possible filename extensions, "
+               "including the leading dot. The extension is not guaranteed to have been "
+               "associated with any particular data stream.")
+    pool = [Prompt("summarization", "passage", passage),
+            Prompt("summarization", "unrelated", "Summarize the following text in two or three "
+                   "sentences.\n\nA file object reads bytes from a stream until it is closed "
+                   "and hands them to the caller in chunks of a fixed size.")]
+    assert overlap(pool, held) == [("passage", "task")]
+
+
+def test_overlap_finds_module_passages_that_quote_a_suite_docstring(full_suites):
+    """The standard library's own text, as the pool's module passages and the suite's coding
+    tasks quote it: mimetypes' docstrings open two passages with guess_all_extensions's."""
+    from speckv.prompts import _module_passages, _summarize
+
+    passages = [Prompt("summarization", f"dsum-{i}", _summarize(p))
+                for i, p in enumerate(_module_passages()) if "Guess the extensions" in p]
+    assert len(passages) >= 2
+    assert {held for _, held in overlap(passages, full_suites)} == \
+        {"api-mimetypes.guess_all_extensions"}
+
+
 def test_families_split_every_source_and_are_stable():
     keys = [f"topic {i}" for i in range(2000)]
     share = sum(family(k) == "suite" for k in keys) / len(keys)

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
-from locations import PAPER_CSV
+from locations import PAPER_CSV, ROOT
 from synthetic import make_records
 
 from speckv.__main__ import main as speckv_main
 from speckv.records import (
+    CARD_BEGIN,
+    CARD_END,
     COLUMNS,
+    SCHEMA,
     RecordError,
     import_paper,
     merge,
     read_records,
+    schema_table,
     split_prompts,
+    with_schema_table,
     write_records,
 )
 
@@ -113,3 +120,38 @@ def test_cli_import_paper_bad_csv_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "lacks column(s)" in err and "Traceback" not in err
     assert not (tmp_path / "o.parquet").exists()
+
+
+# ------------------------------------------------------------------------------ data cards
+CARDS = sorted((ROOT / "datamodules").glob("*/README.md"))
+
+
+def test_every_column_says_what_it_holds_and_the_table_lists_them_all():
+    table = schema_table()
+    for column in SCHEMA:
+        assert len(column.doc) > 10, f"{column.name} has no meaning in speckv.records.SCHEMA"
+        assert f"| `{column.name}` |" in table
+    assert table.count("\n| `") == len(SCHEMA)
+
+
+@pytest.mark.parametrize("card", CARDS, ids=lambda p: p.parent.name)
+def test_each_data_card_lists_the_columns_as_the_schema_says(card):
+    """The card's column table is the schema's, word for word: it cannot drift."""
+    text = card.read_text()
+    assert with_schema_table(text, str(card)) == text, (
+        f"{card}'s column table differs from speckv.records.SCHEMA: run `python -m speckv "
+        f"records columns --card {card.relative_to(ROOT)}`")
+    listed = re.findall(r"^\| `(\w+)` \|", text, flags=re.M)
+    assert listed == list(COLUMNS)
+
+
+def test_records_columns_prints_the_table_and_fills_a_card(tmp_path, capsys):
+    assert speckv_main(["records", "columns"]) == 0
+    assert capsys.readouterr().out == schema_table()
+    card = tmp_path / "README.md"
+    card.write_text(f"# A card\n\n{CARD_BEGIN}\n| stale |\n{CARD_END}\nafter\n")
+    assert speckv_main(["records", "columns", "--card", str(card)]) == 0
+    assert card.read_text() == f"# A card\n\n{CARD_BEGIN}\n{schema_table()}{CARD_END}\nafter\n"
+    card.write_text("# A card without the markers\n")
+    assert speckv_main(["records", "columns", "--card", str(card)]) == 2
+    assert CARD_BEGIN in capsys.readouterr().err

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from guide import cpp_example
 from locations import ROOT
 
 from speckv.paths import cache_dir
@@ -106,6 +107,14 @@ def _check(result: subprocess.CompletedProcess, speculate: np.ndarray, gamma: np
     got = [json.loads(line) for line in result.stdout.splitlines()]
     assert [g["speculate"] for g in got] == speculate.tolist()
     assert [g["gamma"] for g in got] == gamma.tolist()
+
+
+def test_the_guide_s_example_line_gives_the_guide_s_answer(choose_gamma):
+    """docs/EMBEDDING.md, section 7, as written there."""
+    numbers, said = cpp_example()
+    result = _run(choose_gamma, CONTROLLER, lines=[" ".join(f"{x:g}" for x in numbers)])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == said
 
 
 def test_cpp_decides_as_python(choose_gamma, decisions):

@@ -175,3 +175,17 @@ def test_step_costs_object():
         StepCosts(0.01, [0.1] * 3)
     with pytest.raises(ValueError, match="finite seconds"):
         StepCosts(0.0, [0.1] * 9)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.01, float("nan"), 3.2])
+def test_a_target_top1_that_is_not_a_probability_is_refused(bad):
+    """A logit or log-probability passed by mistake would silently skew both vectors."""
+    history = History()
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        history.settle(True, bad)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        history.defer(bad)
+    assert history.position == 0 and history.unsettled == 0  # nothing half-recorded
+    history.settle(True, 1.0)
+    history.defer(0.0)
+    assert (history.target_top1_prev, history.last_top1) == (1.0, 0.0)

@@ -118,6 +118,24 @@ def test_datamodule_builds_pre_draft_examples_as_the_decoder_would_see_them(tmp_
     np.testing.assert_allclose(dm.pre_mean, x_pre.mean(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind, most", [("lm", MAX_SKIP_RUN + 1),  # a bonus token, then plain
+                                         ("feature", GAMMA_MAX + MAX_SKIP_RUN)])  # 8, then plain
+def test_pre_draft_examples_cover_the_staleness_the_decoder_leaves(tmp_path, kind, most):
+    """A feature draft leaves every token of a fully accepted step but the first unsettled, so
+    its decoder can reach 24 unsettled tokens (a catch-up over 25): training covers all of
+    them, and no more; a causal-LM draft reaches 17."""
+    df = make_records(prompts_per_task=6, min_len=45, max_len=50, seed=2, compressions=("fp16",))
+    step = 0.002  # catch-up seconds per token, so the costs tell each row's u
+    df["cost_catchup_s"] = [np.asarray(0.009 + step * np.arange(4), np.float32)] * len(df)
+    df["draft_kind"] = kind
+    dm = SpeckvDataModule(records=str(write_records(df, tmp_path / "r.parquet")))
+    dm.setup("fit")
+    data = dm.batch_dict(dm._splits["train"].tensors)
+    verify = float(df["cost_verify_s"].iat[0][1])
+    u = np.rint((data["costs"].numpy()[:, 0] - verify - 0.009) / step).astype(int)
+    assert set(u.tolist()) == set(range(most + 1))
+
+
 def test_fit_then_test_writes_checkpoint_config_and_tensorboard(record_file, tmp_path):
     root = tmp_path / "runs"
     assert train_main(fit_args(record_file, root, "--trainer.max_epochs", "3")) == 0
