@@ -232,8 +232,7 @@ def _hf_speckv_factory(methods: list[str]) -> RunnerFactory:
 def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    from speckv.decode.costs import measure_costs
-    from speckv.decode.decoder import with_catchup
+    from speckv.decode.decoder import measure_step_costs
     from speckv.decode.dtype import resolve_dtype
     from speckv.evaluate.replay import SPLIT_SEED, SPLIT_TEST, SPLIT_VAL
     from speckv.llm.load import COMPRESSIONS, load_draft_for, load_model
@@ -338,8 +337,7 @@ def main(argv: list[str]) -> int:
             if needs_hf_draft and hf_draft is None:
                 hf_draft = (load_draft_for(args.hf_draft, target, dtype) if args.hf_draft
                             else draft)
-            costs = (with_catchup(measure_costs(draft, target), draft)
-                     if draft is not None else None)
+            costs = measure_step_costs(draft, target) if draft is not None else None
             bar.set_postfix_str(comp)
             by_comp[comp] = bench_compression(target, draft, prompts, methods,
                                               args.max_new_tokens, costs, bar, args.repeats,

@@ -20,8 +20,8 @@ from speckv.decode.decoder import (
     DecodeError,
     SpeculativeDecoder,
     StepView,
+    measure_step_costs,
     records_frame,
-    with_catchup,
 )
 from speckv.paths import find_file
 from speckv.policies import Learned, Policy
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from speckv.decode.costs import CostModel, measure_costs
+    from speckv.decode.costs import CostModel
     from speckv.decode.dtype import resolve_dtype
     from speckv.llm.load import load_draft_for, load_model
     from speckv.prompts import Prompt, chat_ids, load_jsonl
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
              target.compute_dtype, target.load_s, spec)
     if costs is None and draft is not None and (needs_costs(policy) or args.save_costs is not None):
         started = time.perf_counter()
-        costs = with_catchup(measure_costs(draft, target), draft)
+        costs = measure_step_costs(draft, target)
         if choice is not None:  # the saved cost file says how its dtype was chosen
             costs.extra = {**costs.extra, "dtype_auto": choice.to_json()}
         log.info("measured step costs in %.1fs: draft %.1f ms/token, verify %s ms",

@@ -867,6 +867,20 @@ def with_catchup(costs: CostModel, draft: torch.nn.Module | LoadedModel, **kwarg
     return dataclasses.replace(costs, cost_catchup_s=catchup)
 
 
+def measure_step_costs(draft: torch.nn.Module | LoadedModel,
+                       target: torch.nn.Module | LoadedModel) -> CostModel:
+    """Every cost a policy is priced with, measured for this pair on this machine: the draft
+    token and the target's verify forwards (:func:`speckv.decode.costs.measure_costs`), the
+    catch-up forward per size (:func:`with_catchup`) and, where both models take a tree's
+    4-D mask, each tree's growth and verify (:func:`speckv.decode.costs.measure_tree_costs`)."""
+    from speckv.decode.costs import measure_costs, measure_tree_costs
+
+    costs = with_catchup(measure_costs(draft, target), draft)
+    if supports_4d_masks(module_of(target)) and supports_4d_masks(module_of(draft)):
+        costs = measure_tree_costs(costs, draft, target)
+    return costs
+
+
 def records_frame(steps: list[dict[str, Any]]) -> pd.DataFrame:
     """Step records as a frame in ``speckv.records.COLUMNS`` order, validated."""
     import pandas as pd

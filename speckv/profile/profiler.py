@@ -205,9 +205,7 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
     import torch
     from tqdm import tqdm
 
-    from speckv.decode.costs import measure_costs, measure_tree_costs
-    from speckv.decode.decoder import with_catchup
-    from speckv.decode.tree import supports_4d_masks
+    from speckv.decode.decoder import measure_step_costs
     from speckv.llm.feature_draft import is_feature_draft
     from speckv.llm.load import load_draft_for, load_model, load_tokenizer, resolve_device
 
@@ -274,9 +272,7 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         # the catch-up forward (over the tokens the last step emitted, more after plain
         # steps; every emitted token for a feature-conditioned draft) is timed too
-        cost = with_catchup(measure_costs(drafter, tgt), drafter)
-        if supports_4d_masks(tgt.model) and supports_4d_masks(drafter.model):
-            cost = measure_tree_costs(cost, drafter, tgt)
+        cost = measure_step_costs(drafter, tgt)
         run_id = f"{compression}-{uuid.uuid4().hex[:8]}"
         run_meta[run_id] = {
             "draft": draft, "target": target, "compression": compression,
