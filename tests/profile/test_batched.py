@@ -80,8 +80,9 @@ def test_batched_greedy_answers_equal_one_sequence_decoding(dtype, prefill_token
         if dtype == torch.float64:
             np.testing.assert_array_equal(top1, ref_top1)
             np.testing.assert_array_equal(top1, alone_top1)
-        else:  # float32: a row's logits move by a few ulps with the batch's shape
-            np.testing.assert_allclose(top1, ref_top1, rtol=1e-5)
+        else:  # float32: a row's logits move by a few ulps with the batch's shape, and the
+            # top-1 probability by up to ~2e-5 relative on some CPUs' kernels (a CI machine)
+            np.testing.assert_allclose(top1, ref_top1, rtol=1e-4)
         assert len(answer) == m or answer[-1] == eos
         ends += len(answer) < m
     assert ends >= 2, "some answers should end with EOS before their budget"

@@ -17,7 +17,8 @@ from speckv.prompts import TASKS
 from speckv.records import read_metadata, read_records, write_records
 
 #: columns measured anew by every run (timings), or naming it.
-PER_RUN = ("run_id", "cost_draft_s", "cost_verify_s", "cost_catchup_s", "t_step_s")
+PER_RUN = ("run_id", "cost_draft_s", "cost_verify_s", "cost_catchup_s", "cost_tree_draft_s",
+           "cost_tree_verify_s", "t_step_s")
 KEY = ["compression", "task", "prompt_id", "position"]
 
 
