@@ -23,6 +23,8 @@ print(choose_dtype(DEMO_TARGET, 'fp16', threads=1).describe())" | tee "$OUT/dtyp
   $PY -m speckv records merge datamodules/smollm2-demo/smollm2-demo.shard0of2.parquet \
     datamodules/smollm2-demo/smollm2-demo.shard1of2.parquet --out "$REC"
   rm -rf datamodules/smollm2-demo/smollm2-demo.shard*.parquet "$REC.parts"
+  # the shards measured their costs side by side: measure them again, alone on the machine
+  $PY scripts/reprice_records.py "$REC" > "$OUT/reprice.jsonl"
 fi
 # records/s of trace and live profiling, same pair, prompts and machine (one process)
 for mode in trace live; do
@@ -40,8 +42,13 @@ $PY -m speckv.train test --ckpt_path "$CKPT" --trainer.enable_progress_bar false
 $PY -m speckv export --ckpt "$CKPT" --out export/speckv.onnx --json > "$OUT/export.json"
 $PY -m speckv evaluate --controller export/speckv.onnx --report "$OUT/report" --json \
   > "$OUT/evaluate.json"
+$PY -m speckv evaluate --ckpt "$CKPT" --json > "$OUT/evaluate_ckpt.json"
 $PY -m speckv evaluate --controller export/speckv.onnx --objective tokens_per_step \
   --report "$OUT/report-tokens-per-step" --json > "$OUT/evaluate_tokens_per_step.json"
+# the context lookup when it matches 1+ tokens, else the controller
+$PY -m speckv evaluate --controller export/speckv.onnx \
+  --policy "lookup:1+onnx:export/speckv.onnx" --report "$OUT/report-lookup" --json \
+  > "$OUT/evaluate_lookup.json"
 $PY -m speckv bench-controller --controller export/speckv.onnx --json > "$OUT/bench_controller.json"
 # the drafts on the same answers, then the live benchmark: run it alone on the machine
 # "+ reduced vocabulary": v1 with the demo draft's 8,192-token head, nothing retrained
@@ -52,11 +59,18 @@ $PY -m speckv draft evaluate \
   --compression fp16,int8,nf4 --per-task 5 --max-new-tokens 48 --threads 1 --json \
   > "$OUT/draft_evaluate.json"
 # Hugging Face's own assisted rows need a causal-LM assistant: the best one speckv has.
+C=export/speckv.onnx
+FP16_METHODS="ar,hf:ar,hf:constant:1,hf:constant:2,hf:defaults,hf:lookup,hf:lookup:3"
+FP16_METHODS="$FP16_METHODS,speckv:fixed:2,speckv:fixed:3,speckv:tree:4,speckv:tree:8"
+FP16_METHODS="$FP16_METHODS,speckv:best_static,speckv:lookup:1,speckv:onnx:$C"
+FP16_METHODS="$FP16_METHODS,speckv:lookup:1+onnx:$C,hf:speckv"
+QUANT_METHODS="ar,hf:lookup,speckv:fixed:2,speckv:tree:4,speckv:best_static,speckv:lookup:1"
+QUANT_METHODS="$QUANT_METHODS,speckv:onnx:$C,speckv:lookup:1+onnx:$C"
 # 96 new tokens, the records' length, so live and replayed figures describe the same answers
 # (prefill is timed too: a short answer dilutes any speed-up)
 $PY -m speckv bench --per-task 1 --repeats 2 --max-new-tokens 96 --compression fp16 \
-  --hf-draft models/speckv-draft-v2 --threads 1 --json > "$OUT/bench.json"
+  --hf-draft models/speckv-draft-v2 --threads 1 --methods "$FP16_METHODS" --json \
+  > "$OUT/bench.json"
 $PY -m speckv bench --per-task 1 --repeats 2 --max-new-tokens 96 --compression int8,nf4 \
-  --methods ar,speckv:fixed:1,speckv:fixed:3,speckv:best_static,speckv:onnx:export/speckv.onnx \
-  --threads 1 --json > "$OUT/bench_quantized.json"
+  --methods "$QUANT_METHODS" --threads 1 --json > "$OUT/bench_quantized.json"
 echo "done: $OUT"

@@ -4,12 +4,12 @@
 
 writes ``controller_tiny.onnx`` (seeded 10 -> 16 -> 16 -> 28 step and 8 -> 16 -> 16 -> 28
 pre-draft survival MLPs, the chains' curve and each tree's, exported by
-``speckv.export.graph.export_controller``: controller format 3, a few kilobytes) and ``controller_tiny_expected.npz`` (inputs of both decisions and
-PyTorch's outputs for them: the golden outputs the runtime must reproduce). The weights are
-scaled up and the last biases set so that the untrained MLPs are confident enough, and their
-choices varied enough over the rows (several γs and trees; both speculate and plain steps),
-for tests of
-the decisions to mean something. Rerun it after a change of the controller format.
+``speckv.export.graph.export_controller``: controller format 3, a few kilobytes) and
+``controller_tiny_expected.npz`` (inputs of both decisions and PyTorch's outputs for them: the
+golden outputs the runtime must reproduce). The weights are scaled up and the last biases set
+so that the untrained MLPs are confident enough, and their choices varied enough over the rows
+(several γs and trees; both speculate and plain steps), for tests of the decisions to mean
+something. Rerun it after a change of the controller format.
 """
 
 from __future__ import annotations

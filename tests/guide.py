@@ -15,7 +15,7 @@ def text() -> str:
 
 
 def cpp_example() -> tuple[list[float], dict]:
-    """The 27 numbers the guide pipes into choose_gamma, and the line it says comes back."""
+    """The numbers the guide pipes into choose_gamma, and the line it says comes back."""
     found = re.search(r'echo "([^"]+)"[^\n]*\n[^\n]*choose_gamma[^\n]*\n(\{[^\n]*\})', text())
     assert found, f"{GUIDE} no longer shows `echo \"...\" | choose_gamma` and its answer"
     numbers = [float(x) for x in found.group(1).replace("\\", " ").split()]

@@ -68,17 +68,22 @@ def test_bundled_records_validate_and_carry_their_metadata(path: Path):
 def test_the_shipped_controller_loads_and_chooses_a_gamma_on_bundled_rows(bundled_rows):
     from speckv.records import feature_matrix
     from speckv.runtime import Controller
-    from speckv.runtime.costs import step_costs
+    from speckv.runtime.costs import step_costs, tree_step_costs
+    from speckv.runtime.proposal import TREES
 
     ctrl = Controller.load(CONTROLLER)  # checks format, feature names and order, γs
     assert tuple(ctrl.feature_names) == tuple(FEATURE_NAMES)
     assert tuple(ctrl.gammas) == GAMMAS
     features = feature_matrix(bundled_rows)
-    costs = step_costs(bundled_rows["cost_draft_s"].to_numpy(np.float64),
-                       np.stack(bundled_rows["cost_verify_s"].to_numpy()))
+    draft = bundled_rows["cost_draft_s"].to_numpy(np.float64)
+    costs = np.concatenate([  # the chains, then the trees the records priced
+        step_costs(draft, np.stack(bundled_rows["cost_verify_s"].to_numpy())),
+        tree_step_costs(draft, np.stack(bundled_rows["cost_tree_draft_s"].to_numpy()),
+                        np.stack(bundled_rows["cost_tree_verify_s"].to_numpy()))], 1)
+    assert ctrl.n_options == costs.shape[1] == len(GAMMAS) + len(TREES)
     gammas = ctrl.choose_batch(features, costs)
     assert gammas.shape == (len(bundled_rows),)
-    assert set(np.unique(gammas)) <= set(GAMMAS)
+    assert set(np.unique(gammas)) <= set(ctrl.info.codes)
     # one row at a time gives the same choice as the batch
     for i in range(0, len(bundled_rows), 97):
         assert ctrl.choose(features[i], costs[i]) == gammas[i]

@@ -335,14 +335,16 @@ def test_the_client_decides_as_the_runtime_on_raw_logits(client, controller, voc
 
 
 def test_unit_costs_tie_to_the_smaller_gamma(client):
-    """Section 5: with unit costs the expected tokens of a hopeless proposal stop growing in
-    float32 before γ = 8, and γ is the smallest of the tied ones."""
-    features = [10.43, 0.00039, 0.00018, 0.02, 0.60, 0.75, 5.74, 0.0, 0.0, 1.0]
-    out = client.decide(features, [1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0], np.ones(8), 1.0)
-    expected = out["expected_tokens"][0]
-    gamma = int(out["gamma"][0])
-    assert gamma < 8 and expected[gamma - 1] == expected.max() > expected[gamma - 2]
-    assert out["speculate"][0] == 1
+    """Section 5: with unit costs γ is the first option whose expected tokens equal the
+    largest in float32 (for a hopeless proposal they stop growing before γ = 8)."""
+    for top1 in (0.00039, 0.001, 0.003, 0.3):
+        features = [10.43, top1, top1 / 2, 0.02, 0.60, 0.75, 5.74, 0.0, 0.0, 1.0]
+        out = client.decide(features, [1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0], np.ones(8),
+                            1.0)
+        expected = out["expected_tokens"][0][:8]  # the client prices the trees out
+        gamma = int(out["gamma"][0])
+        assert gamma == int(np.flatnonzero(expected == expected.max())[0]) + 1
+        assert out["speculate"][0] == 1
 
 
 # -------------------------------------------------------------------- the guide's examples
