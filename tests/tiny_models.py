@@ -107,3 +107,23 @@ def tiny_feature_draft(target, draft_vocab: int = 96, steps: int = 300, seed: in
     draft = draft.to(next(target.parameters()).dtype).eval()
     draft.requires_grad_(False)
     return draft
+
+
+@torch.inference_mode()
+def reference_greedy(model, prompt: list[int], n: int, eos: set[int] = frozenset()) -> list[int]:
+    """Greedy decoding by full recomputation at every token (no cache at all).
+
+    The tests compare the decoder with it exactly. That is sound here, unlike on a real
+    model: the tiny models compute in float64, where chunked and one-token forwards differ by
+    ~1e-16 relative while their top two logits lie ~1e-2 apart, so a flipped tie would take
+    a gap some 13 orders of magnitude below the typical one. The tests that decode greedily
+    also check the exact invariant (:func:`speckv.decode.invariant.greedy_invariant`), which holds
+    whatever the numerics.
+    """
+    seq = list(prompt)
+    for _ in range(n):
+        tok = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+        seq.append(tok)
+        if tok in eos:
+            break
+    return seq[len(prompt):]

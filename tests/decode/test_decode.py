@@ -11,7 +11,7 @@ import pytest
 import torch
 from goodness import chi2_pvalue
 from locations import FIXTURES
-from tiny_models import EOS, VOCAB, noisy_copy, save_with_tokenizer, tiny_llama
+from tiny_models import EOS, VOCAB, reference_greedy, save_with_tokenizer, tiny_llama
 
 from speckv.decode.costs import CostModel, measure_costs
 from speckv.decode.decoder import (
@@ -39,41 +39,6 @@ from speckv.runtime.costs import CATCHUP_MAX, step_costs
 from speckv.runtime.features import GAMMA_MAX, history_arrays
 
 PROMPT = [1, 5, 17, 33, 8, 90]
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_llama(2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def drafts(target):
-    """Drafts from always agreeing (a copy) through often to rarely agreeing."""
-    return {
-        "copy": noisy_copy(target, 0.0, seed=1),
-        "noisy": noisy_copy(target, 0.08, seed=1),
-        "random": tiny_llama(1, seed=7),
-    }
-
-
-@torch.inference_mode()
-def reference_greedy(model, prompt: list[int], n: int, eos: set[int] = frozenset()) -> list[int]:
-    """Greedy decoding by full recomputation at every token (no cache at all).
-
-    The tests compare the decoder with it exactly. That is sound here, unlike on a real
-    model: the tiny models compute in float64, where chunked and one-token forwards differ by
-    ~1e-16 relative while their top two logits lie ~1e-2 apart, so a flipped tie would take
-    a gap some 13 orders of magnitude below the typical one. The tests that decode greedily
-    also check the exact invariant (:func:`speckv.decode.invariant.greedy_invariant`), which holds
-    whatever the numerics.
-    """
-    seq = list(prompt)
-    for _ in range(n):
-        tok = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
-        seq.append(tok)
-        if tok in eos:
-            break
-    return seq[len(prompt):]
-
 
 class StopAfter:
     """A per-token stopping rule: draft up to γmax, stop after token k when k % period == 0."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from goodness import chi2_pvalue
-from tiny_models import noisy_copy, tiny_feature_draft, tiny_llama
+from tiny_models import reference_greedy, tiny_feature_draft, tiny_llama
 
 from speckv.decode.costs import lm_forward, new_cache
 from speckv.decode.decoder import SpeculativeDecoder
@@ -33,28 +33,6 @@ from speckv.runtime.proposal import (
 )
 
 PROMPT = [1, 5, 17, 33, 8, 90]
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_llama(2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def drafts(target):
-    return {"copy": noisy_copy(target, 0.0, seed=1), "noisy": noisy_copy(target, 0.08, seed=1),
-            "random": tiny_llama(1, seed=7)}
-
-
-@torch.inference_mode()
-def reference_greedy(model, prompt, n, eos=frozenset()):
-    seq = list(prompt)
-    for _ in range(n):
-        tok = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
-        seq.append(tok)
-        if tok in eos:
-            break
-    return seq[len(prompt):]
 
 
 # ------------------------------------------------------------------------------ proposals
