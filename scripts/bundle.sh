@@ -49,6 +49,11 @@ $PY -m speckv evaluate --controller export/speckv.onnx --objective tokens_per_st
 $PY -m speckv evaluate --controller export/speckv.onnx \
   --policy "lookup:1+onnx:export/speckv.onnx" --report "$OUT/report-lookup" --json \
   > "$OUT/evaluate_lookup.json"
+# the lookup's continuation joined to the trees (one forward for both), and the fixed rules
+$PY -m speckv evaluate --controller export/speckv.onnx --policy join:1+tree:4 \
+  --policy join:2+tree:4 --policy join:1+tree:8 --policy "join:1+onnx:export/speckv.onnx" \
+  --policy "lookup:2+onnx:export/speckv.onnx" --policy "join:1+lookup:2+onnx:export/speckv.onnx" \
+  --json > "$OUT/evaluate_join.json"
 $PY -m speckv bench-controller --controller export/speckv.onnx --json > "$OUT/bench_controller.json"
 # the drafts on the same answers, then the live benchmark: run it alone on the machine
 # "+ reduced vocabulary": v1 with the demo draft's 8,192-token head, nothing retrained

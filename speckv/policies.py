@@ -87,7 +87,7 @@ PLAIN: Final = 0
 TOKEN_STATS: Final = frozenset({"top1", "entropy"})
 
 SPECS: Final = ("ar", "fixed:K", "tree:N", "heuristic", "confidence:T", "entropy:T", "ema",
-                "oracle", "onnx:PATH", "ckpt:PATH", "lookup:M", "lookup:M+SPEC")
+                "oracle", "onnx:PATH", "ckpt:PATH", "lookup:M", "lookup:M+SPEC", "join:M+SPEC")
 
 
 class PolicyError(SpeckvError, ValueError):
@@ -165,7 +165,11 @@ class Policy(Protocol):
     """A policy may also offer ``lookup(ctx: LookupContext) -> bool`` (asked first, before
     ``speculate``, whenever the context lookup proposes tokens): True verifies the lookup's
     continuation in this step and the draft does not run. Without it the policy never uses
-    the context lookup."""
+    the context lookup. And it may offer ``join_lookup(length, match, occurrences, agreeing)
+    -> bool`` (asked in each tree step whenever the lookup proposes tokens, with the
+    proposal's signals as in :class:`LookupContext`): True adds the lookup's continuation to
+    the tree as one more branch, verified in the same target forward (greedy decoding
+    only)."""
 
     name: str
 
@@ -286,6 +290,45 @@ class LookupRule:
 
     def __repr__(self) -> str:
         return f"<LookupRule {self.name}>"
+
+
+class JoinLookup:
+    """``inner``, with the context lookup's continuation joined to every tree it chooses as
+    one more branch whenever the lookup's match is at least ``min_match`` tokens: one target
+    forward verifies the draft's candidates and the context's together, and the step accepts
+    the longer of the two walks (:meth:`speckv.runtime.proposal.Proposal.with_branch`).
+    Chains and plain steps are ``inner``'s unchanged. ``join:M+SPEC``; greedy decoding only
+    (the tree's rejection sampling does not cover a deterministic branch)."""
+
+    def __init__(self, min_match: int, inner: Policy) -> None:
+        if min_match < 1:
+            raise PolicyError(f"join needs a match of at least 1 token, got {min_match}.")
+        self.min_match = int(min_match)
+        self.inner = inner
+        self.name = f"join:{min_match}+{inner.name}"
+        self.token_stats = getattr(inner, "token_stats", TOKEN_STATS)
+        self.max_skip_run = int(getattr(inner, "max_skip_run", MAX_SKIP_RUN))
+        for name in ("lookup", "speculate"):  # what the decoder and replay look for
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def join_lookup(self, length: int, match: int, occurrences: int, agreeing: int) -> bool:
+        return match >= self.min_match
+
+    def choose(self, ctx: StepContext) -> int:
+        return self.inner.choose(ctx)
+
+    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
+        return self.inner.keep_drafting(k, top1, entropy)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.inner.observe(drafted, accepted)
+
+    def __repr__(self) -> str:
+        return f"<JoinLookup {self.name}>"
 
 
 class BestFixed(_Stateless):
@@ -709,6 +752,16 @@ def _build(spec: str, objective: Objective,
         match, plus, inner = arg.partition("+")
         inner_policy = _build(inner, objective, load_checkpoint) if plus else None
         return LookupRule(_number(spec, match, int) if match else 1, inner_policy)
+    if kind == "join":  # join:M+SPEC
+        match, plus, inner = arg.partition("+")
+        if not plus or not inner:
+            raise PolicyError(f"Policy {spec!r}: write join:M+SPEC, e.g. join:1+tree:8 or "
+                              "join:2+lookup:3+onnx (SPEC chooses the trees).")
+        inner_policy = _build(inner, objective, load_checkpoint)
+        if inner_policy is None:
+            raise PolicyError(f"Policy {spec!r}: SPEC must draft (a tree policy or one that "
+                              "chooses trees), not 'ar'.")
+        return JoinLookup(_number(spec, match, int) if match else 1, inner_policy)
     if kind == "tree":
         if not arg:
             raise PolicyError(f"Policy {spec!r}: write tree:N with N in "

@@ -169,8 +169,9 @@ SCHEMA: Final = (
         "live: the nodes of the tree the step verified (empty: a chain or a plain step); "
         "`accept_cap` is then its depth")),
     Column("source", pa.string(), "live", nullable=True, doc=(
-        "live: where the verified tokens came from: `draft` (a chain or a tree) or `lookup` "
-        "(the context lookup, no draft forward); empty for a plain step")),
+        "live: where the verified tokens came from: `draft` (a chain or a tree), `lookup` "
+        "(the context lookup, no draft forward) or `draft+lookup` (a tree with the lookup's "
+        "continuation joined as one more branch); empty for a plain step")),
     Column("t_step_s", pa.float32(), "live", nullable=True, doc=(
         "live: wall-clock seconds of the whole step")),
     Column("t_draft_s", pa.float32(), "live", nullable=True, doc=(

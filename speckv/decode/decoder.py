@@ -67,7 +67,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -396,6 +396,7 @@ class SpeculativeDecoder:
         self._token_stats = bool(record_token_stats or set(needs) & TOKEN_STATS)
         self._speculate = getattr(policy, "speculate", None)
         self._lookup = getattr(policy, "lookup", None)
+        self._join_lookup = getattr(policy, "join_lookup", None)
         self._stats = RowStats()
         self._draft_rows, self._target_rows = _RowBuffer(), _RowBuffer()
         self._features = np.empty(N_FEATURES, np.float32)
@@ -444,6 +445,11 @@ class SpeculativeDecoder:
             raise DecodeError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         if not temperature >= 0 or not math.isfinite(temperature):
             raise DecodeError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        if temperature > 0 and self._join_lookup is not None:
+            raise DecodeError(f"Policy {self.name!r} joins the context lookup's continuation to "
+                              "its trees, which speckv verifies greedily only (temperature 0): "
+                              "decode greedily, or sample with lookup:M+SPEC, which verifies "
+                              "the lookup alone.")
         started = time.perf_counter()
         sampler = _Sampler(temperature, seed) if temperature > 0 else None
         seq = self._prefill(prompt_ids)
@@ -497,7 +503,8 @@ class SpeculativeDecoder:
             d_cache.states = states
         seq = _Sequence(list(prompt_ids), len(prompt_ids), t_cache, d_cache,
                         len(prompt_ids) - 1, History(), states=states,
-                        lookup=ContextLookup(tokens=prompt_ids) if self._lookup else None)
+                        lookup=ContextLookup(tokens=prompt_ids)
+                        if self._lookup or self._join_lookup else None)
         if len(prompt_ids) > 1:
             self._target_forward(seq, prompt_ids[:-1], keep=1)
             seq.forwards.append(TargetForward(0, tuple(prompt_ids[:-1]), 1, 0))
@@ -604,6 +611,20 @@ class SpeculativeDecoder:
                          "lookup_accept": min(accepted, len(emitted)), "lookup_length": k,
                          "lookup_match": lookup.match, "lookup_occurrences": lookup.occurrences,
                          "lookup_agreeing": lookup.agreeing}
+
+    def _joined_lookup(self, seq: _Sequence, max_gamma: int, clock: _Clock
+                       ) -> LookupProposal | None:
+        """The context lookup's continuation (up to ``max_gamma`` tokens, as a lookup step
+        would verify) when the policy joins it to this step's tree (asked whenever the lookup
+        proposes tokens), else None."""
+        if self._join_lookup is None:
+            return None
+        started = time.perf_counter()
+        prop = seq.lookup.propose(max_gamma)
+        take = bool(prop.tokens) and bool(self._join_lookup(
+            len(prop.tokens), prop.match, prop.occurrences, prop.agreeing))
+        clock.decision += time.perf_counter() - started
+        return prop if take else None
 
     def _target_token(self, seq: _Sequence, sampler: _Sampler | None, clock: _Clock
                       ) -> tuple[int, np.ndarray]:
@@ -753,6 +774,9 @@ class SpeculativeDecoder:
             draft.reset()
         prop = grown.proposal
         clock.draft += time.perf_counter() - started
+        joined = self._joined_lookup(seq, max_gamma, clock)
+        if joined is not None:  # one more branch, verified in the same forward
+            prop, _ = prop.with_branch(joined.tokens)
         # verification: [last emitted token, nodes...] with the tree's mask
         start = seq.t_cache.get_seq_length()
         verify_ids = (seq.tokens[-1], *prop.tokens.tolist())
@@ -780,11 +804,18 @@ class SpeculativeDecoder:
         for p in p_emit[1 : len(emitted)]:
             history.defer(p)
         from_draft = min(len(path), len(emitted))
-        self.policy.observe(shape.depth, from_draft)
+        cap = shape.depth
+        if joined is not None:  # the lookup's own outcome: its tokens the target agrees with
+            cap = max(cap, len(joined.tokens))
+            record.update(lookup_accept=_common_prefix(joined.tokens, emitted),
+                          lookup_length=len(joined.tokens), lookup_match=joined.match,
+                          lookup_occurrences=joined.occurrences,
+                          lookup_agreeing=joined.agreeing)
+        self.policy.observe(cap, from_draft)
         record.update(draft_entropy_k=None, draft_top1_k=None, accept_len=from_draft,
-                      accept_cap=shape.depth, accept_prob_k=None, gamma=None,
-                      drafted=len(prop), tree_size=shape.size, source="draft",
-                      **clock.record())
+                      accept_cap=cap, accept_prob_k=None, gamma=None,
+                      drafted=len(grown.proposal),
+                      tree_size=shape.size, source=prop.source, **clock.record())
         return emitted, record
 
     def _draft(self, seq: _Sequence, first: np.ndarray, best: int, gamma: int, top1: float,
@@ -879,6 +910,16 @@ def measure_step_costs(draft: torch.nn.Module | LoadedModel,
     if supports_4d_masks(module_of(target)) and supports_4d_masks(module_of(draft)):
         costs = measure_tree_costs(costs, draft, target)
     return costs
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def records_frame(steps: list[dict[str, Any]]) -> pd.DataFrame:

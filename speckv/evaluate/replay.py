@@ -27,7 +27,11 @@ records' ``tree_accept_len`` of it and costs ``t_catchup[n_u] + t_tree_draft + t
 every token it makes but the first waits for the next catch-up. A policy with ``lookup``
 is asked first, wherever the records' context lookup proposes tokens: taking it costs
 ``t_verify[length]`` and no draft forward, makes ``lookup_accept + 1`` tokens (fewer at an
-accepted EOS), all of which wait for the draft's next catch-up.
+accepted EOS), all of which wait for the draft's next catch-up. A policy with
+``join_lookup`` that takes the lookup's continuation into a tree accepts the longer of the
+tree's and the lookup's recorded walks (exact: see ``Proposal.with_branch``) and pays the
+tree's verify grown by the continuation's tokens (:meth:`Traces.joined_verify`, an upper
+bound).
 
 The pre-draft features at (p, u) are the trace's history at position ``p - u`` (the settled
 part) with the target's confidence and the position at ``p``
@@ -83,7 +87,7 @@ from speckv.runtime.costs import (
     tree_step_costs,
 )
 from speckv.runtime.features import GAMMA_MAX, pre_from_step_features
-from speckv.runtime.proposal import LOOKUP_CODE, N_DRAFT_OPTIONS, N_OPTIONS, TREES
+from speckv.runtime.proposal import LOOKUP_CODE, N_DRAFT_OPTIONS, N_OPTIONS, TREE_SIZES, TREES
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +197,24 @@ class Traces:
             self._cache[key] = tree_step_costs(self.draft, self.tree_draft, self.tree_verify,
                                                self.catchup, unseen)
         return self._cache[key]
+
+    def joined_verify(self, r: int, tree: int, length: int) -> float:
+        """Seconds a lookup continuation of ``length`` tokens adds to the verify forward of
+        tree ``tree`` at row ``r`` when joined to it as one more branch: the row's tree verify
+        costs, linear in the nodes between the measured sizes (beyond the largest, the last
+        slope), at the tree's nodes plus ``length`` less at its nodes. An upper bound: the
+        branch may share nodes with the tree, and the records do not say how many."""
+        sizes = np.asarray(TREE_SIZES, np.float64)
+        verify = self.tree_verify[r].astype(np.float64)
+        nodes = float(self.tree_nodes[r, tree])
+
+        def at(x: float) -> float:
+            if x <= sizes[-1]:
+                return float(np.interp(x, sizes, verify))
+            slope = (verify[-1] - verify[-2]) / (sizes[-1] - sizes[-2])
+            return float(verify[-1] + slope * (x - sizes[-1]))
+
+        return max(at(nodes + length) - at(nodes), 0.0)
 
     def pre_features_for(self, unsettled: int) -> np.ndarray:
         """``[n, N_PRE_FEATURES]``: each row's pre-draft vector with ``unsettled`` tokens
@@ -491,6 +513,11 @@ def replay(traces: Traces, policy: Policy) -> Replay:
         raise EvaluateError(f"Policy {policy.name!r} uses the context lookup, but these "
                             "records hold no lookup columns: re-profile them with this version "
                             "of speckv (`speckv profile --mode trace`).")
+    join = getattr(policy, "join_lookup", None)
+    if join is not None and (traces.lookup is None or not trees):
+        raise EvaluateError(f"Policy {policy.name!r} joins the context lookup to trees, but "
+                            "these records lack the lookup or tree columns: re-profile them "
+                            "with this version of speckv (`speckv profile --mode trace`).")
     lookup_rows = lists.get("lookup")
     speculate = getattr(policy, "speculate", None)
     choose, keep, observe = policy.choose, policy.keep_drafting, policy.observe
@@ -579,13 +606,19 @@ def replay(traces: Traces, policy: Policy) -> Replay:
                         "(`speckv profile --mode trace`), or replay chain policies only.")
                 i = g - GAMMA_MAX - 1
                 a = tree_accept[r][i]
+                cost = tree_cost[r][i]
+                cap = min(TREES[i].depth, max_gamma)
+                if join is not None and lookup_rows[r][1] > 0 and join(*lookup_rows[r][1:]):
+                    a = max(a, lookup_rows[r][0])  # the longer walk (Proposal.with_branch)
+                    cost += traces.joined_verify(r, i, lookup_rows[r][1])
+                    cap = max(cap, lookup_rows[r][1])
                 made = a + 1 if a < n - p else n - p  # an accepted EOS: no bonus token
-                t += caught + tree_cost[r][i]
+                t += caught + cost
                 tokens += made
                 steps += 1
                 drafted_sum += tree_nodes[r][i]
                 accepted_sum += a
-                observe(min(TREES[i].depth, max_gamma), a)
+                observe(cap, a)
                 unsettled = made - 1  # the draft keeps none of the tree: all but the first
                 p += made
                 continue

@@ -5,7 +5,8 @@ set is a tree over the *root*, the last emitted token (which the verify forward 
 node ``j`` holds ``tokens[j]`` and hangs under ``parents[j]`` (``-1``: the root). Nodes come
 parents first, and siblings in the order verification tries them. A chain of γ tokens is the
 tree of width one (``parents = [-1, 0, 1, ...]``); a lookup continuation is a chain whose
-``source`` is ``"lookup"``.
+``source`` is ``"lookup"``; :meth:`Proposal.with_branch` adds one to a draft's tree (source
+``"draft+lookup"``), so a single forward verifies both.
 
 The decoder (:mod:`speckv.decode.decoder`) verifies a proposal with one target forward over
 ``[root, *tokens]``: a chain with the ordinary causal mask, a tree with :meth:`Proposal.mask`
@@ -36,7 +37,7 @@ import numpy as np
 from speckv.runtime.features import GAMMA_MAX
 
 #: where a proposal's tokens come from
-SOURCES: Final = ("draft", "lookup")
+SOURCES: Final = ("draft", "lookup", "draft+lookup")
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,32 @@ class Proposal:
         """
         keep = np.flatnonzero(self.depths <= depth)[:size]
         return self.subset(keep)
+
+    def with_branch(self, tokens: Sequence[int]) -> tuple[Proposal, int]:
+        """This proposal with ``tokens`` (a lookup's continuation) as one more path from the
+        root, and how many nodes that added.
+
+        The path shares the nodes this proposal already has (a trie merge: where a node with
+        the next token hangs under the current one, the path goes on from it), so every path of
+        the result is a path of this proposal or a prefix of ``tokens``, and greedy acceptance
+        (:meth:`walk`) accepts exactly the longer of the two walks: what replay prices from the
+        recorded outcomes of each. The new nodes come last, without scores.
+        """
+        kids = self._children_by_parent()
+        toks, parents = self.tokens.tolist(), self.parents.tolist()
+        node = -1
+        for token in tokens:
+            nxt = kids.get(node, {}).get(int(token))
+            if nxt is None:
+                toks.append(int(token))
+                parents.append(node)
+                nxt = len(toks) - 1
+                kids.setdefault(node, {})[int(token)] = nxt
+            node = nxt
+        added = len(toks) - len(self)
+        merged = Proposal(np.asarray(toks, np.int64), np.asarray(parents, np.int64),
+                          "draft+lookup" if len(tokens) else self.source)
+        return merged, added
 
     def subset(self, keep: np.ndarray) -> Proposal:
         """The nodes ``keep`` (ascending, closed under parents), renumbered."""

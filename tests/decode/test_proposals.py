@@ -17,10 +17,10 @@ from goodness import chi2_pvalue
 from tiny_models import reference_greedy, tiny_feature_draft, tiny_llama
 
 from speckv.decode.costs import lm_forward, new_cache
-from speckv.decode.decoder import SpeculativeDecoder
+from speckv.decode.decoder import DecodeError, SpeculativeDecoder
 from speckv.decode.invariant import greedy_invariant
 from speckv.decode.tree import Root, Slots, TreeDraft, grow
-from speckv.policies import FixedGamma, FixedTree, from_spec
+from speckv.policies import FixedGamma, FixedTree, PolicyError, from_spec
 from speckv.runtime.proposal import (
     N_OPTIONS,
     TREE_SIZES,
@@ -89,6 +89,32 @@ def _roots_from(draft, seq, positions):
     cache = new_cache(draft)
     logits = lm_forward(draft, seq, cache, keep=len(seq))
     return cache, [Root(logits[p - 1], 0, p, p) for p in positions]
+
+
+def test_a_joined_branch_shares_the_trees_nodes_and_accepts_the_longer_walk():
+    #        root                root
+    #       /    \     +7,2,5   /    \
+    #     7(0)   6(1)   ==>   7(0)   6(1)
+    #    /                    /   \
+    #  3(2)                 3(2)  2(3)
+    #                               \
+    #                               5(4)
+    tree = Proposal(np.array([7, 6, 3]), np.array([-1, -1, 0]), scores=np.zeros(3))
+    joined, added = tree.with_branch([7, 2, 5])
+    assert added == 2 and joined.source == "draft+lookup"
+    assert joined.tokens.tolist() == [7, 6, 3, 2, 5]
+    assert joined.parents.tolist() == [-1, -1, 0, 0, 3]
+    assert tree.with_branch([7, 3])[1] == 0  # wholly inside: nothing added
+    branch = Proposal.chain([7, 2, 5], "lookup")
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # any target continuation: the longer of the two walks
+        follow = rng.integers(2, 8, 4).tolist()
+        def nxt(node, prop, follow=follow):
+            depth = 0 if node < 0 else int(prop.depths[node])
+            return follow[depth] if depth < len(follow) else None
+        got = len(joined.walk(lambda n: nxt(n, joined)))
+        assert got == max(len(tree.walk(lambda n: nxt(n, tree))),
+                          len(branch.walk(lambda n: nxt(n, branch))))
 
 
 @pytest.mark.parametrize("draft_name", ["noisy", "random"])
@@ -201,6 +227,37 @@ def test_eos_inside_an_accepted_tree_path_ends_the_answer(target, drafts):
     result = decoder.generate(PROMPT, 30)
     assert result.token_ids == ref[: ref.index(eos) + 1] and result.stop == "eos"
     assert greedy_invariant(target, PROMPT, result) == []
+
+
+@pytest.mark.parametrize("draft_name", ["copy", "random"])
+def test_a_tree_with_the_lookup_joined_is_lossless_and_takes_the_longer_walk(
+        target, drafts, draft_name):
+    """join:1+tree:4 verifies the draft's tree and the context's continuation in one forward:
+    the output is the target's greedy output, and where the draft is useless (random) the
+    joined branch makes the steps lookup decoding alone would, fewer than the tree's."""
+    prompt = [1, 5, 17, 33, 8, 90, 5, 17, 33, 8]  # the target's answer repeats itself
+    runs = {}
+    for spec in ("tree:4", "join:1+tree:4", "lookup:1"):
+        result = SpeculativeDecoder(drafts[draft_name], target, from_spec(spec),
+                                    eos_token_ids=[]).generate(prompt, 40)
+        assert result.token_ids == reference_greedy(target, prompt, 40), spec
+        assert greedy_invariant(target, prompt, result) == [], spec
+        runs[spec] = result.steps
+    joined = [s for s in runs["join:1+tree:4"] if s["source"] == "draft+lookup"]
+    assert joined and all(s["accept_len"] >= s["lookup_accept"] for s in joined)
+    assert all(s["drafted"] == s["tree_size"] == 4 for s in joined)  # the draft's nodes
+    if draft_name == "random":
+        assert any(s["lookup_accept"] > 0 for s in joined)
+        assert len(runs["join:1+tree:4"]) < len(runs["tree:4"])
+        assert len(runs["join:1+tree:4"]) <= len(runs["lookup:1"])
+
+
+def test_a_joined_lookup_is_refused_when_sampling(target, drafts):
+    decoder = SpeculativeDecoder(drafts["noisy"], target, from_spec("join:1+tree:4"))
+    with pytest.raises(DecodeError, match="greedily only"):
+        decoder.generate(PROMPT, 5, temperature=0.8)
+    with pytest.raises(PolicyError, match="join:M\\+SPEC"):
+        from_spec("join:2")
 
 
 def test_a_feature_conditioned_draft_drafts_trees_losslessly(target):

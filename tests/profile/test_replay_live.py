@@ -24,6 +24,7 @@ from speckv.policies import (
     FixedGamma,
     FixedTree,
     Heuristic,
+    JoinLookup,
     Learned,
     LookupContext,
     LookupRule,
@@ -133,8 +134,9 @@ class Recording:
     def __init__(self, inner) -> None:
         self.inner, self.name = inner, inner.name
         self.token_stats = getattr(inner, "token_stats", frozenset({"top1", "entropy"}))
-        if hasattr(inner, "lookup"):  # a policy that uses the context lookup
-            self.lookup = inner.lookup
+        for name in ("lookup", "join_lookup"):  # a policy that uses the context lookup
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
         self.pre: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.step: list[tuple[int, np.ndarray, np.ndarray]] = []
 
@@ -212,6 +214,9 @@ def _replay_steps(rows, policy, reads_target=False):
             depth = min(shape.depth, left)
             a = int(tree_accept[p, tree_index(g)])
             assert a <= min(depth, n - p)
+            if hasattr(policy, "join_lookup") and length and policy.join_lookup(
+                    length, match, occurrences, agreeing):  # the longer of the two walks
+                a, depth = max(a, int(lookup[p, 0])), max(depth, length)
             policy.observe(depth, a)
             out.append((p, "tree", a))
             made = min(a + 1, n - p)
@@ -249,6 +254,8 @@ POLICIES = {
     "lookup:1": lambda: LookupRule(1), "lookup:2+fixed:3": lambda: from_spec("lookup:2+fixed:3"),
     "lookup:1+tree:8": lambda: from_spec("lookup:1+tree:8"),
     "lookup:1+skip-pattern": lambda: LookupRule(1, SkipPattern()),
+    "join:1+tree:4": lambda: from_spec("join:1+tree:4"),
+    "join:2+lookup:3+mixed": lambda: JoinLookup(2, LookupRule(3, Mixed())),
 }
 
 
