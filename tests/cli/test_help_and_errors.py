@@ -145,6 +145,10 @@ BAD = {
         (["--prompts", f"{MISSING}.jsonl"], "does not exist"),
         (["--per-task", "1", "--prompts", "p.jsonl"], "not allowed"),
         (["--threads", "0"], "at least 1"),
+        (["--engine", "vllm"], "vllm"),
+        (["--engine", "llamacpp", "--gguf-target", f"{MISSING}.gguf"], "does not exist"),
+        (["--engine", "llamacpp", "--gguf-target", TEXT], "not a GGUF file"),
+        (["--engine", "llamacpp", "--repeats", "0"], "--repeats"),
     ],
     "train": [
         (["bogus"], "bogus"),

@@ -229,10 +229,30 @@ def test_a_draft_of_another_vocabulary_is_refused(tmp_path):
 
 
 def test_cli_errors_are_one_paragraph(tmp_path):
-    for args in (["draft", "export-gguf", "--draft", str(tmp_path), "--out",
-                  str(tmp_path / "d.gguf")],):
+    for args in (["bench", "--engine", "llamacpp", "--gguf-target", str(tmp_path / "x.gguf"),
+                  "--prompts", str(tmp_path / "p.jsonl")],
+                 ["draft", "export-gguf", "--draft", str(tmp_path), "--out",
+                  str(tmp_path / "d.gguf")]):
         run = subprocess.run([sys.executable, "-m", "speckv", *args], capture_output=True,
                              text=True, cwd=ROOT)
         assert run.returncode == 2, run.stderr
         assert "Traceback" not in run.stderr
         assert run.stderr.count("error:") == 1, run.stderr
+
+
+def test_bench_protocol_on_llamacpp(target, draft, prompt_ids):
+    """The benchmark's shape (speed itself is the benchmark's business): every method on
+    every slot in a rotated order, ratios to llama.cpp's plain decoding, differences from it
+    listed with the margins that explain them."""
+    from speckv.engines.bench import PLAIN, bench_llamacpp, format_result
+
+    methods = ["llamacpp:lookup:4", "llamacpp:fixed:2"]
+    out = bench_llamacpp(target, draft, [prompt_ids, prompt_ids[:-3]], ["a", "b"], methods,
+                         8, repeats=1, resamples=50)
+    assert list(out["methods"]) == [PLAIN, *methods]
+    assert out["methods"][PLAIN]["ratio_to_plain"] == pytest.approx(1.0)
+    assert all(row["tokens"] > 0 and row["tokens_per_s"] > 0 for row in out["methods"].values())
+    assert len(out["costs"]["t_verify"]) == 9 and out["costs"]["t_draft"] > 0
+    for d in out["differences"]:
+        assert d["forward_rows"] > 1 and min(d["plain_margin"], d["method_margin"]) < NEAR_TIE
+    assert "x plain" in format_result({**out, "repeats": 1, "max_new_tokens": 8})
