@@ -17,7 +17,7 @@
 # an existing output file), so adding a dependency adds it and what it needs, and nothing
 # else moves; `UPGRADE=1 make lock` resolves every package anew (run `make test-latest`
 # first). llama-cpp-python has no wheels: the lock holds its sdist's hash, and make setup
-# compiles it (CMAKE_ARGS=-DGGML_NATIVE=ON, ~5 minutes on 2 cores; pip caches the wheel).
+# compiles it (CMAKE_ARGS=-DGGML_NATIVE=ON, 5 to 15 minutes on 2 cores; pip caches the wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-requirements.lock}
