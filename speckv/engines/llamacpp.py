@@ -72,8 +72,6 @@ GGUF_MAGIC: Final = b"GGUF"
 _FTYPE_LEVEL: Final = {0: "fp16", 1: "fp16", 32: "fp16",  # F32, F16, BF16
                        7: "int8", 18: "int8",  # Q8_0, Q6_K
                        8: "int8", 9: "int8", 16: "int8", 17: "int8"}  # Q5_0, Q5_1, Q5_K_S/M
-#: costs measured at this context length (a prompt's worth of cached tokens)
-COST_CONTEXT: Final = 128
 COST_REPEATS: Final = 7
 #: catch-up sizes measured; larger ones are extrapolated (speckv.runtime.costs)
 COST_CATCHUP: Final = 8
