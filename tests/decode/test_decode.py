@@ -37,6 +37,7 @@ from speckv.policies import (
 from speckv.records import read_records, validate, write_records
 from speckv.runtime.costs import CATCHUP_MAX, step_costs
 from speckv.runtime.features import GAMMA_MAX, history_arrays
+from speckv.runtime.proposal import TREE_SIZES
 
 PROMPT = [1, 5, 17, 33, 8, 90]
 
@@ -711,9 +712,12 @@ def test_generate_cli_with_an_onnx_controller_measures_costs(capsys, saved_pair,
     records = read_records(tmp_path / "r.parquet")
     assert records["cost_draft_s"].iloc[0] == pytest.approx(measured.cost_draft_s)
     # whether and how far to draft depend on the measured costs; the controller may decline
-    # to speculate, but drafts at least every max_skip_run + 1 steps (a probe)
+    # to speculate, but drafts at least every max_skip_run + 1 steps (a probe); under some
+    # timings it verifies a tree (gamma empty, tree_size one of speckv's trees)
     spec = records[records["drafted"] > 0]
-    assert len(spec) and spec["gamma"].between(1, GAMMA_MAX).all()
+    chains, trees = spec[spec["tree_size"].isna()], spec[spec["tree_size"].notna()]
+    assert len(spec) and chains["gamma"].between(1, GAMMA_MAX).all()
+    assert trees["tree_size"].isin(TREE_SIZES).all()
     plain = records[records["drafted"] == 0]
     assert (plain["gamma"] == 0).all() and plain["draft_entropy_k"].isna().all()
     # a cost file given on the command line is used as is, nothing is measured
