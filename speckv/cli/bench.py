@@ -53,6 +53,9 @@ generate), hf:constant:K (assisted, constant schedule, K = 1..4 by default), hf:
 (fitted on the records' train split), speckv:heuristic, speckv:onnx:PATH (the controller).
 HF best is the fastest of every hf:* row, plain generate included.
 
+--engine llamacpp runs the same protocol inside llama.cpp (`speckv bench --engine llamacpp
+--help`).
+
 NOTE: {ONE_PROCESS} Use --threads to fix the compute threads."""
 
 
@@ -229,7 +232,152 @@ def _hf_speckv_factory(methods: list[str]) -> RunnerFactory:
     return factory
 
 
+ENGINES = ("hf", "llamacpp")
+
+
 def main(argv: list[str]) -> int:
+    pre = argparse.ArgumentParser(prog="speckv bench", add_help=False)
+    pre.add_argument("--engine", choices=ENGINES, default="hf")
+    known, rest = pre.parse_known_args(argv)
+    if known.engine == "llamacpp":
+        return llamacpp_main(rest)
+    return hf_main(rest)
+
+
+LLAMACPP_EPILOG = """\
+methods (default: all of them): llamacpp:plain (llama.cpp's greedy decoding; every ratio is to
+it), llamacpp:lookup[:N] (prompt lookup, N = 10 by default), llamacpp:fixed:G (the GGUF draft,
+G = 1..4 by default), llamacpp:onnx[:PATH] (speckv's controller on costs measured in
+llama.cpp; default export/speckv.onnx).
+
+The draft GGUF is exported from --draft once and cached (speckv draft export-gguf writes one
+where you choose). NOTE: """ + ONE_PROCESS
+
+
+def llamacpp_main(argv: list[str]) -> int:
+    """``speckv bench --engine llamacpp``: every method inside llama.cpp."""
+    from tqdm import tqdm
+
+    from speckv.engines.bench import (
+        PLAIN,
+        bench_llamacpp,
+        default_methods,
+        format_result,
+        needs_draft,
+    )
+    from speckv.engines.llamacpp import GGUFModel, check_gguf
+    from speckv.evaluate.replay import SPLIT_SEED, SPLIT_TEST, SPLIT_VAL
+    from speckv.llm.load import load_tokenizer
+    from speckv.llm.weights import DEMO_TARGET, resolve
+    from speckv.machine import describe, fingerprint
+    from speckv.prompts import chat_ids, load_jsonl
+
+    ap = argparse.ArgumentParser(prog="speckv bench --engine llamacpp",
+                                 description="live tokens/s of speckv's loop inside llama.cpp",
+                                 epilog=LLAMACPP_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help='JSONL file, one {"task", "prompt"} a line (default: '
+                     "the test split of the records)")
+    src.add_argument("--per-task", type=int,
+                     help="the first N test prompts of each task (default: all of them)")
+    ap.add_argument("--records", help="step records for the test split (default: the bundled "
+                    "ones)")
+    ap.add_argument("--gguf-target", default=None,
+                    help="the target GGUF (default: the demo target's, Q4_1)")
+    ap.add_argument("--gguf-draft", default=None,
+                    help="the draft GGUF (default: --draft exported once into the cache)")
+    ap.add_argument("--draft", default="models/speckv-draft-v2",
+                    help="the causal-LM draft to export when --gguf-draft is not given")
+    ap.add_argument("--draft-type", default="bf16", choices=("bf16", "f16", "f32", "q8_0"),
+                    help="the exported draft's weights (default bf16)")
+    ap.add_argument("--methods", help="comma-separated subset (default: all)")
+    ap.add_argument("--max-new-tokens", type=positive, default=64)
+    ap.add_argument("--repeats", type=positive, default=DEFAULT_REPEATS)
+    ap.add_argument("--resamples", type=positive, default=RESAMPLES)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=positive, help="llama.cpp threads (default: the cores)")
+    ap.add_argument("--extra-buffers", action="store_true",
+                    help="let llama.cpp repack weights into its extra buffer types (the AMX "
+                         "path that crashed on the first decode, ggml-org/llama.cpp#20824); "
+                         "off by default")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    controller = find_file(DEFAULT_CONTROLLER)
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+               else default_methods(controller))
+    target_path = check_gguf(args.gguf_target if args.gguf_target else resolve(DEMO_TARGET),
+                             "target")
+    if args.gguf_draft:
+        check_gguf(args.gguf_draft, "draft")
+    if args.prompts:
+        prompts = load_jsonl(args.prompts)
+        source = f"{args.prompts} ({len(prompts)})"
+    else:
+        from speckv.decode.bench import held_out_prompts
+
+        record_paths, records = _records(args.records)
+        prompts = held_out_prompts(records, args.per_task, val=SPLIT_VAL, test=SPLIT_TEST,
+                                   seed=SPLIT_SEED)
+        source = (f"test split of {', '.join(map(str, record_paths))}: {len(prompts)} prompts"
+                  + (f", the first {args.per_task} per task" if args.per_task else ""))
+    tok = load_tokenizer(DEMO_TARGET if not args.gguf_target else args.gguf_target)
+    ids = [chat_ids(tok, p.text) for p in prompts]
+    draft_path = None
+    if needs_draft(methods):
+        draft_path = Path(args.gguf_draft) if args.gguf_draft else \
+            _cached_gguf_draft(Path(args.draft), target_path, args.draft_type)
+    longest = max(map(len, ids)) + args.max_new_tokens + 16
+    n_ctx = max(512, 1 << (longest - 1).bit_length())
+    others = other_bench_processes()
+    if others:
+        log.warning("another benchmark is running (pid %s): %s", ", ".join(map(str, others)),
+                    ONE_PROCESS)
+    load_before = os.getloadavg()
+    target = GGUFModel(target_path, n_ctx=n_ctx, threads=args.threads,
+                       extra_buffers=args.extra_buffers, what="target")
+    draft = None if draft_path is None else GGUFModel(
+        draft_path, n_ctx=n_ctx, threads=args.threads, extra_buffers=args.extra_buffers,
+        what="draft")
+    with tqdm(total=len(prompts) * len({*methods, PLAIN}) * args.repeats, desc="bench",
+              unit="run", file=sys.stderr) as bar:
+        result = bench_llamacpp(target, draft, ids, [p.prompt_id for p in prompts], methods,
+                                args.max_new_tokens, repeats=args.repeats,
+                                resamples=args.resamples, seed=args.seed,
+                                default_controller=controller if controller.is_file() else None,
+                                progress=bar)
+    fp = fingerprint(target.threads)
+    result.update(prompt_source=source, repeats=args.repeats,
+                  max_new_tokens=args.max_new_tokens, machine=fp,
+                  machine_description=describe(fp), engine="llamacpp",
+                  extra_buffers=args.extra_buffers,
+                  load_average={"start": list(load_before), "end": list(os.getloadavg())},
+                  other_bench_processes=sorted(set(others) | set(other_bench_processes())),
+                  note=ONE_PROCESS)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
+def _cached_gguf_draft(draft: Path, target: Path, dtype: str) -> Path:
+    """The draft exported to GGUF once per (draft, target, type), in speckv's cache."""
+    from speckv.atomic import file_lock
+    from speckv.engines.gguf_draft import export_gguf
+    from speckv.paths import cache_dir
+
+    weights = draft / "draft.safetensors"
+    if not weights.is_file():
+        raise BenchError(f"--draft {draft}: no draft.safetensors there. Pass a saved causal-LM "
+                         "draft folder (e.g. models/speckv-draft-v2) or --gguf-draft FILE.")
+    stamp = f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}-{target.stat().st_size}"
+    out = cache_dir() / "gguf-drafts" / f"{draft.name}-{target.stem}-{dtype}-{stamp}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if not out.is_file():
+            export_gguf(draft, target, out, dtype)
+    return out
+
+
+def hf_main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from speckv.decode.decoder import measure_step_costs
@@ -274,6 +422,10 @@ def main(argv: list[str]) -> int:
                          f"{AUTO_DTYPE_HELP}")
     ap.add_argument("--threads", type=positive, help="torch intra-op threads")
     ap.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ap.add_argument("--engine", choices=ENGINES, default="hf",
+                    help="hf (default): Hugging Face models in speckv's loop and HF's own "
+                         "generation; llamacpp: every method inside llama.cpp on GGUF files "
+                         "(see `speckv bench --engine llamacpp --help`)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args(argv)
     if args.threads:

@@ -1,4 +1,5 @@
-"""``speckv draft data|distill|evaluate``: make, train and measure the demo draft.
+"""``speckv draft data|distill|evaluate|export-gguf``: make, train, measure and export the
+demo draft.
 
 - ``prompts``: prompts the target writes itself (its own chat template's user turns), for
   ``data --prompts`` when there are no in-domain prompts at hand;
@@ -7,7 +8,9 @@
 - ``distill``: train the draft on them (resumable; writes ``models/speckv-draft/``);
 - ``evaluate``: top-1 agreement with the target on held-out prompts (the profiling suites,
   which the draft never trained on) at every compression level, draft and target cost per
-  token, and load times; ``--json`` prints one JSON object on stdout.
+  token, and load times; ``--json`` prints one JSON object on stdout;
+- ``export-gguf``: a causal-LM draft as a GGUF file on its target's GGUF, for llama.cpp
+  (:mod:`speckv.engines.gguf_draft`); ``--check`` compares its logits with the torch draft's.
 """
 
 from __future__ import annotations
@@ -157,7 +160,24 @@ def main(argv: list[str]) -> int:
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--cold", action="store_true", help="also time a cold (GGUF) load")
     e.add_argument("--json", action="store_true")
+    g = sub.add_parser("export-gguf", help="write a causal-LM draft as a GGUF file for "
+                       "llama.cpp (speckv bench --engine llamacpp)")
+    g.add_argument("--draft", default="models/speckv-draft-v2",
+                   help="the saved draft folder (a causal-LM draft; default %(default)s)")
+    g.add_argument("--target", default=None,
+                   help="the target's GGUF file, whose metadata, tokenizer and embeddings the "
+                        "draft's file takes (default: the demo target's)")
+    g.add_argument("--out", required=True, help="the GGUF file to write")
+    g.add_argument("--type", default="bf16", choices=("bf16", "f16", "f32", "q8_0"),
+                   help="the layers' weights: bf16 (the stored draft exactly; default), f16, "
+                        "f32 or q8_0 (smaller and faster, rounded)")
+    g.add_argument("--check", action="store_true",
+                   help="compare the written file's logits with the torch draft's (full "
+                        "head) on a prompt (needs llama-cpp-python)")
+    g.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "export-gguf":
+        return _export_gguf(args)
     if args.cmd == "evaluate":  # refuse before minutes of loading
         bad = [c for c in args.compression.split(",") if c.strip() not in COMPRESSIONS]
         if bad:
@@ -270,4 +290,36 @@ def main(argv: list[str]) -> int:
                           f"  best static {allow['best_static']:.1f} "
                           f"({allow['best_static_choice']})  bound {allow['upper_bound']:.1f}"
                           " tokens/s")
+    return 0
+
+
+#: the prompt ``export-gguf --check`` compares logits on (chat-templated by the target)
+CHECK_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from speckv.engines.gguf_draft import check_logits, export_gguf
+    from speckv.llm.weights import resolve
+
+    target = Path(args.target) if args.target else Path(resolve(DEMO_TARGET))
+    info = export_gguf(args.draft, target, args.out, args.type)
+    if args.check:
+        from speckv.llm.load import load_tokenizer
+        from speckv.prompts import chat_ids
+
+        ids = chat_ids(load_tokenizer(DEMO_TARGET if not args.target else args.target),
+                       CHECK_PROMPT)
+        info["check"] = check_logits(args.out, args.draft, ids)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"wrote {info['out']}: {info['layers']} layers ({info['type']}), head over the "
+              f"full vocabulary, {info['bytes'] / 1e6:.1f} MB")
+        if "check" in info:
+            c = info["check"]
+            print(f"check on {c['positions']} positions: top-1 agreement with the torch draft "
+                  f"{c['top1_agreement']:.4f}, largest logit difference "
+                  f"{c['max_rel_diff']:.2e} of a row's range (median {c['median_rel_diff']:.2e})")
     return 0

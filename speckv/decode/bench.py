@@ -312,9 +312,11 @@ def _num(x: float) -> float | None:
 
 
 def summarize(names: Sequence[str], tokens: np.ndarray, seconds: np.ndarray,
-              resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
-    """Tokens/s per method with 95% CIs, and its ratios to ``ar``, to HF's best row and to
-    the best static choice, with paired CIs.
+              resamples: int = RESAMPLES, seed: int = 0, reference: str = "ar"
+              ) -> dict[str, Any]:
+    """Tokens/s per method with 95% CIs, and its ratios to ``ar`` (or the method named
+    ``reference``: another engine's plain decoding), to HF's best row and to the best static
+    choice, with paired CIs.
 
     ``tokens`` and ``seconds`` are ``(prompts, methods)``: each method's new tokens and
     wall-clock seconds per prompt, summed over repeats. Tokens/s is a ratio of sums, in the
@@ -334,7 +336,8 @@ def summarize(names: Sequence[str], tokens: np.ndarray, seconds: np.ndarray,
     hf_cols = [j for j, n in enumerate(names) if is_hf(n)]
     hf_best = names[max(hf_cols, key=lambda j: point[j])] if hf_cols else None
     refs: dict[str, tuple[float, np.ndarray] | None] = {
-        "ar": (point[names.index("ar")], boot[:, names.index("ar")]) if "ar" in names else None,
+        "ar": ((point[names.index(reference)], boot[:, names.index(reference)])
+               if reference in names else None),
         "hf_best": (point[hf_cols].max(), boot[:, hf_cols].max(1)) if hf_cols else None,
         "best_static": ((point[names.index(BEST_STATIC)], boot[:, names.index(BEST_STATIC)])
                         if BEST_STATIC in names else None),

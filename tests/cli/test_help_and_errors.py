@@ -22,7 +22,7 @@ from speckv.__main__ import main as speckv_main
 #: commands whose --help runs in-process (train is LightningCLI's: a subprocess below)
 IN_PROCESS = [name for name in COMMANDS if name != "train"]
 SUBCOMMANDS = [["records", "merge"], ["records", "figures"], ["draft", "data"],
-               ["draft", "distill"], ["draft", "evaluate"]]
+               ["draft", "distill"], ["draft", "evaluate"], ["draft", "export-gguf"]]
 
 
 def run(capsys, argv: list[str]) -> tuple[int, str, str]:
@@ -107,6 +107,8 @@ BAD = {
         (["distill", "--lr", "-1"], "--lr"),
         (["evaluate", "--compression", "fp8"], "fp8"),
         (["evaluate", "--dtype", "float17"], "float17"),
+        (["export-gguf", "--out", "d.gguf", "--type", "int3"], "int3"),
+        (["export-gguf"], "--out"),
     ],
     "evaluate": [
         (["--records", f"{MISSING}.parquet"], "does not exist"),
@@ -143,6 +145,10 @@ BAD = {
         (["--prompts", f"{MISSING}.jsonl"], "does not exist"),
         (["--per-task", "1", "--prompts", "p.jsonl"], "not allowed"),
         (["--threads", "0"], "at least 1"),
+        (["--engine", "vllm"], "vllm"),
+        (["--engine", "llamacpp", "--gguf-target", f"{MISSING}.gguf"], "does not exist"),
+        (["--engine", "llamacpp", "--gguf-target", TEXT], "not a GGUF file"),
+        (["--engine", "llamacpp", "--repeats", "0"], "--repeats"),
     ],
     "train": [
         (["bogus"], "bogus"),

@@ -21,6 +21,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("speckv.prompts", "speckv.records", "speckv.policies"),
     ("speckv.llm",),
     ("speckv.decode",),
+    ("speckv.engines",),
     ("speckv.profile",),
     ("speckv.train",),
     ("speckv.export",),

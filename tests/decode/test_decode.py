@@ -41,6 +41,7 @@ from speckv.runtime.proposal import TREE_SIZES
 
 PROMPT = [1, 5, 17, 33, 8, 90]
 
+
 class StopAfter:
     """A per-token stopping rule: draft up to γmax, stop after token k when k % period == 0."""
 
