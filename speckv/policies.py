@@ -250,7 +250,30 @@ class FixedTree(_Stateless):
         return self.code
 
 
-class LookupRule:
+class _Wrapping:
+    """A rule around another policy (``inner``), which makes the step's other decisions."""
+
+    name: str
+    inner: Policy | None
+
+    def reset(self) -> None:
+        if self.inner is not None:
+            self.inner.reset()
+
+    def choose(self, ctx: StepContext) -> int:
+        return self.inner.choose(ctx)
+
+    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
+        return self.inner.keep_drafting(k, top1, entropy)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.inner.observe(drafted, accepted)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class LookupRule(_Wrapping):
     """Verify the context lookup's continuation whenever its match is at least ``min_match``
     tokens (no draft forward); otherwise do what ``inner`` does (a drafting policy), or, with
     no inner policy, take a plain step: ``lookup:M`` is lookup decoding alone (Hugging Face's
@@ -266,10 +289,6 @@ class LookupRule:
         self.token_stats = getattr(inner, "token_stats", frozenset())
         self.max_skip_run = int(getattr(inner, "max_skip_run", MAX_SKIP_RUN))
 
-    def reset(self) -> None:
-        if self.inner is not None:
-            self.inner.reset()
-
     def lookup(self, ctx: LookupContext) -> bool:
         return ctx.match >= self.min_match
 
@@ -279,20 +298,8 @@ class LookupRule:
         inner = getattr(self.inner, "speculate", None)
         return True if inner is None else bool(inner(ctx))
 
-    def choose(self, ctx: StepContext) -> int:
-        return self.inner.choose(ctx)
 
-    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
-        return self.inner.keep_drafting(k, top1, entropy)
-
-    def observe(self, drafted: int, accepted: int) -> None:
-        self.inner.observe(drafted, accepted)
-
-    def __repr__(self) -> str:
-        return f"<LookupRule {self.name}>"
-
-
-class JoinLookup:
+class JoinLookup(_Wrapping):
     """``inner``, with the context lookup's continuation joined to every tree it chooses as
     one more branch whenever the lookup's match is at least ``min_match`` tokens: one target
     forward verifies the draft's candidates and the context's together, and the step accepts
@@ -312,23 +319,8 @@ class JoinLookup:
             if hasattr(inner, name):
                 setattr(self, name, getattr(inner, name))
 
-    def reset(self) -> None:
-        self.inner.reset()
-
     def join_lookup(self, length: int, match: int, occurrences: int, agreeing: int) -> bool:
         return match >= self.min_match
-
-    def choose(self, ctx: StepContext) -> int:
-        return self.inner.choose(ctx)
-
-    def keep_drafting(self, k: int, top1: float, entropy: float) -> bool:
-        return self.inner.keep_drafting(k, top1, entropy)
-
-    def observe(self, drafted: int, accepted: int) -> None:
-        self.inner.observe(drafted, accepted)
-
-    def __repr__(self) -> str:
-        return f"<JoinLookup {self.name}>"
 
 
 class BestFixed(_Stateless):

@@ -59,6 +59,15 @@ HF best is the fastest of every hf:* row, plain generate included.
 NOTE: {ONE_PROCESS} Use --threads to fix the compute threads."""
 
 
+def _prompt_source(ap: argparse.ArgumentParser) -> None:
+    """The prompts a benchmark decodes: a file, or the first N test prompts of each task."""
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help='JSONL file, one {"task", "prompt"} a line (default: '
+                     "the test split of the records)")
+    src.add_argument("--per-task", type=int,
+                     help="the first N test prompts of each task (default: all of them)")
+
+
 def _fmt(x: float | None, spec: str = ".2f") -> str:
     return format(x, spec) if x is not None else "-"
 
@@ -276,11 +285,7 @@ def llamacpp_main(argv: list[str]) -> int:
                                  description="live tokens/s of speckv's loop inside llama.cpp",
                                  epilog=LLAMACPP_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--prompts", help='JSONL file, one {"task", "prompt"} a line (default: '
-                     "the test split of the records)")
-    src.add_argument("--per-task", type=int,
-                     help="the first N test prompts of each task (default: all of them)")
+    _prompt_source(ap)
     ap.add_argument("--records", help="step records for the test split (default: the bundled "
                     "ones)")
     ap.add_argument("--gguf-target", default=None,
@@ -391,11 +396,7 @@ def hf_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="speckv bench", description=__doc__.split("\n\n")[0],
                                  epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--prompts", help='JSONL file, one {"task", "prompt"} a line (default: '
-                     "the test split of the records)")
-    src.add_argument("--per-task", type=int,
-                     help="the first N test prompts of each task (default: all of them)")
+    _prompt_source(ap)
     ap.add_argument("--records", help="step records for the test split and the best static "
                     "fit (default: the bundled ones, datamodules/*/*.parquet)")
     ap.add_argument("--compression", default="fp16", help="comma-separated: fp16,int8,nf4")
