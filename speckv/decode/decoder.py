@@ -67,7 +67,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -706,9 +706,7 @@ class SpeculativeDecoder:
         t_logits = torch.from_numpy(t_rows)
         if sampler is None:
             target_best = t_rows.argmax(-1).tolist()
-            accepted = 0
-            while accepted < k and prop.tokens[accepted] == target_best[accepted]:
-                accepted += 1
+            accepted = len(Proposal.chain(prop.tokens).walk(lambda node: target_best[node + 1]))
             nxt, accept_probs = target_best[accepted], None
         else:
             accepted, nxt, accept_probs = sampler.verify(t_logits, prop)
@@ -807,7 +805,9 @@ class SpeculativeDecoder:
         cap = shape.depth
         if joined is not None:  # the lookup's own outcome: its tokens the target agrees with
             cap = max(cap, len(joined.tokens))
-            record.update(lookup_accept=_common_prefix(joined.tokens, emitted),
+            lookup = Proposal.chain(joined.tokens, "lookup").walk(
+                lambda node: emitted[node + 1] if node + 1 < len(emitted) else None)
+            record.update(lookup_accept=len(lookup),
                           lookup_length=len(joined.tokens), lookup_match=joined.match,
                           lookup_occurrences=joined.occurrences,
                           lookup_agreeing=joined.agreeing)
@@ -910,16 +910,6 @@ def measure_step_costs(draft: torch.nn.Module | LoadedModel,
     if supports_4d_masks(module_of(target)) and supports_4d_masks(module_of(draft)):
         costs = measure_tree_costs(costs, draft, target)
     return costs
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def records_frame(steps: list[dict[str, Any]]) -> pd.DataFrame:
