@@ -33,7 +33,8 @@ def _summary(report: Mapping[str, Any]) -> str:
         f"  metadata  also in {report['sidecar']} (with the file's SHA-256)",
         f"  from      {report.get('checkpoint', '(in memory)')}",
         f"  scaling   {rw['scaling']}; removed {rw['removed'] or 'nothing'}",
-        f"  parity    {p['rows']} {p['source']} rows: max |Δ expected tokens| "
+        f"  parity    {p['rows']} {p['source']} rows against PyTorch in float64: max "
+        f"|Δ expected tokens| "
         f"{p['max_abs_diff_expected_tokens']:.2e}, max |Δ survival| "
         f"{p['max_abs_diff_survival']:.2e}, γ identical"
         + (f" ({p['gamma_ties']} exact ties)" if p["gamma_ties"] else ""),
