@@ -58,7 +58,13 @@ import numpy as np
 
 from speckv.errors import SpeckvError
 from speckv.runtime.contract import UNAVAILABLE_COST
-from speckv.runtime.features import COMPRESSIONS, GAMMA_MAX, GAMMAS, MAX_SKIP_RUN
+from speckv.runtime.features import (
+    COMPRESSIONS,
+    GAMMA_MAX,
+    GAMMAS,
+    MAX_SKIP_RUN,
+    lookup_features,
+)
 from speckv.runtime.proposal import N_DRAFT_OPTIONS, TREE_SIZES, tree_by_size, tree_code
 
 Objective = Literal["tokens_per_s", "tokens_per_step"]
@@ -87,7 +93,8 @@ PLAIN: Final = 0
 TOKEN_STATS: Final = frozenset({"top1", "entropy"})
 
 SPECS: Final = ("ar", "fixed:K", "tree:N", "heuristic", "confidence:T", "entropy:T", "ema",
-                "oracle", "onnx:PATH", "ckpt:PATH", "lookup:M", "lookup:M+SPEC", "join:M+SPEC")
+                "oracle", "onnx:PATH", "ckpt:PATH", "lookup:M", "lookup:M+SPEC", "lookup:auto+SPEC",
+                "join:M+SPEC")
 
 
 class PolicyError(SpeckvError, ValueError):
@@ -297,6 +304,25 @@ class LookupRule(_Wrapping):
             return False
         inner = getattr(self.inner, "speculate", None)
         return True if inner is None else bool(inner(ctx))
+
+
+class LearnedLookup(LookupRule):
+    """The learned controller chooses the source: before the draft runs, wherever the context
+    lookup proposes, verify its continuation when the controller's lookup head expects more
+    tokens per unit of cost from it than from a plain step or any draft option
+    (:func:`speckv.train.network.lookup_rule`); otherwise ``inner`` (the same controller)
+    decides as it would alone. ``lookup:auto+SPEC`` with SPEC ``onnx:PATH`` or ``ckpt:PATH``."""
+
+    def __init__(self, inner: Policy) -> None:
+        if not callable(getattr(inner, "choose_lookup", None)):
+            raise PolicyError(f"lookup:auto needs a learned controller to choose the source "
+                              f"(onnx:PATH or ckpt:PATH), not {getattr(inner, 'name', inner)!r}."
+                              " A fixed rule is lookup:M+SPEC.")
+        super().__init__(1, inner)
+        self.name = f"lookup:auto+{inner.name}"
+
+    def lookup(self, ctx: LookupContext) -> bool:
+        return self.inner.choose_lookup(ctx)
 
 
 class JoinLookup(_Wrapping):
@@ -602,11 +628,13 @@ class Chooser(Protocol):
 
 
 class Learned(_Stateless):
-    """The learned controller: both decisions, by expected tokens per unit of cost.
+    """The learned controller: its decisions, by expected tokens per unit of cost.
 
     Before the draft: speculate when the chooser's pre-draft head says so, or when a probe is
     due (:func:`probe_due`, after the chooser's ``max_skip_run`` plain steps in a row). After
-    it: the γ with the most expected tokens per unit of cost.
+    it: the γ with the most expected tokens per unit of cost. The lookup decision
+    (:meth:`choose_lookup`) is offered but not asked by this policy alone: wrap it in
+    :class:`LearnedLookup` (``lookup:auto+onnx:PATH``) to let it choose the source.
     ``objective="tokens_per_step"`` passes unit costs, so the controller maximises expected
     tokens per step alone (the seed paper's objective; it drifts to the largest γ, and never
     declines to speculate).
@@ -651,6 +679,25 @@ class Learned(_Stateless):
         return bool(self._speculate(np.asarray(ctx.features, np.float32),
                                     self._costs(ctx.costs, ctx.tree_costs),
                                     float(self._plain(ctx.plain_cost))))
+
+    @property
+    def chooses_lookup(self) -> bool:
+        """Whether the chooser has a lookup decision (a format-4 controller or checkpoint)."""
+        return callable(getattr(self.chooser, "use_lookup", None)) and bool(
+            getattr(self.chooser, "has_lookup", True))
+
+    def choose_lookup(self, ctx: LookupContext) -> bool:
+        """Verify the context lookup's continuation instead (the controller's lookup head)?"""
+        use = getattr(self.chooser, "use_lookup", None)
+        if use is None:
+            raise PolicyError(f"{type(self.chooser).__name__} has no lookup decision; load a "
+                              "controller exported by this speckv (format 4).")
+        pre = ctx.pre
+        x = lookup_features(pre.features, ctx.length, ctx.match, ctx.occurrences, ctx.agreeing)
+        cost = 1.0 if self.objective == "tokens_per_step" else ctx.cost
+        return bool(use(x, float(cost), np.asarray(pre.features, np.float32),
+                        self._costs(pre.costs, pre.tree_costs),
+                        float(self._plain(pre.plain_cost))))
 
     def _batch_speculate(self, pre_features: np.ndarray, costs: np.ndarray,
                          plain_cost: np.ndarray, tree_costs: np.ndarray | None = None
@@ -740,9 +787,14 @@ def _build(spec: str, objective: Objective,
         if not arg:
             raise PolicyError(f"Policy {spec!r}: write fixed:K with K in 1..{GAMMA_MAX}.")
         return FixedGamma(_number(spec, arg, int))
-    if kind == "lookup":  # lookup:M or lookup:M+SPEC
+    if kind == "lookup":  # lookup:M, lookup:M+SPEC or lookup:auto+SPEC
         match, plus, inner = arg.partition("+")
         inner_policy = _build(inner, objective, load_checkpoint) if plus else None
+        if match == "auto":
+            if inner_policy is None:
+                raise PolicyError(f"Policy {spec!r}: write lookup:auto+onnx:PATH (the "
+                                  "controller that chooses the source).")
+            return LearnedLookup(inner_policy)
         return LookupRule(_number(spec, match, int) if match else 1, inner_policy)
     if kind == "join":  # join:M+SPEC
         match, plus, inner = arg.partition("+")

@@ -33,6 +33,7 @@ from speckv.runtime.features import (
     FEATURE_NAMES,
     GAMMA_MAX,
     GAMMAS,
+    LOOKUP_FEATURE_NAMES,
     MAX_SKIP_RUN,
     PRE_FEATURE_NAMES,
     history_arrays,
@@ -242,10 +243,11 @@ def _fit(df: pd.DataFrame, steps: int, hidden: Sequence[int], seed: int, pre: bo
     return mlp.eval()
 
 
-def save_checkpoint(mlp, pre_mlp, path: str | Path, hidden: Sequence[int] = (16, 16)) -> Path:
-    """Write the step network ``mlp`` and the pre-draft network ``pre_mlp`` (both with hidden
-    layers ``hidden``) in the checkpoint layout :func:`speckv.train.network.load_checkpoint`
-    reads."""
+def save_checkpoint(mlp, pre_mlp, path: str | Path, hidden: Sequence[int] = (16, 16),
+                    lookup_mlp=None) -> Path:
+    """Write the step network ``mlp``, the pre-draft network ``pre_mlp`` and optionally the
+    lookup network ``lookup_mlp`` (all with hidden layers ``hidden``) in the checkpoint layout
+    :func:`speckv.train.network.load_checkpoint` reads."""
     import torch
 
     path = Path(path)
@@ -258,5 +260,10 @@ def save_checkpoint(mlp, pre_mlp, path: str | Path, hidden: Sequence[int] = (16,
             "objective": "tokens_per_s", "data_fingerprint": "synthetic"}
     state = {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
     state |= {f"pre_mlp.{k}": v for k, v in pre_mlp.state_dict().items()}
+    if lookup_mlp is not None:
+        meta["lookup_mlp_config"] = {**config, "n_features": int(lookup_mlp.mean.numel()),
+                                     "gamma_max": int(lookup_mlp.gamma_max)}
+        meta["lookup_feature_names"] = list(LOOKUP_FEATURE_NAMES)
+        state |= {f"lookup_mlp.{k}": v for k, v in lookup_mlp.state_dict().items()}
     torch.save({"speckv": meta, "state_dict": state}, path)
     return path

@@ -1,15 +1,19 @@
 // speckv's exported controller called from C++ through ONNX Runtime's C++ API.
 //
-//   choose_gamma CONTROLLER.onnx              < decisions      one session, the whole file
-//   choose_gamma PRE.onnx STEP.onnx           < decisions      the two extracted decisions
+//   choose_gamma CONTROLLER.onnx                  < decisions   one session, the whole file
+//   choose_gamma LOOKUP.onnx PRE.onnx STEP.onnx   < decisions   the three extracted decisions
 //
-// Each input line is one decision's inputs, 32 numbers: the step vector (10 features), the
+// Each input line is one step's inputs, 32 numbers: the step vector (10 features), the
 // pre-draft vector (8), the costs of a step verifying each option (chains of γ = 1..8, then
 // the 5 trees of speckv.trees) and the cost of a plain step; 27 for a file that lists no
-// trees (it chooses among chains only). Each output line is
-// {"speculate": true|false, "gamma": option} (γ for a chain, 9 + i for tree i). A decoder asks for speculate
-// before its draft runs and for γ only when it drafts (docs/EMBEDDING.md, sections 2 and 7);
-// this program asks for both on every line. Build it with examples/cpp/build.sh.
+// trees (it chooses among chains only). Where the context lookup proposes tokens, 5 more:
+// its 4 signals (the lookup vector's first entries; the pre-draft vector completes it) and
+// the cost of a step verifying its continuation. Each output line is
+// {"lookup": true|false, "speculate": true|false, "gamma": option} (γ for a chain, 9 + i for
+// tree i; "lookup" only where the lookup proposes). A decoder asks for the lookup first,
+// where it proposes, then for speculate before its draft runs, and for γ only when it drafts
+// (docs/EMBEDDING.md, sections 2 and 7); this program asks for each on every line. Build it
+// with examples/cpp/build.sh.
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
@@ -27,11 +31,16 @@ namespace {
 
 // The contract (speckv/runtime/contract.py): the format this program reads, and the vectors
 // it builds, in input order. A file that lists other ones was trained for other inputs.
-constexpr int kFormatVersion = 3;
+constexpr int kFormatVersion = 4;
 const std::vector<std::string> kFeatureNames = {
     "draft_entropy", "draft_top1", "draft_margin", "target_top1_prev", "agree_ema",
     "agree_run", "log_position", "compression_fp16", "compression_int8", "compression_nf4"};
 const std::vector<std::string> kPreFeatureNames = {
+    "target_top1_prev", "agree_ema", "agree_run", "unsettled", "log_position",
+    "compression_fp16", "compression_int8", "compression_nf4"};
+// the lookup vector: the context lookup's 4 signals, then the pre-draft vector
+const std::vector<std::string> kLookupFeatureNames = {
+    "lookup_length", "lookup_match", "lookup_log_occurrences", "lookup_agreeing",
     "target_top1_prev", "agree_ema", "agree_run", "unsettled", "log_position",
     "compression_fp16", "compression_int8", "compression_nf4"};
 const std::vector<std::string> kGammas = {"1", "2", "3", "4", "5", "6", "7", "8"};
@@ -39,6 +48,7 @@ const std::vector<std::string> kGammas = {"1", "2", "3", "4", "5", "6", "7", "8"
 const std::vector<std::string> kTrees = {"4", "2", "4", "8",  "3", "4", "16", "4",
                                          "4", "32", "5", "4", "64", "6", "4"};
 constexpr int64_t N = 10, M = 8, G = 8 + 5;  // G: the most options, chains then trees
+constexpr int64_t S = 4, L = S + M;           // the lookup's signals; its whole vector
 
 // The buffers bound to the sessions once and refilled for every decision.
 struct Buffers {
@@ -46,8 +56,12 @@ struct Buffers {
   std::array<float, M> pre_features{};
   std::array<float, G> costs{};
   std::array<float, 1> plain_cost{};
-  std::array<int64_t, 1> speculate{}, gamma{};
-  int64_t options = G;  // the file's: 8 chains, and its 5 trees unless it lists none
+  std::array<float, L> lookup_features{};
+  std::array<float, 1> lookup_cost{};
+  std::array<int64_t, 1> lookup{}, speculate{}, gamma{};
+  int64_t options = G;     // the file's: 8 chains, and its 5 trees unless it lists none
+  int lookup_max = 0;      // the file's speckv.lookup_max_tokens: the longest continuation
+  bool proposes = false;   // whether this line holds a lookup proposal
 };
 
 std::string metadata(const Ort::Session& session, const char* key) {
@@ -69,9 +83,9 @@ std::vector<std::string> json_list(const std::string& text) {
   return items;
 }
 
-// Refuse a file that is not speckv's format 3 for these vectors, saying what to do; return
-// how many options it chooses among.
-int64_t check_contract(const Ort::Session& session, const std::string& path) {
+// Refuse a file that is not speckv's format 4 for these vectors, saying what to do; note in
+// `b` how many options it chooses among and the longest continuation it prices.
+void check_contract(const Ort::Session& session, const std::string& path, Buffers& b) {
   const std::string version = metadata(session, "speckv.format_version");
   if (version.empty())
     throw std::runtime_error(path + " is not a speckv controller (no speckv.format_version "
@@ -93,6 +107,7 @@ int64_t check_contract(const Ort::Session& session, const std::string& path) {
   const struct { const char* key; const std::vector<std::string>& expected; } lists[] = {
       {"speckv.feature_names", kFeatureNames},
       {"speckv.pre_feature_names", kPreFeatureNames},
+      {"speckv.lookup_feature_names", kLookupFeatureNames},
       {"speckv.gammas", kGammas},
       {"speckv.trees", kTrees}};
   for (const auto& list : lists) {
@@ -103,7 +118,12 @@ int64_t check_contract(const Ort::Session& session, const std::string& path) {
                                ", not what this program builds; retrain and re-export the "
                                "controller for these inputs, or change the program.");
   }
-  return json_list(metadata(session, "speckv.trees")).empty() ? 8 : G;
+  b.options = json_list(metadata(session, "speckv.trees")).empty() ? 8 : G;
+  b.lookup_max = std::atoi(metadata(session, "speckv.lookup_max_tokens").c_str());
+  if (b.lookup_max < 1)
+    throw std::runtime_error(path + ": speckv.lookup_max_tokens is '" +
+                             metadata(session, "speckv.lookup_max_tokens") +
+                             "', not a count of tokens; re-export the controller.");
 }
 
 template <typename T, size_t K>
@@ -126,14 +146,30 @@ Ort::IoBinding bind(Ort::Session& session, Buffers& b, const Ort::MemoryInfo& me
                                      mem, b.costs.data(), b.options,
                                      std::vector<int64_t>{1, b.options}.data(), 2));
     else if (name == "plain_cost") io.BindInput(name.c_str(), tensor(mem, b.plain_cost, {1, 1}));
+    else if (name == "lookup_features")
+      io.BindInput(name.c_str(), tensor(mem, b.lookup_features, {1, L}));
+    else if (name == "lookup_cost")
+      io.BindInput(name.c_str(), tensor(mem, b.lookup_cost, {1, 1}));
     else throw std::runtime_error("unexpected input " + name + ": re-export the controller.");
   }
   for (size_t i = 0; i < session.GetOutputCount(); ++i) {
     const std::string name = session.GetOutputNameAllocated(i, alloc).get();
-    if (name == "speculate") io.BindOutput("speculate", tensor(mem, b.speculate, {1}));
+    if (name == "lookup") io.BindOutput("lookup", tensor(mem, b.lookup, {1}));
+    else if (name == "speculate") io.BindOutput("speculate", tensor(mem, b.speculate, {1}));
     else if (name == "gamma") io.BindOutput("gamma", tensor(mem, b.gamma, {1}));
   }
   return io;
+}
+
+// Whether the session gives the lookup decision alone (the extracted lookup head): it runs
+// only on a line where the lookup proposes, the only time its inputs are known.
+bool lookup_only(const Ort::Session& session) {
+  Ort::AllocatorWithDefaultOptions alloc;
+  for (size_t i = 0; i < session.GetOutputCount(); ++i) {
+    const std::string name = session.GetOutputNameAllocated(i, alloc).get();
+    if (name == "speculate" || name == "gamma") return false;
+  }
+  return true;
 }
 
 // Parse one line into the buffers; the graph assumes finite features and positive costs.
@@ -141,28 +177,44 @@ void fill(const std::string& line, Buffers& b) {
   std::istringstream in(line);
   std::vector<float> v;
   for (float x; in >> x;) v.push_back(x);
-  const int64_t g = b.options;
-  if (!in.eof() || static_cast<int64_t>(v.size()) != N + M + g + 1)
-    throw std::runtime_error("expected " + std::to_string(N + M + g + 1) + " numbers (10 "
-                             "features, 8 pre-draft features, " + std::to_string(g) +
-                             " option costs, the plain cost), got: " + line);
+  const int64_t g = b.options, n = N + M + g + 1;
+  const auto count = static_cast<int64_t>(v.size());
+  if (!in.eof() || (count != n && count != n + S + 1))
+    throw std::runtime_error("expected " + std::to_string(n) + " numbers (10 features, 8 "
+                             "pre-draft features, " + std::to_string(g) + " option costs, the "
+                             "plain cost), or " + std::to_string(n + S + 1) + " where the "
+                             "lookup proposes (then its 4 signals and its cost), got: " + line);
   const float* x = v.data();
   std::copy(x, x + N, b.features.begin());
   std::copy(x + N, x + N + M, b.pre_features.begin());
   std::copy(x + N + M, x + N + M + g, b.costs.begin());
   b.plain_cost[0] = x[N + M + g];
+  // the lookup vector: its signals, then the pre-draft vector; without a proposal the
+  // whole file still computes the lookup head, on placeholder values, and it is not read
+  b.proposes = count > n;
+  if (b.proposes) std::copy(x + n, x + n + S, b.lookup_features.begin());
+  else std::fill_n(b.lookup_features.begin(), S, 0.0f);
+  std::copy(b.pre_features.begin(), b.pre_features.end(), b.lookup_features.begin() + S);
+  b.lookup_cost[0] = b.proposes ? x[n + S] : 1.0f;
   for (float value : v)
     if (!std::isfinite(value)) throw std::runtime_error("a number is not finite: " + line);
   for (int64_t i = 0; i < g; ++i)
     if (!(b.costs[i] > 0)) throw std::runtime_error("costs must be > 0: " + line);
   if (!(b.plain_cost[0] > 0)) throw std::runtime_error("the plain cost must be > 0: " + line);
+  if (!b.proposes) return;
+  const float length = b.lookup_features[0];
+  if (!(length >= 1 && length <= b.lookup_max && length == std::floor(length)))
+    throw std::runtime_error("the lookup's length must be a whole number of tokens, 1 to " +
+                             std::to_string(b.lookup_max) + ": " + line);
+  if (!(b.lookup_cost[0] > 0)) throw std::runtime_error("the lookup cost must be > 0: " + line);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2 || argc > 3) {
-    std::cerr << "usage: " << argv[0] << " CONTROLLER.onnx [STEP.onnx] < decisions\n";
+  if (argc < 2 || argc > 4) {
+    std::cerr << "usage: " << argv[0] << " CONTROLLER.onnx < decisions\n"
+              << "       " << argv[0] << " LOOKUP.onnx PRE.onnx STEP.onnx < decisions\n";
     return 2;
   }
   try {
@@ -176,25 +228,36 @@ int main(int argc, char** argv) {
     Buffers b;
     for (int i = 1; i < argc; ++i) {
       sessions.emplace_back(env, argv[i], opts);  // a wchar_t* path on Windows
-      b.options = check_contract(sessions.back(), argv[i]);
+      check_contract(sessions.back(), argv[i], b);
     }
     std::cerr << "ONNX Runtime " << Ort::GetVersionString() << ", speckv controller format "
               << kFormatVersion << " (speckv " << metadata(sessions[0], "speckv.version")
-              << "), max_skip_run " << metadata(sessions[0], "speckv.max_skip_run") << "\n";
+              << "), max_skip_run " << metadata(sessions[0], "speckv.max_skip_run")
+              << ", lookup_max_tokens " << b.lookup_max << "\n";
 
     const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     std::vector<Ort::IoBinding> bindings;
-    for (auto& session : sessions) bindings.push_back(bind(session, b, mem));
+    std::vector<bool> only_where_proposed;
+    for (auto& session : sessions) {
+      bindings.push_back(bind(session, b, mem));
+      only_where_proposed.push_back(lookup_only(session));
+    }
 
     for (std::string line; std::getline(std::cin, line);) {
       if (line.find_first_not_of(" \t\r") == std::string::npos || line[0] == '#') continue;
       fill(line, b);
-      b.speculate[0] = b.gamma[0] = -1;
+      b.lookup[0] = b.speculate[0] = b.gamma[0] = -1;
       for (size_t i = 0; i < sessions.size(); ++i)
-        sessions[i].Run(Ort::RunOptions{nullptr}, bindings[i]);
+        if (b.proposes || !only_where_proposed[i])
+          sessions[i].Run(Ort::RunOptions{nullptr}, bindings[i]);
       if (b.speculate[0] < 0 || b.gamma[0] < 0)
         throw std::runtime_error("the files gave no speculate or no gamma output");
-      std::cout << "{\"speculate\": " << (b.speculate[0] ? "true" : "false")
+      if (b.proposes && b.lookup[0] < 0)
+        throw std::runtime_error("the line has a lookup proposal, but the files gave no "
+                                 "lookup output: pass the extracted lookup decision too");
+      std::cout << "{";
+      if (b.proposes) std::cout << "\"lookup\": " << (b.lookup[0] ? "true" : "false") << ", ";
+      std::cout << "\"speculate\": " << (b.speculate[0] ? "true" : "false")
                 << ", \"gamma\": " << b.gamma[0] << "}" << std::endl;
     }
   } catch (const std::exception& e) {  // Ort::Exception included

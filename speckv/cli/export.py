@@ -36,13 +36,14 @@ def _summary(report: Mapping[str, Any]) -> str:
         f"  parity    {p['rows']} {p['source']} rows against PyTorch in float64: max "
         f"|Δ expected tokens| "
         f"{p['max_abs_diff_expected_tokens']:.2e}, max |Δ survival| "
-        f"{p['max_abs_diff_survival']:.2e}, γ identical"
+        f"{p['max_abs_diff_survival']:.2e}, γ, speculate and lookup identical"
         + (f" ({p['gamma_ties']} exact ties)" if p["gamma_ties"] else ""),
     ]
     if lat:
-        lines.append(f"  latency   Controller.choose p50 {lat['p50_us']:.1f} µs, p99 "
-                     f"{lat['p99_us']:.1f} µs per decision (batch 1, 1 thread, "
-                     f"{lat['calls']} calls)")
+        lines.append(f"  latency   p50 (p99) per decision, batch 1, 1 thread, {lat['calls']} "
+                     f"calls: choose {lat['p50_us']:.1f} ({lat['p99_us']:.1f}) µs, speculate "
+                     f"{lat['speculate_p50_us']:.1f} ({lat['speculate_p99_us']:.1f}) µs, "
+                     f"use_lookup {lat['lookup_p50_us']:.1f} ({lat['lookup_p99_us']:.1f}) µs")
     return "\n".join(lines)
 
 

@@ -30,7 +30,14 @@ from speckv.evaluate.replay import (
     replayable_rows,
 )
 from speckv.evaluate.summary import summarize
-from speckv.policies import OBJECTIVES, BestFixed, BestStatic, Objective, Policy
+from speckv.policies import (
+    OBJECTIVES,
+    BestFixed,
+    BestStatic,
+    LearnedLookup,
+    Objective,
+    Policy,
+)
 from speckv.records import sequence_ids, split_prompts
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,8 @@ def run(records: pd.DataFrame, learned: Policy | None = None, *,
     if learned is not None:
         learned.name = LEARNED
         policies.insert(0, learned)
+        if evaluated.lookup is not None and getattr(learned, "chooses_lookup", False):
+            policies.insert(1, LearnedLookup(learned))  # the controller chooses the source
     replays = {}
     for pol in policies:
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import numpy as np
 
 from speckv.atomic import atomic_write
 from speckv.evaluate.replay import COMPARISONS, LEARNED, ORACLE
-from speckv.runtime.proposal import OPTION_NAMES
+from speckv.runtime.proposal import GAMMA_MAX, OPTION_NAMES
 
 
 # ------------------------------------------------------------------------------- output
@@ -241,6 +241,10 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
         axes[0].set_ylabel("share of steps")
         written.append(_save(fig, out / "learned_gamma.png"))
 
+    sources = [n for n in names if n.startswith("lookup:auto+")]
+    if sources:
+        written.append(_save(_source_figure(result, sources, comps), out / "source_choice.png"))
+
     others = [n for n in names if n != ORACLE and pol[n].get("regret_to_oracle") is not None]
     if others:
         fig = Figure(figsize=(max(6.0, 0.55 * len(others) * len(comps) / 2 + 2), 3.6),
@@ -261,6 +265,39 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize="small")
         written.append(_save(fig, out / "regret_to_oracle.png"))
     return written
+
+
+#: a step's source, by option code: plain, the draft's chain, its tree, the lookup alone
+_SOURCES: Final = (("plain step", "tab:gray"), ("draft: chain", "tab:blue"),
+                   ("draft: tree", "tab:purple"), ("context lookup", "tab:orange"))
+
+
+def _source_figure(result: dict[str, Any], names: Sequence[str], comps: Sequence[str]) -> Any:
+    """Where a policy that chooses the source took each: the share of its steps that were
+    plain, a draft chain, a draft tree or the lookup's continuation, per compression."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.5, 4.2 * len(names)), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False, sharey=True)[0]
+    for ax, name in zip(axes, names, strict=True):
+        shares = []
+        for comp in comps:
+            counts = np.asarray(result["gamma_chosen"][name][comp], float)  # codes 1..
+            steps = result["policies"][name]["per_compression"][comp]["steps"]
+            chain, tree, lookup = (counts[:GAMMA_MAX].sum(), counts[GAMMA_MAX:-1].sum(),
+                                   counts[-1])
+            shares.append(np.array([steps - counts.sum(), chain, tree, lookup]) / steps)
+        left = np.zeros(len(comps))
+        for k, (label, color) in enumerate(_SOURCES):
+            part = np.array([s[k] for s in shares])
+            ax.barh(comps, part, left=left, color=color, label=label)
+            left += part
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of steps")
+        ax.set_title(f"{name}: source per step")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+               ncols=len(_SOURCES), fontsize="small")
+    return fig
 
 
 def _save(fig: Any, path: Path) -> Path:

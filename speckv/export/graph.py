@@ -1,10 +1,11 @@
 """``speckv export``: a training checkpoint -> the ONNX controller the runtime runs.
 
-The exported graph is :class:`speckv.train.network.ExportGraph` (contract format 2, see
-:mod:`speckv.runtime.contract`): the step and pre-draft feature vectors, the cost of each
-candidate γ and of a plain step in; the decision to speculate, the chosen γ (argmax of expected
-tokens per unit cost, inside the graph), the expected tokens per γ and the survival curves of
-both networks out. Feature scaling is baked in, the batch axis is dynamic, and the file
+The exported graph is :class:`speckv.train.network.ExportGraph` (contract format 4, see
+:mod:`speckv.runtime.contract`): the step, pre-draft and lookup feature vectors, the cost of
+each option, of a plain step and of verifying the lookup's continuation in; the decision to
+verify the lookup's continuation, the decision to speculate, the chosen option (argmax of
+expected tokens per unit cost, inside the graph), the expected tokens and the survival curves
+of the three networks out. Feature scaling is baked in, the batch axis is dynamic, and the file
 carries speckv's metadata.
 
 How it is made:
@@ -22,7 +23,7 @@ How it is made:
 3. Checks: ``onnx.checker`` (full), opset, no float64 anywhere, speckv's signature.
 4. The file is written to a temporary name beside ``--out``, loaded by the runtime
    :class:`speckv.runtime.Controller`, compared with PyTorch on the checkpoint's held-out
-   parity rows (both decisions, batch calls and the one-decision hot path), timed, and only
+   parity rows (every decision, batch calls and the one-decision hot path), timed, and only
    then renamed over
    ``--out``. A failed export leaves no partial file and keeps the previous one.
 5. Its metadata is written beside it as JSON (``NAME.json``, :mod:`speckv.runtime.sidecar`),
@@ -58,6 +59,11 @@ from speckv.runtime.contract import (
     FORMAT_VERSION,
     GAMMA,
     INPUT_NAMES,
+    LOOKUP,
+    LOOKUP_COST,
+    LOOKUP_EXPECTED_TOKENS,
+    LOOKUP_FEATURES,
+    LOOKUP_SURVIVAL,
     OUTPUT_NAMES,
     PLAIN_COST,
     PRE_EXPECTED_TOKENS,
@@ -69,7 +75,12 @@ from speckv.runtime.contract import (
     ControllerInfo,
     survival_width,
 )
-from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
+from speckv.runtime.features import (
+    COMPRESSIONS,
+    LOOKUP_FEATURE_NAMES,
+    MAX_SKIP_RUN,
+    PRE_FEATURE_NAMES,
+)
 from speckv.runtime.sidecar import write_sidecar
 
 if TYPE_CHECKING:
@@ -136,8 +147,9 @@ def find_checkpoint(path: str | os.PathLike[str] | None = None) -> Path:
 def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo:
     """The file's metadata from a checkpoint's ``speckv`` entry, checked against the MLPs.
 
-    Required: ``feature_names``, ``gammas`` and the pre-draft network ``pre_mlp`` (what
-    :func:`speckv.train.network.load_checkpoint` returns in the metadata).
+    Required: ``feature_names``, ``gammas``, the pre-draft network ``pre_mlp`` and the lookup
+    network ``lookup_mlp`` (what :func:`speckv.train.network.load_checkpoint` returns in the
+    metadata). ``lookup_feature_names`` defaults to speckv's.
     ``pre_feature_names`` defaults to speckv's, ``max_skip_run`` to
     :data:`speckv.runtime.features.MAX_SKIP_RUN`, ``compressions`` to speckv's,
     ``feature_set``, ``objective`` and ``data_fingerprint`` to ``"unknown"``.
@@ -149,6 +161,21 @@ def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo
             f"controller format {FORMAT_VERSION}): it was trained before that existed. "
             + RETRAIN.format(path="export/speckv.onnx", version=1).replace(
                 "retrain and re-export it", "Retrain and export it", 1) + ".")
+    lookup_mlp = meta.get("lookup_mlp")
+    if lookup_mlp is None:
+        raise ExportError(
+            "The checkpoint has no lookup network (the choice of the context lookup's "
+            f"continuation, controller format {FORMAT_VERSION}): it was trained before that "
+            "existed. " + RETRAIN.format(path="export/speckv.onnx", version=3).replace(
+                "retrain and re-export it", "Retrain and export it", 1) + ".")
+    lookup_names = tuple(str(n) for n in meta.get("lookup_feature_names")
+                         or LOOKUP_FEATURE_NAMES)
+    if len(lookup_names) != int(lookup_mlp.mean.numel()) or not lookup_names \
+            or lookup_names[0] != LOOKUP_FEATURE_NAMES[0]:
+        raise ExportError(f"The checkpoint lists lookup features {list(lookup_names)}, but its "
+                          f"lookup MLP takes {int(lookup_mlp.mean.numel())} (the first must be "
+                          f"{LOOKUP_FEATURE_NAMES[0]!r}). The checkpoint is inconsistent; "
+                          "retrain.")
     names = tuple(str(n) for n in meta.get("feature_names") or ())
     pre_names = tuple(str(n) for n in meta.get("pre_feature_names") or PRE_FEATURE_NAMES)
     gammas = tuple(int(g) for g in meta.get("gammas") or ())
@@ -163,7 +190,7 @@ def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo
                           f"its pre-draft MLP takes {int(pre_mlp.mean.numel())} features (and "
                           f"predicts {int(pre_mlp.gamma_max)} depths, the step MLP "
                           f"{gamma_max}). The checkpoint is inconsistent; retrain.")
-    for listed in (names, pre_names):
+    for listed in (names, pre_names, lookup_names):
         if len(set(listed)) != len(listed):
             raise ExportError(f"The checkpoint repeats a feature name: {list(listed)}.")
     if not gammas or list(gammas) != sorted(set(gammas)) or gammas[0] < 1:
@@ -185,6 +212,8 @@ def controller_info(mlp: SurvivalMLP, meta: Mapping[str, Any]) -> ControllerInfo
         speckv_version=speckv.__version__,
         max_skip_run=int(meta.get("max_skip_run", MAX_SKIP_RUN)),
         trees=trees,
+        lookup_feature_names=lookup_names,
+        lookup_max_tokens=int(lookup_mlp.gamma_max),
         format_version=FORMAT_VERSION,
     )
 
@@ -197,7 +226,15 @@ class ParityRows:
     pre_features: np.ndarray  # [rows, n_pre_features]
     costs: np.ndarray  # [rows, n_options]
     plain_cost: np.ndarray  # [rows, 1]
+    lookup_features: np.ndarray  # [rows, n_lookup_features]
+    lookup_cost: np.ndarray  # [rows, 1]
     source: str  # "checkpoint" or "synthetic"
+
+    @property
+    def inputs(self) -> tuple[np.ndarray, ...]:
+        """In the graph's input order (:data:`speckv.runtime.contract.INPUT_NAMES`)."""
+        return (self.features, self.pre_features, self.costs, self.plain_cost,
+                self.lookup_features, self.lookup_cost)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -210,22 +247,24 @@ def parity_rows(mlp: SurvivalMLP, meta: Mapping[str, Any], info: ControllerInfo)
     feature scaling stand in, and the report says so.
     """
     n, m, g = len(info.feature_names), len(info.pre_feature_names), info.n_options
+    k = len(info.lookup_feature_names)
     found = [meta.get(k) for k in ("parity_features", "parity_pre_features", "parity_costs",
-                                   "parity_plain_costs")]
+                                   "parity_plain_costs", "parity_lookup_features",
+                                   "parity_lookup_costs")]
     if all(v is not None for v in found):
-        f, p, c, q = (np.asarray(v, dtype=np.float32) for v in found)
-        q = q.reshape(-1, 1)
+        f, p, c, q, lf, lc = (np.asarray(v, dtype=np.float32) for v in found)
+        q, lc = q.reshape(-1, 1), lc.reshape(-1, 1)
         rows = f.shape[0] if f.ndim == 2 else 0
-        if not rows or f.shape != (rows, n) or p.shape != (rows, m) or c.shape != (rows, g) \
-                or q.shape != (rows, 1):
-            raise ExportError(f"The checkpoint's parity rows have shapes {f.shape}, {p.shape}, "
-                              f"{c.shape} and {q.shape}; expected [rows, {n}], [rows, {m}], "
-                              f"[rows, {g}] and [rows, 1].")
-        if not all(np.isfinite(a).all() for a in (f, p, c, q)) or (c <= 0).any() \
-                or (q <= 0).any():
+        shapes = [a.shape for a in (f, p, c, q, lf, lc)]
+        want = [(rows, w) for w in (n, m, g, 1, k, 1)]
+        if not rows or shapes != want:
+            raise ExportError(f"The checkpoint's parity rows have shapes {shapes}; expected "
+                              f"{want}.")
+        if not all(np.isfinite(a).all() for a in (f, p, c, q, lf, lc)) or (c <= 0).any() \
+                or (q <= 0).any() or (lc <= 0).any():
             raise ExportError("The checkpoint's parity rows hold non-finite features or "
                               "costs <= 0; retrain with the current datamodule.")
-        return ParityRows(f, p, c, q, "checkpoint")
+        return ParityRows(f, p, c, q, lf, lc, "checkpoint")
     log.warning("the checkpoint carries no parity rows; checking parity on %d synthetic rows",
                 SYNTHETIC_PARITY_ROWS)
     rng = np.random.default_rng(0)
@@ -239,7 +278,10 @@ def parity_rows(mlp: SurvivalMLP, meta: Mapping[str, Any], info: ControllerInfo)
     f, p = around(mlp, n), around(meta["pre_mlp"], m)
     c = np.sort(rng.uniform(0.01, 1.0, (SYNTHETIC_PARITY_ROWS, g)), axis=1).astype(np.float32)
     q = rng.uniform(0.005, 0.2, (SYNTHETIC_PARITY_ROWS, 1)).astype(np.float32)
-    return ParityRows(f, p, c, q, "synthetic")
+    lf = around(meta["lookup_mlp"], k)
+    lf[:, 0] = rng.integers(1, info.lookup_max_tokens + 1, SYNTHETIC_PARITY_ROWS)  # a length
+    lc = rng.uniform(0.005, 0.3, (SYNTHETIC_PARITY_ROWS, 1)).astype(np.float32)
+    return ParityRows(f, p, c, q, lf, lc, "synthetic")
 
 
 # --------------------------------------------------------------------------------- export
@@ -259,15 +301,17 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def torch_graph(mlp: SurvivalMLP, info: ControllerInfo, pre_mlp: SurvivalMLP) -> Any:
+def torch_graph(mlp: SurvivalMLP, info: ControllerInfo, pre_mlp: SurvivalMLP,
+                lookup_mlp: SurvivalMLP) -> Any:
     """:class:`ExportGraph` over float32, eval-mode copies of the MLPs (they stay untouched)."""
     import torch
 
     from speckv.train.network import ControllerGraph, ExportGraph
 
-    mlp = copy.deepcopy(mlp).to("cpu", torch.float32).eval()
-    pre_mlp = copy.deepcopy(pre_mlp).to("cpu", torch.float32).eval()
-    return ExportGraph(ControllerGraph(mlp, info.gammas, pre_mlp, info.trees)).eval()
+    mlp, pre_mlp, lookup_mlp = (copy.deepcopy(net).to("cpu", torch.float32).eval()
+                                for net in (mlp, pre_mlp, lookup_mlp))
+    return ExportGraph(ControllerGraph(mlp, info.gammas, pre_mlp, info.trees,
+                                       lookup_mlp)).eval()
 
 
 def to_onnx(graph: Any, info: ControllerInfo, opset: int = OPSET) -> onnx.ModelProto:
@@ -275,7 +319,9 @@ def to_onnx(graph: Any, info: ControllerInfo, opset: int = OPSET) -> onnx.ModelP
     import torch
 
     n, m, g = len(info.feature_names), len(info.pre_feature_names), info.n_options
-    example = (torch.zeros(2, n), torch.zeros(2, m), torch.ones(2, g), torch.ones(2, 1))
+    k = len(info.lookup_feature_names)
+    example = (torch.zeros(2, n), torch.zeros(2, m), torch.ones(2, g), torch.ones(2, 1),
+               torch.ones(2, k), torch.ones(2, 1))
     batch = torch.export.Dim("batch")
     try:
         with _quiet_exporter():
@@ -338,11 +384,19 @@ def _bypass(model: onnx.ModelProto, node: Any, source: str) -> bool:
     return True
 
 
-def _only_user(users: Mapping[str, list[Any]], name: str, op_type: str) -> Any | None:
+def _only_user(users: Mapping[str, list[Any]], name: str, op_type: str,
+               others: frozenset[str] = frozenset()) -> Any | None:
+    """The one node of ``op_type`` reading ``name`` (as its first input), where every other
+    reader of ``name`` is of a type in ``others``."""
     nodes = users.get(name, [])
-    if len(nodes) == 1 and nodes[0].op_type == op_type and nodes[0].input[0] == name:
-        return nodes[0]
+    found = [n for n in nodes if n.op_type == op_type and n.input[0] == name]
+    if len(found) == 1 and all(n is found[0] or n.op_type in others for n in nodes):
+        return found[0]
     return None
+
+
+#: what may read a feature input beside its scaling: the lookup's length column (a slice)
+_LENGTH_READERS: Final = frozenset({"Slice", "Gather"})
 
 
 def fold_scaling(model: onnx.ModelProto, source: str = FEATURES) -> str:
@@ -355,7 +409,7 @@ def fold_scaling(model: onnx.ModelProto, source: str = FEATURES) -> str:
     """
     users = _users(model)
     inits = _initializers(model)
-    sub = _only_user(users, source, "Sub")
+    sub = _only_user(users, source, "Sub", _LENGTH_READERS)
     div = sub and _only_user(users, sub.output[0], "Div")
     gemm = div and _only_user(users, div.output[0], "Gemm")
     if not (sub and div and gemm) or sub.input[1] not in inits or div.input[1] not in inits \
@@ -444,7 +498,8 @@ def _prune(model: onnx.ModelProto) -> None:
 def simplify(model: onnx.ModelProto) -> dict[str, Any]:
     """Apply the latency rewrites in place; return what each did."""
     before = [n.op_type for n in model.graph.node]
-    scaling = {name: fold_scaling(model, name) for name in (FEATURES, PRE_FEATURES)}
+    scaling = {name: fold_scaling(model, name)
+               for name in (FEATURES, PRE_FEATURES, LOOKUP_FEATURES)}
     removed = drop_identity_ops(model)
     _prune(model)
     return {"scaling": scaling, "removed": removed, "nodes_before": len(before),
@@ -461,11 +516,14 @@ def annotate(model: onnx.ModelProto, info: ControllerInfo) -> None:
     model.producer_version = speckv.__version__
     model.graph.name = "speckv_controller"
     model.doc_string = (
-        "speckv controller (format 2), two decisions per step. Before the draft runs: "
-        "pre_features + costs + plain_cost -> speculate (1) or take a plain target step (0). "
-        "After the draft's first proposal: features + costs -> γ. Each decision reads only "
-        "its own inputs; metadata speckv.* names the features (in order), the candidate γs "
-        "and the plain steps in a row after which to draft anyway (max_skip_run).")
+        f"speckv controller (format {FORMAT_VERSION}), three decisions per step. Where the "
+        "context lookup proposes a continuation: lookup_features + lookup_cost + the "
+        "pre-draft inputs -> lookup (1: verify the continuation, no draft forward). Before the "
+        "draft runs: pre_features + costs + plain_cost -> speculate (1) or take a plain "
+        "target step (0). After the draft's first proposal: features + costs -> γ. Each "
+        "decision reads only its own inputs; metadata speckv.* names the features (in "
+        "order), the candidate γs and trees, and the plain steps in a row after which to "
+        "draft anyway (max_skip_run).")
     docs = {
         FEATURES: "raw step features after the draft's first forward, in the order of "
                   "speckv.feature_names",
@@ -480,6 +538,14 @@ def annotate(model: onnx.ModelProto, info: ControllerInfo) -> None:
         SURVIVAL: "P(accepted >= k | features): the chains' curve, then each tree's",
         PRE_EXPECTED_TOKENS: "E[tokens | option] from the pre-draft features",
         PRE_SURVIVAL: "P(accepted >= k | pre_features), laid out as survival",
+        LOOKUP_FEATURES: "the context lookup's signals (lookup_length first, raw), then the "
+                         "pre-draft vector, in the order of speckv.lookup_feature_names",
+        LOOKUP_COST: "seconds (same unit) of a step verifying the lookup's continuation (one "
+                     "target forward over it, no draft forward)",
+        LOOKUP: "1: verify the lookup's continuation this step; 0: decide by speculate",
+        LOOKUP_EXPECTED_TOKENS: "E[tokens | verify the continuation] = 1 + the first "
+                                "lookup_length entries of lookup_survival",
+        LOOKUP_SURVIVAL: "P(the continuation's first k tokens accepted | lookup_features)",
     }
     for value in (*model.graph.input, *model.graph.output):
         value.doc_string = docs[value.name]
@@ -543,14 +609,17 @@ def check_parity(graph: Any, path: Path, rows: ParityRows, info: ControllerInfo
     from speckv.runtime import Controller, NumpyController
 
     f, p, c, q = rows.features, rows.pre_features, rows.costs, rows.plain_cost
+    lf, lc = rows.lookup_features, rows.lookup_cost
     exact = copy.deepcopy(graph).double()
     with torch.inference_mode():
-        spec_t, gamma_t, expected_t, survival_t, pre_expected_t, pre_survival_t = (
+        (spec_t, gamma_t, expected_t, survival_t, pre_expected_t, pre_survival_t, lookup_t,
+         lookup_expected_t, lookup_survival_t) = (
             t.numpy() for t in exact(*(torch.from_numpy(a.astype(np.float64))
-                                       for a in (f, p, c, q))))
-        torch32_expected = graph(*(torch.from_numpy(a) for a in (f, p, c, q)))[2].numpy()
+                                       for a in rows.inputs)))
+        torch32_expected = graph(*(torch.from_numpy(a) for a in rows.inputs))[2].numpy()
     expect = {"expected_features": info.feature_names, "expected_gammas": info.gammas,
-              "expected_pre_features": info.pre_feature_names}
+              "expected_pre_features": info.pre_feature_names,
+              "expected_lookup_features": info.lookup_feature_names}
     controller = Controller.load(path, **expect)
     pred = controller.predict(f, c)
     pre = controller.predict_pre(p, c, q)
@@ -559,12 +628,20 @@ def check_parity(graph: Any, path: Path, rows: ParityRows, info: ControllerInfo
                             for a, b, d in zip(p, c, q, strict=True)])
     reference = NumpyController.load(path, **expect)
     ref, ref_pre = reference.predict(f, c), reference.predict_pre(p, c, q)
+    look = controller.predict_lookup(lf, lc, p, c, q)
+    single_look = np.array([controller.use_lookup(a, float(b[0]), d, e, float(h[0]))
+                            for a, b, d, e, h in zip(lf, lc, p, c, q, strict=True)])
+    ref_look = reference.predict_lookup(lf, lc, p, c, q)
     diffs = {
         "max_abs_diff_expected_tokens": float(np.max(np.abs(pred.expected_tokens - expected_t))),
         "max_abs_diff_survival": float(np.max(np.abs(pred.survival - survival_t))),
         "max_abs_diff_pre_expected_tokens":
             float(np.max(np.abs(pre.expected_tokens - pre_expected_t))),
         "max_abs_diff_pre_survival": float(np.max(np.abs(pre.survival - pre_survival_t))),
+        "max_abs_diff_lookup_expected_tokens":
+            float(np.max(np.abs(look.expected_tokens - lookup_expected_t))),
+        "max_abs_diff_lookup_survival":
+            float(np.max(np.abs(look.survival - lookup_survival_t))),
     }
     wrong, ties = [], 0
     for got in (pred.gamma, single):
@@ -576,6 +653,12 @@ def check_parity(graph: Any, path: Path, rows: ParityRows, info: ControllerInfo
     spec_wrong = [int(r) for got in (pre.speculate, single_spec)
                   for r in np.nonzero(got != spec_t.astype(bool))[0]
                   if abs(margin[r]) > TIE_RTOL]
+    # the lookup decision likewise, where its ratio meets the best other one within noise
+    other = np.maximum(np.max(pre_expected_t / c, axis=-1), 1.0 / q[:, 0])
+    lookup_margin = lookup_expected_t[:, 0] / lc[:, 0] / other - 1.0
+    lookup_wrong = [int(r) for got in (look.lookup, single_look, ref_look.lookup)
+                    for r in np.nonzero(got != lookup_t.astype(bool))[0]
+                    if abs(lookup_margin[r]) > TIE_RTOL]
     report = {
         "rows": len(rows),
         **diffs,
@@ -583,6 +666,8 @@ def check_parity(graph: Any, path: Path, rows: ParityRows, info: ControllerInfo
         "gamma_ties": ties,
         "speculate_mismatches": len(spec_wrong),
         "speculate_share": float(np.mean(spec_t)),
+        "lookup_mismatches": len(lookup_wrong),
+        "lookup_share": float(np.mean(lookup_t)),
         "reference": "torch float64",
         "torch_float32_max_abs_diff_expected_tokens":
             float(np.max(np.abs(torch32_expected - expected_t))),
@@ -593,44 +678,54 @@ def check_parity(graph: Any, path: Path, rows: ParityRows, info: ControllerInfo
             int(np.sum(ref_pre.speculate != spec_t.astype(bool))),
     }
     worst = max(diffs.values())
-    if wrong or spec_wrong or not worst <= PARITY_ATOL:
+    if wrong or spec_wrong or lookup_wrong or not worst <= PARITY_ATOL:
         raise ExportError(
             f"The exported graph disagrees with PyTorch on {len(rows)} parity rows: max "
             f"|Δ| {worst:.3g} (limit {PARITY_ATOL:g}; {diffs}), γ differs on {len(wrong)} rows "
             f"(row, torch, onnx): {wrong[:5]}, speculate on {len(spec_wrong)} rows "
-            f"{spec_wrong[:5]}. Nothing was written. This is a bug in the export; please "
+            f"{spec_wrong[:5]}, lookup on {len(lookup_wrong)} rows {lookup_wrong[:5]}. "
+            "Nothing was written. This is a bug in the export; please "
             "report it.")
     return report
 
 
 def decision_latency(path: Path, rows: ParityRows, info: ControllerInfo,
                      calls: int = LATENCY_CALLS) -> dict[str, float]:
-    """p50/p99 microseconds of ``Controller.choose`` and ``Controller.speculate`` (batch 1,
-    one thread)."""
+    """p50/p99 microseconds of ``Controller.choose``, ``Controller.speculate`` and
+    ``Controller.use_lookup`` (batch 1, one thread)."""
     from speckv.runtime import Controller
 
     controller = Controller.load(path, expected_features=info.feature_names,
                                  expected_gammas=info.gammas,
-                                 expected_pre_features=info.pre_feature_names)
+                                 expected_pre_features=info.pre_feature_names,
+                                 expected_lookup_features=info.lookup_feature_names)
     n = len(rows)
     choose, speculate, clock = controller.choose, controller.speculate, time.perf_counter_ns
-    f, p, c = rows.features, rows.pre_features, rows.costs
+    use_lookup = controller.use_lookup
+    f, p, c, lf = rows.features, rows.pre_features, rows.costs, rows.lookup_features
     q = rows.plain_cost[:, 0].tolist()
+    lc = rows.lookup_cost[:, 0].tolist()
     for i in range(min(LATENCY_WARMUP, calls)):
         choose(f[i % n], c[i % n])
         speculate(p[i % n], c[i % n], q[i % n])
-    times = np.empty((2, calls), np.int64)
+        use_lookup(lf[i % n], lc[i % n], p[i % n], c[i % n], q[i % n])
+    times = np.empty((3, calls), np.int64)
     for i in range(calls):
-        a, b, d, e = f[i % n], c[i % n], p[i % n], q[i % n]
+        a, b, d, e, g, h = f[i % n], c[i % n], p[i % n], q[i % n], lf[i % n], lc[i % n]
         start = clock()
         choose(a, b)
         mid = clock()
         speculate(d, b, e)
-        times[:, i] = mid - start, clock() - mid
-    return {"calls": calls, "p50_us": float(np.percentile(times[0], 50)) / 1e3,
-            "p99_us": float(np.percentile(times[0], 99)) / 1e3,
-            "speculate_p50_us": float(np.percentile(times[1], 50)) / 1e3,
-            "speculate_p99_us": float(np.percentile(times[1], 99)) / 1e3}
+        late = clock()
+        use_lookup(g, h, d, b, e)
+        times[:, i] = mid - start, late - mid, clock() - late
+
+    def us(row: int, q: float) -> float:
+        return float(np.percentile(times[row], q)) / 1e3
+
+    return {"calls": calls, "p50_us": us(0, 50), "p99_us": us(0, 99),
+            "speculate_p50_us": us(1, 50), "speculate_p99_us": us(1, 99),
+            "lookup_p50_us": us(2, 50), "lookup_p99_us": us(2, 99)}
 
 
 def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.PathLike[str],
@@ -648,7 +743,7 @@ def export_controller(mlp: SurvivalMLP, meta: Mapping[str, Any], out: str | os.P
     out = Path(out)
     info = controller_info(mlp, meta)
     rows = parity_rows(mlp, meta, info)
-    graph = torch_graph(mlp, info, meta["pre_mlp"])
+    graph = torch_graph(mlp, info, meta["pre_mlp"], meta["lookup_mlp"])
     model = to_onnx(graph, info, opset)
     rewrites = simplify(model)
     annotate(model, info)

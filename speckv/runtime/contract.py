@@ -3,7 +3,8 @@
 :mod:`speckv.export.graph` writes files by these definitions and :mod:`speckv.runtime` reads them
 by the same ones, so the two cannot drift apart. Torch-free.
 
-Signature of a speckv controller graph, format 3 (two decisions per step; chains and trees)::
+Signature of a speckv controller graph, format 4 (three decisions per step: the context
+lookup's continuation or not, then speculate or not, then the option; chains and trees)::
 
     inputs   features             float32 [batch, n_features]      step vector (FEATURE_NAMES)
              pre_features         float32 [batch, n_pre_features]  pre-draft vector
@@ -12,6 +13,10 @@ Signature of a speckv controller graph, format 3 (two decisions per step; chains
                                                                    (> 0): a chain of each γ, then
                                                                    each tree
              plain_cost           float32 [batch, 1]               cost of a plain step (> 0)
+             lookup_features      float32 [batch, n_lookup_features]  the lookup's signals, then
+                                                                   the pre-draft vector
+             lookup_cost          float32 [batch, 1]               cost of a step verifying the
+                                                                   lookup's continuation (> 0)
     outputs  speculate            int64   [batch]   1: draft this step; 0: a plain target step
              gamma                int64   [batch]   the chosen option's code: γ for a chain,
                                                     GAMMA_MAX + 1 + i for the tree TREES[i]
@@ -19,6 +24,10 @@ Signature of a speckv controller graph, format 3 (two decisions per step; chains
              survival             float32 [batch, survival_width]  P(accepted >= k | step vector)
              pre_expected_tokens  float32 [batch, n_options]   E[tokens | option, pre-draft]
              pre_survival         float32 [batch, survival_width]  P(accepted >= k | pre-draft)
+             lookup               int64   [batch]   1: verify the lookup's continuation this
+                                                    step (no draft forward); 0: as speculate says
+             lookup_expected_tokens  float32 [batch, 1]  E[tokens | verify the continuation]
+             lookup_survival      float32 [batch, lookup_max_tokens]  P(its first k accepted)
 
 The options are the chains of ``speckv.gammas`` and then the trees of ``speckv.trees``
 (``[size, depth, branch]`` each, :data:`speckv.runtime.proposal.TREES`). ``survival`` holds
@@ -34,10 +43,18 @@ step, with the inputs of the decision at hand; the runtime splits the graph in t
 each call computes one head. A decoder that cannot verify trees (its engine has no tree
 attention mask) passes :data:`UNAVAILABLE_COST` as their costs: they are then never chosen.
 
+``lookup`` reads ``lookup_features``, ``lookup_cost`` and the pre-draft decision's inputs,
+and is asked first, before ``speculate``, only when the context lookup proposes tokens
+(:mod:`speckv.runtime.lookup`). ``lookup_features[:, 0]`` is the continuation's length ``n``
+(1..``lookup_max_tokens``); ``E[tokens | lookup] = 1 + sum_{k<=n} lookup_survival_k``, and
+``lookup`` is 1 when that per ``lookup_cost`` beats both a plain step and every option the
+pre-draft head prices. A decoder without a draft model passes :data:`UNAVAILABLE_COST` for
+every option: the lookup is then weighed against plain steps alone.
+
 ``FORMAT_VERSION`` changes whenever that signature, the metadata or the meaning of an input or
 output changes; a runtime reads exactly its own format version. Format 1 had one decision
 (features and costs in; gamma, expected tokens and survival out); format 2 chose among
-chains only.
+chains only; format 3 had no lookup decision.
 """
 
 from __future__ import annotations
@@ -49,7 +66,7 @@ from typing import Final
 
 from speckv.runtime.errors import ControllerFormatError, IncompatibleVersionError
 
-FORMAT_VERSION: Final = 3
+FORMAT_VERSION: Final = 4
 
 FEATURES: Final = "features"
 PRE_FEATURES: Final = "pre_features"
@@ -61,14 +78,21 @@ EXPECTED_TOKENS: Final = "expected_tokens"
 SURVIVAL: Final = "survival"
 PRE_EXPECTED_TOKENS: Final = "pre_expected_tokens"
 PRE_SURVIVAL: Final = "pre_survival"
-INPUT_NAMES: Final = (FEATURES, PRE_FEATURES, COSTS, PLAIN_COST)
+LOOKUP_FEATURES: Final = "lookup_features"
+LOOKUP_COST: Final = "lookup_cost"
+LOOKUP: Final = "lookup"
+LOOKUP_EXPECTED_TOKENS: Final = "lookup_expected_tokens"
+LOOKUP_SURVIVAL: Final = "lookup_survival"
+INPUT_NAMES: Final = (FEATURES, PRE_FEATURES, COSTS, PLAIN_COST, LOOKUP_FEATURES, LOOKUP_COST)
 OUTPUT_NAMES: Final = (SPECULATE, GAMMA, EXPECTED_TOKENS, SURVIVAL, PRE_EXPECTED_TOKENS,
-                       PRE_SURVIVAL)
-#: the two decisions: the inputs each reads and the outputs it gives.
+                       PRE_SURVIVAL, LOOKUP, LOOKUP_EXPECTED_TOKENS, LOOKUP_SURVIVAL)
+#: the three decisions: the inputs each reads and the outputs it gives.
 STEP_INPUTS: Final = (FEATURES, COSTS)
 STEP_OUTPUTS: Final = (GAMMA, EXPECTED_TOKENS, SURVIVAL)
 PRE_INPUTS: Final = (PRE_FEATURES, COSTS, PLAIN_COST)
 PRE_OUTPUTS: Final = (SPECULATE, PRE_EXPECTED_TOKENS, PRE_SURVIVAL)
+LOOKUP_INPUTS: Final = (LOOKUP_FEATURES, PRE_FEATURES, LOOKUP_COST, COSTS, PLAIN_COST)
+LOOKUP_OUTPUTS: Final = (LOOKUP, LOOKUP_EXPECTED_TOKENS, LOOKUP_SURVIVAL)
 #: what ``features`` holds: the caller computes the draft statistics ("features"); a future
 #: format may take the draft's logits instead and compute them in the graph ("logits").
 INPUT_KIND: Final = "features"
@@ -85,6 +109,10 @@ KEY_DATA_FINGERPRINT: Final = "speckv.data_fingerprint"
 KEY_INPUTS: Final = "speckv.inputs"  # INPUT_KIND
 KEY_MAX_SKIP_RUN: Final = "speckv.max_skip_run"  # plain steps in a row before a probe
 KEY_TREES: Final = "speckv.trees"  # JSON list of [size, depth, branch], in options order
+KEY_LOOKUP_FEATURE_NAMES: Final = "speckv.lookup_feature_names"  # JSON list, in input order
+KEY_LOOKUP_MAX_TOKENS: Final = "speckv.lookup_max_tokens"  # width of lookup_survival
+#: the lookup vector's first entry: the continuation's length (the graph reads it)
+LOOKUP_LENGTH: Final = "lookup_length"
 #: the cost a decoder passes for an option it cannot run (a tree in an engine without tree
 #: masks): finite, so the input check passes, and so large that the option is never chosen
 UNAVAILABLE_COST: Final = 1e30
@@ -92,9 +120,9 @@ KEY_PREFIX: Final = "speckv."
 REQUIRED_KEYS: Final = (KEY_FORMAT_VERSION, KEY_SPECKV_VERSION, KEY_FEATURE_NAMES,
                         KEY_PRE_FEATURE_NAMES, KEY_GAMMAS, KEY_COMPRESSIONS, KEY_FEATURE_SET,
                         KEY_OBJECTIVE, KEY_DATA_FINGERPRINT, KEY_INPUTS, KEY_MAX_SKIP_RUN,
-                        KEY_TREES)
-#: what to run when a file is of an older format (formats 1 and 2 predict fewer outcomes, so
-#: their checkpoints cannot be re-exported as format 3: the model must be retrained).
+                        KEY_TREES, KEY_LOOKUP_FEATURE_NAMES, KEY_LOOKUP_MAX_TOKENS)
+#: what to run when a file is of an older format (formats 1 to 3 predict fewer outcomes, so
+#: their checkpoints cannot be re-exported as format 4: the model must be retrained).
 RETRAIN: Final = ("retrain and re-export it with this speckv: `python -m speckv.train fit`, then "
                   "`python -m speckv export --out {path}` (format {version} chose among fewer "
                   "options, so its checkpoint cannot simply be re-exported)")
@@ -115,6 +143,10 @@ class ControllerInfo:
     max_skip_run: int
     #: the trees among the options, ``(size, depth, branch)`` each (empty: chains only)
     trees: tuple[tuple[int, int, int], ...] = ()
+    #: the lookup decision's vector, in input order (its first entry is LOOKUP_LENGTH)
+    lookup_feature_names: tuple[str, ...] = ()
+    #: the longest continuation the lookup decision prices (lookup_survival's width)
+    lookup_max_tokens: int = 8
     inputs: str = INPUT_KIND
     format_version: int = FORMAT_VERSION
 
@@ -160,6 +192,8 @@ class ControllerInfo:
             KEY_INPUTS: self.inputs,
             KEY_MAX_SKIP_RUN: str(self.max_skip_run),
             KEY_TREES: json.dumps([list(t) for t in self.trees]),
+            KEY_LOOKUP_FEATURE_NAMES: json.dumps(list(self.lookup_feature_names)),
+            KEY_LOOKUP_MAX_TOKENS: str(self.lookup_max_tokens),
         }
 
     @classmethod
@@ -182,11 +216,24 @@ class ControllerInfo:
                 "edited. Re-export it with `python -m speckv export`.")
         names = _json_list(props, KEY_FEATURE_NAMES, str, source)
         pre_names = _json_list(props, KEY_PRE_FEATURE_NAMES, str, source)
+        lookup_names = _json_list(props, KEY_LOOKUP_FEATURE_NAMES, str, source)
         gammas = _json_list(props, KEY_GAMMAS, int, source)
-        if not names or not pre_names or not gammas:
+        if not names or not pre_names or not lookup_names or not gammas:
             raise ControllerFormatError(f"{source} lists no features or no candidate γ in its "
                                         "metadata. Re-export it with `python -m speckv export`.")
-        for listed in (names, pre_names):
+        if lookup_names[0] != LOOKUP_LENGTH:
+            raise ControllerFormatError(f"{source}: the lookup vector must begin with "
+                                        f"{LOOKUP_LENGTH!r} (the graph reads it), found "
+                                        f"{lookup_names[0]!r}. Re-export it.")
+        try:
+            lookup_max = int(props[KEY_LOOKUP_MAX_TOKENS])
+        except ValueError:
+            lookup_max = 0
+        if lookup_max < 1:
+            raise ControllerFormatError(f"{source}: {KEY_LOOKUP_MAX_TOKENS} must be a positive "
+                                        f"count, found {props[KEY_LOOKUP_MAX_TOKENS]!r}. "
+                                        "Re-export it with `python -m speckv export`.")
+        for listed in (names, pre_names, lookup_names):
             if len(set(listed)) != len(listed):
                 raise ControllerFormatError(f"{source} repeats a feature name in {listed}. "
                                             "Re-export it with `python -m speckv export`.")
@@ -223,6 +270,8 @@ class ControllerInfo:
             speckv_version=props[KEY_SPECKV_VERSION],
             max_skip_run=max_skip_run,
             trees=tuple(tuple(t) for t in trees),
+            lookup_feature_names=tuple(lookup_names),
+            lookup_max_tokens=lookup_max,
             inputs=props[KEY_INPUTS],
             format_version=FORMAT_VERSION,
         )

@@ -1,4 +1,4 @@
-"""The runtime controller: an exported speckv ONNX file behind the step's two decisions.
+"""The runtime controller: an exported speckv ONNX file behind the step's three decisions.
 
 numpy + onnxruntime only. ``Controller.load`` reads the file's metadata before onnxruntime
 sees it and refuses, with a message that says what to do, a file that is not ONNX, not
@@ -6,6 +6,8 @@ speckv's, of another format version, or built for other features or candidate γ
 
 Per step (see :mod:`speckv.runtime.contract`)::
 
+    use_lookup(lookup_features, lookup_cost,                where the context lookup
+               pre_features, costs, plain_cost) -> bool     proposes: its continuation?
     speculate(pre_features, costs, plain_cost) -> bool      before the draft's forward
     choose(features, costs) -> γ                            after its first proposal
 
@@ -13,8 +15,8 @@ or, from a :class:`~speckv.runtime.features.History` and the draft's logits dire
 :meth:`Controller.speculate_for` and :meth:`Controller.choose_from_logits` (the decoder's hot
 path: statistics, feature vector and the graph in one call, without allocating).
 
-The file's graph holds both heads; onnxruntime runs every node of a graph on every call, so
-the controller extracts the two heads into two sessions and each call computes one.
+The file's graph holds every head; onnxruntime runs every node of a graph on every call, so
+the controller extracts the three decisions into three sessions and each call computes one.
 
 Hot path: the inputs are written into preallocated float32 rows that onnxruntime reads in
 place through an IOBinding, checked there with a few sub-microsecond numpy calls, and the graph
@@ -44,6 +46,12 @@ from speckv.runtime.contract import (
     FEATURES,
     GAMMA,
     INPUT_NAMES,
+    LOOKUP,
+    LOOKUP_COST,
+    LOOKUP_EXPECTED_TOKENS,
+    LOOKUP_FEATURES,
+    LOOKUP_OUTPUTS,
+    LOOKUP_SURVIVAL,
     OUTPUT_NAMES,
     PLAIN_COST,
     PRE_EXPECTED_TOKENS,
@@ -68,6 +76,7 @@ from speckv.runtime.errors import (
 from speckv.runtime.features import (
     FEATURE_NAMES,
     GAMMAS,
+    LOOKUP_FEATURE_NAMES,
     PRE_FEATURE_NAMES,
     History,
     RowStats,
@@ -153,19 +162,22 @@ def check_expected(info: ControllerInfo, source: str,
                    expected_features: Sequence[str] | None,
                    expected_gammas: Sequence[int] | None,
                    expected_pre_features: Sequence[str] | None = None,
-                   expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES) -> None:
+                   expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES,
+                   expected_lookup_features: Sequence[str] | None = None) -> None:
     """Refuse a controller whose features, candidate γs or trees differ from the caller's
     (a file without trees chooses among chains only, whatever ``expected_trees``)."""
     for kind, found, expected in (("step", info.feature_names, expected_features),
-                                  ("pre-draft", info.pre_feature_names, expected_pre_features)):
+                                  ("pre-draft", info.pre_feature_names, expected_pre_features),
+                                  ("lookup", info.lookup_feature_names,
+                                   expected_lookup_features)):
         if expected is not None and tuple(expected) != found:
             raise FeatureMismatchError(
                 f"{source} was trained on other {kind} features than this code builds: "
                 f"{describe_difference(found, tuple(expected))}. File: {list(found)}; "
                 f"expected: {list(expected)}. Retrain and re-export the controller with this "
                 "speckv (`python -m speckv.train fit`, then `python -m speckv export`), or, if "
-                "you build features in the file's order yourself, pass expected_features=None "
-                "and expected_pre_features=None.")
+                "you build features in the file's order yourself, pass expected_features=None, "
+                "expected_pre_features=None and expected_lookup_features=None.")
     if expected_gammas is not None and tuple(int(g) for g in expected_gammas) != info.gammas:
         raise CandidateMismatchError(
             f"{source} chooses γ among {list(info.gammas)}, but {list(expected_gammas)} are "
@@ -184,11 +196,14 @@ def check_expected(info: ControllerInfo, source: str,
 def check_signature(model: onnx_proto.Model, info: ControllerInfo, source: str) -> None:
     """The graph's inputs and outputs must be speckv's, with widths that match the metadata."""
     n, m, g = len(info.feature_names), len(info.pre_feature_names), info.n_options
-    w = info.survival_width
+    w, k = info.survival_width, len(info.lookup_feature_names)
     want = {FEATURES: (_FLOAT, n), PRE_FEATURES: (_FLOAT, m), COSTS: (_FLOAT, g),
             PLAIN_COST: (_FLOAT, 1), SPECULATE: (_INT64, None), GAMMA: (_INT64, None),
             EXPECTED_TOKENS: (_FLOAT, g), SURVIVAL: (_FLOAT, w),
-            PRE_EXPECTED_TOKENS: (_FLOAT, g), PRE_SURVIVAL: (_FLOAT, w)}
+            PRE_EXPECTED_TOKENS: (_FLOAT, g), PRE_SURVIVAL: (_FLOAT, w),
+            LOOKUP_FEATURES: (_FLOAT, k), LOOKUP_COST: (_FLOAT, 1), LOOKUP: (_INT64, None),
+            LOOKUP_EXPECTED_TOKENS: (_FLOAT, 1),
+            LOOKUP_SURVIVAL: (_FLOAT, info.lookup_max_tokens)}
     found = {v.name: v for v in (*model.inputs, *model.outputs)}
     names_in = tuple(v.name for v in model.inputs)
     names_out = tuple(v.name for v in model.outputs)
@@ -240,6 +255,15 @@ class PrePrediction:
     speculate: np.ndarray  #: bool [batch]: draft this step (else a plain target step)
     expected_tokens: np.ndarray  #: float32 [batch, n_options]: E[tokens | option, pre-draft]
     survival: np.ndarray  #: float32 [batch, survival_width]
+
+
+@dataclass(frozen=True)
+class LookupPrediction:
+    """Everything the lookup head computes for a batch of lookup-or-not decisions."""
+
+    lookup: np.ndarray  #: bool [batch]: verify the lookup's continuation (else as speculate)
+    expected_tokens: np.ndarray  #: float32 [batch, 1]: E[tokens | verify the continuation]
+    survival: np.ndarray  #: float32 [batch, lookup_max_tokens]
 
 
 class InputRow:
@@ -357,7 +381,7 @@ class InputRow:
 def values_error(parts: dict[str, np.ndarray], names: dict[str, Sequence[object]]
                  ) -> BadInputError:
     """The message for non-finite features or bad costs (``[b, width]`` arrays per part)."""
-    for name in (FEATURES, PRE_FEATURES):
+    for name in (FEATURES, PRE_FEATURES, LOOKUP_FEATURES):
         if name not in parts:
             continue
         values = parts[name]
@@ -369,13 +393,13 @@ def values_error(parts: dict[str, np.ndarray], names: dict[str, Sequence[object]
             return BadInputError(f"{name} must be finite; got {where}. A NaN or inf usually "
                                  f"comes from NaN draft logits. {_FIX_FEATURES}")
     where = []
-    for name in (COSTS, PLAIN_COST):
+    for name in (COSTS, PLAIN_COST, LOOKUP_COST):
         if name not in parts:
             continue
         values = parts[name]
         rows, cols = np.nonzero(~(np.isfinite(values) & (values > 0)))
-        label = (lambda j: f"γ={names[COSTS][j]}") if name == COSTS else (lambda j: "plain")
-        where += [f"{label(j)}: {values[i, j]}" + (f" (row {i})" if values.shape[0] > 1 else "")
+        where += [f"{names[name][j]}: {values[i, j]}"
+                  + (f" (row {i})" if values.shape[0] > 1 else "")
                   for i, j in zip(rows[:4], cols[:4], strict=True)]
     return BadInputError(f"costs must be finite and > 0 (they are step times; only their "
                          f"ratios matter); got {', '.join(where[:4])}. {_FIX_COSTS}")
@@ -415,10 +439,23 @@ def batch_inputs(parts: Sequence[tuple[str, int, np.ndarray | Sequence | float]]
         out.append(a)
     checked = dict(zip((p[0] for p in parts), out, strict=True))
     ok = all(np.isfinite(a).all() for a in out) and all(
-        (checked[n] > 0).all() for n in (COSTS, PLAIN_COST) if n in checked)
+        (checked[n] > 0).all() for n in (COSTS, PLAIN_COST, LOOKUP_COST) if n in checked)
     if not ok:
         raise values_error(checked, names)
     return [np.ascontiguousarray(a) for a in out]
+
+
+def check_lookup_length(length: np.ndarray, max_tokens: int) -> None:
+    """:class:`BadInputError` unless every ``lookup_length`` is a whole number of tokens in
+    ``1..max_tokens`` (the graph sums the lookup's survival curve up to it)."""
+    ok = (length >= 1.0) & (length <= max_tokens) & (length == np.floor(length))
+    if not ok.all():
+        bad = length[~ok][:4].tolist()
+        raise BadInputError(f"lookup_features[0] (lookup_length) must be the continuation's "
+                            f"length, a whole number of tokens from 1 to {max_tokens}; got "
+                            f"{bad}. Ask the lookup decision only where the context lookup "
+                            "proposes tokens, and build the vector with "
+                            "speckv.runtime.features.lookup_features.")
 
 
 def bound_call(session: ort.InferenceSession, binding: ort.IOBinding) -> Callable[[], object]:
@@ -469,11 +506,14 @@ class _Head:
 class _ThreadState:
     """A thread's buffers and bound calls (built on its first decision)."""
 
-    def __init__(self, pre: _Head, step: _Head) -> None:
+    def __init__(self, pre: _Head, step: _Head, lookup: _Head) -> None:
         self.pre_row, pre_cells, self.run_pre = pre.bind()
         self.step_row, step_cells, self.run_step = step.bind()
+        self.lookup_row, lookup_cells, self.run_lookup = lookup.bind()
         # every bound cell must live as long as its binding: onnxruntime writes into it
-        self.cells = {**pre_cells, **step_cells}
+        self.cells = {**pre_cells, **step_cells, **lookup_cells}
+        self.lookup = lookup_cells[LOOKUP]
+        self.lookup_length = self.lookup_row.view(LOOKUP_FEATURES)[:1]
         self.speculate = pre_cells[SPECULATE]
         self.gamma = step_cells[GAMMA]
         self.pre_features = self.pre_row.view(PRE_FEATURES)
@@ -496,14 +536,17 @@ class Controller:
     """
 
     def __init__(self, pre: ort.InferenceSession, step: ort.InferenceSession,
-                 info: ControllerInfo, source: str = "<controller>") -> None:
+                 lookup: ort.InferenceSession, info: ControllerInfo,
+                 source: str = "<controller>") -> None:
         self.info = info
         self.source = source
         n, m, g = len(info.feature_names), len(info.pre_feature_names), info.n_options
-        w = info.survival_width
+        w, k = info.survival_width, len(info.lookup_feature_names)
         names: dict[str, Sequence[object]] = {FEATURES: info.feature_names,
                                               PRE_FEATURES: info.pre_feature_names,
-                                              COSTS: option_labels(info), PLAIN_COST: ("plain",)}
+                                              COSTS: option_labels(info), PLAIN_COST: ("plain",),
+                                              LOOKUP_FEATURES: info.lookup_feature_names,
+                                              LOOKUP_COST: ("lookup",)}
         self._names = names
         self._pre = _Head(pre, ((PRE_FEATURES, m), (COSTS, g), (PLAIN_COST, 1)), COSTS,
                           ((SPECULATE, (1,), np.int64), (PRE_EXPECTED_TOKENS, (1, g), np.float32),
@@ -511,6 +554,12 @@ class Controller:
         self._step = _Head(step, ((FEATURES, n), (COSTS, g)), COSTS,
                            ((GAMMA, (1,), np.int64), (EXPECTED_TOKENS, (1, g), np.float32),
                             (SURVIVAL, (1, w), np.float32)), names)
+        # the lookup's inputs, then the pre-draft decision's: costs from LOOKUP_COST on
+        self._lookup = _Head(lookup, ((LOOKUP_FEATURES, k), (PRE_FEATURES, m), (LOOKUP_COST, 1),
+                                      (COSTS, g), (PLAIN_COST, 1)), LOOKUP_COST,
+                             ((LOOKUP, (1,), np.int64),
+                              (LOOKUP_EXPECTED_TOKENS, (1, 1), np.float32),
+                              (LOOKUP_SURVIVAL, (1, info.lookup_max_tokens), np.float32)), names)
         self._local = threading.local()
         self._state()  # bind this thread now: a broken graph fails at load, not mid-decode
 
@@ -519,7 +568,9 @@ class Controller:
              expected_features: Sequence[str] | None = FEATURE_NAMES,
              expected_gammas: Sequence[int] | None = GAMMAS,
              expected_pre_features: Sequence[str] | None = PRE_FEATURE_NAMES,
-             expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES) -> Controller:
+             expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES,
+             expected_lookup_features: Sequence[str] | None = LOOKUP_FEATURE_NAMES
+             ) -> Controller:
         """Open an exported controller and check it against what the caller will pass.
 
         ``expected_features`` / ``expected_pre_features``: the names, in order, of the step
@@ -527,24 +578,26 @@ class Controller:
         ``expected_gammas``: the candidate γs the costs are given for (default
         :data:`speckv.runtime.features.GAMMAS`); ``expected_trees``: the trees the caller
         prices (default :data:`speckv.runtime.proposal.TREES`; a file without trees is
-        accepted, it chooses among chains). None skips a check. ``threads``:
+        accepted, it chooses among chains); ``expected_lookup_features``: the lookup
+        vector's names (default :data:`speckv.runtime.features.LOOKUP_FEATURE_NAMES`). None
+        skips a check. ``threads``:
         onnxruntime intra-op threads (1 is fastest for this tiny graph).
         """
         path, data = read_controller_bytes(path)
         source = str(path)
         model, info = read_model(data, source)
         check_expected(info, source, expected_features, expected_gammas, expected_pre_features,
-                       expected_trees)
+                       expected_trees, expected_lookup_features)
         check_signature(model, info, source)
-        pre = open_session(onnx_proto.extract(data, list(PRE_OUTPUTS)), source, threads)
-        step = open_session(onnx_proto.extract(data, list(STEP_OUTPUTS)), source, threads)
-        return cls(pre, step, info, source)
+        pre, step, lookup = (open_session(onnx_proto.extract(data, list(outputs)), source, threads)
+                             for outputs in (PRE_OUTPUTS, STEP_OUTPUTS, LOOKUP_OUTPUTS))
+        return cls(pre, step, lookup, info, source)
 
     def _state(self) -> _ThreadState:
         try:
             return self._local.state
         except AttributeError:
-            state = self._local.state = _ThreadState(self._pre, self._step)
+            state = self._local.state = _ThreadState(self._pre, self._step, self._lookup)
             return state
 
     @property
@@ -581,7 +634,27 @@ class Controller:
         """Plain steps in a row after which a policy should draft anyway (a probe)."""
         return self.info.max_skip_run
 
+    @property
+    def lookup_feature_names(self) -> tuple[str, ...]:
+        return self.info.lookup_feature_names
+
     # ------------------------------------------------------------------- one decision each
+    def use_lookup(self, lookup_features: np.ndarray | Sequence[float], lookup_cost: float,
+                   pre_features: np.ndarray | Sequence[float],
+                   costs: np.ndarray | Sequence[float], plain_cost: float) -> bool:
+        """Where the context lookup proposes a continuation, before the draft's forward:
+        verify it this step (True, no draft forward), or decide with :meth:`speculate`?
+
+        ``lookup_features`` ``[n_lookup_features]``
+        (:func:`speckv.runtime.features.lookup_features`); ``lookup_cost``: a step verifying
+        the continuation; the rest as for :meth:`speculate` (all costs > 0).
+        """
+        state = self._state()
+        state.lookup_row.fill(lookup_features, pre_features, lookup_cost, costs, plain_cost)
+        check_lookup_length(state.lookup_length, self.info.lookup_max_tokens)
+        state.run_lookup()
+        return bool(state.lookup[0])
+
     def speculate(self, pre_features: np.ndarray | Sequence[float],
                   costs: np.ndarray | Sequence[float], plain_cost: float) -> bool:
         """Before the draft's forward: draft this step (True) or take a plain step (False)?
@@ -650,6 +723,29 @@ class Controller:
         f, c = batch_inputs(((FEATURES, len(info.feature_names), features),
                              (COSTS, info.n_options, costs)), self._names)
         return {FEATURES: f, COSTS: c}
+
+    def _lookup_inputs(self, lookup_features, lookup_cost, pre_features, costs, plain_cost
+                       ) -> dict[str, np.ndarray]:
+        info = self.info
+        parts = ((LOOKUP_FEATURES, len(info.lookup_feature_names), lookup_features),
+                 (PRE_FEATURES, len(info.pre_feature_names), pre_features),
+                 (LOOKUP_COST, 1, lookup_cost), (COSTS, info.n_options, costs),
+                 (PLAIN_COST, 1, plain_cost))
+        feeds = dict(zip((name for name, _, _ in parts), batch_inputs(parts, self._names),
+                         strict=True))
+        check_lookup_length(feeds[LOOKUP_FEATURES][:, 0], info.lookup_max_tokens)
+        return feeds
+
+    def predict_lookup(self, lookup_features, lookup_cost, pre_features, costs, plain_cost
+                       ) -> LookupPrediction:
+        """The lookup decision, its expected tokens and survival curve, with a batch axis."""
+        feeds = self._lookup_inputs(lookup_features, lookup_cost, pre_features, costs,
+                                    plain_cost)
+        if not feeds[LOOKUP_FEATURES].shape[0]:
+            return LookupPrediction(np.empty(0, bool), np.empty((0, 1), np.float32),
+                                    np.empty((0, self.info.lookup_max_tokens), np.float32))
+        lookup, expected, survival = self._lookup.session.run(list(LOOKUP_OUTPUTS), feeds)
+        return LookupPrediction(lookup.astype(bool), expected, survival)
 
     def speculate_batch(self, pre_features, costs, plain_cost) -> np.ndarray:
         """:meth:`speculate` for each row: ``[b, m]``, ``[b, g]`` or ``[g]``, ``[b]`` or a

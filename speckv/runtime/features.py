@@ -1,10 +1,13 @@
-"""THE feature definition: draft logits + history -> the two decisions' feature vectors.
+"""THE feature definition: draft logits + history -> the decisions' feature vectors.
 
 The profiler, the training data, the replay evaluator, the decoder and the runtime controller
 all build features here, so training and serving cannot drift apart. numpy only: the
 torch-free runtime imports this module.
 
-A step makes two decisions (docs/EMBEDDING.md, "A step"):
+A step makes two decisions (docs/EMBEDDING.md, "A step"), and a third before them wherever
+the context lookup proposes a continuation (:mod:`speckv.runtime.lookup`): verify it instead
+of drafting? Its vector (:data:`LOOKUP_FEATURE_NAMES`, :func:`lookup_features`) is the
+proposal's signals before the pre-draft vector of the same moment.
 
 1. **Before the draft runs: speculate at all?** Known then: the agreement history, the
    target's confidence in its last token, the position, the compression level and the costs.
@@ -92,6 +95,21 @@ PRE_FEATURE_NAMES: Final = (
     "compression_nf4",
 )
 N_PRE_FEATURES: Final = len(PRE_FEATURE_NAMES)
+
+#: the context lookup's proposal (:mod:`speckv.runtime.lookup`): what the lookup decision
+#: reads before the pre-draft vector. ``lookup_length`` comes first and raw: the graph sums
+#: the lookup's survival curve up to it.
+LOOKUP_SIGNAL_NAMES: Final = (
+    "lookup_length",          # tokens the lookup proposes (1..LOOKUP_MAX_TOKENS)
+    "lookup_match",           # length of the matched suffix (n of the n-gram)
+    "lookup_log_occurrences",  # log(1 + earlier occurrences of that suffix)
+    "lookup_agreeing",        # share of those occurrences the first proposed token followed
+)
+#: names and order of the lookup decision's vector: the signals, then the pre-draft vector.
+LOOKUP_FEATURE_NAMES: Final = (*LOOKUP_SIGNAL_NAMES, *PRE_FEATURE_NAMES)
+N_LOOKUP_FEATURES: Final = len(LOOKUP_FEATURE_NAMES)
+#: the longest continuation a lookup proposes (:data:`speckv.runtime.lookup.MAX_TOKENS`)
+LOOKUP_MAX_TOKENS: Final = GAMMA_MAX
 
 _ONEHOT: Final = {c: tuple(float(c == d) for d in COMPRESSIONS) for c in COMPRESSIONS}
 #: log1p of positions, computed once in float32 so every caller stores the same value.
@@ -355,3 +373,22 @@ def pre_from_step_features(current: np.ndarray, settled: np.ndarray, unsettled) 
     out[:, 4] = current[:, 6]
     out[:, 5:8] = current[:, 7:10]
     return out
+
+
+def lookup_features(pre: np.ndarray, length, match, occurrences, agreeing) -> np.ndarray:
+    """Lookup-decision vectors ``[n, N_LOOKUP_FEATURES]`` (or one ``[N_LOOKUP_FEATURES]``):
+    the proposal's signals (as :class:`speckv.runtime.lookup.LookupProposal` gives them: its
+    length, match, earlier occurrences and how many of them agree) before the pre-draft
+    vector ``pre`` of the same decision."""
+    pre = np.asarray(pre, np.float32)
+    rows = np.atleast_2d(pre)
+    n = rows.shape[0]
+    occurrences = np.broadcast_to(np.asarray(occurrences, np.float32), (n,))
+    out = np.empty((n, N_LOOKUP_FEATURES), np.float32)
+    out[:, 0] = np.broadcast_to(np.asarray(length, np.float32), (n,))
+    out[:, 1] = np.broadcast_to(np.asarray(match, np.float32), (n,))
+    out[:, 2] = np.log1p(occurrences)
+    out[:, 3] = np.broadcast_to(np.asarray(agreeing, np.float32), (n,)) / np.maximum(
+        occurrences, np.float32(1))
+    out[:, len(LOOKUP_SIGNAL_NAMES):] = rows
+    return out[0] if pre.ndim == 1 else out

@@ -3,12 +3,15 @@
 A second, independent implementation of what the exported graph computes: the parity check
 of the runtime, and the numpy column of ``speckv bench-controller`` (is onnxruntime worth it
 over a few matrix products in numpy?). It understands the graphs ``speckv export`` writes:
-for each of the two inputs ``features`` and ``pre_features``, optional feature scaling (Sub,
-Div) and dense layers (Gemm, each optionally followed by Relu or Gelu), then the fixed heads
+for each of the three inputs ``features``, ``pre_features`` and ``lookup_features``, optional
+feature scaling (Sub, Div) and dense layers (Gemm, each optionally followed by Relu or Gelu),
+then the fixed heads
 
     s = exp(cumsum(logsigmoid(z))),  E[γ] = 1 + cumsum(s)[γ - 1]
     γ* = argmax_γ E[γ] / cost[γ]                          (from the step vector)
     speculate = max_γ E_pre[γ] / cost[γ] · plain_cost > 1  (from the pre-draft vector)
+    lookup = E_lookup / lookup_cost > max(max_γ E_pre[γ] / cost[γ], 1 / plain_cost)
+             with E_lookup = 1 + sum_{k <= lookup_length} s_lookup[k]
 
 (the heads' nodes are checked by type; their meaning is
 :class:`speckv.train.network.ExportGraph`'s).
@@ -30,6 +33,8 @@ from speckv.runtime import onnx_proto
 from speckv.runtime.contract import (
     COSTS,
     FEATURES,
+    LOOKUP_COST,
+    LOOKUP_FEATURES,
     PLAIN_COST,
     PRE_FEATURES,
     ControllerInfo,
@@ -37,21 +42,30 @@ from speckv.runtime.contract import (
 from speckv.runtime.controller import (
     SPECKV_TREES,
     InputRow,
+    LookupPrediction,
     Prediction,
     PrePrediction,
     batch_inputs,
     check_expected,
+    check_lookup_length,
     option_labels,
     read_controller_bytes,
     read_model,
 )
 from speckv.runtime.errors import ControllerFormatError
-from speckv.runtime.features import FEATURE_NAMES, GAMMAS, PRE_FEATURE_NAMES
+from speckv.runtime.features import (
+    FEATURE_NAMES,
+    GAMMAS,
+    LOOKUP_FEATURE_NAMES,
+    PRE_FEATURE_NAMES,
+)
 
 #: node types the head may contain (the survival curve, expected tokens and the argmax).
 HEAD_OPS: Final = frozenset({"Sigmoid", "Log", "CumSum", "MatMul", "Gemm", "Exp", "Gather",
                              "Add", "Div", "ArgMax", "Reshape", "Identity", "ReduceMax", "Mul",
-                             "Greater", "Cast", "Squeeze", "Slice", "Constant", "Neg", "Softplus"})
+                             "Greater", "Cast", "Squeeze", "Slice", "Constant", "Neg", "Softplus",
+                             "LessOrEqual", "Less", "ReduceSum", "Max", "Reciprocal", "Unsqueeze",
+                             "Concat", "Shape", "Expand"})
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - poly(t) exp(-x^2), t = 1/(1 + p x), x >= 0; its
 # absolute error is below 1.5e-7, under float32's resolution of the GELU it feeds.
 _ERF_P: Final = 0.3275911
@@ -117,12 +131,13 @@ class NumpyController:
                  source: str = "<controller>") -> None:
         self.info = info
         self.source = source
-        self.step, self.pre = _read_networks(model, info, source)
+        self.step, self.pre, self.lookup = _read_networks(model, info, source)
         self._upto = info.upto().astype(np.float64)
         self._options = info.option_matrix().astype(np.float64)
         self._gammas = np.asarray(info.codes, np.int64)
         self._names = {FEATURES: info.feature_names, PRE_FEATURES: info.pre_feature_names,
-                       COSTS: option_labels(info), PLAIN_COST: ("plain",)}
+                       COSTS: option_labels(info), PLAIN_COST: ("plain",),
+                       LOOKUP_FEATURES: info.lookup_feature_names, LOOKUP_COST: ("lookup",)}
         self._local = threading.local()
 
     @classmethod
@@ -130,14 +145,15 @@ class NumpyController:
              expected_features: Sequence[str] | None = FEATURE_NAMES,
              expected_gammas: Sequence[int] | None = GAMMAS,
              expected_pre_features: Sequence[str] | None = PRE_FEATURE_NAMES,
-             expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES
+             expected_trees: Sequence[Sequence[int]] | None = SPECKV_TREES,
+             expected_lookup_features: Sequence[str] | None = LOOKUP_FEATURE_NAMES
              ) -> NumpyController:
         """Read an exported controller, with the same checks as ``Controller.load``."""
         path, data = read_controller_bytes(path)
         source = str(path)
         model, info = read_model(data, source)
         check_expected(info, source, expected_features, expected_gammas, expected_pre_features,
-                       expected_trees)
+                       expected_trees, expected_lookup_features)
         return cls(model, info, source)
 
     def _expected(self, net: Network, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +176,45 @@ class NumpyController:
         best = np.max((expected / costs).astype(np.float32), axis=-1)
         speculate = best * plain_cost[:, 0] > 1.0
         return speculate, expected.astype(np.float32), survival.astype(np.float32)
+
+    def forward_lookup(self, lookup_features: np.ndarray, lookup_cost: np.ndarray,
+                       pre_features: np.ndarray, costs: np.ndarray, plain_cost: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lookup, expected tokens, survival) for checked ``[b, k]``, ``[b, 1]``, ``[b, m]``,
+        ``[b, g]``, ``[b, 1]``."""
+        z = self.lookup.logits(lookup_features)
+        survival = np.exp(np.cumsum(-np.logaddexp(np.float32(0.0), -z), axis=-1))
+        k = np.arange(1, z.shape[1] + 1)
+        within = k[None] <= lookup_features[:, :1]
+        expected = 1.0 + np.sum(survival * within, axis=-1, keepdims=True)
+        pre_expected, _ = self._expected(self.pre, pre_features)
+        best = np.maximum(np.max((pre_expected / costs).astype(np.float32), axis=-1),
+                          np.float32(1.0) / plain_cost[:, 0])
+        lookup = (expected[:, 0] / lookup_cost[:, 0]).astype(np.float32) > best
+        return lookup, expected.astype(np.float32), survival.astype(np.float32)
+
+    def _lookup_inputs(self, lookup_features, lookup_cost, pre_features, costs, plain_cost
+                       ) -> list[np.ndarray]:
+        info = self.info
+        lf, p, lc, c, q = batch_inputs(
+            ((LOOKUP_FEATURES, len(info.lookup_feature_names), lookup_features),
+             (PRE_FEATURES, len(info.pre_feature_names), pre_features),
+             (LOOKUP_COST, 1, lookup_cost), (COSTS, info.n_options, costs),
+             (PLAIN_COST, 1, plain_cost)), self._names)
+        check_lookup_length(lf[:, 0], info.lookup_max_tokens)
+        return [lf, lc, p, c, q]
+
+    def use_lookup(self, lookup_features, lookup_cost: float, pre_features, costs,
+                   plain_cost: float) -> bool:
+        """The lookup decision for one step (same inputs as ``Controller.use_lookup``)."""
+        return bool(self.forward_lookup(*self._lookup_inputs(
+            lookup_features, lookup_cost, pre_features, costs, plain_cost))[0][0])
+
+    def predict_lookup(self, lookup_features, lookup_cost, pre_features, costs, plain_cost
+                       ) -> LookupPrediction:
+        """Like ``Controller.predict_lookup``."""
+        return LookupPrediction(*self.forward_lookup(*self._lookup_inputs(
+            lookup_features, lookup_cost, pre_features, costs, plain_cost)))
 
     def _step_inputs(self, features, costs) -> list[np.ndarray]:
         info = self.info
@@ -221,22 +276,30 @@ class NumpyController:
 
 
 def _read_networks(model: onnx_proto.Model, info: ControllerInfo, source: str
-                   ) -> tuple[Network, Network]:
-    """The step and pre-draft networks; every node outside them must be a head operator."""
+                   ) -> tuple[Network, Network, Network]:
+    """The step, pre-draft and lookup networks; every node outside them must be a head
+    operator."""
     walked: set[int] = set()
     step = _read_layers(model, info, source, FEATURES, walked)
     pre = _read_layers(model, info, source, PRE_FEATURES, walked)
+    lookup = _read_layers(model, info, source, LOOKUP_FEATURES, walked,
+                          width=info.lookup_max_tokens)
     head = {node.op_type for node in model.nodes if id(node) not in walked}
     if not head <= HEAD_OPS:
         raise ControllerFormatError(
             f"{source}: the numpy reference cannot read this graph (unknown operators "
             f"{sorted(head - HEAD_OPS)} in the head); it reads graphs written by "
             "`speckv export`.")
-    return step, pre
+    return step, pre, lookup
+
+
+#: the layers' node types (an input's other readers, e.g. the slice of lookup_length, are
+#: part of the head)
+_LAYER_OPS: Final = frozenset({"Sub", "Div", "Gemm", "Gelu", "Relu"})
 
 
 def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str, start: str,
-                 walked: set[int]) -> Network:
+                 walked: set[int], width: int | None = None) -> Network:
     """Walk the graph from input ``start`` through scaling and dense layers to the logits."""
     inits = model.initializers
     users: dict[str, list[onnx_proto.Node]] = defaultdict(list)
@@ -256,8 +319,13 @@ def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str, sta
     mean = std = None
     layers: list[Dense] = []
     current = start
-    while len(users[current]) == 1:
-        node = users[current][0]
+    while True:
+        readers = users[current]
+        if current == start:  # the raw input may also feed the head
+            readers = [n for n in readers if n.op_type in _LAYER_OPS]
+        if len(readers) != 1:
+            break
+        node = readers[0]
         if node.op_type == "Sub" and not layers and mean is None and std is None:
             mean = const(node, 1)
         elif node.op_type == "Div" and not layers and std is None:
@@ -283,7 +351,7 @@ def _read_layers(model: onnx_proto.Model, info: ControllerInfo, source: str, sta
         current = node.outputs[0]
     if not layers:
         raise fail(f"no dense layer after {start}")
-    width = info.survival_width
+    width = info.survival_width if width is None else width
     if layers[-1].weight.shape[1] != width or layers[-1].activation is not None:
         raise fail(f"the last dense layer after {start} has {layers[-1].weight.shape[1]} "
                    f"outputs and activation {layers[-1].activation}, not {width} logits")

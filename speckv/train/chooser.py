@@ -1,10 +1,11 @@
 """A chooser backed by a training checkpoint, so a controller can be evaluated or decoded
 with before it is exported (torch; the exported ONNX file needs none).
 
-It makes both decisions of a step as the file exported from the same checkpoint does
-(:class:`speckv.train.network.ControllerGraph` is what ``speckv export`` writes): before the
-draft runs, speculate or not from the pre-draft network; after its first proposal, γ from
-the step network. :func:`policy_from_spec` is :func:`speckv.policies.from_spec` with
+It makes the decisions of a step as the file exported from the same checkpoint does
+(:class:`speckv.train.network.ControllerGraph` is what ``speckv export`` writes): where the
+context lookup proposes, its continuation or not from the lookup network; before the draft
+runs, speculate or not from the pre-draft network; after its first proposal, γ from the step
+network. :func:`policy_from_spec` is :func:`speckv.policies.from_spec` with
 ``ckpt:PATH`` enabled.
 """
 
@@ -27,8 +28,9 @@ class TorchChooser:
 
     The same calls as the runtime ``Controller`` that :class:`speckv.policies.Learned` uses:
     ``speculate`` / ``speculate_batch`` (pre-draft features, costs, plain-step cost -> draft
-    this step?), ``choose`` / ``choose_batch`` (step features, costs -> γ) and
-    ``max_skip_run`` (plain steps in a row before a probe).
+    this step?), ``choose`` / ``choose_batch`` (step features, costs -> γ),
+    ``use_lookup`` (the context lookup's continuation instead?) and ``max_skip_run`` (plain
+    steps in a row before a probe).
     """
 
     def __init__(self, graph: ControllerGraph, meta: Mapping[str, Any] | None = None) -> None:
@@ -85,7 +87,7 @@ class TorchChooser:
                               f"{list(pre_names)}, not speckv's {list(PRE_FEATURE_NAMES)}. "
                               "Retrain it with this speckv (`python -m speckv.train fit`).")
         trees = tuple(tuple(int(v) for v in t) for t in meta.get("trees") or ())
-        return cls(ControllerGraph(mlp, GAMMAS, pre_mlp, trees), meta)
+        return cls(ControllerGraph(mlp, GAMMAS, pre_mlp, trees, meta.get("lookup_mlp")), meta)
 
     @property
     def n_options(self) -> int:
@@ -120,6 +122,30 @@ class TorchChooser:
     def speculate(self, pre_features: np.ndarray, costs: np.ndarray, plain_cost: float) -> bool:
         return bool(self.speculate_batch(np.asarray(pre_features)[None],
                                          np.asarray(costs)[None], np.array([plain_cost]))[0])
+
+
+    @property
+    def has_lookup(self) -> bool:
+        """Whether the checkpoint has the lookup network (trained since format 4)."""
+        return self.graph.lookup_mlp is not None
+
+    def use_lookup(self, lookup_features: np.ndarray, lookup_cost: float,
+                   pre_features: np.ndarray, costs: np.ndarray, plain_cost: float) -> bool:
+        """Verify the context lookup's continuation this step (no draft forward)?"""
+        import torch
+
+        if self.graph.lookup_mlp is None:
+            raise PolicyError("This checkpoint has no lookup network (trained before the "
+                              "lookup decision existed): retrain it with this speckv "
+                              "(`python -m speckv.train fit`).")
+        def t(a) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a, np.float32).reshape(1, -1))
+
+        with torch.inference_mode():
+            _, pre_expected, _ = self.graph.pre(t(pre_features), t(costs), t(plain_cost))
+            take, _, _ = self.graph.lookup(t(lookup_features), t(lookup_cost), pre_expected,
+                                           t(costs), t(plain_cost))
+        return bool(take[0])
 
 
 def policy_from_spec(spec: str, *, objective: Objective = "tokens_per_s") -> Policy | None:

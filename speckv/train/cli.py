@@ -55,6 +55,8 @@ class SpeckvCLI(LightningCLI):
         parser.link_arguments("data.trees", "model.trees", apply_on="instantiate")
         parser.link_arguments("data.feature_names", "model.feature_names",
                               apply_on="instantiate")
+        parser.link_arguments("data.lookup_feature_names", "model.lookup_feature_names",
+                              apply_on="instantiate")
 
 
     # ------------------------------------------------------------------- the subcommands

@@ -15,6 +15,11 @@ with that row's draft leaves unsettled: ``MAX_UNSETTLED`` (17) for a causal-LM d
 pre-draft network sees every staleness a policy with probes can meet; the row's costs
 include the catch-up over ``u + 1`` tokens. Live rows were recorded at decision time
 (``u = 0``); imported rows have no history (its prior values stand in).
+
+Where the context lookup proposes a continuation at a trace row (its ``lookup_*`` columns),
+the row is also an example of the lookup decision: the proposal's signals before the same
+pre-draft vector, and the continuation's accepted length, capped by its length and the
+tokens left, at the measured cost of a verify forward over it (no draft forward).
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ from speckv.runtime.features import (
     FEATURE_NAMES,
     GAMMA_MAX,
     GAMMAS,
+    LOOKUP_FEATURE_NAMES,
     MAX_SKIP_RUN,
     MAX_UNSETTLED,
     MAX_UNSETTLED_READING_TARGET,
     PRE_FEATURE_NAMES,
     assemble,
+    lookup_features,
     pre_from_step_features,
 )
 from speckv.runtime.proposal import TREES
@@ -74,6 +81,20 @@ def _catchups(df, draft: np.ndarray) -> np.ndarray:
         if value is not None and len(value):
             table[i] = catchup_table(draft[i], np.asarray(value, np.float64))
     return table
+
+
+LOOKUP_COLUMNS: Final = ("lookup_accept", "lookup_length", "lookup_match",
+                         "lookup_occurrences", "lookup_agreeing")
+
+
+def _lookup_columns(df) -> np.ndarray:
+    """``[n, 5]`` int64 of :data:`LOOKUP_COLUMNS`; zeros (no proposal) where a row has none
+    (a live or imported row, or a file from before the lookup)."""
+    out = np.zeros((len(df), len(LOOKUP_COLUMNS)), np.int64)
+    for i, name in enumerate(LOOKUP_COLUMNS):
+        if name in df.columns:
+            out[:, i] = df[name].fillna(0).to_numpy(np.int64)
+    return out
 
 
 def _has_trees(paths: list[Path]) -> bool:
@@ -136,7 +157,9 @@ class SpeckvDataModule(L.LightningDataModule):
         self._splits: dict[str, TensorDataset] | None = None
         self.mean = self.std = None
         self.pre_mean = self.pre_std = None
-        #: held-out (features, pre_features, costs, plain_cost) for the export's parity check
+        self.lookup_mean = self.lookup_std = None
+        #: held-out (features, pre_features, costs, plain_cost, lookup_features, lookup_cost)
+        #: for the export's parity check
         self.parity_rows: tuple[np.ndarray, ...] | None = None
 
     # values the model needs (linked by the CLI, never typed twice)
@@ -151,6 +174,10 @@ class SpeckvDataModule(L.LightningDataModule):
     @property
     def pre_feature_names(self) -> list[str]:
         return list(PRE_FEATURE_NAMES)
+
+    @property
+    def lookup_feature_names(self) -> list[str]:
+        return list(LOOKUP_FEATURE_NAMES)
 
     @property
     def max_skip_run(self) -> int:
@@ -233,6 +260,21 @@ class SpeckvDataModule(L.LightningDataModule):
             draft_all = df["cost_draft_s"].to_numpy(np.float64)
             costs = np.concatenate([costs, tree_step_costs(
                 draft_all, grow, verify_t, _catchups(df, draft_all), unsettled + 1)], 1)
+        # the lookup decision: its vector, outcome (capped by its length and the tokens left,
+        # as accept_cap caps the chains) and the verify forward over the continuation
+        look = _lookup_columns(df)
+        length = look[:, 1]
+        # a row without a proposal is no lookup example (cap 0); a length of 1 keeps its
+        # vector a valid input (the export's parity rows include such rows)
+        x_lookup = lookup_features(x_pre, np.maximum(length, 1), look[:, 2], look[:, 3],
+                                   look[:, 4])
+        lookup_cap = np.minimum(length, df["accept_cap"].to_numpy(np.int64))
+        lookup_accept = np.minimum(look[:, 0], lookup_cap)
+        lookup_cost = np.ones(len(df), np.float32)
+        if has_cost.any():
+            verify_all = df["cost_verify_s"].to_numpy()
+            for i in np.flatnonzero(has_cost & (length > 0)):
+                lookup_cost[i] = verify_all[i][length[i]]
         ref = df["gamma"].fillna(REFERENCE_GAMMA).to_numpy(np.int64)
         comp = df["compression"].map({c: i for i, c in enumerate(COMPRESSIONS)}).to_numpy()
         tensors = {
@@ -246,6 +288,10 @@ class SpeckvDataModule(L.LightningDataModule):
             "ref_gamma": torch.from_numpy(np.minimum(ref, GAMMA_MAX)),
             "tree_accept": torch.from_numpy(tree_accept),
             "tree_cap": torch.from_numpy(tree_cap),
+            "x_lookup": torch.from_numpy(x_lookup),
+            "lookup_accept": torch.from_numpy(lookup_accept),
+            "lookup_cap": torch.from_numpy(lookup_cap),
+            "lookup_cost": torch.from_numpy(lookup_cost),
             "compression": torch.from_numpy(comp.astype(np.int64)),
         }
         self.columns = list(tensors)
@@ -254,6 +300,10 @@ class SpeckvDataModule(L.LightningDataModule):
         self.std = x[train].std(0) + 1e-6
         self.pre_mean = x_pre[train].mean(0)
         self.pre_std = x_pre[train].std(0) + 1e-6
+        proposed = train & (length > 0)  # the lookup network sees proposals only
+        scale_rows = x_lookup[proposed] if proposed.any() else x_lookup[train]
+        self.lookup_mean = scale_rows.mean(0)
+        self.lookup_std = scale_rows.std(0) + 1e-6
         self._splits = {
             name: TensorDataset(*(t[torch.from_numpy(split == name)] for t in tensors.values()))
             for name in ("train", "val", "test")
@@ -263,7 +313,8 @@ class SpeckvDataModule(L.LightningDataModule):
                 raise RecordError(f"The {name!r} split of {', '.join(map(str, self.paths))} is "
                                   "empty: profile more prompts or change the split fractions.")
         held = np.flatnonzero(split == "val")[:512]
-        self.parity_rows = (x[held], x_pre[held], costs[held], plain[held, None])
+        self.parity_rows = (x[held], x_pre[held], costs[held], plain[held, None],
+                            x_lookup[held], lookup_cost[held, None])
         self.split_sizes = {k: len(v) for k, v in self._splits.items()}
 
     def _staleness(self, df) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,20 @@ seed paper's tokens per step (``objective="tokens_per_step"``, kept for comparis
 
 Two networks learn the same outcome from what each decision knows: the *pre-draft* one from
 the history before the draft runs (:data:`speckv.runtime.features.PRE_FEATURE_NAMES`), the
-*step* one after the draft's first proposal. The loss is the sum of their negative
-log-likelihoods (logged as ``nll_speculate_net`` and ``nll_gamma_net``, after the decision each
-network makes: whether to speculate, and γ). The
+*step* one after the draft's first proposal. A third, the *lookup* network, learns the
+accepted length of the context lookup's continuation where it proposes one (censored at its
+length and the tokens left), from the proposal's signals and the pre-draft vector
+(:data:`~speckv.runtime.features.LOOKUP_FEATURE_NAMES`). The loss is the sum of the three
+negative log-likelihoods (logged as ``nll_speculate_net``, ``nll_gamma_net`` and
+``nll_lookup_net``, after the decision each network makes: whether to speculate, γ, and
+whether to verify the lookup's continuation instead). Each network has its own parameters,
+so adding one leaves the others' gradients as they were. The
 policy value logged in validation runs both decisions on every row: "no speculation" is a
 candidate with E[tokens] = 1 at the plain step's cost, taken when no γ's
 ``E_pre[γ] / cost(γ)`` beats it; otherwise the step network's γ, scored by the row's measured
-outcome and costs (the catch-up the row's pre-draft vector assumes included).
+outcome and costs (the catch-up the row's pre-draft vector assumes included). Where the
+lookup proposes and its ``E / cost`` beats them all, the row is scored as a lookup step
+instead (its accepted length + 1 tokens at its verify cost).
 
 TensorBoard. Tags read ``<split>/<quantity>[/<compression>]`` (``val/skip_rate/int8``), but
 for two headline groups named like PyTorch's TensorBoard examples (``Loss/train``):
@@ -50,10 +57,16 @@ from torch.nn import functional as F
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from speckv.errors import SpeckvError
-from speckv.runtime.features import COMPRESSIONS, MAX_SKIP_RUN, PRE_FEATURE_NAMES
+from speckv.runtime.features import (
+    COMPRESSIONS,
+    LOOKUP_FEATURE_NAMES,
+    LOOKUP_MAX_TOKENS,
+    MAX_SKIP_RUN,
+    PRE_FEATURE_NAMES,
+)
 from speckv.train.checkpoint import restore_rng_states, resume_mismatches, rng_states
 from speckv.train.figures import calibration_figure, choices_figure
-from speckv.train.network import SurvivalMLP, option_layout, speculate_rule
+from speckv.train.network import SurvivalMLP, lookup_rule, option_layout, speculate_rule
 
 #: the headline tag groups (capitalised: TensorBoard sorts them before Lightning's "epoch")
 LOSS: Final = "Loss"
@@ -101,6 +114,7 @@ class SpeckvModule(L.LightningModule):
         objective: Literal["tokens_per_s", "tokens_per_step"] = "tokens_per_s",
         pre_feature_names: list[str] | None = None,
         trees: list[list[int]] | None = None,
+        lookup_feature_names: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -119,6 +133,8 @@ class SpeckvModule(L.LightningModule):
                 which every feature set of the DataModule builds).
             trees: the trees among the options, ``[size, depth, branch]`` each (linked from
                 the data: speckv's trees where the records hold their outcomes, else none).
+            lookup_feature_names: names of the lookup decision's features, in order (default:
+                speckv's, which the DataModule builds).
         """
         super().__init__()
         # Lightning would log every argument, with a placeholder metric (hp_metric = -1);
@@ -135,6 +151,12 @@ class SpeckvModule(L.LightningModule):
         self.mlp = SurvivalMLP(n_features, width, list(hidden), dropout, activation)
         self.pre_mlp = SurvivalMLP(len(self.pre_feature_names), width, list(hidden),
                                    dropout, activation)
+        # its initial weights come from a fork of the random state: the other networks, the
+        # data order and dropout draw exactly what they drew before the lookup network existed
+        self.lookup_feature_names = list(lookup_feature_names or LOOKUP_FEATURE_NAMES)
+        with torch.random.fork_rng(devices=[]):
+            self.lookup_mlp = SurvivalMLP(len(self.lookup_feature_names), LOOKUP_MAX_TOKENS,
+                                          list(hidden), dropout, activation)
         self.metrics = torch.nn.ModuleDict({
             stage: torch.nn.ModuleDict({
                 "auroc_s1": tm.classification.BinaryAUROC(),
@@ -156,6 +178,9 @@ class SpeckvModule(L.LightningModule):
             if getattr(dm, "pre_mean", None) is not None:
                 self.pre_mlp.set_scaling(torch.from_numpy(dm.pre_mean),
                                          torch.from_numpy(dm.pre_std))
+            if getattr(dm, "lookup_mean", None) is not None:
+                self.lookup_mlp.set_scaling(torch.from_numpy(dm.lookup_mean),
+                                            torch.from_numpy(dm.lookup_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp.survival(x)
@@ -230,9 +255,12 @@ class SpeckvModule(L.LightningModule):
         b = self._unpack(batch)
         z = self.mlp(b["x"])
         z_pre = self.pre_mlp(b["x_pre"])
+        z_lookup = self.lookup_mlp(b["x_lookup"])
         nll_gamma = self._options_nll(z, b)
         nll_speculate = self._options_nll(z_pre, b)
-        loss = nll_gamma + nll_speculate
+        # rows where the lookup proposes nothing have cap 0: no observation
+        nll_lookup = survival_nll(z_lookup, b["lookup_accept"], b["lookup_cap"])
+        loss = nll_gamma + nll_speculate + nll_lookup
         # the total per training step as well (Lightning names the two Loss/train_step and
         # Loss/train_epoch); its parts, per epoch, by the decision each network makes
         self.log(f"{LOSS}/{stage}", loss, prog_bar=True, on_step=stage == "train",
@@ -240,8 +268,9 @@ class SpeckvModule(L.LightningModule):
         log = {"on_epoch": True, "on_step": False, "batch_size": len(z)}
         self.log(f"{stage}/nll_gamma_net", nll_gamma, **log)
         self.log(f"{stage}/nll_speculate_net", nll_speculate, **log)
+        self.log(f"{stage}/nll_lookup_net", nll_lookup, **log)
         with torch.no_grad():
-            self._update_metrics(z, z_pre, b, stage)
+            self._update_metrics(z, z_pre, z_lookup, b, stage)
         return loss
 
     def _options_nll(self, z: torch.Tensor, b) -> torch.Tensor:
@@ -260,7 +289,13 @@ class SpeckvModule(L.LightningModule):
         """``E[tokens | option]`` for every option (chains, then trees)."""
         return 1.0 + torch.exp(F.logsigmoid(z) @ self.upto) @ self.options
 
-    def _update_metrics(self, z, z_pre, b, stage: str) -> None:
+    def _lookup_expected(self, z_lookup: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """``[batch, 1]`` E[tokens] of verifying the lookup's continuation of ``length``."""
+        survival = torch.exp(torch.cumsum(F.logsigmoid(z_lookup), -1))
+        k = torch.arange(1, z_lookup.shape[1] + 1, device=z_lookup.device)
+        return 1.0 + (survival * (k[None] <= length[:, None])).sum(-1, keepdim=True)
+
+    def _update_metrics(self, z, z_pre, z_lookup, b, stage: str) -> None:
         gmax = max(self.gammas)
         surv = torch.exp(torch.cumsum(F.logsigmoid(z[:, :gmax]), -1))  # the chains' curve
         m = self.metrics[f"{stage}_"]
@@ -285,7 +320,14 @@ class SpeckvModule(L.LightningModule):
             if per_step:
                 costs, plain = torch.ones_like(costs), torch.ones_like(plain)
             expected = self._expected(z[sel])
-            speculate = speculate_rule(self._expected(z_pre[sel]), costs, plain)
+            pre_expected = self._expected(z_pre[sel])
+            speculate = speculate_rule(pre_expected, costs, plain)
+            length = b["lookup_cap"][sel]
+            lookup_cost = b["lookup_cost"][sel][:, None]
+            if per_step:
+                lookup_cost = torch.ones_like(lookup_cost)
+            lookup = (length > 0) & lookup_rule(self._lookup_expected(z_lookup[sel], length),
+                                                lookup_cost, pre_expected, costs, plain)
             idx = (expected / costs).argmax(-1)
             gam = self.codes
             chains = torch.as_tensor(self.gammas, device=z.device)
@@ -297,9 +339,13 @@ class SpeckvModule(L.LightningModule):
                             1)
             all_costs = torch.cat([plain, costs], 1)
             choice = torch.where(speculate, idx + 1, torch.zeros_like(idx))
+            chosen_acc = torch.where(lookup, b["lookup_accept"][sel] + 1.0,
+                                     acc.gather(1, choice[:, None])[:, 0])
+            chosen_cost = torch.where(lookup, lookup_cost[:, 0],
+                                      all_costs.gather(1, choice[:, None])[:, 0])
             self._policy.setdefault(stage, []).append(
-                (acc.gather(1, choice[:, None])[:, 0], all_costs.gather(1, choice[:, None])[:, 0],
-                 acc, all_costs, b["compression"][sel], gam[idx], speculate))
+                (chosen_acc, chosen_cost, acc, all_costs, b["compression"][sel], gam[idx],
+                 speculate & ~lookup, lookup))
         if stage != "train":  # P(first draft token accepted), as each network predicts it
             self._calib.setdefault(stage, []).append(
                 (surv[informative, 0], torch.sigmoid(z_pre[informative, 0]),
@@ -338,7 +384,7 @@ class SpeckvModule(L.LightningModule):
         rows = self._policy.pop(stage, [])
         if rows:
             parts = (torch.cat(c) for c in zip(*rows, strict=True))
-            chosen_acc, chosen_cost, acc, costs, comp, gam, speculate = parts
+            chosen_acc, chosen_cost, acc, costs, comp, gam, speculate, lookup = parts
             tps_policy = chosen_acc.sum() / chosen_cost.sum()
             # the best single choice on these rows, per compression level, among fixed γ
             # (columns 1..) and also plain decoding (column 0): optimistic baselines, chosen
@@ -364,13 +410,17 @@ class SpeckvModule(L.LightningModule):
             self.log(f"{stage}/gain_over_best_static", tps_policy / baselines["static"])
             self.log(f"{stage}/mean_gamma", gam[speculate].float().mean() if speculate.any()
                      else torch.zeros(()))
-            self.log(f"{stage}/skip_rate", 1.0 - speculate.float().mean())
+            # plain steps: neither the draft nor the lookup's continuation
+            plain = ~(speculate | lookup)
+            self.log(f"{stage}/skip_rate", plain.float().mean())
+            self.log(f"{stage}/lookup_rate", lookup.float().mean())
             for i, c in enumerate(COMPRESSIONS):
                 sel = comp == i
                 if sel.any():
                     self.log(f"{TOKENS_PER_S}/{stage}/{c}",
                              chosen_acc[sel].sum() / chosen_cost[sel].sum())
-                    self.log(f"{stage}/skip_rate/{c}", 1.0 - speculate[sel].float().mean())
+                    self.log(f"{stage}/skip_rate/{c}", plain[sel].float().mean())
+                    self.log(f"{stage}/lookup_rate/{c}", lookup[sel].float().mean())
             self._log_choices(stage, torch.where(speculate, gam, torch.zeros_like(gam)), comp)
 
     def on_train_epoch_end(self) -> None:
@@ -442,6 +492,9 @@ class SpeckvModule(L.LightningModule):
         meta = {
             "mlp_config": {"n_features": self.hparams.n_features, **config},
             "pre_mlp_config": {"n_features": len(self.pre_feature_names), **config},
+            "lookup_mlp_config": {**config, "n_features": len(self.lookup_feature_names),
+                                  "gamma_max": self.lookup_mlp.gamma_max},
+            "lookup_feature_names": list(self.lookup_feature_names),
             "feature_names": list(self.hparams.feature_names),
             "pre_feature_names": list(self.pre_feature_names),
             "max_skip_run": int(getattr(dm, "max_skip_run", MAX_SKIP_RUN)),
@@ -455,7 +508,7 @@ class SpeckvModule(L.LightningModule):
         if dm is not None and dm.parity_rows is not None:
             # tensors, not numpy arrays: Lightning reloads checkpoints with weights_only=True
             keys = ("parity_features", "parity_pre_features", "parity_costs",
-                    "parity_plain_costs")
+                    "parity_plain_costs", "parity_lookup_features", "parity_lookup_costs")
             for key, array in zip(keys, dm.parity_rows, strict=True):
                 meta[key] = torch.from_numpy(np.ascontiguousarray(array))
         checkpoint["speckv"] = meta

@@ -8,11 +8,16 @@ monotone non-increasing in k by construction, written as ``exp(cumsum(logsigmoid
 (which every ONNX exporter supports, unlike ``cumprod``). Expected tokens of a step that
 drafts γ tokens: ``E[γ] = 1 + sum_{k<=γ} s_k``; a plain step makes exactly one token.
 
-A controller has two: the *pre-draft* MLP reads what is known before the draft runs
-(:data:`speckv.runtime.features.PRE_FEATURE_NAMES`) and decides whether to speculate at all
-(is some γ's ``E[γ] / cost(γ)`` above a plain step's ``1 / plain_cost``?); the *step* MLP reads
-the step vector after the draft's first proposal and picks γ >= 1 with the most expected
-tokens per unit of cost, where ``costs[γ]`` is the machine's measured time for that step.
+A controller has three. The *lookup* MLP reads the context lookup's proposal (its signals,
+then the pre-draft vector: :data:`speckv.runtime.features.LOOKUP_FEATURE_NAMES`) and predicts
+how much of that continuation the target accepts; verifying it costs one target forward and
+no draft forward, and it is taken when its ``E / cost`` beats both a plain step and every
+option the pre-draft MLP prices (:func:`lookup_rule`). The *pre-draft* MLP reads what is
+known before the draft runs (:data:`speckv.runtime.features.PRE_FEATURE_NAMES`) and decides
+whether to speculate at all (is some γ's ``E[γ] / cost(γ)`` above a plain step's
+``1 / plain_cost``?); the *step* MLP reads the step vector after the draft's first proposal
+and picks γ >= 1 with the most expected tokens per unit of cost, where ``costs[γ]`` is the
+machine's measured time for that step.
 
 Feature scaling is a buffer of each network, so the exported graph takes raw features.
 
@@ -120,10 +125,17 @@ class ControllerGraph(nn.Module):
 
     def __init__(self, mlp: SurvivalMLP, gammas: Sequence[int],
                  pre_mlp: SurvivalMLP | None = None,
-                 trees: Sequence[Sequence[int]] = ()) -> None:
+                 trees: Sequence[Sequence[int]] = (),
+                 lookup_mlp: SurvivalMLP | None = None) -> None:
         super().__init__()
         self.mlp = mlp
         self.pre_mlp = pre_mlp
+        self.lookup_mlp = lookup_mlp
+        if lookup_mlp is not None:
+            width = lookup_mlp.gamma_max
+            self.register_buffer("lookup_upto", torch.triu(torch.ones(width, width)))
+            # k = 1..width, against the continuation's length (lookup_features[:, 0])
+            self.register_buffer("lookup_k", torch.arange(1, width + 1, dtype=torch.float32)[None])
         codes, upto, options = option_layout(gammas, trees)
         if upto.shape[0] != mlp.gamma_max:
             raise ValueError(f"the MLP predicts {mlp.gamma_max} survival entries; γs "
@@ -153,25 +165,57 @@ class ControllerGraph(nn.Module):
         return speculate_rule(expected, costs, plain_cost).to(torch.long), expected, survival
 
 
-class ExportGraph(nn.Module):
-    """What ``speckv export`` writes (contract format 3, :mod:`speckv.runtime.contract`)::
+    def lookup(self, lookup_features: torch.Tensor, lookup_cost: torch.Tensor,
+               pre_expected: torch.Tensor, costs: torch.Tensor, plain_cost: torch.Tensor):
+        """(verify the lookup's continuation as int64, its expected tokens ``[batch, 1]``, its
+        survival curve); ``pre_expected`` is the pre-draft head's expected tokens."""
+        if self.lookup_mlp is None:
+            raise ValueError("this controller has no lookup network (trained before the "
+                             "lookup decision existed): retrain it.")
+        survival = torch.exp(F.logsigmoid(self.lookup_mlp(lookup_features)) @ self.lookup_upto)
+        within = (self.lookup_k <= lookup_features[:, :1]).to(survival.dtype)
+        expected = 1.0 + torch.sum(survival * within, dim=-1, keepdim=True)
+        take = lookup_rule(expected, lookup_cost, pre_expected, costs, plain_cost)
+        return take.to(torch.long), expected, survival
 
-        (features, pre_features, costs, plain_cost)
-            -> (speculate, gamma, expected_tokens, survival, pre_expected_tokens, pre_survival)
+
+class ExportGraph(nn.Module):
+    """What ``speckv export`` writes (contract format 4, :mod:`speckv.runtime.contract`)::
+
+        (features, pre_features, costs, plain_cost, lookup_features, lookup_cost)
+            -> (speculate, gamma, expected_tokens, survival, pre_expected_tokens, pre_survival,
+                lookup, lookup_expected_tokens, lookup_survival)
     """
 
     def __init__(self, graph: ControllerGraph) -> None:
         super().__init__()
-        if graph.pre_mlp is None:
-            raise ValueError("the controller has no pre-draft network; retrain it.")
+        if graph.pre_mlp is None or graph.lookup_mlp is None:
+            raise ValueError("the controller lacks the pre-draft or the lookup network; "
+                             "retrain it.")
         self.controller = graph
 
     def forward(self, features: torch.Tensor, pre_features: torch.Tensor, costs: torch.Tensor,
-                plain_cost: torch.Tensor):
+                plain_cost: torch.Tensor, lookup_features: torch.Tensor,
+                lookup_cost: torch.Tensor):
         gamma, expected, survival = self.controller(features, costs)
         speculate, pre_expected, pre_survival = self.controller.pre(pre_features, costs,
                                                                     plain_cost)
-        return speculate, gamma, expected, survival, pre_expected, pre_survival
+        lookup, lookup_expected, lookup_survival = self.controller.lookup(
+            lookup_features, lookup_cost, pre_expected, costs, plain_cost)
+        return (speculate, gamma, expected, survival, pre_expected, pre_survival, lookup,
+                lookup_expected, lookup_survival)
+
+
+def lookup_rule(expected: torch.Tensor, lookup_cost: torch.Tensor, pre_expected: torch.Tensor,
+                costs: torch.Tensor, plain_cost: torch.Tensor) -> torch.Tensor:
+    """True where verifying the lookup's continuation beats the other choices before the
+    draft runs: ``E_lookup / lookup_cost > max(1 / plain_cost, max_o E_pre[o] / cost(o))``.
+
+    ``expected``, ``lookup_cost`` and ``plain_cost`` are ``[batch, 1]``; a tie goes to the
+    draft's side (the decision ``speculate`` would make).
+    """
+    best = torch.maximum(torch.amax(pre_expected / costs, dim=-1, keepdim=True), 1.0 / plain_cost)
+    return (expected / lookup_cost > best)[:, 0]
 
 
 def load_checkpoint(path) -> tuple[SurvivalMLP, dict]:
@@ -184,7 +228,10 @@ def load_checkpoint(path) -> tuple[SurvivalMLP, dict]:
     since format 2 also ``pre_mlp_config``, ``pre_feature_names``, ``max_skip_run`` and
     ``parity_pre_features`` / ``parity_plain_costs``. The step MLP's weights are the
     ``state_dict`` entries prefixed ``mlp.``, the pre-draft MLP's ``pre_mlp.``; the latter is
-    returned in the metadata as ``meta["pre_mlp"]`` (absent in older checkpoints).
+    returned in the metadata as ``meta["pre_mlp"]`` (absent in older checkpoints). Since
+    format 4 also ``lookup_mlp_config``, ``lookup_feature_names`` and
+    ``parity_lookup_features`` / ``parity_lookup_costs``; the lookup MLP (prefix
+    ``lookup_mlp.``) is returned as ``meta["lookup_mlp"]``.
     """
     from pathlib import Path
 
@@ -201,7 +248,8 @@ def load_checkpoint(path) -> tuple[SurvivalMLP, dict]:
                           "with `python -m speckv.train fit`.")
     meta = dict(meta)
     nets = {}
-    for prefix, key in (("mlp.", "mlp_config"), ("pre_mlp.", "pre_mlp_config")):
+    for prefix, key in (("mlp.", "mlp_config"), ("pre_mlp.", "pre_mlp_config"),
+                        ("lookup_mlp.", "lookup_mlp_config")):
         if key not in meta:
             continue
         net = SurvivalMLP(**meta[key])
@@ -212,4 +260,6 @@ def load_checkpoint(path) -> tuple[SurvivalMLP, dict]:
         raise SpeckvError(f"{path} has no mlp_config in its speckv entry; retrain it.")
     if "pre_mlp." in nets:
         meta["pre_mlp"] = nets["pre_mlp."]
+    if "lookup_mlp." in nets:
+        meta["lookup_mlp"] = nets["lookup_mlp."]
     return nets["mlp."], meta

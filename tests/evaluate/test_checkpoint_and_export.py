@@ -33,8 +33,16 @@ def checkpoint_and_export(records, tmp_path_factory):
     """A checkpoint of both networks fitted on the train prompts, and its exported file."""
     train = records[split_prompts(records) == "train"]
     folder = tmp_path_factory.mktemp("controller")
+    import torch
+
+    from speckv.runtime.features import LOOKUP_FEATURE_NAMES, LOOKUP_MAX_TOKENS
+    from speckv.train.network import SurvivalMLP
+
+    torch.manual_seed(0)
+    lookup = SurvivalMLP(len(LOOKUP_FEATURE_NAMES), LOOKUP_MAX_TOKENS, hidden=(16, 16))
     ckpt = save_checkpoint(fit_survival_mlp(train, steps=150),
-                           fit_survival_mlp(train, steps=150, pre=True), folder / "c.ckpt")
+                           fit_survival_mlp(train, steps=150, pre=True), folder / "c.ckpt",
+                           lookup_mlp=lookup)
     onnx = folder / "c.onnx"
     assert speckv_main(["export", "--ckpt", str(ckpt), "--out", str(onnx), "--json"]) == 0
     return ckpt, onnx

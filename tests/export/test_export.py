@@ -1,5 +1,5 @@
-"""``speckv export``: small step and pre-draft SurvivalMLPs in tmp_path -> ONNX (controller
-format 2), checked against PyTorch."""
+"""``speckv export``: small step, pre-draft and lookup SurvivalMLPs in tmp_path -> ONNX
+(controller format 4), checked against PyTorch."""
 
 from __future__ import annotations
 
@@ -25,12 +25,16 @@ from speckv.runtime.features import (  # noqa: E402
     FEATURE_NAMES,
     GAMMA_MAX,
     GAMMAS,
+    LOOKUP_FEATURE_NAMES,
+    LOOKUP_MAX_TOKENS,
     MAX_SKIP_RUN,
     PRE_FEATURE_NAMES,
+    lookup_features,
 )
 from speckv.train.network import ControllerGraph, SurvivalMLP  # noqa: E402
 
 N, M, G = len(FEATURE_NAMES), len(PRE_FEATURE_NAMES), len(GAMMAS)
+K = len(LOOKUP_FEATURE_NAMES)
 
 
 def small_mlp(seed: int = 0, mean: np.ndarray | None = None,
@@ -53,6 +57,27 @@ def small_pre_mlp(seed: int = 0) -> SurvivalMLP:
     return mlp
 
 
+def small_lookup_mlp(seed: int = 0) -> SurvivalMLP:
+    torch.manual_seed(200 + seed)
+    mlp = SurvivalMLP(K, LOOKUP_MAX_TOKENS, hidden=(16, 16), dropout=0.1)
+    rng = np.random.default_rng(200 + seed)
+    mean = np.concatenate([[4.0, 2.0, 1.0, 0.5], rng.uniform(0, 1, M)])
+    mlp.set_scaling(torch.as_tensor(mean), torch.as_tensor(rng.uniform(0.3, 2, K)))
+    return mlp
+
+
+def lookup_rows(seed: int, pre: np.ndarray, plain: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Lookup vectors over ``pre`` (proposals of 1..8 tokens) and their verify costs around
+    the other choices' break-even."""
+    rng = np.random.default_rng(seed + 2000)
+    n = len(pre)
+    occurrences = rng.integers(1, 6, n)
+    x = lookup_features(pre, rng.integers(1, LOOKUP_MAX_TOKENS + 1, n), rng.integers(1, 5, n),
+                        occurrences, rng.integers(0, occurrences + 1))
+    return x, (plain[:, 0] * rng.uniform(0.8, 3.0, n)).astype(np.float32)[:, None]
+
+
 def rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     features = rng.normal(1.0, 1.5, (n, N)).astype(np.float32)
@@ -72,19 +97,33 @@ def pre_rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
 def small_meta(n_rows: int = 128, seed: int = 0) -> dict:
     features, costs = rows(1, n_rows)
     pre, plain = pre_rows(1, n_rows)
+    look, look_cost = lookup_rows(1, pre, plain)
     return {"feature_names": list(FEATURE_NAMES), "pre_feature_names": list(PRE_FEATURE_NAMES),
             "gammas": list(GAMMAS), "compressions": list(COMPRESSIONS),
             "feature_set": "decision", "objective": "tokens_per_s",
             "data_fingerprint": "sha256:test", "max_skip_run": MAX_SKIP_RUN,
-            "pre_mlp": small_pre_mlp(seed),
+            "pre_mlp": small_pre_mlp(seed), "lookup_mlp": small_lookup_mlp(seed),
+            "lookup_feature_names": list(LOOKUP_FEATURE_NAMES),
             "parity_features": features, "parity_costs": costs,
-            "parity_pre_features": pre, "parity_plain_costs": plain}
+            "parity_pre_features": pre, "parity_plain_costs": plain,
+            "parity_lookup_features": look, "parity_lookup_costs": look_cost}
 
 
 def torch_outputs(mlp: SurvivalMLP, features: np.ndarray, costs: np.ndarray):
     graph = ControllerGraph(mlp.eval(), GAMMAS).eval()
     with torch.inference_mode():
         return [t.numpy() for t in graph(torch.from_numpy(features), torch.from_numpy(costs))]
+
+
+def torch_lookup_outputs(pre_mlp: SurvivalMLP, lookup_mlp: SurvivalMLP, look, look_cost, pre,
+                         costs, plain):
+    graph = ControllerGraph(small_mlp().eval(), GAMMAS, pre_mlp.eval(), (),
+                            lookup_mlp.eval()).eval()
+    with torch.inference_mode():
+        _, pre_expected, _ = graph.pre(*(torch.from_numpy(a) for a in (pre, costs, plain)))
+        return [t.numpy() for t in graph.lookup(
+            torch.from_numpy(look), torch.from_numpy(look_cost), pre_expected,
+            torch.from_numpy(costs), torch.from_numpy(plain))]
 
 
 def torch_pre_outputs(pre_mlp: SurvivalMLP, pre: np.ndarray, costs: np.ndarray,
@@ -100,7 +139,7 @@ def exported(tmp_path_factory):
     mlp = small_mlp()
     meta = small_meta()
     report = export_controller(mlp, meta, out, latency_calls=200)
-    return mlp, out, report, meta["pre_mlp"]
+    return mlp, out, report, meta["pre_mlp"], meta["lookup_mlp"]
 
 
 # ---------------------------------------------------------------------------------- graph
@@ -113,7 +152,7 @@ def test_the_metadata_is_also_written_beside_the_file_as_json(exported, tmp_path
     from speckv.runtime import ControllerFormatError
     from speckv.runtime.sidecar import sidecar_path
 
-    _, out, report, _ = exported
+    _, out, report, _, _ = exported
     assert report["sidecar"] == str(sidecar_path(out)) == str(out.with_suffix(".json"))
     written = json.loads(Path(report["sidecar"]).read_text())
     assert written["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
@@ -130,21 +169,24 @@ def test_the_metadata_is_also_written_beside_the_file_as_json(exported, tmp_path
 
 
 def test_report_says_parity_holds(exported):
-    _, out, report, _ = exported
+    _, out, report, _, _ = exported
     parity = report["parity"]
     assert parity["rows"] == 128 and parity["source"] == "checkpoint"
     assert parity["gamma_mismatches"] == 0 and parity["speculate_mismatches"] == 0
     assert 0 < parity["speculate_share"] < 1  # the parity rows exercise both answers
-    for key in ("expected_tokens", "survival", "pre_expected_tokens", "pre_survival"):
+    assert parity["lookup_mismatches"] == 0 and 0 < parity["lookup_share"] < 1
+    for key in ("expected_tokens", "survival", "pre_expected_tokens", "pre_survival",
+                "lookup_expected_tokens", "lookup_survival"):
         assert parity[f"max_abs_diff_{key}"] < 1e-4
     assert report["latency"]["p50_us"] > 0 and report["latency"]["speculate_p50_us"] > 0
+    assert report["latency"]["lookup_p50_us"] > 0
     assert report["format_version"] == FORMAT_VERSION
     assert report["bytes"] == out.stat().st_size
 
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_dynamic_batch_matches_torch(exported, batch):
-    mlp, out, _, _ = exported
+    mlp, out, _, _, _ = exported
     features, costs = rows(100 + batch, batch)
     controller = Controller.load(out)
     pred = controller.predict(features, costs)
@@ -159,7 +201,7 @@ def test_dynamic_batch_matches_torch(exported, batch):
 
 @pytest.mark.parametrize("batch", [1, 9])
 def test_the_pre_draft_decision_matches_torch(exported, batch):
-    _, out, _, pre_mlp = exported
+    _, out, _, pre_mlp, _ = exported
     _, costs = rows(200 + batch, batch)
     pre, plain = pre_rows(200 + batch, batch)
     controller = Controller.load(out)
@@ -172,15 +214,51 @@ def test_the_pre_draft_decision_matches_torch(exported, batch):
     np.testing.assert_array_equal(ref.speculate, speculate.astype(bool))
 
 
+@pytest.mark.parametrize("batch", [1, 9])
+def test_the_lookup_decision_matches_torch(exported, batch):
+    _, out, _, pre_mlp, lookup_mlp = exported
+    _, costs = rows(300 + batch, batch)
+    pre, plain = pre_rows(300 + batch, batch)
+    look, look_cost = lookup_rows(300 + batch, pre, plain)
+    controller = Controller.load(out)
+    got = controller.predict_lookup(look, look_cost, pre, costs, plain)
+    take, expected, survival = torch_lookup_outputs(pre_mlp, lookup_mlp, look, look_cost, pre,
+                                                    costs, plain)
+    np.testing.assert_array_equal(got.lookup, take.astype(bool))
+    np.testing.assert_allclose(got.expected_tokens, expected, atol=1e-5)
+    np.testing.assert_allclose(got.survival, survival, atol=1e-5)
+    one = [controller.use_lookup(a, float(b[0]), d, e, float(f[0]))
+           for a, b, d, e, f in zip(look, look_cost, pre, costs, plain, strict=True)]
+    np.testing.assert_array_equal(one, take.astype(bool))
+    ref = NumpyController.load(out).predict_lookup(look, look_cost, pre, costs, plain)
+    np.testing.assert_array_equal(ref.lookup, take.astype(bool))
+    np.testing.assert_allclose(ref.expected_tokens, expected, atol=1e-5)
+
+
+def test_the_lookup_sums_its_survival_up_to_the_continuations_length(exported):
+    """E[tokens | lookup] = 1 + the first n entries of its curve, n = lookup_length (the
+    graph reads it from the raw vector), for every n."""
+    _, out, _, _, _ = exported
+    _, costs = rows(7, 1)
+    pre, plain = pre_rows(7, 1)
+    controller = Controller.load(out)
+    for n in range(1, LOOKUP_MAX_TOKENS + 1):
+        look = lookup_features(pre, n, 2, 3, 2)
+        got = controller.predict_lookup(look, plain * 1.5, pre, costs, plain)
+        assert 0 < got.survival[0, n - 1] < 1
+        np.testing.assert_allclose(got.expected_tokens[0, 0], 1 + got.survival[0, :n].sum(),
+                                   rtol=1e-5)
+
+
 def test_gammas_vary_on_the_test_rows(exported):
     """Otherwise the γ parity above would prove little."""
-    mlp, _, _, _ = exported
+    mlp, _, _, _, _ = exported
     features, costs = rows(5, 200)
     assert len(np.unique(torch_outputs(mlp, features, costs)[0])) >= 3
 
 
 def test_metadata(exported):
-    _, out, _, _ = exported
+    _, out, _, _, _ = exported
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert props["speckv.format_version"] == str(FORMAT_VERSION)
     assert props["speckv.version"] == speckv.__version__
@@ -191,6 +269,8 @@ def test_metadata(exported):
     assert props["speckv.objective"] == "tokens_per_s"
     assert props["speckv.data_fingerprint"] == "sha256:test"
     assert json.loads(props["speckv.pre_feature_names"]) == list(PRE_FEATURE_NAMES)
+    assert json.loads(props["speckv.lookup_feature_names"]) == list(LOOKUP_FEATURE_NAMES)
+    assert props["speckv.lookup_max_tokens"] == str(LOOKUP_MAX_TOKENS)
     assert props["speckv.inputs"] == "features"
     assert props["speckv.max_skip_run"] == str(MAX_SKIP_RUN)
 
@@ -202,7 +282,7 @@ def _consumers(model, name: str) -> list[str]:
 def test_graph_is_valid_and_float32(exported):
     """What a runtime relies on. The exact op list is not pinned: it is the exporter's
     (torch.onnx, onnxscript, onnx), and an upgrade of any of them may reorder or swap ops."""
-    _, out, report, _ = exported
+    _, out, report, _, _ = exported
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain: o.version for o in model.opset_import}[""] >= 17
@@ -211,14 +291,18 @@ def test_graph_is_valid_and_float32(exported):
     # scaling folded: the raw features go straight into the first layer of each network
     assert _consumers(model, "features") == ["Gemm"]
     assert _consumers(model, "pre_features") == ["Gemm"]
+    # and the lookup vector also to the slice that reads its length
+    assert sorted(_consumers(model, "lookup_features")) == ["Gemm", "Slice"]
     assert report["rewrites"]["scaling"] == {"features": "folded into the first Gemm",
-                                             "pre_features": "folded into the first Gemm"}
+                                             "pre_features": "folded into the first Gemm",
+                                             "lookup_features": "folded into the first Gemm"}
     # the simplification left nothing it would rewrite (whatever the exporter emitted)
     again = onnx.ModelProto()
     again.CopyFrom(model)
     assert export_mod.drop_identity_ops(again) == []
     assert export_mod.fold_scaling(again).startswith("not applied")
     assert export_mod.fold_scaling(again, "pre_features").startswith("not applied")
+    assert export_mod.fold_scaling(again, "lookup_features").startswith("not applied")
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
     types = {v.type.tensor_type.elem_type
              for v in (*inferred.input, *inferred.output, *inferred.value_info)}
@@ -227,10 +311,12 @@ def test_graph_is_valid_and_float32(exported):
     for value in (*model.graph.input, *model.graph.output):
         assert value.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     assert [v.name for v in model.graph.input] == ["features", "pre_features", "costs",
-                                                   "plain_cost"]
+                                                   "plain_cost", "lookup_features",
+                                                   "lookup_cost"]
     assert [v.name for v in model.graph.output] == ["speculate", "gamma", "expected_tokens",
                                                     "survival", "pre_expected_tokens",
-                                                    "pre_survival"]
+                                                    "pre_survival", "lookup",
+                                                    "lookup_expected_tokens", "lookup_survival"]
 
 
 def test_gamma_is_picked_in_the_graph(exported):
@@ -238,7 +324,7 @@ def test_gamma_is_picked_in_the_graph(exported):
     of its own expected tokens per unit cost, whatever costs come in."""
     import onnxruntime as ort
 
-    _, out, _, _ = exported
+    _, out, _, _, _ = exported
     model = onnx.load(out)
     gamma_out = next(v for v in model.graph.output if v.name == "gamma")
     assert gamma_out.type.tensor_type.elem_type == onnx.TensorProto.INT64
@@ -247,8 +333,10 @@ def test_gamma_is_picked_in_the_graph(exported):
     pre, plain = pre_rows(11, 200)
     chosen = []
     for cost in (costs, costs[:, ::-1].copy(), np.ones_like(costs)):
+        look, look_cost = lookup_rows(11, pre, plain)
         gamma, expected = session.run(["gamma", "expected_tokens"], {
-            "features": features, "costs": cost, "pre_features": pre, "plain_cost": plain})
+            "features": features, "costs": cost, "pre_features": pre, "plain_cost": plain,
+            "lookup_features": look, "lookup_cost": look_cost})
         assert set(gamma.tolist()) <= set(GAMMAS)
         # the graph may divide differently (a reciprocal, another order): compare on the rows
         # that float32 rounding cannot tip
@@ -261,7 +349,7 @@ def test_gamma_is_picked_in_the_graph(exported):
 
 
 def test_exported_file_has_ordinary_permissions(exported):
-    _, out, _, _ = exported
+    _, out, _, _, _ = exported
     plain = out.parent / "plain"
     plain.write_bytes(b"")
     assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
@@ -304,14 +392,15 @@ def test_relu_networks_export_lean_and_match_torch_and_numpy(tmp_path):
     torch.manual_seed(7)
     mlp = SurvivalMLP(N, GAMMA_MAX, hidden=(16, 16), activation="relu")
     pre_mlp = SurvivalMLP(M, GAMMA_MAX, hidden=(16, 16), activation="relu")
+    lookup_mlp = SurvivalMLP(K, LOOKUP_MAX_TOKENS, hidden=(16, 16), activation="relu")
     with torch.no_grad():
         mlp.net[-1].bias.add_(1.5)
-    meta = {**small_meta(64), "pre_mlp": pre_mlp}
+    meta = {**small_meta(64), "pre_mlp": pre_mlp, "lookup_mlp": lookup_mlp}
     out = tmp_path / "relu.onnx"
     report = export_controller(mlp, meta, out, latency_calls=0)
     assert report["parity"]["max_abs_diff_expected_tokens"] < 1e-4
     ops = [n.op_type for n in onnx.load(out).graph.node]
-    assert ops.count("Relu") == 4 and "Gelu" not in ops and "CumSum" not in ops
+    assert ops.count("Relu") == 6 and "Gelu" not in ops and "CumSum" not in ops
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
@@ -338,14 +427,14 @@ def test_a_checkpoint_without_an_activation_loads_as_gelu():
 
 def test_synthetic_parity_rows_without_checkpoint_rows(tmp_path):
     meta = {"feature_names": list(FEATURE_NAMES), "gammas": list(GAMMAS),
-            "pre_mlp": small_pre_mlp(5)}
+            "pre_mlp": small_pre_mlp(5), "lookup_mlp": small_lookup_mlp(5)}
     report = export_controller(small_mlp(seed=5), meta, tmp_path / "c.onnx", latency_calls=0)
     assert report["parity"]["source"] == "synthetic"
     assert report["metadata"]["speckv.data_fingerprint"] == "unknown"
 
 
 def test_numpy_reference_reads_the_exported_graph(exported):
-    mlp, out, _, _ = exported
+    mlp, out, _, _, _ = exported
     features, costs = rows(9, 50)
     ref = NumpyController.load(out).predict(features, costs)
     gamma, expected, _ = torch_outputs(mlp, features, costs)
@@ -360,6 +449,8 @@ def test_numpy_reference_reads_the_exported_graph(exported):
     ({"parity_costs": np.ones((3, G), np.float32)}, "parity rows have shapes"),
     ({"pre_feature_names": list(PRE_FEATURE_NAMES[:-1])}, "7 pre-draft feature names"),
     ({"pre_mlp": None}, r"no pre-draft network.*speckv.train fit.*speckv export"),
+    ({"lookup_mlp": None}, r"no lookup network.*speckv.train fit.*speckv export"),
+    ({"lookup_feature_names": list(LOOKUP_FEATURE_NAMES[1:])}, "lookup features"),
 ])
 def test_inconsistent_metadata_is_refused(tmp_path, change, pattern):
     meta = {**small_meta(16), **change}
@@ -417,7 +508,7 @@ class _Float32Drift(torch.nn.Module):
 def test_parity_is_judged_against_float64_not_pytorchs_float32(tmp_path):
     mlp, meta = small_mlp(), small_meta(64)
     info = export_mod.controller_info(mlp, meta)
-    graph = export_mod.torch_graph(mlp, info, meta["pre_mlp"])
+    graph = export_mod.torch_graph(mlp, info, meta["pre_mlp"], meta["lookup_mlp"])
     path = tmp_path / "c.onnx"
     model = export_mod.to_onnx(graph, info)
     export_mod.annotate(model, info)
@@ -448,16 +539,21 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------ CLI
 def _checkpoint(path: Path, mlp: SurvivalMLP, meta: dict) -> Path:
     """A file shaped like a Lightning checkpoint of speckv.train.module.SpeckvModule
-    (without a pre-draft network when ``meta["pre_mlp"]`` is None: one written before it)."""
+    (without a pre-draft or lookup network when ``meta`` has None or none: one written before
+    it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta)
     pre_mlp = meta.pop("pre_mlp")
+    lookup_mlp = meta.pop("lookup_mlp", None)
     state = {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
     config = {"gamma_max": GAMMA_MAX, "hidden": [16, 16], "dropout": 0.1}
     meta["mlp_config"] = {"n_features": N, **config}
     if pre_mlp is not None:
         state |= {f"pre_mlp.{k}": v for k, v in pre_mlp.state_dict().items()}
         meta["pre_mlp_config"] = {"n_features": M, **config}
+    if lookup_mlp is not None:
+        state |= {f"lookup_mlp.{k}": v for k, v in lookup_mlp.state_dict().items()}
+        meta["lookup_mlp_config"] = {**config, "n_features": K, "gamma_max": LOOKUP_MAX_TOKENS}
     torch.save({"state_dict": state, "speckv": meta}, path)
     return path
 
@@ -500,7 +596,8 @@ def test_cli_on_a_directory_and_text_summary(tmp_path, capsys):
     assert main(["export", "--ckpt", str(tmp_path / "run"), "--out",
                  str(tmp_path / "c.onnx")]) == 0
     out = capsys.readouterr().out
-    assert f"from      {ckpt}" in out and "γ identical" in out and "latency" in out
+    assert f"from      {ckpt}" in out and "latency" in out
+    assert "γ, speculate and lookup identical" in out
 
 
 @pytest.mark.parametrize("content, pattern", [

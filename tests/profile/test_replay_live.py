@@ -26,6 +26,7 @@ from speckv.policies import (
     Heuristic,
     JoinLookup,
     Learned,
+    LearnedLookup,
     LookupContext,
     LookupRule,
     PreContext,
@@ -188,8 +189,10 @@ def _replay_steps(rows, policy, reads_target=False):
         speculate = getattr(policy, "speculate", None)
         pre = pre_from_step_features(feats[p], feats[p - unsettled], unsettled)[0]
         a, length, match, occurrences, agreeing = lookup[p]
+        trees = tree_step_costs(COSTS["cost_draft_s"], COSTS["cost_tree_draft_s"],
+                                COSTS["cost_tree_verify_s"], None, unsettled + 1)
         pre_ctx = PreContext(pre, "fp16", p, min(8, left), costs, float(verify[0]),
-                             unsettled + 1, skipped)
+                             unsettled + 1, skipped, tree_costs=trees)
         if hasattr(policy, "lookup") and length and policy.lookup(LookupContext(
                 pre_ctx, length, match, occurrences, agreeing, float(verify[length]))):
             assert length <= min(8, left) and a <= min(length, n - p)
@@ -197,8 +200,7 @@ def _replay_steps(rows, policy, reads_target=False):
             made = min(a + 1, n - p)
             p, unsettled, skipped = p + made, unsettled + made, skipped + 1
             continue
-        if speculate is not None and not speculate(PreContext(
-                pre, "fp16", p, min(8, left), costs, float(verify[0]), unsettled + 1, skipped)):
+        if speculate is not None and not speculate(pre_ctx):
             out.append((p, 0, 0))
             p, unsettled, skipped = p + 1, unsettled + 1, skipped + 1
             continue
@@ -256,6 +258,7 @@ POLICIES = {
     "lookup:1+skip-pattern": lambda: LookupRule(1, SkipPattern()),
     "join:1+tree:4": lambda: from_spec("join:1+tree:4"),
     "join:2+lookup:3+mixed": lambda: JoinLookup(2, LookupRule(3, Mixed())),
+    "lookup:auto+learned-onnx": lambda: LearnedLookup(_controller_policy()),
 }
 
 
@@ -323,6 +326,29 @@ def test_the_skipping_policies_skip_and_probe(request, kind):
             drafted += sum(1 for s in steps if s["drafted"])
         assert plain > 0, name
         assert drafted > 0 or name == "best_static:plain", name
+
+
+@pytest.mark.parametrize("kind", list(PAIRS))
+def test_the_learned_source_choice_takes_the_lookup_and_the_draft(request, kind):
+    """The lookup:auto case above means something only if the controller chooses both
+    sources on these prompts, and declines the lookup somewhere it proposes."""
+    draft, target = request.getfixturevalue(PAIRS[kind])
+    sources, declined = [], 0
+    for prompt in PROMPTS:
+        policy = Recording(POLICIES["lookup:auto+learned-onnx"]())
+        asked: list[bool] = []
+
+        def lookup(ctx, inner=policy.lookup, asked=asked) -> bool:
+            asked.append(inner(ctx))
+            return asked[-1]
+
+        policy.lookup = lookup
+        steps = SpeculativeDecoder(draft, target, policy, _cost_model(),
+                                   eos_token_ids=[2]).generate(prompt, 30).steps
+        sources += [s["source"] for s in steps]
+        declined += asked.count(False)
+    assert "lookup" in sources and "draft" in sources
+    assert declined > 0
 
 
 def test_the_feature_draft_accepts_chains_of_its_own_states(tiny_feature_pair):

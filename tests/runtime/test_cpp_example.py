@@ -1,4 +1,5 @@
-"""The C++ example (examples/cpp/choose_gamma.cpp) decides as the Python ``Controller`` does.
+"""The C++ example (examples/cpp/choose_gamma.cpp) decides as the Python ``Controller`` does:
+the lookup decision, speculate-or-not and the option.
 
 It is compiled with ``examples/cpp/build.sh`` against an ONNX Runtime SDK: ``$ONNXRUNTIME_ROOT``,
 or the one ``examples/cpp/build.sh --fetch`` assembled in speckv's cache. Skipped without a C++
@@ -16,15 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from guide import cpp_example
+from guide import cpp_example, text
 from locations import ROOT
 
 from speckv.paths import cache_dir
 from speckv.records import feature_matrix, read_records
 from speckv.runtime import Controller, drafting_costs, onnx_proto
-from speckv.runtime.contract import KEY_FORMAT_VERSION, PRE_OUTPUTS, STEP_OUTPUTS
+from speckv.runtime.contract import (
+    KEY_FORMAT_VERSION,
+    LOOKUP_OUTPUTS,
+    PRE_OUTPUTS,
+    STEP_OUTPUTS,
+    UNAVAILABLE_COST,
+)
 from speckv.runtime.costs import tree_step_costs
-from speckv.runtime.features import pre_from_step_features
+from speckv.runtime.features import lookup_features, pre_from_step_features
 from speckv.runtime.proposal import TREES
 
 pytestmark = pytest.mark.slow
@@ -64,14 +71,18 @@ def _run(binary: Path, *models: Path, lines: list[str]) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def decisions() -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Input lines for 40 decisions and Python's answers: (lines, speculate, gamma).
+def decisions() -> tuple[list[str], list[dict]]:
+    """Input lines for 180 steps and Python's answers to them, as the program prints them.
 
-    20 rows of the bundled records (features, pre-draft vectors at 0..5 unsettled tokens,
-    their measured costs), then the same rows with costs that favour long drafts.
+    60 rows of the bundled records (features, pre-draft vectors at 0..5 unsettled tokens,
+    their measured costs, the context lookup's proposal where it made one, priced as one
+    target forward over it and the last token), then the same rows with costs that favour
+    long drafts, then with no draft model (every option UNAVAILABLE_COST: the lookup against
+    plain steps alone). A row whose lookup proposed nothing is a line without the lookup's
+    numbers, and its answer has no "lookup".
     """
     df = read_records(RECORDS)
-    rows = df.iloc[np.sort(np.random.default_rng(0).choice(len(df), 20, replace=False))]
+    rows = df.iloc[np.sort(np.random.default_rng(0).choice(len(df), 60, replace=False))]
     features = feature_matrix(rows)
     unsettled = np.arange(len(rows)) % 6
     pre = pre_from_step_features(features, features, unsettled)
@@ -89,62 +100,128 @@ def decisions() -> tuple[list[str], np.ndarray, np.ndarray]:
     controller = Controller.load(CONTROLLER)
     costs = costs[:, : controller.n_options]  # a file without trees chooses among chains
     plain = verify[:, 0].astype(np.float32)
+    length = rows["lookup_length"].to_numpy()
+    lookup = lookup_features(pre, length, rows["lookup_match"].to_numpy(),
+                             rows["lookup_occurrences"].to_numpy(),
+                             rows["lookup_agreeing"].to_numpy())
+    lookup_cost = verify[np.arange(len(rows)), length].astype(np.float32)
     flat = np.broadcast_to(np.linspace(1.0, 1.35, costs.shape[1], dtype=np.float32), costs.shape)
-    features, pre = np.concatenate([features] * 2), np.concatenate([pre] * 2)
-    costs, plain = np.concatenate([costs, flat]), np.concatenate([plain, np.ones_like(plain)])
+    unavailable = np.full_like(costs, UNAVAILABLE_COST)
+    features, pre, lookup, length = (np.concatenate([x] * 3)
+                                     for x in (features, pre, lookup, length))
+    costs = np.concatenate([costs, flat, unavailable])
+    plain = np.concatenate([plain, np.ones_like(plain), plain])
+    lookup_cost = np.concatenate([lookup_cost, 1 + 0.04 * length[: len(rows)], lookup_cost])
 
     speculate = controller.speculate_batch(pre, costs, plain)
     gamma = controller.choose_batch(features, costs)
-    # a comparison worth making: both answers to "speculate?" and several γs
-    assert set(speculate) == {False, True} and len(set(gamma)) >= 3, (speculate, gamma)
-    lines = [" ".join(f"{x:.9g}" for x in (*f, *p, *c, q))  # 9 digits: float32 exactly
-             for f, p, c, q in zip(features, pre, costs, plain, strict=True)]
-    return lines, speculate, gamma
+    answers, lines = [], []
+    for i in range(len(features)):
+        said = {"speculate": bool(speculate[i]), "gamma": int(gamma[i])}
+        numbers = [*features[i], *pre[i], *costs[i], plain[i]]
+        if length[i]:  # the lookup proposed: its signals and cost, and its decision
+            said = {"lookup": controller.use_lookup(lookup[i], float(lookup_cost[i]), pre[i],
+                                                    costs[i], float(plain[i])), **said}
+            numbers += [*lookup[i, :4], lookup_cost[i]]
+        answers.append(said)
+        lines.append(" ".join(f"{x:.9g}" for x in numbers))  # 9 digits: float32 exactly
+    # a comparison worth making: both answers to each yes-or-no question and several γs
+    for key in ("lookup", "speculate"):
+        assert {a[key] for a in answers if key in a} == {False, True}, (key, answers)
+    assert len({a["gamma"] for a in answers}) >= 3, answers
+    return lines, answers
 
 
-def _check(result: subprocess.CompletedProcess, speculate: np.ndarray, gamma: np.ndarray) -> None:
+def _check(result: subprocess.CompletedProcess, answers: list[dict]) -> None:
     assert result.returncode == 0, result.stderr
-    got = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [g["speculate"] for g in got] == speculate.tolist()
-    assert [g["gamma"] for g in got] == gamma.tolist()
+    assert [json.loads(line) for line in result.stdout.splitlines()] == answers
 
 
-def test_the_guide_s_example_line_gives_the_guide_s_answer(choose_gamma):
-    """docs/EMBEDDING.md, section 7, as written there."""
-    numbers, said = cpp_example()
-    result = _run(choose_gamma, CONTROLLER, lines=[" ".join(f"{x:g}" for x in numbers)])
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == said
+def _guide_examples() -> list[tuple[list[float], dict]]:
+    """Every `echo "..." | choose_gamma` of docs/EMBEDDING.md and the answer shown below it
+    (``guide.cpp_example`` reads the first)."""
+    pattern = r'echo "([^"]+)"[^\n]*\n[^\n]*choose_gamma[^\n]*\n(\{[^\n]*\})'
+    found = [([float(x) for x in m.group(1).replace("\\", " ").split()], json.loads(m.group(2)))
+             for m in re.finditer(pattern, text())]
+    assert found and found[0] == cpp_example()
+    return found
+
+
+def test_the_guide_s_example_lines_give_the_guide_s_answers(choose_gamma):
+    """docs/EMBEDDING.md, section 7, as written there: the program says what the guide says,
+    and so does the Python runtime (a line with the lookup's 5 numbers asks it too)."""
+    examples = _guide_examples()
+    assert any("lookup" in said for _, said in examples), "the guide shows no lookup decision"
+    controller = Controller.load(CONTROLLER)
+    g = controller.n_options
+    for numbers, said in examples:
+        result = _run(choose_gamma, CONTROLLER, lines=[" ".join(f"{x:g}" for x in numbers)])
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == said
+        features, pre, costs, plain = (numbers[:10], numbers[10:18], numbers[18:18 + g],
+                                       numbers[18 + g])
+        python = {"speculate": controller.speculate(pre, costs, plain),
+                  "gamma": controller.choose(features, costs)}
+        if len(numbers) > 19 + g:
+            *signals, lookup_cost = numbers[19 + g:]
+            python["lookup"] = controller.use_lookup([*signals, *pre], lookup_cost, pre, costs,
+                                                     plain)
+        assert python == said, f"docs/EMBEDDING.md, section 7: write {json.dumps(python)}"
 
 
 def test_cpp_decides_as_python(choose_gamma, decisions):
-    lines, speculate, gamma = decisions
+    lines, answers = decisions
     result = _run(choose_gamma, CONTROLLER, lines=lines)
-    _check(result, speculate, gamma)
-    assert "speckv controller format 3" in result.stderr
+    _check(result, answers)
+    assert "speckv controller format 4" in result.stderr
 
 
-def test_cpp_with_the_two_extracted_files(choose_gamma, decisions, tmp_path):
+def _extract(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The three decisions as the Python runtime extracts them: lookup, pre-draft, step."""
     data = CONTROLLER.read_bytes()
-    pre, step = tmp_path / "speckv.pre.onnx", tmp_path / "speckv.step.onnx"
-    pre.write_bytes(onnx_proto.extract(data, list(PRE_OUTPUTS)))
-    step.write_bytes(onnx_proto.extract(data, list(STEP_OUTPUTS)))
-    lines, speculate, gamma = decisions
-    _check(_run(choose_gamma, pre, step, lines=lines), speculate, gamma)
+    files = []
+    for name, outputs in (("lookup", LOOKUP_OUTPUTS), ("pre", PRE_OUTPUTS),
+                          ("step", STEP_OUTPUTS)):
+        files.append(tmp_path / f"speckv.{name}.onnx")
+        files[-1].write_bytes(onnx_proto.extract(data, list(outputs)))
+    return tuple(files)
+
+
+def test_cpp_with_the_three_extracted_files(choose_gamma, decisions, tmp_path):
+    lines, answers = decisions
+    _check(_run(choose_gamma, *_extract(tmp_path), lines=lines), answers)
+    # a decoder without a context lookup needs only the other two
+    plain = [i for i, a in enumerate(answers) if "lookup" not in a]
+    _check(_run(choose_gamma, *_extract(tmp_path)[1:], lines=[lines[i] for i in plain]),
+           [answers[i] for i in plain])
 
 
 def test_cpp_refuses_another_format_and_bad_inputs(choose_gamma, decisions, tmp_path):
-    old = tmp_path / "format1.onnx"
-    old.write_bytes(onnx_proto.replace_metadata(CONTROLLER.read_bytes(),
-                                                {KEY_FORMAT_VERSION: "1"}))
-    lines = decisions[0]
-    result = _run(choose_gamma, old, lines=lines[:1])
-    assert result.returncode == 1 and result.stdout == ""
-    assert "uses controller format 1; this program reads format 3: retrain" in result.stderr
+    lines, answers = decisions
+    for version, todo in (("3", "retrain and re-export it (`python -m speckv.train fit`, then "
+                                "`python -m speckv export`)"),
+                          ("5", "update this program to the new format")):
+        other = tmp_path / f"format{version}.onnx"
+        other.write_bytes(onnx_proto.replace_metadata(CONTROLLER.read_bytes(),
+                                                      {KEY_FORMAT_VERSION: version}))
+        result = _run(choose_gamma, other, lines=lines[:1])
+        assert result.returncode == 1 and result.stdout == ""
+        assert (f"uses controller format {version}; this program reads format 4: {todo}"
+                in result.stderr)
 
-    numbers = lines[0].split()
-    numbers[-1] = "0"  # a plain step that costs nothing
-    result = _run(choose_gamma, CONTROLLER, lines=[" ".join(numbers)])
-    assert result.returncode == 1 and "plain cost must be > 0" in result.stderr
-    result = _run(choose_gamma, CONTROLLER, lines=[" ".join(numbers[:-1])])
-    assert result.returncode == 1 and "numbers (10 features" in result.stderr
+    def refused(numbers: list[str], *models: Path) -> str:
+        result = _run(choose_gamma, *(models or (CONTROLLER,)), lines=[" ".join(numbers)])
+        assert result.returncode == 1 and result.stdout == "", result.stderr
+        return result.stderr
+
+    numbers = lines[next(i for i, a in enumerate(answers) if "lookup" not in a)].split()
+    assert "plain cost must be > 0" in refused([*numbers[:-1], "0"])  # a free plain step
+    assert "numbers (10 features" in refused(numbers[:-1])
+    proposing = lines[next(i for i, a in enumerate(answers) if "lookup" in a)].split()
+    signals = len(proposing) - 5
+    assert "the lookup cost must be > 0" in refused([*proposing[:-1], "0"])
+    for length in ("0", "9", "2.5"):
+        assert "lookup's length must be a whole number of tokens, 1 to 8" in refused(
+            [*proposing[:signals], length, *proposing[signals + 1:]])
+    assert "no lookup output: pass the extracted lookup decision too" in refused(
+        proposing, *_extract(tmp_path)[1:])

@@ -26,7 +26,12 @@ from locations import ROOT
 
 from speckv.records import feature_matrix
 from speckv.runtime import Controller, History, RowStats, StepCosts, drafting_costs
-from speckv.runtime.features import pre_features, pre_from_step_features, step_features
+from speckv.runtime.features import (
+    lookup_features,
+    pre_features,
+    pre_from_step_features,
+    step_features,
+)
 
 ONNX = ROOT / "export" / "speckv.onnx"
 RECORDS = ROOT / "datamodules" / "smollm2-demo" / "smollm2-demo.parquet"
@@ -38,6 +43,9 @@ STEP_NAMES = ["draft_entropy", "draft_top1", "draft_margin", "target_top1_prev",
               "compression_nf4"]
 PRE_NAMES = ["target_top1_prev", "agree_ema", "agree_run", "unsettled", "log_position",
              "compression_fp16", "compression_int8", "compression_nf4"]
+#: the lookup vector's table: the proposal's four signals, then the pre-draft vector
+LOOKUP_NAMES = ["lookup_length", "lookup_match", "lookup_log_occurrences", "lookup_agreeing",
+                *PRE_NAMES]
 LEVELS = ["fp16", "int8", "nf4"]
 CAP = 16  # "capped at 16, divided by 16"
 
@@ -58,6 +66,14 @@ def statistics(logits: np.ndarray) -> tuple[float, float, float]:
     x2 = max(np.max(x[:best], initial=-np.inf), np.max(x[best + 1 :], initial=-np.inf))
     return (math.log(total) - float((e * z).sum()) / total, 1.0 / total,
             (1.0 - math.exp(x2 - m)) / total)
+
+
+def lookup_vector(length: int, match: int, occurrences: int, agreeing: int,
+                  pre: list[float]) -> list[float]:
+    """Section 4's lookup vector: log1p in float32 as for the position, the share of agreeing
+    occurrences, then the pre-draft vector."""
+    return [float(length), float(match), float(np.log1p(np.float32(occurrences))),
+            agreeing / max(occurrences, 1), *pre]
 
 
 def onehot(compression: str) -> list[float]:
@@ -116,18 +132,20 @@ class Client:
         sidecar = json.loads(path.with_suffix(".json").read_text())
         assert sidecar["sha256"] == hashlib.sha256(data).hexdigest()
         meta = sidecar["metadata_props"]
-        assert meta["speckv.format_version"] == "3" and meta["speckv.inputs"] == "features"
+        assert meta["speckv.format_version"] == "4" and meta["speckv.inputs"] == "features"
         # section 3: the options are the 8 chains, then the file's trees; this client runs
         # chains only, and prices the trees 1e30, so they are never chosen
         self.trees = json.loads(meta["speckv.trees"])
         assert json.loads(meta["speckv.feature_names"]) == STEP_NAMES
         assert json.loads(meta["speckv.pre_feature_names"]) == PRE_NAMES
+        assert json.loads(meta["speckv.lookup_feature_names"]) == LOOKUP_NAMES
+        self.lookup_max = int(meta["speckv.lookup_max_tokens"])
         assert json.loads(meta["speckv.gammas"]) == list(range(1, 9))
         self.max_skip_run = int(meta["speckv.max_skip_run"])
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         assert [i.name for i in self.session.get_inputs()] == [
-            "features", "pre_features", "costs", "plain_cost"]
-        assert {"speculate", "gamma"} <= {o.name for o in self.session.get_outputs()}
+            "features", "pre_features", "costs", "plain_cost", "lookup_features", "lookup_cost"]
+        assert {"lookup", "speculate", "gamma"} <= {o.name for o in self.session.get_outputs()}
 
     @staticmethod
     def step_vector(stats: tuple[float, float, float], h: GuideHistory,
@@ -149,12 +167,21 @@ class Client:
         return np.concatenate([chains, np.full((len(chains), len(self.trees)), 1e30,
                                                np.float32)], 1)
 
-    def decide(self, features, pre, costs, plain) -> dict[str, np.ndarray]:
-        """Every output for a batch, after checking section 3's two rules on them."""
+    def decide(self, features, pre, costs, plain, lookup=None, lookup_cost=None
+               ) -> dict[str, np.ndarray]:
+        """Every output for a batch, after checking section 3's rules on them. Without a
+        lookup proposal, placeholders fill its inputs (section 3) and ``lookup`` means
+        nothing."""
+        pre = np.asarray(pre, np.float32).reshape(-1, 8)
+        if lookup is None:
+            lookup = np.concatenate([np.ones((len(pre), 2)), np.zeros((len(pre), 2)), pre], 1)
+            lookup_cost = np.ones(len(pre))
         feeds = {"features": np.asarray(features, np.float32).reshape(-1, 10),
-                 "pre_features": np.asarray(pre, np.float32).reshape(-1, 8),
+                 "pre_features": pre,
                  "costs": self.options(costs),
-                 "plain_cost": np.asarray(plain, np.float32).reshape(-1, 1)}
+                 "plain_cost": np.asarray(plain, np.float32).reshape(-1, 1),
+                 "lookup_features": np.asarray(lookup, np.float32).reshape(-1, 12),
+                 "lookup_cost": np.asarray(lookup_cost, np.float32).reshape(-1, 1)}
         names = [o.name for o in self.session.get_outputs()]
         out = dict(zip(names, self.session.run(names, feeds), strict=True))
         # speculate: some γ beats a plain step, a tie going to the plain step
@@ -163,6 +190,16 @@ class Client:
         # gamma: the most expected tokens per unit cost, of equal ratios the smaller γ
         ratio = out["expected_tokens"] / feeds["costs"]
         np.testing.assert_array_equal(out["gamma"], ratio.argmax(-1) + 1)
+        # lookup: its tokens per cost beat a plain step's and every option's before drafting
+        n = feeds["lookup_features"][:, 0].astype(int)
+        within = np.arange(1, self.lookup_max + 1)[None] <= n[:, None]
+        np.testing.assert_allclose(out["lookup_expected_tokens"][:, 0],
+                                   1 + (out["lookup_survival"] * within).sum(1), rtol=1e-5)
+        other = np.maximum((out["pre_expected_tokens"] / feeds["costs"]).max(-1),
+                           1 / feeds["plain_cost"][:, 0])
+        rate = out["lookup_expected_tokens"][:, 0] / feeds["lookup_cost"][:, 0]
+        clear = np.abs(rate / other - 1) > 1e-5  # float32 cannot tip these
+        np.testing.assert_array_equal(out["lookup"][clear], (rate > other)[clear])
         return out
 
 
@@ -191,12 +228,14 @@ def sequences():
 
 
 def test_the_client_decides_as_the_runtime_on_bundled_rows(client, controller, sequences):
-    """Both decisions on 3,000-odd real rows, each with a pre-draft vector 0..24 tokens
+    """The three decisions on 3,000-odd real rows, each with a pre-draft vector 0..24 tokens
     behind and the catch-up that goes with it (the records measure 18 sizes: past them the
     costs are extrapolated), the row's measured costs."""
     rng = np.random.default_rng(0)
-    mine: dict[str, list] = {"features": [], "pre": [], "costs": [], "plain": []}
-    theirs: dict[str, list] = {"features": [], "pre": [], "costs": [], "plain": []}
+    mine: dict[str, list] = {"features": [], "pre": [], "costs": [], "plain": [],
+                             "lookup": [], "lookup_cost": []}
+    theirs: dict[str, list] = {"features": [], "pre": [], "costs": [], "plain": [],
+                               "lookup": [], "lookup_cost": []}
     for seq in sequences:
         p = seq["position"].to_numpy()
         assert (p == np.arange(len(seq))).all()  # a trace has a row at every position
@@ -214,6 +253,10 @@ def test_the_client_decides_as_the_runtime_on_bundled_rows(client, controller, s
             mine["costs"].append(step_costs(float(row.cost_draft_s), verify,
                                             [float(v) for v in row.cost_catchup_s], back + 1))
             mine["plain"].append(verify[0])
+            n = max(int(row.lookup_length), 1)  # a placeholder of 1 where nothing is proposed
+            mine["lookup"].append(lookup_vector(n, row.lookup_match, row.lookup_occurrences,
+                                                row.lookup_agreeing, mine["pre"][-1]))
+            mine["lookup_cost"].append(verify[n])
         # speckv's way, as replay and training build them
         x = feature_matrix(seq)
         theirs["features"].append(x)
@@ -223,19 +266,31 @@ def test_the_client_decides_as_the_runtime_on_bundled_rows(client, controller, s
             np.stack(seq["cost_verify_s"].to_numpy()).astype(np.float64),
             np.stack(seq["cost_catchup_s"].to_numpy()).astype(np.float64), u + 1))
         theirs["plain"].append(np.stack(seq["cost_verify_s"].to_numpy())[:, 0])
+        n = np.maximum(seq["lookup_length"].to_numpy(np.int64), 1)
+        theirs["lookup"].append(lookup_features(
+            theirs["pre"][-1], n, seq["lookup_match"].to_numpy(np.int64),
+            seq["lookup_occurrences"].to_numpy(np.int64),
+            seq["lookup_agreeing"].to_numpy(np.int64)))
+        verify_all = np.stack(seq["cost_verify_s"].to_numpy())
+        theirs["lookup_cost"].append(verify_all[np.arange(len(seq)), n])
     mine = {k: np.asarray(v, np.float32) for k, v in mine.items()}
     theirs = {k: np.concatenate(v).astype(np.float32) for k, v in theirs.items()}
     assert len(mine["features"]) > 2500 and mine["pre"][:, 3].max() == 1.0
     for key in mine:
         np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
-    out = client.decide(mine["features"], mine["pre"], mine["costs"], mine["plain"])
+    out = client.decide(mine["features"], mine["pre"], mine["costs"], mine["plain"],
+                        mine["lookup"], mine["lookup_cost"])
     costs = client.options(theirs["costs"])  # the runtime prices the trees alike
     speculate = controller.speculate_batch(theirs["pre"], costs, theirs["plain"])
     gamma = controller.choose_batch(theirs["features"], costs)
+    lookup = controller.predict_lookup(theirs["lookup"], theirs["lookup_cost"], theirs["pre"],
+                                       costs, theirs["plain"]).lookup
     np.testing.assert_array_equal(out["speculate"].astype(bool), speculate)
     np.testing.assert_array_equal(out["gamma"], gamma)
+    np.testing.assert_array_equal(out["lookup"].astype(bool), lookup)
     # a comparison worth making: both answers, and most γs
     assert 0 < speculate.mean() < 1 and len(set(gamma.tolist())) >= 4
+    assert 0.05 < lookup.mean() < 0.95
 
 
 def test_a_correctly_rounded_log_position_changes_no_decision_here(client, sequences):

@@ -36,6 +36,8 @@ from speckv.runtime.contract import (
     KEY_INPUTS,
     KEY_MAX_SKIP_RUN,
     KEY_PRE_FEATURE_NAMES,
+    LOOKUP_INPUTS,
+    LOOKUP_OUTPUTS,
     OUTPUT_NAMES,
     PRE_OUTPUTS,
     STEP_OUTPUTS,
@@ -47,6 +49,7 @@ from speckv.runtime.features import (
     MAX_SKIP_RUN,
     PRE_FEATURE_NAMES,
     History,
+    lookup_features,
     pre_features,
     step_features,
 )
@@ -55,7 +58,7 @@ from speckv.runtime.proposal import TREES
 ONNX = FIXTURES / "controller_tiny.onnx"
 EXPECTED = FIXTURES / "controller_tiny_expected.npz"
 N, M, G = len(FEATURE_NAMES), len(PRE_FEATURE_NAMES), len(GAMMAS)
-#: the controller's options: the chains, then speckv's trees (controller format 3)
+#: the controller's options: the chains, then speckv's trees (controller format 4)
 C = G + len(TREES)
 
 
@@ -132,6 +135,70 @@ def test_the_pre_draft_decision_matches_the_pytorch_golden_outputs(controller, g
     np.testing.assert_array_equal(pre.speculate, best * golden["plain_cost"][:, 0] > 1)
 
 
+def _lookup_args(golden) -> tuple[np.ndarray, ...]:
+    return (golden["lookup_features"], golden["lookup_cost"], golden["pre_features"],
+            golden["costs"], golden["plain_cost"])
+
+
+def test_the_lookup_decision_matches_the_pytorch_golden_outputs(controller, golden):
+    args = _lookup_args(golden)
+    got = controller.predict_lookup(*args)
+    np.testing.assert_array_equal(got.lookup, golden["lookup"].astype(bool))
+    np.testing.assert_allclose(got.expected_tokens, golden["lookup_expected_tokens"], atol=1e-5)
+    np.testing.assert_allclose(got.survival, golden["lookup_survival"], atol=1e-6)
+    assert 0 < got.lookup.mean() < 1  # the fixture takes the lookup on some rows only
+    single = [controller.use_lookup(a, float(b[0]), d, e, float(f[0]))
+              for a, b, d, e, f in zip(*args, strict=True)]
+    assert single == got.lookup.tolist() and all(type(x) is bool for x in single)
+    # the rule: the lookup's tokens per cost beat a plain step and every option before drafting
+    pre = controller.predict_pre(*args[2:])
+    other = np.maximum(np.max(pre.expected_tokens / golden["costs"], axis=1),
+                       1 / golden["plain_cost"][:, 0])
+    np.testing.assert_array_equal(
+        got.lookup, got.expected_tokens[:, 0] / golden["lookup_cost"][:, 0] > other)
+    # E = 1 + the curve up to the continuation's length (lookup_features[:, 0])
+    length = golden["lookup_features"][:, 0].astype(int)
+    within = np.arange(1, got.survival.shape[1] + 1)[None] <= length[:, None]
+    np.testing.assert_allclose(got.expected_tokens[:, 0],
+                               1 + (got.survival * within).sum(1), rtol=1e-5)
+    ref = NumpyController.load(ONNX).predict_lookup(*args)
+    np.testing.assert_array_equal(ref.lookup, got.lookup)
+    np.testing.assert_allclose(ref.expected_tokens, got.expected_tokens, atol=1e-5)
+
+
+def test_without_a_draft_the_lookup_is_weighed_against_plain_steps_alone(controller, golden):
+    """A decoder with no draft model prices every option out (UNAVAILABLE_COST)."""
+    from speckv.runtime.contract import UNAVAILABLE_COST
+
+    lf, lc, p, c, q = (a[0] for a in _lookup_args(golden))
+    none = np.full_like(c, UNAVAILABLE_COST)
+    e = float(controller.predict_lookup(lf, lc, p, none, q).expected_tokens[0, 0])
+    plain = float(q[0])
+    # the lookup wins exactly when its tokens per second beat a plain step's
+    assert controller.use_lookup(lf, 0.9 * e * plain, p, none, plain)
+    assert not controller.use_lookup(lf, 1.1 * e * plain, p, none, plain)
+
+
+def test_bad_lookup_inputs_are_refused(controller, golden):
+    lf, lc, p, c, q = (a[0] for a in _lookup_args(golden))
+    with pytest.raises(BadInputError, match="lookup"):
+        controller.use_lookup(lf, -1.0, p, c, float(q[0]))
+    bad = lf.copy()
+    bad[2] = np.nan
+    with pytest.raises(BadInputError, match="lookup_log_occurrences"):
+        controller.use_lookup(bad, float(lc[0]), p, c, float(q[0]))
+    with pytest.raises(BadInputError, match="lookup_features"):
+        controller.use_lookup(lf[:-1], float(lc[0]), p, c, float(q[0]))
+    for length in (0.0, 2.5, 9.0):  # no proposal, not whole, beyond lookup_max_tokens
+        bad = lf.copy()
+        bad[0] = length
+        with pytest.raises(BadInputError, match="lookup_length"):
+            controller.use_lookup(bad, float(lc[0]), p, c, float(q[0]))
+        with pytest.raises(BadInputError, match="lookup_length"):
+            NumpyController.load(ONNX).predict_lookup(bad, lc, p, c, q)
+    assert controller.use_lookup(lf, float(lc[0]), p, c, float(q[0])) == bool(golden["lookup"][0])
+
+
 def test_a_dear_plain_step_makes_it_speculate_and_a_cheap_one_not(controller, golden):
     p, c = golden["pre_features"][0], golden["costs"][0]
     assert controller.speculate(p, c, plain_cost=1e6)
@@ -144,11 +211,20 @@ def test_each_decision_runs_its_own_part_of_the_graph():
     assert [v.name for v in full.outputs] == list(OUTPUT_NAMES)
     pre = onnx_proto.parse_model(onnx_proto.extract(data, list(PRE_OUTPUTS)))
     step = onnx_proto.parse_model(onnx_proto.extract(data, list(STEP_OUTPUTS)))
+    lookup = onnx_proto.parse_model(onnx_proto.extract(data, list(LOOKUP_OUTPUTS)))
     assert [v.name for v in pre.inputs] == ["pre_features", "costs", "plain_cost"]
     assert [v.name for v in step.inputs] == ["features", "costs"]
+    assert sorted(v.name for v in lookup.inputs) == sorted(LOOKUP_INPUTS)
     assert [v.name for v in pre.outputs] == list(PRE_OUTPUTS)
-    assert len(pre.nodes) + len(step.nodes) == len(full.nodes)  # no node is shared or lost
-    assert set(pre.initializers) | set(step.initializers) == set(full.initializers)
+    assert [v.name for v in lookup.outputs] == list(LOOKUP_OUTPUTS)
+    def made(model) -> set[str]:
+        return {name for node in model.nodes for name in node.outputs}
+
+    assert not made(pre) & made(step)  # the lookup's part reuses the pre-draft network's
+    assert made(pre) | made(step) | made(lookup) == made(full)  # no node is lost
+    assert set(pre.initializers) | set(step.initializers) | set(lookup.initializers) == \
+        set(full.initializers)
+    assert not any("lookup_mlp" in name for name in (*pre.initializers, *step.initializers))
     assert not any("pre_mlp" in name for name in step.initializers)
     assert all("mlp" not in name or "pre_mlp" in name for name in pre.initializers)
     assert pre.metadata == full.metadata
@@ -526,7 +602,8 @@ def test_proto_reader_matches_the_onnx_package():
     for tensor in model.graph.initializer:
         np.testing.assert_array_equal(ours.initializers[tensor.name],
                                       numpy_helper.to_array(tensor))
-    assert [i.name for i in ours.inputs] == ["features", "pre_features", "costs", "plain_cost"]
+    assert [i.name for i in ours.inputs] == ["features", "pre_features", "costs", "plain_cost",
+                                             "lookup_features", "lookup_cost"]
     assert ours.inputs[0].shape == ("batch", N) and ours.inputs[1].shape == ("batch", M)
 
 
@@ -623,11 +700,16 @@ def test_the_guides_onnxruntime_only_example_decides_like_the_runtime(controller
     code = _python_blocks("6. Calling it from Python")[-1]
     code = code.replace('"export/speckv.onnx"', repr(str(ONNX)))
     for i in (0, 7, 21):
+        plain = float(golden["plain_cost"][i, 0])
+        t_verify = [plain * (1 + 0.04 * g) for g in range(9)]
         scope = {"features": golden["features"][i], "pre": golden["pre_features"][i],
-                 "costs": golden["costs"][i], "plain_cost": float(golden["plain_cost"][i, 0])}
+                 "costs": golden["costs"][i], "plain_cost": plain, "t_verify": t_verify}
         exec(code, scope)
         assert int(scope["gamma"][0]) == controller.choose(golden["features"][i],
                                                            golden["costs"][i])
+        look = lookup_features(golden["pre_features"][i], 3, 2, 3, 2)  # the block's proposal
+        assert bool(scope["lookup"][0]) == controller.use_lookup(
+            look, t_verify[3], golden["pre_features"][i], golden["costs"][i], plain)
         assert bool(scope["speculate"][0]) == controller.speculate(
             golden["pre_features"][i], golden["costs"][i], float(golden["plain_cost"][i, 0]))
         assert scope["names"] == list(FEATURE_NAMES)

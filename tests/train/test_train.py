@@ -307,6 +307,49 @@ def test_imported_paper_rows_train_an_acceptance_predictor(tmp_path):
     assert "pre_mlp" in meta  # no history: its prior values, position and compression
 
 
+def test_the_controller_learns_to_take_the_lookup_where_it_pays(tmp_path):
+    """Records where the lookup's continuation is accepted whole when its match is 3 or 4
+    tokens and never when it is 1 or 2, and the draft is mediocre: the trained controller
+    takes the lookup on the long matches, declines it on the short ones, and its exported
+    file (format 4) decides as the checkpoint does."""
+    import lightning as L
+    from synthetic import add_trees_and_lookup
+
+    from speckv.export.graph import export_controller
+    from speckv.runtime import Controller
+    from speckv.train.module import SpeckvModule
+
+    df = add_trees_and_lookup(make_records(prompts_per_task=4, min_len=20, max_len=40, seed=4))
+    length = df["lookup_length"].to_numpy(np.int64)
+    match = df["lookup_match"].to_numpy(np.int64)
+    left = (df["seq_len"] - df["position"]).to_numpy()
+    df["lookup_accept"] = pd.array(np.where(match >= 3, np.minimum(length, left), 0),
+                                   dtype="Int16")
+    path = write_records(df, tmp_path / "lookup.parquet")
+    dm = SpeckvDataModule(records=str(path), batch_size=256)
+    model = SpeckvModule(len(FEATURE_NAMES), list(range(1, GAMMA_MAX + 1)), list(FEATURE_NAMES),
+                         hidden=[16], lr=1e-2, trees=dm.trees)
+    trainer = L.Trainer(max_epochs=40, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", deterministic=True)
+    torch.manual_seed(0)
+    trainer.fit(model, dm)
+    assert float(trainer.callback_metrics["val/lookup_rate"]) > 0.05
+
+    trainer.save_checkpoint(tmp_path / "l.ckpt")
+    mlp, meta = load_checkpoint(tmp_path / "l.ckpt")
+    assert meta["lookup_feature_names"] == list(dm.lookup_feature_names)
+    report = export_controller(mlp, meta, tmp_path / "l.onnx", latency_calls=0)
+    assert report["parity"]["lookup_mismatches"] == 0
+    _, pre, costs, plain, look, look_cost = dm.parity_rows
+    proposed = look[:, 0] > 0
+    pred = Controller.load(tmp_path / "l.onnx").predict_lookup(look, look_cost, pre, costs, plain)
+    take = pred.lookup
+    long_match = look[:, 1] >= 3
+    assert take[proposed & long_match].mean() > 0.8
+    assert take[proposed & ~long_match].mean() < 0.2
+
+
 def test_the_controller_learns_to_choose_trees_where_they_pay(tmp_path):
     """Records where the draft's first guess is always wrong but its trees always accept
     their whole depth: the trained controller verifies trees, and the exported file (format
@@ -336,7 +379,7 @@ def test_the_controller_learns_to_choose_trees_where_they_pay(tmp_path):
     torch.manual_seed(0)
     trainer.fit(model, dm)
     assert float(trainer.callback_metrics["val/skip_rate"]) < 0.05
-    features, _, costs, _ = dm.parity_rows
+    features, _, costs = dm.parity_rows[:3]
     graph = ControllerGraph(model.mlp.eval(), model.gammas, model.pre_mlp.eval(), model.trees)
     with torch.inference_mode():
         choice = graph(torch.from_numpy(features), torch.from_numpy(costs))[0].numpy()
