@@ -720,7 +720,16 @@ def test_the_guides_split_files_run_one_decision_each(tmp_path, controller, gold
     code = code.replace('"export/speckv.onnx"', repr(str(ONNX)))
     code = code.replace('"speckv.pre.onnx"', repr(str(tmp_path / "pre.onnx")))
     code = code.replace('"speckv.step.onnx"', repr(str(tmp_path / "step.onnx")))
+    code = code.replace('"speckv.lookup.onnx"', repr(str(tmp_path / "lookup.onnx")))
     exec(code, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lookup.onnx", "pre.onnx", "step.onnx"]
+    lookup = ort.InferenceSession(str(tmp_path / "lookup.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    took = lookup.run(["lookup"], {"lookup_features": golden["lookup_features"],
+                                   "pre_features": golden["pre_features"],
+                                   "lookup_cost": golden["lookup_cost"], "costs": golden["costs"],
+                                   "plain_cost": golden["plain_cost"]})[0]
+    np.testing.assert_array_equal(took, golden["lookup"])
     pre = ort.InferenceSession(str(tmp_path / "pre.onnx"), providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
     speculate = pre.run(["speculate"], {"pre_features": golden["pre_features"],
