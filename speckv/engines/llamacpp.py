@@ -299,6 +299,26 @@ class DecodeResult:
 
 #: the loop's modes
 MODES: Final = ("plain", "fixed", "lookup", "controller")
+#: the most of its decoding time a controller's probes may cost in llama.cpp (see
+#: :func:`probe_interval`)
+PROBE_BUDGET: Final = 0.02
+
+
+def probe_interval(costs: StepCosts, max_skip_run: int, budget: float = PROBE_BUDGET) -> int:
+    """Plain steps in a row after which the controller drafts anyway (a probe) in llama.cpp.
+
+    The contract probes after ``max_skip_run`` plain steps: the history cannot grow while the
+    draft does not run, and only drafting shows that it has become worth it again. A probe
+    replaces one plain step by a catch-up over the skipped tokens and a step of γ = 1; in
+    Hugging Face that costs about one plain step more, in llama.cpp (Q4_1 on a 2-core Xeon:
+    a catch-up over 17 tokens ~2 plain steps, a verify over 2 tokens 1.7) three, which left
+    the controller at 0.90x plain decoding where it declined everything else. So the interval
+    grows until a probe's extra cost is at most ``budget`` of the plain steps before it:
+    ``max(max_skip_run, ceil(extra / (budget * plain)))`` with ``extra = cost(γ = 1 after a
+    catch-up over max_skip_run + 1 tokens) - plain``, all measured in this engine.
+    """
+    extra = float(costs.drafting(max_skip_run + 1)[0]) - costs.plain
+    return max(max_skip_run, math.ceil(extra / (budget * costs.plain)))
 
 
 class LlamaCppDecoder:
@@ -306,7 +326,8 @@ class LlamaCppDecoder:
     draft tokens every step), ``lookup`` (:class:`ContextLookup`, at most ``lookup_tokens``,
     a plain step where it finds nothing) or ``controller`` (an exported controller decides
     per step whether to draft and how much, from :class:`History` and ``costs``, which must
-    be llama.cpp's own, :func:`measure_costs`).
+    be llama.cpp's own, :func:`measure_costs`; it probes after :func:`probe_interval` plain
+    steps in a row).
 
     A controller's trees are priced at ``UNAVAILABLE_COST``: this loop verifies chains only
     (llama.cpp's batch takes no tree mask), so it never chooses one.
@@ -330,6 +351,10 @@ class LlamaCppDecoder:
         self.target, self.draft, self.mode = target, draft, mode
         self.gamma, self.lookup_tokens = gamma, lookup_tokens
         self.controller, self.costs = controller, costs
+        #: plain steps in a row before a probe (the controller mode), priced in this engine
+        # (at most what one catch-up forward of the draft can take)
+        self.probe_every = (min(probe_interval(costs, controller.max_skip_run),
+                                draft.n_batch - 1) if mode == "controller" else None)
         self.compression = compression or target.compression
         self._eog = target.eog_ids()
 
@@ -353,9 +378,9 @@ class LlamaCppDecoder:
         if history is not None:
             history.defer(top1)
         if draft is not None and self.mode != "lookup":
+            # the draft reads the prompt at its first catch-up: a controller that never
+            # drafts never pays for it
             draft.reset()
-            if len(seq) > 2:
-                draft.forward(seq[:-2], "none")
         lookup = ContextLookup() if self.mode == "lookup" else None
         if lookup is not None:
             lookup.extend(seq)
@@ -375,7 +400,7 @@ class LlamaCppDecoder:
             else:
                 speculate = room > 1
                 if speculate and self.mode == "controller":
-                    speculate = skip_run >= self.controller.max_skip_run or \
+                    speculate = skip_run >= self.probe_every or \
                         self.controller.speculate_for(history, self.compression, self.costs)
                 if not speculate:
                     self._plain_step(out, seq, history)
@@ -420,10 +445,13 @@ class LlamaCppDecoder:
         that row and how many tokens the forward covered."""
         draft = self.draft
         unseen = seq[draft.n_past:]
-        rows = draft.forward(unseen, "all")
-        if history is not None and history.pending:
-            u = len(history.pending)
-            verdicts = [int(rows[len(unseen) - 1 - u + j].argmax()) == seq[len(seq) - u + j]
+        u = len(history.pending) if history is not None else 0
+        scored = unseen[-(u + 1):]  # the rows read: the deferred tokens' and the proposal's
+        if len(unseen) > len(scored):  # the rest (the prompt, at the first catch-up): no logits
+            draft.forward(unseen[: len(unseen) - len(scored)], "none")
+        rows = draft.forward(scored, "all")
+        if u:
+            verdicts = [int(rows[len(scored) - 1 - u + j].argmax()) == seq[len(seq) - u + j]
                         for j in range(u)]
             history.settle_deferred(verdicts)
         return rows[-1], len(unseen)

@@ -186,6 +186,32 @@ def test_controller_decides_on_llamacpp_costs(target, draft, prompt_ids, plain):
     # chains only: trees are priced as unavailable, so every drafting step is a chain
     assert all(s["source"] in ("plain", "draft") for s in out.steps)
     assert all(1 <= s["gamma"] <= 8 for s in out.steps if s["source"] == "draft")
+    # plain steps come in runs of at most the priced probe interval
+    assert dec.probe_every >= controller.max_skip_run
+    run = longest = 0
+    for s in out.steps:
+        run = run + 1 if s["source"] == "plain" else 0
+        longest = max(longest, run)
+    assert longest <= dec.probe_every
+
+
+def test_the_probe_interval_keeps_probes_within_their_budget():
+    """Where a probe (a catch-up over the skipped tokens, then γ = 1) costs about what a plain
+    step does, the contract's interval stands; where it is dear, the interval grows until
+    the probe's extra cost is at most PROBE_BUDGET of the plain steps before it."""
+    from speckv.engines.llamacpp import PROBE_BUDGET, probe_interval
+    from speckv.runtime import StepCosts
+
+    verify = [0.055 * (1 + 0.05 * g) for g in range(9)]  # Hugging Face-like: flat verify
+    cheap = StepCosts(0.001, verify, [0.001 * (1 + 0.01 * n) for n in range(8)])
+    assert probe_interval(cheap, 16) == 16
+    steep = StepCosts(0.0077, [0.0247, 0.0425, 0.0512, 0.0817, 0.0882, 0.1093, 0.1295, 0.146,
+                               0.1635], [0.0052, 0.0095, 0.0137, 0.0164, 0.0221, 0.0257, 0.0282,
+                                         0.0274])  # llama.cpp, Q4_1, measured
+    every = probe_interval(steep, 16)
+    extra = float(steep.drafting(17)[0]) - steep.plain
+    assert every > 16
+    assert extra <= PROBE_BUDGET * every * steep.plain < extra + PROBE_BUDGET * steep.plain
 
 
 @pytest.mark.slow
