@@ -68,9 +68,9 @@ C=export/speckv.onnx
 FP16_METHODS="ar,hf:ar,hf:constant:1,hf:constant:2,hf:defaults,hf:lookup,hf:lookup:3"
 FP16_METHODS="$FP16_METHODS,speckv:fixed:2,speckv:fixed:3,speckv:tree:4,speckv:tree:8"
 FP16_METHODS="$FP16_METHODS,speckv:best_static,speckv:lookup:1,speckv:onnx:$C"
-FP16_METHODS="$FP16_METHODS,speckv:lookup:1+onnx:$C,hf:speckv"
+FP16_METHODS="$FP16_METHODS,speckv:lookup:1+onnx:$C,speckv:lookup:auto+onnx:$C,hf:speckv"
 QUANT_METHODS="ar,hf:lookup,speckv:fixed:2,speckv:tree:4,speckv:best_static,speckv:lookup:1"
-QUANT_METHODS="$QUANT_METHODS,speckv:onnx:$C,speckv:lookup:1+onnx:$C"
+QUANT_METHODS="$QUANT_METHODS,speckv:onnx:$C,speckv:lookup:1+onnx:$C,speckv:lookup:auto+onnx:$C"
 # 96 new tokens, the records' length, so live and replayed figures describe the same answers
 # (prefill is timed too: a short answer dilutes any speed-up)
 $PY -m speckv bench --per-task 1 --repeats 2 --max-new-tokens 96 --compression fp16 \
