@@ -307,17 +307,31 @@ def test_imported_paper_rows_train_an_acceptance_predictor(tmp_path):
     assert "pre_mlp" in meta  # no history: its prior values, position and compression
 
 
+def _fit_small(dm, epochs: int):
+    """A 16-unit controller fitted on ``dm`` for ``epochs``, seeded, without logs or saves."""
+    import lightning as L
+
+    from speckv.train.module import SpeckvModule
+
+    model = SpeckvModule(len(FEATURE_NAMES), list(range(1, GAMMA_MAX + 1)), list(FEATURE_NAMES),
+                         hidden=[16], lr=1e-2, trees=dm.trees)
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", deterministic=True)
+    torch.manual_seed(0)
+    trainer.fit(model, dm)
+    return trainer, model
+
+
 def test_the_controller_learns_to_take_the_lookup_where_it_pays(tmp_path):
     """Records where the lookup's continuation is accepted whole when its match is 3 or 4
     tokens and never when it is 1 or 2, and the draft is mediocre: the trained controller
     takes the lookup on the long matches, declines it on the short ones, and its exported
     file (format 4) decides as the checkpoint does."""
-    import lightning as L
     from synthetic import add_trees_and_lookup
 
     from speckv.export.graph import export_controller
     from speckv.runtime import Controller
-    from speckv.train.module import SpeckvModule
 
     df = add_trees_and_lookup(make_records(prompts_per_task=4, min_len=20, max_len=40, seed=4))
     length = df["lookup_length"].to_numpy(np.int64)
@@ -327,13 +341,7 @@ def test_the_controller_learns_to_take_the_lookup_where_it_pays(tmp_path):
                                    dtype="Int16")
     path = write_records(df, tmp_path / "lookup.parquet")
     dm = SpeckvDataModule(records=str(path), batch_size=256)
-    model = SpeckvModule(len(FEATURE_NAMES), list(range(1, GAMMA_MAX + 1)), list(FEATURE_NAMES),
-                         hidden=[16], lr=1e-2, trees=dm.trees)
-    trainer = L.Trainer(max_epochs=40, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", deterministic=True)
-    torch.manual_seed(0)
-    trainer.fit(model, dm)
+    trainer, _ = _fit_small(dm, epochs=40)
     assert float(trainer.callback_metrics["val/lookup_rate"]) > 0.05
 
     trainer.save_checkpoint(tmp_path / "l.ckpt")
@@ -354,13 +362,11 @@ def test_the_controller_learns_to_choose_trees_where_they_pay(tmp_path):
     """Records where the draft's first guess is always wrong but its trees always accept
     their whole depth: the trained controller verifies trees, and the exported file (format
     3: chains and trees) decides as the checkpoint does."""
-    import lightning as L
     from synthetic import add_trees_and_lookup
 
     from speckv.export.graph import export_controller
     from speckv.runtime import Controller
     from speckv.runtime.proposal import TREES
-    from speckv.train.module import SpeckvModule
     from speckv.train.network import ControllerGraph
 
     df = add_trees_and_lookup(make_records(prompts_per_task=4, min_len=20, max_len=40, seed=3))
@@ -371,13 +377,7 @@ def test_the_controller_learns_to_choose_trees_where_they_pay(tmp_path):
     path = write_records(df, tmp_path / "trees.parquet")
     dm = SpeckvDataModule(records=str(path), batch_size=256)
     assert dm.trees == [[t.size, t.depth, t.branch] for t in TREES]
-    model = SpeckvModule(len(FEATURE_NAMES), list(range(1, GAMMA_MAX + 1)), list(FEATURE_NAMES),
-                         hidden=[16], lr=1e-2, trees=dm.trees)
-    trainer = L.Trainer(max_epochs=12, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", deterministic=True)
-    torch.manual_seed(0)
-    trainer.fit(model, dm)
+    trainer, model = _fit_small(dm, epochs=12)
     assert float(trainer.callback_metrics["val/skip_rate"]) < 0.05
     features, _, costs = dm.parity_rows[:3]
     graph = ControllerGraph(model.mlp.eval(), model.gammas, model.pre_mlp.eval(), model.trees)
