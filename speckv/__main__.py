@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Final
 
-from speckv.errors import SpeckvError, refused_write
+from speckv.errors import SpeckvError, refusal
 
 COMMANDS: Final = {
     "profile": ("speckv.cli.profile:main", "profile real speculative decoding into step records"),
@@ -54,11 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     module, func = target.split(":")
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    except SpeckvError as exc:
-        print(f"speckv {name}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the environment refused a write (read-only folder, full disk)
-        message = refused_write(exc)
+    except (SpeckvError, OSError) as exc:  # bad input, or a write the environment refused
+        message = refusal(exc)
         if message is None:
             raise
         print(f"speckv {name}: error: {message}", file=sys.stderr)

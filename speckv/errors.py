@@ -30,3 +30,12 @@ def refused_write(exc: BaseException) -> str | None:
     where = exc.filename or "a file"
     return (f"Cannot write {where}: {exc.strerror or exc}. Make that folder writable (or free "
             "space on its disk), or write elsewhere, then run the same command again.")
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What a command prints before it exits 2: a :class:`SpeckvError`'s own paragraph, or
+    :func:`refused_write`'s for a write the environment refused; ``None`` for anything else
+    (a bug, which should raise with its traceback)."""
+    if isinstance(exc, SpeckvError):
+        return str(exc)
+    return refused_write(exc)

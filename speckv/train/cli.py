@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from speckv.atomic import remove_stale_temps
-from speckv.errors import SpeckvError, refused_write
+from speckv.errors import SpeckvError, refusal
 from speckv.train.checkpoint import newest_readable
 from speckv.train.datamodule import SpeckvDataModule
 from speckv.train.module import SpeckvModule
@@ -118,11 +118,8 @@ def cli(args=None) -> SpeckvCLI:
 def main(argv: list[str] | None = None) -> int:
     try:
         cli(argv)
-    except SpeckvError as exc:
-        print(f"speckv.train: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the environment refused a write (read-only folder, full disk)
-        message = refused_write(exc)
+    except (SpeckvError, OSError) as exc:  # bad input, or a write the environment refused
+        message = refusal(exc)
         if message is None:
             raise
         print(f"speckv.train: error: {message}", file=sys.stderr)
