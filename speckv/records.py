@@ -199,6 +199,8 @@ ADDED_COLUMNS: Final = ("cost_catchup_s", "t_draft_s", "t_verify_s", "t_decision
                          "lookup_match", "lookup_occurrences", "lookup_agreeing", "source")
 ARROW_SCHEMA: Final = pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in SCHEMA])
 DECISION_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "decision")
+#: the context lookup at a trace row: accepted, length, match, occurrences, agreeing
+LOOKUP_COLUMNS: Final = tuple(c.name for c in SCHEMA if c.group == "lookup")
 PAPER_FEATURES: Final = ("paper_mean_entropy", "paper_mean_confidence", "paper_max_entropy",
                          "paper_min_confidence")
 

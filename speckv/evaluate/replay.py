@@ -78,7 +78,7 @@ from speckv.policies import (
     StepContext,
     probe_due,
 )
-from speckv.records import feature_matrix, sequence_ids
+from speckv.records import LOOKUP_COLUMNS, feature_matrix, sequence_ids
 from speckv.runtime.costs import (
     catchup_seconds,
     catchup_table,
@@ -353,10 +353,6 @@ def prepare(df: pd.DataFrame) -> Traces:
         lookup=_lookup(df),
         **trees,
     )
-
-
-LOOKUP_COLUMNS: Final = ("lookup_accept", "lookup_length", "lookup_match",
-                         "lookup_occurrences", "lookup_agreeing")
 
 
 def _lookup(df: pd.DataFrame) -> np.ndarray | None:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from speckv.errors import SpeckvError
 from speckv.records import (
+    LOOKUP_COLUMNS,
     PAPER_FEATURE_NAMES,
     RecordError,
     feature_matrix,
@@ -81,10 +82,6 @@ def _catchups(df, draft: np.ndarray) -> np.ndarray:
         if value is not None and len(value):
             table[i] = catchup_table(draft[i], np.asarray(value, np.float64))
     return table
-
-
-LOOKUP_COLUMNS: Final = ("lookup_accept", "lookup_length", "lookup_match",
-                         "lookup_occurrences", "lookup_agreeing")
 
 
 def _lookup_columns(df) -> np.ndarray:
@@ -271,10 +268,9 @@ class SpeckvDataModule(L.LightningDataModule):
         lookup_cap = np.minimum(length, df["accept_cap"].to_numpy(np.int64))
         lookup_accept = np.minimum(look[:, 0], lookup_cap)
         lookup_cost = np.ones(len(df), np.float32)
-        if has_cost.any():
-            verify_all = df["cost_verify_s"].to_numpy()
-            for i in np.flatnonzero(has_cost & (length > 0)):
-                lookup_cost[i] = verify_all[i][length[i]]
+        if has_cost.any():  # verify: the measured rows' cost_verify_s, stacked above
+            n = length[has_cost]
+            lookup_cost[has_cost] = np.where(n > 0, verify[np.arange(len(n)), n], 1.0)
         ref = df["gamma"].fillna(REFERENCE_GAMMA).to_numpy(np.int64)
         comp = df["compression"].map({c: i for i, c in enumerate(COMPRESSIONS)}).to_numpy()
         tensors = {
