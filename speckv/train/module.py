@@ -66,7 +66,13 @@ from speckv.runtime.features import (
 )
 from speckv.train.checkpoint import restore_rng_states, resume_mismatches, rng_states
 from speckv.train.figures import calibration_figure, choices_figure
-from speckv.train.network import SurvivalMLP, lookup_rule, option_layout, speculate_rule
+from speckv.train.network import (
+    SurvivalMLP,
+    lookup_expected,
+    lookup_rule,
+    option_layout,
+    speculate_rule,
+)
 
 #: the headline tag groups (capitalised: TensorBoard sorts them before Lightning's "epoch")
 LOSS: Final = "Loss"
@@ -293,7 +299,7 @@ class SpeckvModule(L.LightningModule):
         """``[batch, 1]`` E[tokens] of verifying the lookup's continuation of ``length``."""
         survival = torch.exp(torch.cumsum(F.logsigmoid(z_lookup), -1))
         k = torch.arange(1, z_lookup.shape[1] + 1, device=z_lookup.device)
-        return 1.0 + (survival * (k[None] <= length[:, None])).sum(-1, keepdim=True)
+        return lookup_expected(survival, k[None], length[:, None])
 
     def _update_metrics(self, z, z_pre, z_lookup, b, stage: str) -> None:
         gmax = max(self.gammas)

@@ -173,8 +173,7 @@ class ControllerGraph(nn.Module):
             raise ValueError("this controller has no lookup network (trained before the "
                              "lookup decision existed): retrain it.")
         survival = torch.exp(F.logsigmoid(self.lookup_mlp(lookup_features)) @ self.lookup_upto)
-        within = (self.lookup_k <= lookup_features[:, :1]).to(survival.dtype)
-        expected = 1.0 + torch.sum(survival * within, dim=-1, keepdim=True)
+        expected = lookup_expected(survival, self.lookup_k, lookup_features[:, :1])
         take = lookup_rule(expected, lookup_cost, pre_expected, costs, plain_cost)
         return take.to(torch.long), expected, survival
 
@@ -204,6 +203,14 @@ class ExportGraph(nn.Module):
             lookup_features, lookup_cost, pre_expected, costs, plain_cost)
         return (speculate, gamma, expected, survival, pre_expected, pre_survival, lookup,
                 lookup_expected, lookup_survival)
+
+
+def lookup_expected(survival: torch.Tensor, k: torch.Tensor, length: torch.Tensor
+                    ) -> torch.Tensor:
+    """``[batch, 1]`` E[tokens | verify the lookup's continuation] = 1 + the first ``length``
+    entries of its survival curve; ``k`` holds 1..width, ``length`` is ``[batch, 1]``."""
+    within = (k <= length).to(survival.dtype)
+    return 1.0 + torch.sum(survival * within, dim=-1, keepdim=True)
 
 
 def lookup_rule(expected: torch.Tensor, lookup_cost: torch.Tensor, pre_expected: torch.Tensor,
