@@ -64,8 +64,7 @@ from speckv.runtime.features import (
 HEAD_OPS: Final = frozenset({"Sigmoid", "Log", "CumSum", "MatMul", "Gemm", "Exp", "Gather",
                              "Add", "Div", "ArgMax", "Reshape", "Identity", "ReduceMax", "Mul",
                              "Greater", "Cast", "Squeeze", "Slice", "Constant", "Neg", "Softplus",
-                             "LessOrEqual", "Less", "ReduceSum", "Max", "Reciprocal", "Unsqueeze",
-                             "Concat", "Shape", "Expand"})
+                             "LessOrEqual", "ReduceSum", "Max", "Reciprocal"})
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - poly(t) exp(-x^2), t = 1/(1 + p x), x >= 0; its
 # absolute error is below 1.5e-7, under float32's resolution of the GELU it feeds.
 _ERF_P: Final = 0.3275911
