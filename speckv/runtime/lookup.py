@@ -16,7 +16,7 @@ equal the target's, exactly as for the draft model's chain. The trace profiler r
 every answer position, what this proposer offers there and how much of it the target's
 answer accepts (``lookup_*`` columns of :mod:`speckv.records`), so policies over it replay.
 
-This module imports nothing outside the standard library and numpy.
+This module imports nothing outside the standard library, numpy and speckv.runtime.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
+
+from speckv.runtime.proposal import Proposal
 
 #: n-gram lengths searched, longest first
 MIN_N: Final = 1
@@ -111,10 +113,8 @@ def lookup_trace(prompt: Sequence[int], answer: Sequence[int], budget: int,
     n = len(answer)
     for i in range(n):
         prop = index.propose(budget - i - 1)
-        accepted = 0
-        while (accepted < len(prop.tokens) and i + accepted < n
-               and prop.tokens[accepted] == answer[i + accepted]):
-            accepted += 1
+        accepted = len(Proposal.chain(prop.tokens, "lookup").walk(  # the decoder's acceptance
+            lambda node, i=i: answer[i + node + 1] if i + node + 1 < n else None))
         out["accept"].append(accepted)
         out["length"].append(len(prop.tokens))
         out["match"].append(prop.match)
