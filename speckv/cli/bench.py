@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from speckv.cli.draft import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPES, positive
+from speckv.engines.gguf_draft import GGUF_DRAFT
 from speckv.decode.bench import (
     BEST_STATIC,
     CONTROLLER,
@@ -274,7 +275,9 @@ def llamacpp_main(argv: list[str]) -> int:
         format_result,
         needs_draft,
     )
+    from speckv.engines.gguf_draft import cached_export
     from speckv.engines.llamacpp import GGUFModel, check_gguf
+    from speckv.engines.quantize import QUANTIZATIONS, cached_target
     from speckv.evaluate.replay import SPLIT_SEED, SPLIT_TEST, SPLIT_VAL
     from speckv.llm.load import load_tokenizer
     from speckv.llm.weights import DEMO_TARGET, resolve
@@ -290,9 +293,12 @@ def llamacpp_main(argv: list[str]) -> int:
                     "ones)")
     ap.add_argument("--gguf-target", default=None,
                     help="the target GGUF (default: the demo target's, Q4_1)")
+    ap.add_argument("--quantization", default=None, choices=tuple(QUANTIZATIONS),
+                    help="the target at this llama.cpp quantization, written once from "
+                         "--gguf-target (or the demo target) by llama.cpp's quantizer")
     ap.add_argument("--gguf-draft", default=None,
                     help="the draft GGUF (default: --draft exported once into the cache)")
-    ap.add_argument("--draft", default="models/speckv-draft-v2",
+    ap.add_argument("--draft", default=GGUF_DRAFT,
                     help="the causal-LM draft to export when --gguf-draft is not given")
     ap.add_argument("--draft-type", default="bf16", choices=("bf16", "f16", "f32", "q8_0"),
                     help="the exported draft's weights (default bf16)")
@@ -311,8 +317,10 @@ def llamacpp_main(argv: list[str]) -> int:
     controller = find_file(DEFAULT_CONTROLLER)
     methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
                else default_methods(controller))
-    target_path = check_gguf(args.gguf_target if args.gguf_target else resolve(DEMO_TARGET),
-                             "target")
+    base_path = check_gguf(args.gguf_target if args.gguf_target else resolve(DEMO_TARGET),
+                           "target")
+    target_path = (cached_target(args.quantization, base_path) if args.quantization
+                   else base_path)
     if args.gguf_draft:
         check_gguf(args.gguf_draft, "draft")
     if args.prompts:
@@ -331,7 +339,7 @@ def llamacpp_main(argv: list[str]) -> int:
     draft_path = None
     if needs_draft(methods):
         draft_path = Path(args.gguf_draft) if args.gguf_draft else \
-            _cached_gguf_draft(Path(args.draft), target_path, args.draft_type)
+            cached_export(Path(args.draft), base_path, args.draft_type)
     longest = max(map(len, ids)) + args.max_new_tokens + 16
     n_ctx = max(512, 1 << (longest - 1).bit_length())
     others = other_bench_processes()
@@ -361,25 +369,6 @@ def llamacpp_main(argv: list[str]) -> int:
                   note=ONE_PROCESS)
     print(json.dumps(result) if args.json else format_result(result))
     return 0
-
-
-def _cached_gguf_draft(draft: Path, target: Path, dtype: str) -> Path:
-    """The draft exported to GGUF once per (draft, target, type), in speckv's cache."""
-    from speckv.atomic import file_lock
-    from speckv.engines.gguf_draft import export_gguf
-    from speckv.paths import cache_dir
-
-    weights = draft / "draft.safetensors"
-    if not weights.is_file():
-        raise BenchError(f"--draft {draft}: no draft.safetensors there. Pass a saved causal-LM "
-                         "draft folder (e.g. models/speckv-draft-v2) or --gguf-draft FILE.")
-    stamp = f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}-{target.stat().st_size}"
-    out = cache_dir() / "gguf-drafts" / f"{draft.name}-{target.stem}-{dtype}-{stamp}.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{out.name}.lock"):
-        if not out.is_file():
-            export_gguf(draft, target, out, dtype)
-    return out
 
 
 def hf_main(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ import time
 
 from speckv.distill.data import ANSWER_TOKENS, CHUNK, POOL_PER_TASK
 from speckv.llm.load import COMPRESSIONS
+from speckv.engines.gguf_draft import GGUF_DRAFT
 from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
 
 DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> int:
     e.add_argument("--json", action="store_true")
     g = sub.add_parser("export-gguf", help="write a causal-LM draft as a GGUF file for "
                        "llama.cpp (speckv bench --engine llamacpp)")
-    g.add_argument("--draft", default="models/speckv-draft-v2",
+    g.add_argument("--draft", default=GGUF_DRAFT,
                    help="the saved draft folder (a causal-LM draft; default %(default)s)")
     g.add_argument("--target", default=None,
                    help="the target's GGUF file, whose metadata, tokenizer and embeddings the "

@@ -11,7 +11,9 @@ from pathlib import Path
 from speckv import paths
 from speckv.atomic import remove_stale_temps
 from speckv.cli.draft import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPES, positive
-from speckv.profile.profiler import ProfileError, parse_shard, run_profile
+from speckv.engines.gguf_draft import GGUF_DRAFT
+from speckv.engines.quantize import QUANTIZATIONS, SHIPPED
+from speckv.profile.profiler import ENGINES, ProfileError, parse_shard, run_profile
 from speckv.prompts import SUITE_MAX, SUITE_SIZE, TASKS, Prompt, load_jsonl, suites
 from speckv.records import merge, read_records
 
@@ -48,10 +50,25 @@ def main(argv: list[str]) -> int:
                     "target's answers once, batched, and the outcome of every γ and stop rule at "
                     "every position; live mode: the real decoder with one policy, timed. Several "
                     "processes: --shard auto under torchrun or srun, then `speckv records merge`.")
-    ap.add_argument("--draft", default=DEMO_DRAFT)
+    ap.add_argument("--draft", default=None,
+                    help=f"the draft (default: {DEMO_DRAFT}; with --engine llamacpp the "
+                         f"causal-LM {GGUF_DRAFT}, exported to GGUF once)")
     ap.add_argument("--target", default=DEMO_TARGET)
-    ap.add_argument("--compression", default="fp16,int8,nf4",
-                    help="comma-separated levels among fp16,int8,nf4")
+    ap.add_argument("--compression", default=None,
+                    help="comma-separated levels among fp16,int8,nf4 (default: all three)")
+    ap.add_argument("--engine", choices=ENGINES, default="hf",
+                    help="hf: Hugging Face models (default); llamacpp: trace mode inside "
+                         "llama.cpp, with a GGUF target per --quantization and the draft "
+                         "exported to GGUF, priced with llama.cpp's own costs")
+    ap.add_argument("--quantization", default=SHIPPED,
+                    help="llamacpp: comma-separated llama.cpp quantizations of the target "
+                         f"among {', '.join(QUANTIZATIONS)} (default {SHIPPED}, the file the "
+                         "demo target ships as); each is one compression level of the records "
+                         "(f16 -> fp16, q8_0 -> int8, q4_1 and q4_k_m -> nf4)")
+    ap.add_argument("--gguf-target", help="llamacpp: the target GGUF the quantizations are "
+                                          "written from (default: the demo target's)")
+    ap.add_argument("--gguf-draft", help="llamacpp: the draft GGUF (default: --draft exported "
+                                         "once into the cache by `speckv draft export-gguf`)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--prompts", help="JSONL file of {task, prompt} (default: bundled suites)")
     ap.add_argument("--per-task", type=int, default=SUITE_SIZE,
@@ -77,7 +94,18 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if not args.temperature >= 0:
         ap.error(f"--temperature {args.temperature}: give 0 (greedy) or more.")
-    comps = [c.strip() for c in args.compression.split(",") if c.strip()]
+    gguf_targets = None
+    if args.engine == "llamacpp":
+        if args.compression is not None:
+            raise ProfileError("--engine llamacpp takes its levels from --quantization (f16 -> "
+                               "fp16, q8_0 -> int8, q4_1 -> nf4); drop --compression.")
+        args.draft = args.draft or GGUF_DRAFT
+        gguf_targets, args.draft = _gguf_files(args)
+        comps = list(gguf_targets)
+    else:
+        args.draft = args.draft or DEMO_DRAFT
+        comps = [c.strip() for c in (args.compression or ",".join(COMPRESSIONS)).split(",")
+                 if c.strip()]
     bad = [c for c in comps if c not in COMPRESSIONS]
     if bad:
         raise ProfileError(f"--compression has unknown level(s) {bad}; use fp16, int8, nf4.")
@@ -88,7 +116,7 @@ def main(argv: list[str]) -> int:
                            "prompts per task; pass --prompts FILE for more.")
     prompts, shard = _prompts(args), parse_shard(args.shard)
     dtype = args.dtype
-    if dtype == "auto" and comps:
+    if dtype == "auto" and comps and args.engine == "hf":
         import torch
 
         from speckv.decode.dtype import resolve_dtype
@@ -104,7 +132,8 @@ def main(argv: list[str]) -> int:
                       max_new_tokens=args.max_new_tokens, shard=shard,
                       dtype=dtype, policy=args.policy, threads=args.threads,
                       temperature=args.temperature, seed=args.seed, device=args.device,
-                      target_batch=args.target_batch, draft_batch=args.draft_batch)
+                      target_batch=args.target_batch, draft_batch=args.draft_batch,
+                      engine=args.engine, gguf_targets=gguf_targets)
     summary = run.to_json()
     if run.out is not None:
         summary["rows"] = len(read_records(run.out))
@@ -118,6 +147,33 @@ def main(argv: list[str]) -> int:
                  if run.records_per_s else "")
         print(f"wrote {summary['rows']} step records to {run.out}{speed}")
     return 0
+
+
+def _gguf_files(args) -> tuple[dict[str, str], str]:
+    """``--engine llamacpp``: the target GGUF of each compression level and the draft GGUF,
+    written once into the cache where they are not given."""
+    from speckv.engines.gguf_draft import cached_export
+    from speckv.engines.llamacpp import check_gguf, compression_of
+    from speckv.engines.quantize import cached_target, check_quantization
+    from speckv.llm.weights import resolve
+
+    base = check_gguf(args.gguf_target or resolve(args.target), "target")
+    targets: dict[str, str] = {}
+    for q in (check_quantization(q) for q in args.quantization.split(",") if q.strip()):
+        level = compression_of(QUANTIZATIONS[q])
+        if level in targets:
+            raise ProfileError(f"--quantization {args.quantization}: two quantizations are the "
+                               f"{level} level of the records; profile them into separate "
+                               "--out files.")
+        targets[level] = str(cached_target(q, base))
+    if not targets:
+        raise ProfileError("--quantization is empty: name one of "
+                           f"{', '.join(QUANTIZATIONS)}.")
+    if args.gguf_draft:
+        draft = check_gguf(args.gguf_draft, "draft")
+    else:
+        draft = cached_export(resolve(args.draft), base)
+    return targets, str(draft)
 
 
 def records_main(argv: list[str]) -> int:

@@ -42,6 +42,9 @@ from speckv.engines.llamacpp import EngineError, check_gguf
 log = logging.getLogger(__name__)
 
 TYPES: Final = ("bf16", "f16", "f32", "q8_0")
+#: the causal-LM draft shipped with the demo: the one llama.cpp can run (the demo's default
+#: draft reads the target's hidden states, which llama.cpp cannot pass between models)
+GGUF_DRAFT: Final = "models/speckv-draft-v2"
 DEFAULT_TYPE: Final = "bf16"
 #: Hugging Face's per-layer names -> llama.cpp's
 _LAYER_NAMES: Final = {
@@ -211,3 +214,26 @@ def check_logits(gguf_path: str | os.PathLike[str], draft_dir: str | os.PathLike
             # the torch draft's top-1/top-2 margin where the two disagree, relative to the
             # row's range: a disagreement at a near-tie is rounding, not a wrong export
             "disagree_margins": margin[~same].tolist()}
+
+
+def cached_export(draft_dir: str | os.PathLike[str], target_gguf: str | os.PathLike[str],
+                  dtype: str = DEFAULT_TYPE) -> Path:
+    """The draft exported to GGUF once per (draft, target, type), in speckv's cache."""
+    from speckv.atomic import file_lock
+    from speckv.paths import cache_dir
+
+    draft_dir, target_gguf = Path(draft_dir), Path(target_gguf)
+    weights = draft_dir / "draft.safetensors"
+    if not weights.is_file():
+        raise EngineError(f"--draft {draft_dir}: no draft.safetensors there. Pass a saved "
+                          "causal-LM draft folder (e.g. models/speckv-draft-v2) or "
+                          "--gguf-draft FILE.")
+    stamp = (f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}-"
+             f"{target_gguf.stat().st_size}")
+    out = (cache_dir() / "gguf-drafts"
+           / f"{draft_dir.name}-{target_gguf.stem}-{dtype}-{stamp}.gguf")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if not out.is_file():
+            export_gguf(draft_dir, target_gguf, out, dtype)
+    return out

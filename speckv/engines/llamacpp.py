@@ -72,6 +72,11 @@ GGUF_MAGIC: Final = b"GGUF"
 _FTYPE_LEVEL: Final = {0: "fp16", 1: "fp16", 32: "fp16",  # F32, F16, BF16
                        7: "int8", 18: "int8",  # Q8_0, Q6_K
                        8: "int8", 9: "int8", 16: "int8", 17: "int8"}  # Q5_0, Q5_1, Q5_K_S/M
+#: llama.cpp's names of its file types (``LLAMA_FTYPE_MOSTLY_*``)
+FTYPE_NAMES: Final = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0",
+                      9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L",
+                      14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+                      32: "BF16"}
 COST_REPEATS: Final = 7
 #: catch-up sizes measured; larger ones are extrapolated (speckv.runtime.costs)
 COST_CATCHUP: Final = 8
@@ -158,6 +163,8 @@ class GGUFModel:
         self.n_layers = int(ll.llama_model_n_layer(self._model))
         self.ftype = int(ll.llama_model_ftype(self._model))
         self.compression = compression_of(self.ftype)
+        #: the file type's name (``Q4_1``, ``F16``, ...): records' ``compute_dtype``
+        self.file_type = FTYPE_NAMES.get(self.ftype, f"ftype{self.ftype}")
         self._mem = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(n_batch, 0, 1)
         self.n_past = 0

@@ -38,8 +38,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from speckv.atomic import atomic_write, remove_stale_temps
 from speckv.errors import OutputError, SpeckvError
@@ -200,17 +202,31 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
                 shard: tuple[int, int] = (0, 1), dtype: str = "bfloat16",
                 policy: str = "fixed:4", threads: int | None = None,
                 temperature: float = 0.0, seed: int = 0, device: str = "auto",
-                target_batch: int = TARGET_BATCH, draft_batch: int = DRAFT_BATCH) -> ProfileRun:
-    """Profile prompts x compressions; the merged record file (or the shard's) and its speed."""
+                target_batch: int = TARGET_BATCH, draft_batch: int = DRAFT_BATCH,
+                engine: str = "hf", gguf_targets: dict[str, str] | None = None) -> ProfileRun:
+    """Profile prompts x compressions; the merged record file (or the shard's) and its speed.
+
+    ``engine="llamacpp"``: trace mode in llama.cpp (:mod:`speckv.profile.gguf_trace`);
+    ``gguf_targets`` maps each compression level to its target GGUF, ``draft`` is the draft
+    GGUF, ``target`` names the tokenizer; ``dtype``, ``device`` and the batch sizes do not
+    apply (each prompt is traced alone).
+    """
     import torch
     from tqdm import tqdm
 
-    from speckv.decode.decoder import measure_step_costs
-    from speckv.llm.feature_draft import is_feature_draft
-    from speckv.llm.load import load_draft_for, load_model, load_tokenizer, resolve_device
+    from speckv.llm.load import load_tokenizer, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
+    if engine not in ENGINES:
+        raise ProfileError(f"Unknown engine {engine!r}: use one of {', '.join(ENGINES)}.")
+    if engine == "llamacpp":
+        if mode != "trace":
+            raise ProfileError("llama.cpp is profiled in trace mode (--mode trace); its live "
+                               "runs are measured by `speckv bench --engine llamacpp`.")
+        if not gguf_targets or set(gguf_targets) != set(compressions):
+            raise ProfileError("--engine llamacpp needs one target GGUF per compression level.")
+        target_batch = 1  # llama.cpp traces one prompt at a time
     if mode == "trace" and temperature > 0:
         raise ProfileError("Trace mode profiles greedy decoding (its outcome for every γ rests "
                            "on greedy decoding being lossless). Profile sampling with --mode "
@@ -241,73 +257,57 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
     # mismatch with the parts already there is refused at once
     tokenizer = load_tokenizer(target)
     lengths = {p: len(chat_ids(tokenizer, p.text)) for _, p in jobs}
-    settings = {"draft": _model_key(draft), "target": _model_key(target), "mode": mode,
-                "max_new_tokens": max_new_tokens, "dtype": dtype,
-                "device": resolve_device(device),
-                **({"target_batch": target_batch, "draft_batch": draft_batch}
-                   if mode == "trace" else
-                   {"policy": policy, "temperature": temperature, "seed": seed})}
+    if engine == "llamacpp":  # no dtype, device or batches: llama.cpp's file decides
+        settings = {"engine": engine, "draft": _model_key(draft), "mode": mode,
+                    "max_new_tokens": max_new_tokens}
+    else:
+        settings = {"draft": _model_key(draft), "target": _model_key(target), "mode": mode,
+                    "max_new_tokens": max_new_tokens, "dtype": dtype,
+                    "device": resolve_device(device),
+                    **({"target_batch": target_batch, "draft_batch": draft_batch}
+                       if mode == "trace" else
+                       {"policy": policy, "temperature": temperature, "seed": seed})}
     plan, wanted = {}, {}
     for compression in compressions:
         plan[compression] = plan_batches([p for c, p in jobs if c == compression], lengths,
                                          mode, target_batch)
+        level = {"compression": compression}
+        if engine == "llamacpp":
+            level["target"] = _model_key(gguf_targets[compression])
         for batch in plan[compression]:
             for p in batch:
                 wanted[_part_name(compression, p)] = part_settings(
-                    {**settings, "compression": compression}, p, batch)
+                    {**settings, **level}, p, batch)
     _check_parts(parts, wanted)
-    drafter = None
+    drafters: dict = {}  # the draft, loaded once for every level
     for compression in compressions:
         batches = [b for b in plan[compression]
                    if not all((parts / _part_name(compression, p)).exists() for p in b)]
         todo = [p for b in batches for p in b]
         if not todo:
             continue
-        tgt = load_model(target, compression, dtype=dtype, device=device)
-        if drafter is None:  # in the target's compute dtype, on its device
-            drafter = load_draft_for(draft, tgt, tgt.compute_dtype)
-            drafter.model.to(tgt.device)
-        tok = tgt.tokenizer
-        eos = tok.eos_token_id
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        # the catch-up forward (over the tokens the last step emitted, more after plain
-        # steps; every emitted token for a feature-conditioned draft) is timed too
-        cost = measure_step_costs(drafter, tgt)
+        opener = _open_llamacpp if engine == "llamacpp" else _open_hf
+        level = opener(draft=draft, target=(gguf_targets or {}).get(compression, target),
+                       compression=compression, dtype=dtype, device=device, mode=mode,
+                       max_new_tokens=max_new_tokens, shard=shard, threads=threads,
+                       policy=policy, target_batch=target_batch, draft_batch=draft_batch,
+                       cost_prompt=chat_ids(tokenizer, todo[0].text), cache=drafters)
         run_id = f"{compression}-{uuid.uuid4().hex[:8]}"
-        run_meta[run_id] = {
-            "draft": draft, "target": target, "compression": compression,
-            "compute_dtype": tgt.compute_dtype, "draft_dtype": drafter.compute_dtype,
-            "device": str(tgt.device), "mode": mode,
-            "machine": fingerprint(torch.get_num_threads()), "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d"), "cost": cost.to_json(),
-            "max_new_tokens": max_new_tokens, "load_s": tgt.load_s, "shard": list(shard),
-            **({"target_batch": target_batch, "draft_batch": draft_batch}
-               if mode == "trace" else {"policy": policy}),
-        }
+        run_meta[run_id] = level.meta
         mine = {k: v for k, v in run_meta.items() if v.get("shard") == list(shard)}
         atomic_write(meta_path, lambda tmp, mine=mine: tmp.write_text(json.dumps(mine, indent=2)))
-        ident = {"run_id": run_id, "draft_model": draft,
-                 "draft_kind": "feature" if is_feature_draft(drafter.model) else "lm",
-                 "target_model": target, "compression": compression,
-                 "compute_dtype": tgt.compute_dtype}
-        costs = {"cost_draft_s": cost.cost_draft_s, "cost_verify_s": cost.cost_verify_s,
-                 "cost_catchup_s": cost.cost_catchup_s,
-                 "cost_tree_draft_s": cost.cost_tree_draft_s,
-                 "cost_tree_verify_s": cost.cost_tree_verify_s}
-        ids = {p: chat_ids(tok, p.text) for p in todo}
+        ident = {"run_id": run_id, **level.ident}
+        ids = {p: chat_ids(tokenizer, p.text) for p in todo}
         rows_done, busy_s = 0, 0.0
         bar = tqdm(total=len(todo), desc=f"{mode} {compression}", unit="prompt")
         for batch in batches:
             started = time.perf_counter()
             if mode == "trace":
-                traces = trace_batch(drafter.model, tgt.model, [ids[p] for p in batch],
-                                     max_new_tokens, eos, pad, target_batch=target_batch,
-                                     draft_batch=draft_batch)
+                traces = level.trace([ids[p] for p in batch])
                 frames = [trace_rows(tr, {**ident, "task": p.task, "prompt_id": p.prompt_id},
-                                     costs) for p, tr in zip(batch, traces, strict=True)]
+                                     level.costs) for p, tr in zip(batch, traces, strict=True)]
             else:
-                frames = [_live_rows(drafter, tgt, ids[p], p, ident, cost, policy,
-                                     max_new_tokens, temperature, seed) for p in batch]
+                frames = [level.live(ids[p], p, ident, temperature, seed) for p in batch]
             busy_s += time.perf_counter() - started
             for p, df in zip(batch, frames, strict=True):
                 rows_done += len(df)
@@ -324,10 +324,110 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
         result.per_compression[compression] = {
             "records": rows_done, "prompts": len(todo), "busy_s": round(busy_s, 3),
             "records_per_s": rows_done / busy_s if busy_s > 0 else None}
-        del tgt
+        level.close()
     files = sorted(parts.glob("*.parquet"))
     result.out = _merge_parts([f for f in files if f.name in wanted], out, run_meta)
     return result
+
+
+#: the engines a profile runs in
+ENGINES = ("hf", "llamacpp")
+
+
+@dataclass
+class _Level:
+    """One compression level, loaded: what its records are made with."""
+
+    meta: dict  # the run's metadata (costs, machine, settings)
+    ident: dict  # the identity columns of its records (but run_id, task, prompt_id)
+    costs: dict  # its cost columns
+    trace: Callable[[list[list[int]]], list[TraceResult]]
+    live: Callable[..., Any] | None = None
+    close: Callable[[], None] = lambda: None
+
+
+def _open_hf(*, draft, target, compression, dtype, device, mode, max_new_tokens, shard,
+             threads, policy, target_batch, draft_batch, cost_prompt, cache) -> _Level:
+    """A Hugging Face target at ``compression`` and the draft (loaded once, kept in
+    ``cache``), with every cost measured."""
+    import torch
+
+    from speckv.decode.decoder import measure_step_costs
+    from speckv.llm.feature_draft import is_feature_draft
+    from speckv.llm.load import load_draft_for, load_model
+
+    tgt = load_model(target, compression, dtype=dtype, device=device)
+    if "hf" not in cache:  # in the target's compute dtype, on its device
+        cache["hf"] = load_draft_for(draft, tgt, tgt.compute_dtype)
+        cache["hf"].model.to(tgt.device)
+    drafter = cache["hf"]
+    tok = tgt.tokenizer
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    # the catch-up forward (over the tokens the last step emitted, more after plain
+    # steps; every emitted token for a feature-conditioned draft) is timed too
+    cost = measure_step_costs(drafter, tgt)
+    meta = {"draft": draft, "target": target, "compression": compression,
+            "compute_dtype": tgt.compute_dtype, "draft_dtype": drafter.compute_dtype,
+            "device": str(tgt.device), "mode": mode,
+            "machine": fingerprint(torch.get_num_threads()), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"), "cost": cost.to_json(),
+            "max_new_tokens": max_new_tokens, "load_s": tgt.load_s, "shard": list(shard),
+            **({"target_batch": target_batch, "draft_batch": draft_batch}
+               if mode == "trace" else {"policy": policy})}
+    ident = {"draft_model": draft,
+             "draft_kind": "feature" if is_feature_draft(drafter.model) else "lm",
+             "target_model": target, "compression": compression,
+             "compute_dtype": tgt.compute_dtype}
+    costs = {"cost_draft_s": cost.cost_draft_s, "cost_verify_s": cost.cost_verify_s,
+             "cost_catchup_s": cost.cost_catchup_s, "cost_tree_draft_s": cost.cost_tree_draft_s,
+             "cost_tree_verify_s": cost.cost_tree_verify_s}
+
+    def trace(batch: list[list[int]]) -> list[TraceResult]:
+        return trace_batch(drafter.model, tgt.model, batch, max_new_tokens, eos, pad,
+                           target_batch=target_batch, draft_batch=draft_batch)
+
+    def live(ids, prompt, ident, temperature, seed):
+        return _live_rows(drafter, tgt, ids, prompt, ident, cost, policy, max_new_tokens,
+                          temperature, seed)
+
+    def close() -> None:
+        nonlocal tgt
+        del tgt
+
+    return _Level(meta, ident, costs, trace, live, close)
+
+
+def _open_llamacpp(*, draft, target, compression, max_new_tokens, shard, threads,
+                   cost_prompt, cache, mode, **_) -> _Level:
+    """A GGUF target (``target``, the level's file) and the GGUF draft in llama.cpp, with
+    llama.cpp's costs measured at :data:`~speckv.decode.costs.CONTEXT_LEN` cached tokens."""
+    from speckv.decode.costs import CONTEXT_LEN
+    from speckv.engines.llamacpp import GGUFModel, check_pair
+    from speckv.profile.gguf_trace import measure, record_costs, trace_gguf
+
+    n_ctx = 1 << max(CONTEXT_LEN + 2 * max_new_tokens + 64, 512).bit_length()
+    tgt = GGUFModel(target, n_ctx=n_ctx, threads=threads or 1, what="target")
+    if "llamacpp" not in cache:
+        cache["llamacpp"] = GGUFModel(draft, n_ctx=n_ctx, threads=threads or 1, what="draft")
+    dft = cache["llamacpp"]
+    check_pair(dft, tgt)
+    measured = measure(tgt, dft, cost_prompt, CONTEXT_LEN)
+    meta = {"engine": "llamacpp", "draft": str(draft), "target": str(target),
+            "compression": compression, "compute_dtype": tgt.file_type,
+            "draft_dtype": dft.file_type, "target_desc": tgt.description,
+            "device": "cpu", "mode": mode, "machine": fingerprint(tgt.threads),
+            "threads": tgt.threads, "date": time.strftime("%Y-%m-%d"),
+            "cost": {k: measured[k] for k in ("t_verify", "t_draft", "t_catchup", "context",
+                                              "repeats")},
+            "max_new_tokens": max_new_tokens, "shard": list(shard)}
+    ident = {"draft_model": str(draft), "draft_kind": "lm", "target_model": str(target),
+             "compression": compression, "compute_dtype": tgt.file_type}
+
+    def trace(batch: list[list[int]]) -> list[TraceResult]:
+        return [trace_gguf(tgt, dft, ids, max_new_tokens) for ids in batch]
+
+    return _Level(meta, ident, record_costs(measured), trace, None, tgt.close)
 
 
 def _model_key(spec: str) -> str:
