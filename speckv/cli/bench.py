@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from speckv.cli.draft import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPES, positive
-from speckv.engines.gguf_draft import GGUF_DRAFT
 from speckv.decode.bench import (
     BEST_STATIC,
     CONTROLLER,
@@ -42,6 +41,7 @@ from speckv.decode.bench import (
     is_hf,
     summarize_methods,
 )
+from speckv.engines.gguf_draft import GGUF_DRAFT
 from speckv.errors import SpeckvError
 from speckv.paths import DEFAULT_CONTROLLER, find_file
 

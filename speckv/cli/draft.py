@@ -21,8 +21,8 @@ import os
 import time
 
 from speckv.distill.data import ANSWER_TOKENS, CHUNK, POOL_PER_TASK
-from speckv.llm.load import COMPRESSIONS
 from speckv.engines.gguf_draft import GGUF_DRAFT
+from speckv.llm.load import COMPRESSIONS
 from speckv.llm.weights import DEMO_DRAFT, DEMO_TARGET
 
 DTYPES = ("bfloat16", "float16", "float32", "float64")

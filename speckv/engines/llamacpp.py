@@ -57,6 +57,7 @@ from speckv.runtime.contract import UNAVAILABLE_COST
 from speckv.runtime.costs import CATCHUP_MAX, StepCosts
 from speckv.runtime.features import GAMMA_MAX, History
 from speckv.runtime.lookup import ContextLookup
+from speckv.runtime.proposal import Proposal
 
 log = logging.getLogger(__name__)
 
@@ -469,20 +470,27 @@ class LlamaCppDecoder:
         target = self.target
         root_pos = target.n_past  # the root, seq[-1], sits at this position
         rows = target.forward([seq[-1], *proposal], "all")
-        k, ended = 0, False
-        while True:
-            token, top1, margin = _argmax_top(rows[k])
-            if k < len(proposal) and token == proposal[k]:
-                self._emit(out, seq, token, margin, len(proposal) + 1)
-                if history is not None:
-                    history.settle(True, top1)
-                k += 1
-                if token in self._eog:
-                    ended = True
-                    break
-                continue
-            break
-        if not ended:  # the target's token after the accepted ones: a correction or a bonus
+        tops: dict[int, tuple[int, float, float]] = {}
+
+        def top(row: int) -> tuple[int, float, float]:  # the argmax of a row, read once
+            if row not in tops:
+                tops[row] = _argmax_top(rows[row])
+            return tops[row]
+
+        def next_token(node: int) -> int | None:  # the target's token after a node
+            if node >= 0 and proposal[node] in self._eog:
+                return None  # an accepted end of generation ends the answer
+            return top(node + 1)[0]
+
+        k = len(Proposal.chain(proposal, source).walk(next_token))
+        for j in range(k):
+            _, top1, margin = top(j)
+            self._emit(out, seq, proposal[j], margin, len(proposal) + 1)
+            if history is not None:
+                history.settle(True, top1)
+        if not (k and proposal[k - 1] in self._eog):
+            # the target's token after the accepted ones: a correction or a bonus
+            token, top1, margin = top(k)
             self._emit(out, seq, token, margin, len(proposal) + 1)
             if history is not None:
                 if k < len(proposal):

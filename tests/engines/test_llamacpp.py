@@ -21,6 +21,8 @@ from locations import ROOT
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: the README's "
                     "set-up (make setup) installs it from requirements.lock")
 
+from gguf_case import DRAFT_DIR, NEAR_TIE, NEW_TOKENS
+
 from speckv.engines.llamacpp import (
     EngineError,
     GGUFModel,
@@ -29,65 +31,6 @@ from speckv.engines.llamacpp import (
     check_pair,
     measure_costs,
 )
-
-DRAFT_DIR = ROOT / "models" / "speckv-draft-v2"
-#: a chat-templated prompt's worth of text whose answer repeats its context (so prompt lookup
-#: proposes often) - token ids come from the GGUF's own tokenizer via llama.cpp
-PROMPT = ("<|im_start|>user\nRepeat this list exactly, then add one more item: apples, "
-          "oranges, pears, plums, cherries, apples, oranges, pears.<|im_end|>\n"
-          "<|im_start|>assistant\n")
-#: a difference from plain decoding must sit where the top two logits are this close
-NEAR_TIE: float = 0.5
-NEW_TOKENS = 40
-
-
-def _target_path():
-    from speckv.llm.weights import DEMO_TARGET, resolve
-
-    return resolve(DEMO_TARGET)
-
-
-def _tokenize(model: GGUFModel, text: str) -> list[int]:
-    ll = model._ll
-    buf = (ll.llama_token * 1024)()
-    n = ll.llama_tokenize(model._vocab, text.encode(), len(text.encode()), buf, 1024, False,
-                          True)
-    assert n > 0
-    return list(buf[:n])
-
-
-@pytest.fixture(scope="module")
-def target():
-    model = GGUFModel(_target_path(), n_ctx=512, threads=1, what="target")
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(target):
-    return _tokenize(target, PROMPT)
-
-
-@pytest.fixture(scope="module")
-def draft_gguf(tmp_path_factory):
-    from speckv.engines.gguf_draft import export_gguf
-
-    out = tmp_path_factory.mktemp("gguf") / "draft.gguf"
-    export_gguf(DRAFT_DIR, _target_path(), out, "bf16")
-    return out
-
-
-@pytest.fixture(scope="module")
-def draft(draft_gguf):
-    model = GGUFModel(draft_gguf, n_ctx=512, threads=1, what="draft")
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
-def plain(target, prompt_ids):
-    return LlamaCppDecoder(target).generate(prompt_ids, NEW_TOKENS)
-
 
 def _one_token_greedy(model: GGUFModel, ids: list[int], n: int) -> list[int]:
     """Greedy decoding written out: the prompt in one forward, then one token per forward."""
