@@ -32,6 +32,7 @@ from speckv.engines.llamacpp import (
     measure_costs,
 )
 
+
 def _one_token_greedy(model: GGUFModel, ids: list[int], n: int) -> list[int]:
     """Greedy decoding written out: the prompt in one forward, then one token per forward."""
     model.reset()
