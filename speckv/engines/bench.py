@@ -42,6 +42,10 @@ from speckv.engines.llamacpp import GGUFModel, LlamaCppDecoder, measure_costs
 
 PLAIN: Final = "llamacpp:plain"
 CONTROLLER: Final = "llamacpp:onnx"
+#: the controller choosing between the context lookup and the draft per step
+LEARNED_LOOKUP: Final = "llamacpp:lookup:auto+onnx"
+#: the shipped controller's file name (its methods are named without a path)
+DEFAULT_NAMES: Final = frozenset({"speckv.onnx"})
 FIXED_GAMMAS: Final = (1, 2, 3, 4)
 LOOKUP_TOKENS: Final = 10
 _FIXED = re.compile(r"llamacpp:fixed:([1-8])")
@@ -56,12 +60,32 @@ def default_methods(controller: Path | None) -> list[str]:
     return methods
 
 
-def short_name(method: str) -> str:
-    return CONTROLLER if method.startswith(CONTROLLER + ":") else method
+def _controller_path(method: str) -> tuple[bool, str | None] | None:
+    """``(learned lookup, path or None)`` of a controller method, None for another."""
+    for prefix, lookup in ((LEARNED_LOOKUP, True), (CONTROLLER, False)):
+        if method == prefix:
+            return lookup, None
+        if method.startswith(prefix + ":"):
+            return lookup, method[len(prefix) + 1:]
+    return None
+
+
+def short_name(method: str, default_controller: Path | None = None) -> str:
+    """The method's name in the results: a controller by its file's name unless it is the
+    default one (``llamacpp:onnx``; ``llamacpp:onnx:speckv-llamacpp.onnx``)."""
+    parsed = _controller_path(method)
+    if parsed is None:
+        return method
+    lookup, path = parsed
+    prefix = LEARNED_LOOKUP if lookup else CONTROLLER
+    default = DEFAULT_NAMES if default_controller is None else {default_controller.name}
+    if path is None or Path(path).name in default:
+        return prefix
+    return f"{prefix}:{Path(path).name}"
 
 
 def needs_draft(methods: Sequence[str]) -> bool:
-    return any(_FIXED.fullmatch(m) or short_name(m) == CONTROLLER for m in methods)
+    return any(_FIXED.fullmatch(m) or _controller_path(m) is not None for m in methods)
 
 
 def make_decoder(method: str, target: GGUFModel, draft: GGUFModel | None, costs,
@@ -76,14 +100,16 @@ def make_decoder(method: str, target: GGUFModel, draft: GGUFModel | None, costs,
                                lookup_tokens=int(m.group(1) or LOOKUP_TOKENS))
     if (m := _FIXED.fullmatch(method)) is not None:
         return LlamaCppDecoder(target, draft, "fixed", gamma=int(m.group(1)))
-    if short_name(method) == CONTROLLER:
-        path = method[len(CONTROLLER) + 1:] if method != CONTROLLER else default_controller
+    if (parsed := _controller_path(method)) is not None:
+        lookup, path = parsed
+        path = path or default_controller
         if path is None:
-            raise BenchError(f"{CONTROLLER} needs a controller: {CONTROLLER}:PATH.")
+            raise BenchError(f"{method} needs a controller: {method}:PATH.")
         return LlamaCppDecoder(target, draft, "controller", controller=Controller.load(path),
-                               costs=costs)
+                               costs=costs, learned_lookup=lookup)
     raise BenchError(f"Unknown llama.cpp method {method!r}: use {PLAIN}, llamacpp:lookup[:N], "
-                     f"llamacpp:fixed:G (G = 1..8) or {CONTROLLER}[:PATH].")
+                     f"llamacpp:fixed:G (G = 1..8), {CONTROLLER}[:PATH] or "
+                     f"{LEARNED_LOOKUP}[:PATH].")
 
 
 def bench_llamacpp(target: GGUFModel, draft: GGUFModel | None, prompt_ids: list[list[int]],
@@ -109,7 +135,8 @@ def bench_llamacpp(target: GGUFModel, draft: GGUFModel | None, prompt_ids: list[
     tokens = np.zeros((n, k))
     seconds = np.zeros((n, k))
     accepted: list[list[int]] = [[] for _ in methods]
-    choices: list[list[int]] = [[] for _ in methods]
+    choices: list[list[int]] = [[] for _ in methods]  # γ of each draft or plain step
+    lookups = [0] * len(methods)  # lookup steps
     first: dict[str, list[Any]] = {m: [None] * n for m in methods}
     shifts = rotation(k, n, repeats)
     for r in range(repeats):
@@ -120,12 +147,17 @@ def bench_llamacpp(target: GGUFModel, draft: GGUFModel | None, prompt_ids: list[
                 tokens[i, j] += len(res.token_ids)
                 seconds[i, j] += res.seconds
                 accepted[j].extend(res.accepted)
-                choices[j].extend(s.get("gamma") or 0 for s in res.steps)
+                choices[j].extend(s.get("gamma") or 0 for s in res.steps
+                                  if s["source"] != "lookup")
+                lookups[j] += sum(s["source"] == "lookup" for s in res.steps)
                 if r == 0:
                     first[method][i] = res
                 if progress is not None:
                     progress.update(1)
-    names = [short_name(m) for m in methods]
+    names = [short_name(m, default_controller) for m in methods]
+    if len(set(names)) != len(names):
+        raise BenchError(f"Two methods share a name in {methods}: give their controllers "
+                         "files of different names.")
     summary = summarize(names, tokens, seconds, resamples, seed, reference=PLAIN)
     for j, name in enumerate(names):
         row = summary["methods"][name]
@@ -137,7 +169,8 @@ def bench_llamacpp(target: GGUFModel, draft: GGUFModel | None, prompt_ids: list[
         counts = np.bincount(choices[j], minlength=9) if choices[j] else None
         row.update(tokens=int(tokens[:, j].sum()), seconds=float(seconds[:, j].sum()),
                    mean_accepted=float(np.mean(accepted[j])) if accepted[j] else None,
-                   steps_by_gamma=None if counts is None else counts.tolist())
+                   steps_by_gamma=None if counts is None else counts.tolist(),
+                   lookup_steps=lookups[j])
     differences = []
     for method in methods:
         if method == PLAIN:
@@ -147,7 +180,8 @@ def bench_llamacpp(target: GGUFModel, draft: GGUFModel | None, prompt_ids: list[
             if at is None or at >= min(len(ref.token_ids), len(run.token_ids)):
                 continue
             differences.append({
-                "method": short_name(method), "prompt_id": name, "first_diff": at,
+                "method": short_name(method, default_controller), "prompt_id": name,
+                "first_diff": at,
                 "forward_rows": run.forward_rows[at], "plain_margin": ref.margins[at],
                 "method_margin": run.margins[at]})
     counts = position_counts(k, n, repeats)
@@ -194,8 +228,10 @@ def format_result(result: dict[str, Any]) -> str:
         rows.append((name, fmt(row["tokens_per_s"], row["ci"]),
                      fmt(row["ratio_to_plain"], row["ratio_to_plain_ci"]),
                      "-" if row["mean_accepted"] is None else f"{row['mean_accepted']:.2f}",
-                     "" if name != CONTROLLER or not row["steps_by_gamma"] else
-                     " ".join(f"{g}:{n}" for g, n in enumerate(row["steps_by_gamma"]) if n)))
+                     "" if _controller_path(name) is None or not row["steps_by_gamma"] else
+                     " ".join([*(f"{g}:{n}" for g, n in enumerate(row["steps_by_gamma"]) if n),
+                               *([f"lookup:{row['lookup_steps']}"] if row.get("lookup_steps")
+                                 else [])])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  " + "  ".join([r[0].ljust(widths[0]),

@@ -343,7 +343,8 @@ class LlamaCppDecoder:
 
     def __init__(self, target: GGUFModel, draft: GGUFModel | None = None, mode: str = "plain",
                  *, gamma: int = 0, lookup_tokens: int = 10, controller=None,
-                 costs: StepCosts | None = None, compression: str | None = None) -> None:
+                 costs: StepCosts | None = None, compression: str | None = None,
+                 learned_lookup: bool = False) -> None:
         if mode not in MODES:
             raise EngineError(f"Unknown llama.cpp mode {mode!r}: use one of {', '.join(MODES)}.")
         if mode in ("fixed", "controller") and draft is None:
@@ -354,8 +355,15 @@ class LlamaCppDecoder:
         if mode == "controller" and (controller is None or costs is None):
             raise EngineError("The controller mode needs the exported controller and the "
                               "costs measured in llama.cpp (measure_costs).")
+        if learned_lookup and (mode != "controller" or not getattr(controller, "info", None)
+                               or not controller.info.lookup_feature_names):
+            raise EngineError("The learned choice of the lookup needs the controller mode and a "
+                              "controller with a lookup decision (format 4: `speckv export` "
+                              "writes one).")
         if draft is not None:
             check_pair(draft, target)
+        #: the controller chooses between the context lookup and the draft per step
+        self.learned_lookup = learned_lookup
         self.target, self.draft, self.mode = target, draft, mode
         self.gamma, self.lookup_tokens = gamma, lookup_tokens
         self.controller, self.costs = controller, costs
@@ -389,48 +397,67 @@ class LlamaCppDecoder:
             # the draft reads the prompt at its first catch-up: a controller that never
             # drafts never pays for it
             draft.reset()
-        lookup = ContextLookup() if self.mode == "lookup" else None
+        lookup = ContextLookup() if self.mode == "lookup" or self.learned_lookup else None
         if lookup is not None:
             lookup.extend(seq)
-        skip_run = 0
+        skip_run = 0  # plain (and lookup) steps in a row, for the controller's probe
         while len(out.token_ids) < max_new_tokens and out.token_ids[-1] not in self._eog:
             room = max_new_tokens - len(out.token_ids)
+            before = len(seq)
             if self.mode == "plain":
                 self._plain_step(out, seq, history)
             elif self.mode == "lookup":
                 prop = lookup.propose(min(self.lookup_tokens, room - 1)) if room > 1 else None
-                before = len(seq)
                 if prop is None or not prop.tokens:
                     self._plain_step(out, seq, None)
                 else:
                     self._verify(out, seq, list(prop.tokens), "lookup", None, None)
-                lookup.extend(seq[before:])
-            else:
-                speculate = room > 1
-                if speculate and self.mode == "controller":
-                    speculate = skip_run >= self.probe_every or \
-                        self.controller.speculate_for(history, self.compression, self.costs)
-                if not speculate:
-                    self._plain_step(out, seq, history)
-                    skip_run += 1
-                    continue
+            elif room > 1 and lookup is not None and self._lookup_step(out, seq, lookup,
+                                                                       history, room):
+                skip_run += 1  # the draft did not run, as in a plain step
+            elif room > 1 and (self.mode == "fixed" or skip_run >= self.probe_every or
+                               self.controller.speculate_for(history, self.compression,
+                                                             self.costs)):
                 skip_run = 0
-                first, unseen = self._catch_up(seq, history)
-                if self.mode == "fixed":
-                    gamma = self.gamma
-                else:
-                    costs = self.controller.option_costs(self.costs, unseen)
-                    gamma = int(self.controller.choose_from_logits(first, history,
-                                                                   self.compression, costs))
-                    gamma = gamma if 1 <= gamma <= GAMMA_MAX else 1  # trees: never priced
-                gamma = min(gamma, room - 1)
-                drafted = [int(first.argmax())]
-                while len(drafted) < gamma:
-                    drafted.append(int(draft.forward([drafted[-1]], "last")[0].argmax()))
-                self._verify(out, seq, drafted, "draft", history, gamma)
+                self._draft_step(out, seq, history, room)
+            else:
+                self._plain_step(out, seq, history)
+                skip_run += 1
+            if lookup is not None:
+                lookup.extend(seq[before:])
         out.token_ids = out.token_ids[:max_new_tokens]
         out.seconds = time.perf_counter() - started
         return out
+
+    def _draft_step(self, out: DecodeResult, seq: list[int], history: History | None,
+                    room: int) -> None:
+        """The draft catches up, drafts γ tokens (fixed, or the controller's choice), and the
+        target verifies them."""
+        first, unseen = self._catch_up(seq, history)
+        if self.mode == "fixed":
+            gamma = self.gamma
+        else:
+            costs = self.controller.option_costs(self.costs, unseen)
+            gamma = int(self.controller.choose_from_logits(first, history, self.compression,
+                                                           costs))
+            gamma = gamma if 1 <= gamma <= GAMMA_MAX else 1  # trees: never priced
+        gamma = min(gamma, room - 1)
+        drafted = [int(first.argmax())]
+        while len(drafted) < gamma:
+            drafted.append(int(self.draft.forward([drafted[-1]], "last")[0].argmax()))
+        self._verify(out, seq, drafted, "draft", history, gamma)
+
+    def _lookup_step(self, out: DecodeResult, seq: list[int], lookup: ContextLookup,
+                     history: History, room: int) -> bool:
+        """Where the context proposes a continuation and the controller's lookup decision
+        takes it: verify it (no draft forward) and say so."""
+        limit = min(room - 1, self.controller.info.lookup_max_tokens)
+        prop = lookup.propose(limit)
+        if not prop.tokens or not self.controller.use_lookup_for(history, self.compression,
+                                                                  self.costs, prop):
+            return False
+        self._verify(out, seq, list(prop.tokens), "lookup", history, None)
+        return True
 
     def _emit(self, out: DecodeResult, seq: list[int], token: int, margin: float,
               rows: int) -> None:
@@ -483,17 +510,24 @@ class LlamaCppDecoder:
             return top(node + 1)[0]
 
         k = len(Proposal.chain(proposal, source).walk(next_token))
+        # the draft's history: a drafted token accepted agreed with the target; a lookup
+        # step's tokens wait for the draft's next catch-up, as a plain step's token does
+        drafted = source == "draft"
         for j in range(k):
             _, top1, margin = top(j)
             self._emit(out, seq, proposal[j], margin, len(proposal) + 1)
-            if history is not None:
+            if history is not None and drafted:
                 history.settle(True, top1)
+            elif history is not None:
+                history.defer(top1)
         if not (k and proposal[k - 1] in self._eog):
             # the target's token after the accepted ones: a correction or a bonus
             token, top1, margin = top(k)
             self._emit(out, seq, token, margin, len(proposal) + 1)
             if history is not None:
-                if k < len(proposal):
+                if not drafted:
+                    history.defer(top1)
+                elif k < len(proposal):
                     history.settle(False, top1)  # the draft had proposed another token
                 else:
                     history.defer(top1)  # the draft has not predicted this position yet

@@ -82,6 +82,10 @@ from speckv.runtime.features import (
     RowStats,
     fill_pre_features,
     fill_step_features,
+    lookup_features,
+)
+from speckv.runtime.features import (
+    pre_features as pre_vector,
 )
 from speckv.runtime.proposal import TREES
 
@@ -654,6 +658,19 @@ class Controller:
         check_lookup_length(state.lookup_length, self.info.lookup_max_tokens)
         state.run_lookup()
         return bool(state.lookup[0])
+
+    def use_lookup_for(self, history: History, compression: str, costs: StepCosts,
+                       proposal) -> bool:
+        """:meth:`use_lookup` for a :class:`~speckv.runtime.lookup.LookupProposal` (at most
+        ``lookup_max_tokens`` tokens) with both vectors built from ``history``: the step
+        would verify the proposal in a forward over its tokens and the last emitted one
+        (``costs.t_verify[len(tokens)]``), against drafting after a catch-up over
+        ``history.unsettled + 1`` tokens or a plain step."""
+        pre = pre_vector(history, compression)
+        n = len(proposal.tokens)
+        look = lookup_features(pre, n, proposal.match, proposal.occurrences, proposal.agreeing)
+        return self.use_lookup(look, costs.t_verify[n], pre,
+                               self.option_costs(costs, len(history.pending) + 1), costs.plain)
 
     def speculate(self, pre_features: np.ndarray | Sequence[float],
                   costs: np.ndarray | Sequence[float], plain_cost: float) -> bool:

@@ -226,3 +226,38 @@ def test_bench_protocol_on_llamacpp(target, draft, prompt_ids):
     for d in out["differences"]:
         assert d["forward_rows"] > 1 and min(d["plain_margin"], d["method_margin"]) < NEAR_TIE
     assert "x plain" in format_result({**out, "repeats": 1, "max_new_tokens": 8})
+
+
+def test_the_controller_chooses_the_lookup_in_llamacpp(target, draft, prompt_ids, plain):
+    """``learned_lookup``: where the context proposes, the controller's lookup decision picks
+    the source. On flat costs (a verify over 9 tokens at 1.2x a plain step, as in Hugging
+    Face) it takes the repeated list's continuations; the lookup steps' tokens wait for the
+    draft's catch-up (deferred), and the output is still plain decoding's."""
+    from speckv.paths import DEFAULT_CONTROLLER, find_file
+    from speckv.runtime import Controller, StepCosts
+
+    controller = Controller.load(find_file(DEFAULT_CONTROLLER))
+    flat = StepCosts(0.004, [0.020 * (1 + 0.025 * k) for k in range(9)],
+                     [0.004 * (1 + 0.3 * k) for k in range(8)])
+    dec = LlamaCppDecoder(target, draft, "controller", controller=controller, costs=flat,
+                          learned_lookup=True)
+    out = dec.generate(prompt_ids, NEW_TOKENS)
+    _same_or_near_tie(plain, out)
+    lookups = [s for s in out.steps if s["source"] == "lookup"]
+    assert lookups and sum(s["accepted"] for s in lookups) > 0
+    assert all(s["drafted"] <= controller.info.lookup_max_tokens for s in lookups)
+    # the draft reads every token a lookup step emitted at its next catch-up
+    assert draft.n_past <= target.n_past
+    with pytest.raises(EngineError, match="lookup decision"):
+        LlamaCppDecoder(target, draft, "fixed", gamma=2, learned_lookup=True)
+
+
+def test_controller_methods_are_named_by_their_file():
+    from speckv.engines.bench import short_name
+
+    assert short_name("llamacpp:onnx:export/speckv.onnx") == "llamacpp:onnx"
+    assert short_name("llamacpp:onnx:runs/a/speckv-llamacpp.onnx") == \
+        "llamacpp:onnx:speckv-llamacpp.onnx"
+    assert short_name("llamacpp:lookup:auto+onnx") == "llamacpp:lookup:auto+onnx"
+    assert short_name("llamacpp:lookup:auto+onnx:x/c.onnx") == "llamacpp:lookup:auto+onnx:c.onnx"
+    assert short_name("llamacpp:lookup:4") == "llamacpp:lookup:4"

@@ -738,3 +738,30 @@ def test_the_guides_split_files_run_one_decision_each(tmp_path, controller, gold
     gamma = step.run(["gamma"], {"features": golden["features"], "costs": golden["costs"]})[0]
     np.testing.assert_array_equal(speculate, golden["speculate"])
     np.testing.assert_array_equal(gamma, golden["gamma"])
+
+
+def test_use_lookup_for_builds_both_vectors_from_the_history(controller):
+    """The convenience form equals :meth:`use_lookup` on vectors built by hand, over
+    histories and proposals that make it take and decline the lookup."""
+    from speckv.runtime import History, StepCosts
+    from speckv.runtime.features import lookup_features, pre_features
+    from speckv.runtime.lookup import LookupProposal
+
+    costs = StepCosts(0.004, [0.02 * (1 + 0.05 * k) for k in range(9)],
+                      [0.004 * (1 + 0.3 * k) for k in range(8)])
+    said = []
+    for agreed in (True, False):
+        history = History()
+        for _ in range(6):
+            history.settle(agreed, 0.9)
+        history.defer(0.8)
+        for n, match, occ, agree in ((1, 1, 1, 0), (8, 4, 3, 3), (4, 2, 2, 1)):
+            prop = LookupProposal(tuple(range(10, 10 + n)), match, occ, agree)
+            pre = pre_features(history, "fp16")
+            by_hand = controller.use_lookup(
+                lookup_features(pre, n, match, occ, agree), costs.t_verify[n], pre,
+                controller.option_costs(costs, len(history.pending) + 1), costs.plain)
+            got = controller.use_lookup_for(history, "fp16", costs, prop)
+            assert got == by_hand
+            said.append(got)
+    assert any(said) and not all(said)
