@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/reprice_records.py RECORDS.parquet [--threads 1]
 
+Records profiled in llama.cpp (``speckv profile --engine llamacpp``: GGUF targets) are
+re-measured in llama.cpp (:func:`speckv.profile.gguf_trace.measure`), trees left out.
+
 A trace's outcomes (what the target emits, what each chain, tree and lookup accepts) do not
 depend on timing; its costs are machine facts, measured by each profiling run at its start.
 Runs that shared the machine with other work measured them under that load (the bundle's two
@@ -40,18 +43,22 @@ def main() -> None:
     meta = read_metadata(args.records)
     for compression, rows in df.groupby("compression", observed=True):
         first = rows.iloc[0]
-        target = load_model(str(first["target_model"]), str(compression),
-                            dtype=str(first["compute_dtype"]), device="cpu")
-        draft = load_draft_for(str(first["draft_model"]), target, target.compute_dtype)
-        costs = measure_step_costs(draft, target)
-        values = costs.to_json()
+        if str(first["target_model"]).endswith(".gguf"):
+            values = _llamacpp_costs(str(first["target_model"]), str(first["draft_model"]),
+                                     args.threads)
+        else:
+            target = load_model(str(first["target_model"]), str(compression),
+                                dtype=str(first["compute_dtype"]), device="cpu")
+            draft = load_draft_for(str(first["draft_model"]), target, target.compute_dtype)
+            values = measure_step_costs(draft, target).to_json()
+            del target, draft
         for name in COST_COLUMNS:
             value = values[name]
             if name == "cost_draft_s":
                 df.loc[rows.index, name] = np.float32(value)
             else:
                 df[name] = df[name].astype(object)
-                array = np.asarray(value, np.float32)
+                array = None if value is None else np.asarray(value, np.float32)
                 for i in rows.index:
                     df.at[i, name] = array
         for run in meta.get("runs", {}).values():
@@ -59,12 +66,29 @@ def main() -> None:
                 run["cost"] = values
                 run["repriced"] = {"machine": fingerprint(args.threads),
                                    "threads": args.threads}
-        print(json.dumps({"compression": compression, "plain_ms": 1e3 * costs.cost_verify_s[0],
-                          "draft_ms": 1e3 * costs.cost_draft_s,
+        print(json.dumps({"compression": compression,
+                          "plain_ms": 1e3 * values["cost_verify_s"][0],
+                          "verify_ms": [round(1e3 * v, 1) for v in values["cost_verify_s"]],
+                          "draft_ms": 1e3 * values["cost_draft_s"],
                           "tree_verify_ms": [round(1e3 * v, 1) for v in
-                                             costs.cost_tree_verify_s or []]}), flush=True)
-        del target, draft
+                                             values["cost_tree_verify_s"] or []]}), flush=True)
     write_records(df, args.records, meta)
+
+
+def _llamacpp_costs(target: str, draft: str, threads: int) -> dict:
+    """The cost columns of llama.cpp records, measured in llama.cpp."""
+    from speckv.decode.costs import CONTEXT_LEN
+    from speckv.engines.llamacpp import GGUFModel
+    from speckv.profile.gguf_trace import measure, record_costs
+
+    n_ctx = 1 << (CONTEXT_LEN + 64).bit_length()
+    tgt = GGUFModel(target, n_ctx=n_ctx, threads=threads, what="target")
+    dft = GGUFModel(draft, n_ctx=n_ctx, threads=threads, what="draft")
+    try:
+        return record_costs(measure(tgt, dft, CONTEXT_LEN))
+    finally:
+        tgt.close()
+        dft.close()
 
 
 if __name__ == "__main__":

@@ -109,10 +109,10 @@ def trace_gguf(target: GGUFModel, draft: GGUFModel, prompt_ids: Sequence[int],
     return tr.add_lookup(list(prompt_ids))
 
 
-def cost_context(prompt_ids: Sequence[int], length: int) -> list[int]:
-    """A context of ``length`` tokens to measure costs at: the prompt repeated."""
-    ids = [int(t) for t in prompt_ids]
-    return (ids * (length // max(len(ids), 1) + 1))[:length]
+def cost_context(n_vocab: int, length: int, seed: int = 0) -> list[int]:
+    """The ``length`` cached tokens costs are measured at: seeded random ids of the
+    vocabulary, the same for every run (a forward's time does not depend on which tokens)."""
+    return np.random.default_rng(seed).integers(3, n_vocab, size=length).tolist()
 
 
 def record_costs(measured: dict[str, Any]) -> dict[str, Any]:
@@ -122,10 +122,10 @@ def record_costs(measured: dict[str, Any]) -> dict[str, Any]:
             "cost_tree_verify_s": None}
 
 
-def measure(target: GGUFModel, draft: GGUFModel, prompt_ids: Sequence[int],
-            context_len: int) -> dict[str, Any]:
-    """llama.cpp's costs for the records, at ``context_len`` cached tokens."""
-    return measure_costs(target, draft, cost_context(prompt_ids, context_len))
+def measure(target: GGUFModel, draft: GGUFModel, context_len: int) -> dict[str, Any]:
+    """llama.cpp's costs for the records, at ``context_len`` cached tokens
+    (:func:`cost_context`)."""
+    return measure_costs(target, draft, cost_context(target.n_vocab, context_len))
 
 
 def live_agreement(target: GGUFModel, draft: GGUFModel, prompt_ids: Sequence[int],

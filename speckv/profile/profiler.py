@@ -291,7 +291,7 @@ def run_profile(*, draft: str, target: str, compressions: list[str], prompts: li
                        compression=compression, dtype=dtype, device=device, mode=mode,
                        max_new_tokens=max_new_tokens, shard=shard, threads=threads,
                        policy=policy, target_batch=target_batch, draft_batch=draft_batch,
-                       cost_prompt=chat_ids(tokenizer, todo[0].text), cache=drafters)
+                       cache=drafters)
         run_id = f"{compression}-{uuid.uuid4().hex[:8]}"
         run_meta[run_id] = level.meta
         mine = {k: v for k, v in run_meta.items() if v.get("shard") == list(shard)}
@@ -347,7 +347,7 @@ class _Level:
 
 
 def _open_hf(*, draft, target, compression, dtype, device, mode, max_new_tokens, shard,
-             threads, policy, target_batch, draft_batch, cost_prompt, cache) -> _Level:
+             threads, policy, target_batch, draft_batch, cache) -> _Level:
     """A Hugging Face target at ``compression`` and the draft (loaded once, kept in
     ``cache``), with every cost measured."""
     import torch
@@ -398,8 +398,8 @@ def _open_hf(*, draft, target, compression, dtype, device, mode, max_new_tokens,
     return _Level(meta, ident, costs, trace, live, close)
 
 
-def _open_llamacpp(*, draft, target, compression, max_new_tokens, shard, threads,
-                   cost_prompt, cache, mode, **_) -> _Level:
+def _open_llamacpp(*, draft, target, compression, max_new_tokens, shard, threads, cache,
+                   mode, **_) -> _Level:
     """A GGUF target (``target``, the level's file) and the GGUF draft in llama.cpp, with
     llama.cpp's costs measured at :data:`~speckv.decode.costs.CONTEXT_LEN` cached tokens."""
     from speckv.decode.costs import CONTEXT_LEN
@@ -412,7 +412,7 @@ def _open_llamacpp(*, draft, target, compression, max_new_tokens, shard, threads
         cache["llamacpp"] = GGUFModel(draft, n_ctx=n_ctx, threads=threads or 1, what="draft")
     dft = cache["llamacpp"]
     check_pair(dft, tgt)
-    measured = measure(tgt, dft, cost_prompt, CONTEXT_LEN)
+    measured = measure(tgt, dft, CONTEXT_LEN)
     meta = {"engine": "llamacpp", "draft": str(draft), "target": str(target),
             "compression": compression, "compute_dtype": tgt.file_type,
             "draft_dtype": dft.file_type, "target_desc": tgt.description,
