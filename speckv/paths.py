@@ -23,10 +23,18 @@ DATAMODULES: Final = "datamodules"
 DEMO_RECORD_SET: Final = "smollm2-demo"
 DEMO_RECORDS: Final = f"{DATAMODULES}/{DEMO_RECORD_SET}/{DEMO_RECORD_SET}.parquet"
 DEMO_FIGURES: Final = f"{DATAMODULES}/{DEMO_RECORD_SET}/figures"
-#: every record set's files: what ``speckv.train`` and ``speckv evaluate`` read by default.
-DEFAULT_RECORDS: Final = f"{DATAMODULES}/*/*.parquet"
+#: what ``speckv.train`` and ``speckv evaluate`` read by default: the Hugging Face demo's
+#: record set (another, such as llama.cpp's ``smollm2-llamacpp``, is passed by name: its costs
+#: are another engine's, and a controller is trained for the engine it will decide in)
+DEFAULT_RECORDS: Final = f"{DATAMODULES}/{DEMO_RECORD_SET}/*.parquet"
+#: llama.cpp's record set (``speckv profile --engine llamacpp``) and the controller trained
+#: on it
+LLAMACPP_RECORD_SET: Final = "smollm2-llamacpp"
+LLAMACPP_RECORDS: Final = f"{DATAMODULES}/{LLAMACPP_RECORD_SET}/{LLAMACPP_RECORD_SET}.parquet"
 #: what ships: the trained controller.
 DEFAULT_CONTROLLER: Final = "export/speckv.onnx"
+#: the controller trained on llama.cpp's records (``llamacpp:onnx:`` this path)
+LLAMACPP_CONTROLLER: Final = "export/speckv-llamacpp.onnx"
 #: where training writes (Lightning's own default).
 LOG_DIR: Final = "lightning_logs"
 #: the demo draft's weights and model card.

@@ -322,7 +322,7 @@ def read_metadata(path: str | Path) -> dict:
 def resolve_records(records: str | list[str] | None) -> list[Path]:
     """Expand globs (relative to the cwd, then to the checkout); fail with what to do.
 
-    ``None`` stands for every bundled record set (:data:`speckv.paths.DEFAULT_RECORDS`)."""
+    ``None`` stands for the demo's record set (:data:`speckv.paths.DEFAULT_RECORDS`)."""
     patterns = [records] if isinstance(records, str) else (records or [paths.DEFAULT_RECORDS])
     found: list[Path] = []
     for pattern in patterns:

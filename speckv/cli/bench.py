@@ -43,7 +43,7 @@ from speckv.decode.bench import (
 )
 from speckv.engines.gguf_draft import GGUF_DRAFT
 from speckv.errors import SpeckvError
-from speckv.paths import DEFAULT_CONTROLLER, find_file
+from speckv.paths import DEFAULT_CONTROLLER, LLAMACPP_CONTROLLER, LLAMACPP_RECORDS, find_file
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,12 @@ LLAMACPP_EPILOG = """\
 methods (default: all of them): llamacpp:plain (llama.cpp's greedy decoding; every ratio is to
 it), llamacpp:lookup[:N] (prompt lookup, N = 10 by default), llamacpp:fixed:G (the GGUF draft,
 G = 1..4 by default), llamacpp:onnx[:PATH] (speckv's controller on costs measured in
-llama.cpp; default export/speckv.onnx).
+llama.cpp; default export/speckv.onnx), llamacpp:lookup:auto+onnx[:PATH] (the controller also
+chooses the context lookup per step; a format-4 controller). By default the controller trained
+on llama.cpp's records, export/speckv-llamacpp.onnx, runs in both forms too.
+
+--quantization writes the demo target at llama.cpp's f16, q8_0 or q4_k_m once into the cache
+(llama.cpp's quantizer, from the shipped Q4_1 file); the draft is exported on the shipped file.
 
 The draft GGUF is exported from --draft once and cached (speckv draft export-gguf writes one
 where you choose). NOTE: """ + ONE_PROCESS
@@ -289,8 +294,10 @@ def llamacpp_main(argv: list[str]) -> int:
                                  epilog=LLAMACPP_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     _prompt_source(ap)
-    ap.add_argument("--records", help="step records for the test split (default: the bundled "
-                    "ones)")
+    ap.add_argument("--records", action="append",
+                    help="a record set whose test split the prompts come from; repeat it for "
+                         "several (a prompt any of them trains on is left out). Default: the "
+                         "demo's and llama.cpp's (datamodules/smollm2-llamacpp, when present)")
     ap.add_argument("--gguf-target", default=None,
                     help="the target GGUF (default: the demo target's, Q4_1)")
     ap.add_argument("--quantization", default=None, choices=tuple(QUANTIZATIONS),
@@ -316,7 +323,7 @@ def llamacpp_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     controller = find_file(DEFAULT_CONTROLLER)
     methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
-               else default_methods(controller))
+               else default_methods(controller, find_file(LLAMACPP_CONTROLLER)))
     base_path = check_gguf(args.gguf_target if args.gguf_target else resolve(DEMO_TARGET),
                            "target")
     target_path = (cached_target(args.quantization, base_path) if args.quantization
@@ -329,10 +336,15 @@ def llamacpp_main(argv: list[str]) -> int:
     else:
         from speckv.decode.bench import held_out_prompts
 
-        record_paths, records = _records(args.records)
-        prompts = held_out_prompts(records, args.per_task, val=SPLIT_VAL, test=SPLIT_TEST,
-                                   seed=SPLIT_SEED)
-        source = (f"test split of {', '.join(map(str, record_paths))}: {len(prompts)} prompts"
+        sets = args.records or [None, *([LLAMACPP_RECORDS] if find_file(LLAMACPP_RECORDS)
+                                        .is_file() else [])]
+        loaded = [_records(pattern) for pattern in sets]
+        record_paths = [p for paths_, _ in loaded for p in paths_]
+        prompts = held_out_prompts(loaded[0][1], args.per_task, val=SPLIT_VAL,
+                                   test=SPLIT_TEST, seed=SPLIT_SEED,
+                                   also=[df for _, df in loaded[1:]])
+        source = (f"test split of {' and '.join(map(str, record_paths))} (no set trains on "
+                  f"them): {len(prompts)} prompts"
                   + (f", the first {args.per_task} per task" if args.per_task else ""))
     tok = load_tokenizer(DEMO_TARGET if not args.gguf_target else args.gguf_target)
     ids = [chat_ids(tok, p.text) for p in prompts]
@@ -387,7 +399,7 @@ def hf_main(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     _prompt_source(ap)
     ap.add_argument("--records", help="step records for the test split and the best static "
-                    "fit (default: the bundled ones, datamodules/*/*.parquet)")
+                    "fit (default: the demo's, datamodules/smollm2-demo/*.parquet)")
     ap.add_argument("--compression", default="fp16", help="comma-separated: fp16,int8,nf4")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,

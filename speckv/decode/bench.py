@@ -227,16 +227,27 @@ def _speckv_runner(decoder: SpeculativeDecoder) -> Runner:
 
 # ------------------------------------------------------------------------------- prompts
 def held_out_prompts(records: pd.DataFrame, per_task: int | None = None, *, val: float = 0.15,
-                 test: float = 0.15, seed: int = 0) -> list[Prompt]:
+                 test: float = 0.15, seed: int = 0,
+                 also: Sequence[pd.DataFrame] = ()) -> list[Prompt]:
     """The suite prompts of the records' test split (:func:`speckv.records.split_prompts`
     with the fractions and seed training uses), in suite order per task; ``per_task`` keeps
-    the first N of each task. Record prompts that are not suite prompts are skipped."""
+    the first N of each task. Record prompts that are not suite prompts are skipped.
+
+    ``also``: other record sets, each split on its own (controllers trained on them are
+    compared too): a prompt is kept only where no set trains or validates on it."""
     from speckv.prompts import SUITE_MAX, TASKS, suites
     from speckv.records import split_prompts
 
-    assign = split_prompts(records, val=val, test=test, seed=seed)
-    held = records.loc[assign == "test", ["task", "prompt_id"]].astype(str)
-    wanted = set(zip(held["task"], held["prompt_id"], strict=True))
+    def split(df: pd.DataFrame) -> tuple[set, set]:
+        assign = split_prompts(df, val=val, test=test, seed=seed)
+        keys = df[["task", "prompt_id"]].astype(str)
+        pairs = list(zip(keys["task"], keys["prompt_id"], strict=True))
+        held = {k for k, a in zip(pairs, assign, strict=True) if a == "test"}
+        return held, set(pairs) - held
+
+    wanted, _ = split(records)
+    for other in also:
+        wanted -= split(other)[1]
     chosen = [p for p in suites(n=SUITE_MAX) if (p.task, p.prompt_id) in wanted]
     if len(chosen) < len(wanted):
         log.warning("%d test prompt(s) of the records are not suite prompts; skipped",

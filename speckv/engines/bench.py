@@ -52,11 +52,17 @@ _FIXED = re.compile(r"llamacpp:fixed:([1-8])")
 _LOOKUP = re.compile(r"llamacpp:lookup(?::([1-9]\d*))?")
 
 
-def default_methods(controller: Path | None) -> list[str]:
+def default_methods(controller: Path | None, llamacpp_controller: Path | None = None
+                    ) -> list[str]:
+    """Every baseline, the shipped controller, and the one trained on llama.cpp's records
+    (alone and choosing the lookup too) where those files exist."""
     methods = [PLAIN, "llamacpp:lookup", "llamacpp:lookup:4",
                *(f"llamacpp:fixed:{g}" for g in FIXED_GAMMAS)]
     if controller is not None and controller.is_file():
         methods.append(f"{CONTROLLER}:{controller}")
+    if llamacpp_controller is not None and llamacpp_controller.is_file():
+        methods += [f"{CONTROLLER}:{llamacpp_controller}",
+                    f"{LEARNED_LOOKUP}:{llamacpp_controller}"]
     return methods
 
 

@@ -418,8 +418,8 @@ def _open_llamacpp(*, draft, target, compression, max_new_tokens, shard, threads
             "draft_dtype": dft.file_type, "target_desc": tgt.description,
             "device": "cpu", "mode": mode, "machine": fingerprint(tgt.threads),
             "threads": tgt.threads, "date": time.strftime("%Y-%m-%d"),
-            "cost": {k: measured[k] for k in ("t_verify", "t_draft", "t_catchup", "context",
-                                              "repeats")},
+            "cost": {**record_costs(measured), "context_len": measured["context"],
+                     "repeats": measured["repeats"]},
             "max_new_tokens": max_new_tokens, "shard": list(shard)}
     ident = {"draft_model": str(draft), "draft_kind": "lm", "target_model": str(target),
              "compression": compression, "compute_dtype": tgt.file_type}

@@ -1,6 +1,6 @@
 """``python -m speckv.train fit|validate|test|predict``: the LightningCLI entry point.
 
-With no arguments, ``fit`` trains on every bundled record set (``datamodules/*/``) with the
+With no arguments, ``fit`` trains on the demo's record set (``datamodules/smollm2-demo/``) with the
 settings that ship inside the package, one file per LightningCLI group
 (``speckv/train/configs/{trainer,model,data}.yaml``, read through importlib.resources, so an
 installed wheel trains with the same settings); runs log to TensorBoard under

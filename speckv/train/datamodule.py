@@ -132,8 +132,9 @@ class SpeckvDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            records: parquet file(s) or glob(s) of step records (default: the bundled
-                ``datamodules/*/*.parquet``); one path, or a list ``[a.parquet, b.parquet]``.
+            records: parquet file(s) or glob(s) of step records (default: the demo's,
+                ``datamodules/smollm2-demo/*.parquet``); one path, or a list ``[a.parquet,
+                b.parquet]``.
             feature_set: ``decision`` (decision-time features, the controller's input),
                 ``paper`` (the seed paper's post-drafting statistics; imported rows only), or
                 ``auto`` (``paper`` when every row is imported, else ``decision``).

@@ -102,7 +102,7 @@ def test_profile_writes_llamacpp_records_and_resumes(tmp_path, draft_gguf):
     assert verify[0, -1] > verify[0, 0]  # nine tokens cost more than one in llama.cpp
     assert len(df["cost_catchup_s"].iloc[0]) >= 2
     meta = next(iter(read_metadata(run.out)["runs"].values()))
-    assert meta["engine"] == "llamacpp" and len(meta["cost"]["t_verify"]) == GAMMA_MAX + 1
+    assert meta["engine"] == "llamacpp" and len(meta["cost"]["cost_verify_s"]) == GAMMA_MAX + 1
     # killed after three prompts: the same command redoes the missing one alone
     parts = sorted((tmp_path / "r.parquet.parts").glob("*.parquet"))
     parts[0].unlink()
