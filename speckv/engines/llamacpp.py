@@ -329,6 +329,13 @@ def probe_interval(costs: StepCosts, max_skip_run: int, budget: float = PROBE_BU
     return max(max_skip_run, math.ceil(extra / (budget * costs.plain)))
 
 
+def loop_probe_interval(costs: StepCosts, max_skip_run: int, n_batch: int = 512) -> int:
+    """The probe interval this loop uses: :func:`probe_interval`, at most what one catch-up
+    forward of the draft takes (``n_batch - 1`` skipped tokens). Replay uses it for records
+    profiled in llama.cpp (:mod:`speckv.evaluate.replay`), so its figures follow this loop."""
+    return min(probe_interval(costs, max_skip_run), n_batch - 1)
+
+
 class LlamaCppDecoder:
     """Greedy decoding in llama.cpp: ``mode`` is ``plain`` (γ = 0), ``fixed`` (``gamma``
     draft tokens every step), ``lookup`` (:class:`ContextLookup`, at most ``lookup_tokens``,
@@ -369,8 +376,8 @@ class LlamaCppDecoder:
         self.controller, self.costs = controller, costs
         #: plain steps in a row before a probe (the controller mode), priced in this engine
         # (at most what one catch-up forward of the draft can take)
-        self.probe_every = (min(probe_interval(costs, controller.max_skip_run),
-                                draft.n_batch - 1) if mode == "controller" else None)
+        self.probe_every = (loop_probe_interval(costs, controller.max_skip_run, draft.n_batch)
+                            if mode == "controller" else None)
         self.compression = compression or target.compression
         self._eog = target.eog_ids()
 

@@ -153,6 +153,9 @@ class Traces:
     #: [n, 5] the context lookup at each row: accepted, length, match, occurrences,
     #: agreeing (speckv.runtime.lookup; None: records without it)
     lookup: np.ndarray | None = None
+    #: [S] bool: sequences profiled in llama.cpp (their draft is a GGUF file), whose loop
+    #: probes at the interval its costs price (speckv.engines.llamacpp.loop_probe_interval)
+    llamacpp: np.ndarray | None = None
     _lists: dict[str, list] = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -351,8 +354,26 @@ def prepare(df: pd.DataFrame) -> Traces:
         prompt=sequence_ids(first).to_numpy(),
         reads_target=_reads_target(first),
         lookup=_lookup(df),
+        llamacpp=_llamacpp(first),
         **trees,
     )
+
+
+def _engine_probe(traces: Traces, row: int, max_skip_run: int) -> int:
+    """llama.cpp's probe interval at a sequence's costs (its first row's)."""
+    from speckv.engines.llamacpp import loop_probe_interval
+    from speckv.runtime.costs import StepCosts
+
+    costs = StepCosts(float(traces.draft[row]), traces.verify[row],
+                      traces.catchup[row] if traces.catchup_measured else None)
+    return loop_probe_interval(costs, int(max_skip_run))
+
+
+def _llamacpp(first: pd.DataFrame) -> np.ndarray | None:
+    """Which sequences llama.cpp profiled: their draft is a GGUF file (a Hugging Face draft
+    is a folder or a hub id)."""
+    kind = first["draft_model"].astype(str).str.lower().str.endswith(".gguf").to_numpy()
+    return kind if kind.any() else None
 
 
 def _lookup(df: pd.DataFrame) -> np.ndarray | None:
@@ -519,11 +540,17 @@ def replay(traces: Traces, policy: Policy) -> Replay:
     choose, keep, observe = policy.choose, policy.keep_drafting, policy.observe
     out = np.zeros((5, S), np.float64)
     chosen = np.zeros((S, N_OPTIONS), np.int64)
+    max_skip_run = getattr(policy, "max_skip_run", None)
     for s in range(S):
         start, n = int(traces.starts[s]), int(traces.lengths[s])
         budget = int(traces.budgets[s])
         comp = str(traces.compression[s])
         reads = traces.reads_target is not None and bool(traces.reads_target[s])
+        # llama.cpp's loop probes at its own priced interval: the policy sees no plain steps
+        # in a row before it (so it does not probe at its own), then all of them
+        engine_probe = (_engine_probe(traces, start, max_skip_run)
+                        if max_skip_run is not None and traces.llamacpp is not None
+                        and traces.llamacpp[s] else None)
         policy.reset()
         p = tokens = steps = drafted_sum = accepted_sum = 0
         unsettled = skipped = 0  # emitted tokens the draft has not scored; plain steps in a row
@@ -539,10 +566,11 @@ def replay(traces: Traces, policy: Policy) -> Replay:
                 break
             max_gamma = left if left < GAMMA_MAX else GAMMA_MAX
             unseen = unsettled + 1
+            seen = skipped if engine_probe is None or skipped >= engine_probe else 0
             if lookup_rule is not None and lookup_rows[r][1] > 0:
                 a, length, match, occurrences, agreeing = lookup_rows[r]
                 pre = PreContext(traces.pre_features_for(unsettled)[r], comp, p, max_gamma,
-                                 traces.costs_for(unseen)[r], verify0[r], unseen, skipped,
+                                 traces.costs_for(unseen)[r], verify0[r], unseen, seen,
                                  _gain(accept[r], n - p), *_tree_context(traces, unseen, r,
                                                                         n - p))
                 if lookup_rule(LookupContext(pre, length, match, occurrences, agreeing,
@@ -560,13 +588,13 @@ def replay(traces: Traces, policy: Policy) -> Replay:
                     continue
             if speculate is not None:
                 if batch.speculate_batch is not None:
-                    rows = batch.speculate(unsettled, skipped)
+                    rows = batch.speculate(unsettled, seen)
                     go = rows is None or rows[r]
                 else:
                     pre = traces.pre_features_for(unsettled)[r]
                     go = bool(speculate(PreContext(
                         pre, comp, p, max_gamma, traces.costs_for(unseen)[r], verify0[r],
-                        unseen, skipped, _gain(accept[r], n - p),
+                        unseen, seen, _gain(accept[r], n - p),
                         *_tree_context(traces, unseen, r, n - p))))
                 if not go:  # no speculation this step: the target decodes one token alone
                     t += verify0[r]

@@ -242,6 +242,35 @@ def test_replay_plain_steps_by_hand():
                                            + [0] * (N_OPTIONS - GAMMA_MAX - 1))
 
 
+class Declines(PlainFirst):
+    """Declines every step but the probes: after ``max_skip_run`` plain steps in a row it
+    drafts γ = 1, as the learned controller does."""
+
+    name = "declines"
+    max_skip_run = 2
+
+    def __init__(self) -> None:
+        super().__init__(until=0, gamma=1)
+
+    def speculate(self, ctx: PreContext) -> bool:
+        return ctx.skipped >= self.max_skip_run
+
+
+def test_llamacpp_records_are_replayed_with_llamacpps_probe_interval():
+    """Records whose draft is a GGUF file come from llama.cpp, whose loop probes after the
+    interval its costs price (speckv.engines.llamacpp.loop_probe_interval): on these costs
+    (a probe's extra second is 10% of a 10 s plain step, so ~20 steps) a ten-token answer
+    is decoded without a probe, where the contract's own rule probes after every 2 plain
+    steps."""
+    hf = replay(prepare(hand_trace(AGREE)), Declines())
+    assert hf.chosen[0][1] == 2  # probes at positions 2 and 5 (the last token has no decision)
+    gguf = hand_trace(AGREE)
+    gguf["draft_model"] = "runs/draft.gguf"
+    rep = replay(prepare(gguf), Declines())
+    assert rep.chosen[0][1] == 0 and rep.chosen[0][0] == len(AGREE) - 1  # no probe: all plain
+    assert int(rep.steps[0]) == len(AGREE) and float(rep.time_s[0]) == 10.0 * len(AGREE)
+
+
 def test_a_plain_step_after_the_draft_pays_for_the_draft_forward():
     pol = PlainAfterDraft(until=3, gamma=2)
     # as above, but each of p0..p2 also runs the draft's forward (1 s): 3 x 11 s
