@@ -2,8 +2,9 @@
 # llama.cpp's record set, the controller trained on it, and the benchmark inside llama.cpp
 # (README "Inside llama.cpp"). Each step's command is the one the README quotes; figures land
 # in runs/bundle-llamacpp/ (git-ignored).
-#   1. profile in llama.cpp (trace, 60 prompts per task x Q4_1/Q8_0/F16, one thread; resumable:
-#      run the script again after a kill), then measure the costs again alone on the machine
+#   1. profile in llama.cpp (trace, 60 prompts per task x Q4_1/Q8_0/F16, two shards of one
+#      thread; resumable: run the script again after a kill), merge, then measure the costs
+#      again alone on the machine
 #   2. figures, train (seed 0), export, replay (both controllers on llama.cpp's records)
 #   3. the live benchmark at each quantization (nothing else should run on the machine then)
 set -euo pipefail
@@ -15,9 +16,15 @@ OUT=runs/bundle-llamacpp
 C=export/speckv-llamacpp.onnx
 mkdir -p "$OUT"
 if [ ! -f "$REC" ]; then
-  $PY -m speckv profile --engine llamacpp --quantization q4_1,q8_0,f16 --per-task 60 \
-    --max-new-tokens 96 --threads 1 --out "$REC"
-  rm -rf "$REC.parts"
+  for i in 0 1; do  # two shards side by side, one thread each
+    $PY -m speckv profile --engine llamacpp --quantization q4_1,q8_0,f16 --per-task 60 \
+      --max-new-tokens 96 --threads 1 --shard $i/2 --out "$REC" &
+  done
+  wait
+  $PY -m speckv records merge $SET/smollm2-llamacpp.shard0of2.parquet \
+    $SET/smollm2-llamacpp.shard1of2.parquet --out "$REC"
+  rm -rf $SET/smollm2-llamacpp.shard*.parquet "$REC.parts"
+  # the shards measured their costs side by side: measure them again, alone on the machine
   $PY scripts/reprice_records.py "$REC" > "$OUT/reprice.jsonl"
 fi
 $PY -m speckv records figures "$REC" --out "$SET/figures" --json > "$OUT/figures.json"
@@ -31,8 +38,10 @@ $PY -m speckv evaluate --records "$REC" --controller "$C" --report "$OUT/report"
 # the controller trained on Hugging Face's records, replayed on llama.cpp's
 $PY -m speckv evaluate --records "$REC" --controller export/speckv.onnx --json \
   > "$OUT/evaluate_hf_controller.json"
+# the shipped (Hugging Face-trained) controller and the one trained on llama.cpp's records,
+# each alone and choosing the lookup too; prompts held out from both record sets
 METHODS="llamacpp:plain,llamacpp:lookup:4,llamacpp:fixed:1,llamacpp:fixed:2,llamacpp:onnx"
-METHODS="$METHODS,llamacpp:onnx:$C,llamacpp:lookup:auto+onnx:$C"
+METHODS="$METHODS,llamacpp:lookup:auto+onnx,llamacpp:onnx:$C,llamacpp:lookup:auto+onnx:$C"
 for q in q4_1 q8_0 f16; do
   $PY -m speckv bench --engine llamacpp --quantization $q --per-task 2 --repeats 2 \
     --max-new-tokens 64 --threads 1 --methods "$METHODS" --json > "$OUT/bench-$q.json"

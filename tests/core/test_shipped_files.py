@@ -91,6 +91,28 @@ def test_the_shipped_controller_loads_and_chooses_a_gamma_on_bundled_rows(bundle
         assert ctrl.choose(features[i], costs[i]) == gammas[i]
 
 
+def test_the_llamacpp_controller_decides_on_llamacpps_records():
+    """export/speckv-llamacpp.onnx (trained on datamodules/smollm2-llamacpp) loads, has its
+    JSON sidecar, and decides on those rows, its trees priced out (llama.cpp verifies none)."""
+    from speckv.records import feature_matrix
+    from speckv.runtime import Controller, check_sidecar
+    from speckv.runtime.contract import UNAVAILABLE_COST
+    from speckv.runtime.costs import step_costs
+
+    path = ROOT / "export" / "speckv-llamacpp.onnx"
+    records = ROOT / "datamodules" / "smollm2-llamacpp" / "smollm2-llamacpp.parquet"
+    ctrl = Controller.load(path)
+    assert check_sidecar(path) == ctrl.info.to_metadata()
+    df = pq.read_table(records).to_pandas().sample(2000, random_state=0)
+    assert df["cost_tree_verify_s"].isna().all()
+    chains = step_costs(df["cost_draft_s"].to_numpy(np.float64),
+                        np.stack(df["cost_verify_s"].to_numpy()))
+    costs = np.concatenate([chains, np.full((len(df), ctrl.n_options - chains.shape[1]),
+                                            UNAVAILABLE_COST, np.float32)], 1)
+    options = ctrl.choose_batch(feature_matrix(df), costs)
+    assert set(np.unique(options)) <= set(range(1, len(GAMMAS) + 1))  # chains only
+
+
 def test_the_shipped_controller_s_metadata_json_describes_it():
     """export/speckv.json (for clients without an ONNX metadata API) holds the file's digest
     and exactly its speckv.* metadata."""
