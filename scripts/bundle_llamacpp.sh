@@ -43,6 +43,6 @@ $PY -m speckv evaluate --records "$REC" --controller export/speckv.onnx --json \
 METHODS="llamacpp:plain,llamacpp:lookup:4,llamacpp:fixed:1,llamacpp:fixed:2,llamacpp:onnx"
 METHODS="$METHODS,llamacpp:lookup:auto+onnx,llamacpp:onnx:$C,llamacpp:lookup:auto+onnx:$C"
 for q in q4_1 q8_0 f16; do
-  $PY -m speckv bench --engine llamacpp --quantization $q --per-task 2 --repeats 2 \
+  $PY -m speckv bench --engine llamacpp --quantization $q --per-task 2 --repeats 3 \
     --max-new-tokens 64 --threads 1 --methods "$METHODS" --json > "$OUT/bench-$q.json"
 done

@@ -278,7 +278,7 @@ def check_pair(draft: GGUFModel, target: GGUFModel) -> None:
 
 
 # ---------------------------------------------------------------------------- the loop
-def _argmax_top(row: np.ndarray) -> tuple[int, float, float]:
+def argmax_top(row: np.ndarray) -> tuple[int, float, float]:
     """``(argmax, top-1 probability, top-1 minus top-2 logit)`` of one row of logits."""
     i = int(row.argmax())
     m = float(row[i])
@@ -394,7 +394,7 @@ class LlamaCppDecoder:
         target.reset()
         seq = list(map(int, prompt_ids))
         row = target.forward(seq, "last")[0]
-        token, top1, margin = _argmax_top(row)
+        token, top1, margin = argmax_top(row)
         out = DecodeResult([], 0.0)
         self._emit(out, seq, token, margin, len(seq))
         history = History() if self.mode == "controller" else None
@@ -475,7 +475,7 @@ class LlamaCppDecoder:
 
     def _plain_step(self, out: DecodeResult, seq: list[int], history: History | None) -> None:
         row = self.target.forward([seq[-1]], "last")[0]
-        token, top1, margin = _argmax_top(row)
+        token, top1, margin = argmax_top(row)
         self._emit(out, seq, token, margin, 1)
         if history is not None:
             history.defer(top1)
@@ -508,7 +508,7 @@ class LlamaCppDecoder:
 
         def top(row: int) -> tuple[int, float, float]:  # the argmax of a row, read once
             if row not in tops:
-                tops[row] = _argmax_top(rows[row])
+                tops[row] = argmax_top(rows[row])
             return tops[row]
 
         def next_token(node: int) -> int | None:  # the target's token after a node

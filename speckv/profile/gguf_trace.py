@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from speckv.engines.llamacpp import GGUFModel, LlamaCppDecoder, _argmax_top, measure_costs
+from speckv.engines.llamacpp import GGUFModel, LlamaCppDecoder, argmax_top, measure_costs
 from speckv.profile.trace import BRANCH_STEPS, TraceResult, assemble, plan_branches
 from speckv.runtime.features import token_stats
 
@@ -49,7 +49,7 @@ def target_answer(target: GGUFModel, prompt_ids: Sequence[int], max_new_tokens: 
     row = target.forward(list(prompt_ids), "last")[0]
     answer, top1 = [], []
     while True:
-        token, prob, _ = _argmax_top(row)
+        token, prob, _ = argmax_top(row)
         answer.append(token)
         top1.append(prob)
         if len(answer) >= max_new_tokens or target.is_eog(token):
