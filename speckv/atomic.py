@@ -192,3 +192,14 @@ def file_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         fh.close()  # releases the lock
+
+
+def made_once(path: str | Path, make: Callable[[Path], object]) -> Path:
+    """``path``, made by ``make(path)`` unless it is there already: one process makes it while
+    others started together wait for it (a lock beside the file), and ``make`` writes it
+    atomically, so a file found there is whole."""
+    path = Path(path)
+    with file_lock(path.parent / f".{path.name}.lock"):
+        if not path.is_file():
+            make(path)
+    return path

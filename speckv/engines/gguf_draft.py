@@ -219,7 +219,7 @@ def check_logits(gguf_path: str | os.PathLike[str], draft_dir: str | os.PathLike
 def cached_export(draft_dir: str | os.PathLike[str], target_gguf: str | os.PathLike[str],
                   dtype: str = DEFAULT_TYPE) -> Path:
     """The draft exported to GGUF once per (draft, target, type), in speckv's cache."""
-    from speckv.atomic import file_lock
+    from speckv.atomic import made_once
     from speckv.paths import cache_dir
 
     draft_dir, target_gguf = Path(draft_dir), Path(target_gguf)
@@ -232,8 +232,4 @@ def cached_export(draft_dir: str | os.PathLike[str], target_gguf: str | os.PathL
              f"{target_gguf.stat().st_size}")
     out = (cache_dir() / "gguf-drafts"
            / f"{draft_dir.name}-{target_gguf.stem}-{dtype}-{stamp}.gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{out.name}.lock"):
-        if not out.is_file():
-            export_gguf(draft_dir, target_gguf, out, dtype)
-    return out
+    return made_once(out, lambda path: export_gguf(draft_dir, target_gguf, path, dtype))

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Final
 
-from speckv.atomic import atomic_write, file_lock
+from speckv.atomic import atomic_write, made_once
 from speckv.engines.llamacpp import EngineError, check_gguf, llama_cpp_module
 from speckv.paths import cache_dir
 
@@ -71,11 +71,7 @@ def cached_target(quantization: str, src: str | os.PathLike[str] | None = None) 
     st = src.stat()
     out = (cache_dir() / "gguf-targets"
            / f"{src.stem}-{quantization}-{st.st_size}-{int(st.st_mtime)}.gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{out.name}.lock"):
-        if not out.is_file():
-            requantize(src, out, quantization)
-    return out
+    return made_once(out, lambda path: requantize(src, path, quantization))
 
 
 def _file_type(path: Path) -> int | None:
