@@ -39,13 +39,12 @@ from speckv.decode.bench import (
 )
 from speckv.decode.invariant import first_difference
 from speckv.engines.llamacpp import GGUFModel, LlamaCppDecoder, measure_costs
+from speckv.paths import DEFAULT_CONTROLLER
 
 PLAIN: Final = "llamacpp:plain"
 CONTROLLER: Final = "llamacpp:onnx"
 #: the controller choosing between the context lookup and the draft per step
 LEARNED_LOOKUP: Final = "llamacpp:lookup:auto+onnx"
-#: the shipped controller's file name (its methods are named without a path)
-DEFAULT_NAMES: Final = frozenset({"speckv.onnx"})
 FIXED_GAMMAS: Final = (1, 2, 3, 4)
 LOOKUP_TOKENS: Final = 10
 _FIXED = re.compile(r"llamacpp:fixed:([1-8])")
@@ -76,16 +75,15 @@ def _controller_path(method: str) -> tuple[bool, str | None] | None:
     return None
 
 
-def short_name(method: str, default_controller: Path | None = None) -> str:
+def short_name(method: str) -> str:
     """The method's name in the results: a controller by its file's name unless it is the
-    default one (``llamacpp:onnx``; ``llamacpp:onnx:speckv-llamacpp.onnx``)."""
+    shipped one (``llamacpp:onnx``; ``llamacpp:onnx:speckv-llamacpp.onnx``)."""
     parsed = _controller_path(method)
     if parsed is None:
         return method
     lookup, path = parsed
     prefix = LEARNED_LOOKUP if lookup else CONTROLLER
-    default = DEFAULT_NAMES if default_controller is None else {default_controller.name}
-    if path is None or Path(path).name in default:
+    if path is None or Path(path).name == Path(DEFAULT_CONTROLLER).name:
         return prefix
     return f"{prefix}:{Path(path).name}"
 
@@ -160,7 +158,7 @@ def bench_llamacpp(target: GGUFModel, draft: GGUFModel | None, prompt_ids: list[
                     first[method][i] = res
                 if progress is not None:
                     progress.update(1)
-    names = [short_name(m, default_controller) for m in methods]
+    names = [short_name(m) for m in methods]
     if len(set(names)) != len(names):
         raise BenchError(f"Two methods share a name in {methods}: give their controllers "
                          "files of different names.")
@@ -186,7 +184,7 @@ def bench_llamacpp(target: GGUFModel, draft: GGUFModel | None, prompt_ids: list[
             if at is None or at >= min(len(ref.token_ids), len(run.token_ids)):
                 continue
             differences.append({
-                "method": short_name(method, default_controller), "prompt_id": name,
+                "method": short_name(method), "prompt_id": name,
                 "first_diff": at,
                 "forward_rows": run.forward_rows[at], "plain_margin": ref.margins[at],
                 "method_margin": run.margins[at]})

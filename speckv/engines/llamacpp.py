@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -504,12 +505,7 @@ class LlamaCppDecoder:
         target = self.target
         root_pos = target.n_past  # the root, seq[-1], sits at this position
         rows = target.forward([seq[-1], *proposal], "all")
-        tops: dict[int, tuple[int, float, float]] = {}
-
-        def top(row: int) -> tuple[int, float, float]:  # the argmax of a row, read once
-            if row not in tops:
-                tops[row] = argmax_top(rows[row])
-            return tops[row]
+        top = functools.cache(lambda row: argmax_top(rows[row]))  # each row read once
 
         def next_token(node: int) -> int | None:  # the target's token after a node
             if node >= 0 and proposal[node] in self._eog:
