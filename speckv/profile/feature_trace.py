@@ -24,6 +24,7 @@ import numpy as np
 
 from speckv.profile.trace import TraceResult, _runs_and_caps
 from speckv.runtime.features import GAMMA_MAX, token_stats
+from speckv.runtime.proposal import Proposal
 
 
 def target_states(target, seqs: Sequence[Sequence[int]]):
@@ -106,12 +107,10 @@ def _assemble(answer: np.ndarray, target_top1: np.ndarray, stats: np.ndarray, be
     n = len(answer)
     proposal = best[0]
     agree, _, cap, kmax, _ = _runs_and_caps(answer, proposal, max_new_tokens)
-    run = np.zeros(n, np.int64)  # leading chain tokens equal to the answer
+    run = np.zeros(n, np.int64)  # leading chain tokens the answer accepts (Proposal.walk)
     for i in range(n):
-        k = 0
-        while k < GAMMA_MAX and i + k < n and best[k, i] == answer[i + k]:
-            k += 1
-        run[i] = k
+        run[i] = len(Proposal.chain(best[:, i]).walk(
+            lambda node, i=i: int(answer[i + node + 1]) if i + node + 1 < n else None))
     ent_k = np.full((n, GAMMA_MAX), np.nan, np.float32)
     top1_k = np.full((n, GAMMA_MAX), np.nan, np.float32)
     for i in range(n):
