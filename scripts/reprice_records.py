@@ -27,7 +27,7 @@ import torch
 from speckv.decode.decoder import measure_step_costs
 from speckv.llm.load import load_draft_for, load_model
 from speckv.machine import fingerprint
-from speckv.records import read_metadata, read_records, write_records
+from speckv.records import llamacpp_rows, read_metadata, read_records, write_records
 
 COST_COLUMNS = ("cost_draft_s", "cost_verify_s", "cost_catchup_s", "cost_tree_draft_s",
                 "cost_tree_verify_s")
@@ -43,7 +43,7 @@ def main() -> None:
     meta = read_metadata(args.records)
     for compression, rows in df.groupby("compression", observed=True):
         first = rows.iloc[0]
-        if str(first["target_model"]).endswith(".gguf"):
+        if llamacpp_rows(rows.iloc[:1])[0]:
             values = _llamacpp_costs(str(first["target_model"]), str(first["draft_model"]),
                                      args.threads)
         else:

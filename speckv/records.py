@@ -406,6 +406,12 @@ PAPER_FEATURE_NAMES: Final = (*PAPER_FEATURES, "gamma_over_max",
                               *(f"compression_{c}" for c in COMPRESSIONS))
 
 
+def llamacpp_rows(df: pd.DataFrame) -> np.ndarray:
+    """``[n]`` bool: rows profiled in llama.cpp (``speckv profile --engine llamacpp``), whose
+    draft is a GGUF file (a Hugging Face draft is a folder or a hub id)."""
+    return df["draft_model"].astype(str).str.lower().str.endswith(".gguf").to_numpy()
+
+
 def sequence_ids(df: pd.DataFrame) -> pd.Series:
     """A key naming the prompt of each row (the unit that splits must keep whole)."""
     return df["task"].astype(str) + "/" + df["prompt_id"].astype(str)

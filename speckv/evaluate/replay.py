@@ -78,7 +78,7 @@ from speckv.policies import (
     StepContext,
     probe_due,
 )
-from speckv.records import LOOKUP_COLUMNS, feature_matrix, sequence_ids
+from speckv.records import LOOKUP_COLUMNS, feature_matrix, llamacpp_rows, sequence_ids
 from speckv.runtime.costs import (
     catchup_seconds,
     catchup_table,
@@ -370,9 +370,8 @@ def _engine_probe(traces: Traces, row: int, max_skip_run: int) -> int:
 
 
 def _llamacpp(first: pd.DataFrame) -> np.ndarray | None:
-    """Which sequences llama.cpp profiled: their draft is a GGUF file (a Hugging Face draft
-    is a folder or a hub id)."""
-    kind = first["draft_model"].astype(str).str.lower().str.endswith(".gguf").to_numpy()
+    """Which sequences llama.cpp profiled (:func:`speckv.records.llamacpp_rows`), or None."""
+    kind = llamacpp_rows(first)
     return kind if kind.any() else None
 
 
